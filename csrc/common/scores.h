@@ -1,0 +1,86 @@
+// The six fl4health score formulas and the drift term, element by element,
+// with torch's semantics for every dtype (integer wrap-around included).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "macros.h"
+
+namespace layersel {
+
+// Score kinds, in the order of the fl4health functions.
+enum class ScoreKind : int64_t {
+  kLargestFinalMagnitude = 0,     //  |x|
+  kSmallestFinalMagnitude = 1,    // -|x|
+  kLargestMagnitudeChange = 2,    //  |x - y|
+  kSmallestMagnitudeChange = 3,   // -|x - y|
+  kLargestIncreaseInMagnitude = 4,   //  |x| - |y|
+  kSmallestIncreaseInMagnitude = 5,  // -(|x| - |y|)
+};
+constexpr int64_t kNumScoreKinds = 6;
+
+LS_HD bool score_kind_uses_initial(int64_t kind) { return kind >= 2; }
+
+// Integer arithmetic wraps like torch's (two's complement), without UB.
+template <typename T>
+LS_HD T wrap_sub(T a, T b) {
+  if constexpr (std::is_integral<T>::value) {
+    using U = typename std::make_unsigned<T>::type;
+    return static_cast<T>(static_cast<U>(static_cast<U>(a) - static_cast<U>(b)));
+  } else {
+    return static_cast<T>(a - b);  // Half/BFloat16: computed in float, rounded once
+  }
+}
+
+template <typename T>
+LS_HD T wrap_neg(T a) {
+  return wrap_sub(static_cast<T>(0), a) ;
+}
+
+template <typename T>
+LS_HD T abs_like_torch(T a) {
+  if constexpr (std::is_integral<T>::value) {
+    if constexpr (std::is_unsigned<T>::value) {
+      return a;
+    } else {
+      return a < 0 ? wrap_neg(a) : a;  // abs(INT_MIN) == INT_MIN, as in torch
+    }
+  } else if constexpr (std::is_same<T, double>::value) {
+    return fabs(a);
+  } else {
+    return static_cast<T>(fabsf(static_cast<float>(a)));  // clears the sign of -0.0 too
+  }
+}
+
+// Floating negation is a sign flip (exact, NaN-preserving): (-1) * v in torch.
+template <typename T>
+LS_HD T negate_like_torch(T a) {
+  if constexpr (std::is_integral<T>::value) {
+    return wrap_neg(a);
+  } else if constexpr (std::is_same<T, double>::value || std::is_same<T, float>::value) {
+    return -a;
+  } else {
+    return static_cast<T>(-static_cast<float>(a));
+  }
+}
+
+template <typename T>
+LS_HD T score_value(int64_t kind, T x, T y) {
+  switch (kind) {
+    case 0: return abs_like_torch(x);
+    case 1: return negate_like_torch(abs_like_torch(x));
+    case 2: return abs_like_torch(wrap_sub(x, y));
+    case 3: return negate_like_torch(abs_like_torch(wrap_sub(x, y)));
+    case 4: return wrap_sub(abs_like_torch(x), abs_like_torch(y));
+    default: return negate_like_torch(wrap_sub(abs_like_torch(x), abs_like_torch(y)));
+  }
+}
+
+// fl4health's drift term: (a - b) in the tensor's dtype, then .float().
+template <typename T>
+LS_HD float drift_term(T a, T b) {
+  return static_cast<float>(wrap_sub(a, b));
+}
+
+}  // namespace layersel

@@ -1,0 +1,75 @@
+// Shared launch plumbing for the CUDA kernels: upload of the work table (one
+// pinned host buffer, one async copy on the current stream) and reductions.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstring>
+
+#include "../common/work_table.h"
+
+namespace layersel {
+
+constexpr int kThreads = 256;
+
+struct DeviceTable {
+  const TensorEntry* entries = nullptr;
+  const int64_t* first_chunk = nullptr;
+  int32_t n = 0;
+  at::Tensor storage;  // keeps the device copy alive until the kernels are queued
+};
+
+// Copies entries and first_chunk to `device` with one H2D copy from pinned
+// memory on the current stream (the caching host allocator keeps the pinned
+// block until that copy has run).
+inline DeviceTable upload_table(const WorkTable& table, c10::Device device) {
+  const size_t entry_bytes = table.entries.size() * sizeof(TensorEntry);
+  const size_t chunk_bytes = table.first_chunk.size() * sizeof(int64_t);
+  at::Tensor host = at::empty({static_cast<int64_t>(entry_bytes + chunk_bytes)},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  auto* p = static_cast<uint8_t*>(host.data_ptr());
+  std::memcpy(p, table.entries.data(), entry_bytes);
+  std::memcpy(p + entry_bytes, table.first_chunk.data(), chunk_bytes);
+  DeviceTable out;
+  out.storage = host.to(device, /*non_blocking=*/true);
+  auto* d = static_cast<const uint8_t*>(out.storage.data_ptr());
+  out.entries = reinterpret_cast<const TensorEntry*>(d);
+  out.first_chunk = reinterpret_cast<const int64_t*>(d + entry_bytes);
+  out.n = static_cast<int32_t>(table.entries.size());
+  return out;
+}
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block in a fixed tree order; the result is valid in thread 0.
+__device__ __forceinline__ double block_sum(double v) {
+  __shared__ double warp_partials[kThreads / 32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) warp_partials[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < kThreads / 32 ? warp_partials[threadIdx.x] : 0.0;
+  if (warp == 0) v = warp_sum(v);
+  return v;
+}
+
+// 16-byte vector load of 16 / sizeof(T) elements.
+template <typename T>
+struct alignas(16) Vec16 {
+  static constexpr int kCount = 16 / sizeof(T);
+  T v[kCount];
+};
+
+template <typename T>
+__device__ __forceinline__ bool aligned16(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+}  // namespace layersel

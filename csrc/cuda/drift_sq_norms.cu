@@ -1,0 +1,89 @@
+// CUDA: per-tensor sums of float(model - initial)^2. One launch covers every
+// tensor (a block per chunk, any dtype); a second tiny launch adds each
+// tensor's chunk partials in chunk order. No float atomics: same bits always.
+#include <torch/library.h>
+
+#include "../common/scores.h"
+#include "cuda_utils.cuh"
+
+namespace layersel {
+namespace {
+
+template <typename T>
+__device__ double chunk_sq_sum(const T* a, const T* b, int64_t n) {
+  double acc = 0.0;
+  if (aligned16(a) && aligned16(b)) {
+    using V = Vec16<T>;
+    const int64_t nv = n / V::kCount;
+    const V* av = reinterpret_cast<const V*>(a);
+    const V* bv = reinterpret_cast<const V*>(b);
+    for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+      const V x = av[i], y = bv[i];
+      float s = 0.0f;
+#pragma unroll
+      for (int k = 0; k < V::kCount; ++k) {
+        const float d = drift_term(x.v[k], y.v[k]);
+        s += d * d;
+      }
+      acc += s;
+    }
+    for (int64_t i = nv * V::kCount + threadIdx.x; i < n; i += blockDim.x) {
+      const double d = drift_term(a[i], b[i]);
+      acc += d * d;
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const double d = drift_term(a[i], b[i]);
+      acc += d * d;
+    }
+  }
+  return acc;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    drift_chunks_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, double* partial) {
+  const int64_t c = blockIdx.x;
+  const int32_t t = tensor_of_chunk(first_chunk, n, c);
+  const TensorEntry e = entries[t];
+  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
+  const int64_t len = min(kCudaChunk, e.numel - off);
+  double s = 0.0;
+  LS_SWITCH_DTYPE(e.dtype, T, {
+    s = chunk_sq_sum(static_cast<const T*>(e.x) + off, static_cast<const T*>(e.y) + off, len);
+  });
+  s = block_sum(s);
+  if (threadIdx.x == 0) partial[c] = s;
+}
+
+__global__ void finalize_kernel(const int64_t* first_chunk, int32_t n, const double* partial, double* out) {
+  const int32_t t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= n) return;
+  double s = 0.0;
+  for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) s += partial[c];
+  out[t] = s;
+}
+
+at::Tensor drift_sq_norms_cuda(at::TensorList model, at::TensorList initial) {
+  WorkTable table = build_work_table(model, initial, /*needs_y=*/true, kCudaChunk, "drift_sq_norms");
+  const int64_t n = static_cast<int64_t>(table.entries.size());
+  const c10::Device device = model[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kDouble).device(device));
+  const int64_t chunks = table.total_chunks();
+  if (chunks == 0) return out.zero_();
+  DeviceTable dt = upload_table(table, device);
+  at::Tensor partial = at::empty({chunks}, out.options());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  drift_chunks_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(dt.entries, dt.first_chunk, dt.n,
+                                                                             partial.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  finalize_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      dt.first_chunk, dt.n, partial.data_ptr<double>(), out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+}  // namespace layersel
+
+TORCH_LIBRARY_IMPL(layersel, CUDA, m) { m.impl("drift_sq_norms", &layersel::drift_sq_norms_cuda); }

@@ -1,0 +1,63 @@
+// CUDA: one of fl4health's six score formulas over every tensor in one launch
+// (a block per chunk), into one output buffer per dtype.
+#include <torch/library.h>
+
+#include "../common/scores.h"
+#include "cuda_utils.cuh"
+
+namespace layersel {
+namespace {
+
+template <typename T>
+__device__ void score_chunk(int64_t kind, const T* x, const T* y, T* out, int64_t n) {
+  using V = Vec16<T>;
+  int64_t done = 0;
+  if (aligned16(x) && aligned16(y) && aligned16(out)) {
+    const int64_t nv = n / V::kCount;
+    for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
+      const V a = reinterpret_cast<const V*>(x)[i];
+      const V b = reinterpret_cast<const V*>(y)[i];
+      V r;
+#pragma unroll
+      for (int k = 0; k < V::kCount; ++k) r.v[k] = score_value<T>(kind, a.v[k], b.v[k]);
+      reinterpret_cast<V*>(out)[i] = r;
+    }
+    done = nv * V::kCount;
+  }
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) out[i] = score_value<T>(kind, x[i], y[i]);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    scores_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind) {
+  const int64_t c = blockIdx.x;
+  const int32_t t = tensor_of_chunk(first_chunk, n, c);
+  const TensorEntry e = entries[t];
+  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
+  const int64_t len = min(kCudaChunk, e.numel - off);
+  LS_SWITCH_DTYPE(e.dtype, T, {
+    const T* x = static_cast<const T*>(e.x) + off;
+    const T* y = score_kind_uses_initial(kind) ? static_cast<const T*>(e.y) + off : x;
+    score_chunk<T>(kind, x, y, static_cast<T*>(e.out) + off, len);
+  });
+}
+
+std::vector<at::Tensor> scores_cuda(at::TensorList model, at::TensorList initial, int64_t kind) {
+  TORCH_CHECK_VALUE(kind >= 0 && kind < kNumScoreKinds, "layersel::scores: kind must be in [0, ",
+                    kNumScoreKinds, "), got ", kind);
+  WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "scores");
+  const c10::Device device = model[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  std::vector<at::Tensor> buffers = allocate_grouped_outputs(table, device);
+  const int64_t chunks = table.total_chunks();
+  if (chunks == 0) return buffers;
+  DeviceTable dt = upload_table(table, device);
+  scores_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      dt.entries, dt.first_chunk, dt.n, kind);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return buffers;
+}
+
+}  // namespace
+}  // namespace layersel
+
+TORCH_LIBRARY_IMPL(layersel, CUDA, m) { m.impl("scores", &layersel::scores_cuda); }

@@ -1,0 +1,44 @@
+"""layersel_ext: fused C++/CUDA drop-in for ``fl4health.parameter_exchange.parameter_selection_criteria``.
+
+Same names, signatures and answers as fl4health 0.4.2; see README.md for the deliberate differences.
+"""
+
+from __future__ import annotations
+
+from ._loader import LOAD_REASON, build_record
+from .ops import backend, set_backend
+from .parameter_selection_criteria import (
+    LayerSelectionFunctionConstructor,
+    is_masked_module,
+    largest_final_magnitude_scores,
+    largest_increase_in_magnitude_scores,
+    largest_magnitude_change_scores,
+    layer_drift_norms,
+    select_layers_by_percentage,
+    select_layers_by_threshold,
+    select_scores_and_sample_masks,
+    smallest_final_magnitude_scores,
+    smallest_increase_in_magnitude_scores,
+    smallest_magnitude_change_scores,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOAD_REASON",
+    "LayerSelectionFunctionConstructor",
+    "backend",
+    "build_record",
+    "is_masked_module",
+    "largest_final_magnitude_scores",
+    "largest_increase_in_magnitude_scores",
+    "largest_magnitude_change_scores",
+    "layer_drift_norms",
+    "select_layers_by_percentage",
+    "select_layers_by_threshold",
+    "select_scores_and_sample_masks",
+    "set_backend",
+    "smallest_final_magnitude_scores",
+    "smallest_increase_in_magnitude_scores",
+    "smallest_magnitude_change_scores",
+]

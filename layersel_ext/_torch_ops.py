@@ -1,0 +1,157 @@
+"""Pure-torch implementation of every ``torch.ops.layersel`` op.
+
+The fallback when no compiled kernel is available, and the oracle in tests: each function has
+the op's exact signature and output. ``sample_masks`` reproduces the compiled kernels' bits
+(the same Philox4x32-10 stream and the same float32 operation sequence as
+``csrc/common/bernoulli.h``), on CPU and CUDA tensors alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+NUM_SCORE_KINDS = 6
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_SUPPORTED = {
+    torch.float32, torch.float64, torch.float16, torch.bfloat16,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+}  # fmt: skip
+
+
+def _check_dtype(t: Tensor, op: str, index: int) -> None:
+    if t.dtype not in _SUPPORTED:
+        raise TypeError(
+            f"layersel::{op}: tensor #{index} has dtype {t.dtype}, which is not supported "
+            "(expected a floating or integer dtype)"
+        )
+
+
+def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor:
+    """Per-tensor sum of ``float(model - initial)**2`` (difference in the tensors' dtype), float64 [n]."""
+    if len(model) != len(initial):
+        raise ValueError(f"layersel::drift_sq_norms: got {len(model)} model tensors but {len(initial)} initial tensors")
+    device = model[0].device if len(model) else torch.device("cpu")
+    sums = []
+    for i, (a, b) in enumerate(zip(model, initial)):
+        _check_dtype(a, "drift_sq_norms", i)
+        d = (a - b).float().to(torch.float64)
+        sums.append(torch.dot(d.reshape(-1), d.reshape(-1)))
+    if not sums:
+        return torch.zeros(0, dtype=torch.float64, device=device)
+    return torch.stack(sums)
+
+
+def score_into(kind: int, x: Tensor, y: Tensor | None, out: Tensor) -> None:
+    """Write fl4health's score formula ``kind`` of (x, y) into ``out`` (same shape and dtype)."""
+    if kind in (0, 1):
+        torch.abs(x, out=out)
+    elif kind in (2, 3):
+        assert y is not None
+        torch.sub(x, y, out=out)
+        out.abs_()
+    else:
+        assert y is not None
+        torch.abs(x, out=out)
+        out.sub_(torch.abs(y))
+    if kind % 2 == 1:
+        out.neg_()
+
+
+def _group_dtypes(tensors: Sequence[Tensor]) -> list[torch.dtype]:
+    return list(dict.fromkeys(t.dtype for t in tensors))
+
+
+def scores(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int) -> list[Tensor]:
+    """Score formula ``kind`` for every tensor; one flat buffer per dtype, in order of first appearance."""
+    if not 0 <= kind < NUM_SCORE_KINDS:
+        raise ValueError(f"layersel::scores: kind must be in [0, {NUM_SCORE_KINDS}), got {kind}")
+    needs_y = kind >= 2
+    if needs_y and len(model) != len(initial):
+        raise ValueError(f"layersel::scores: got {len(model)} model tensors but {len(initial)} initial tensors")
+    device = model[0].device if len(model) else torch.device("cpu")
+    dtypes = _group_dtypes(model)
+    sizes = {dt: sum(t.numel() for t in model if t.dtype == dt) for dt in dtypes}
+    buffers = {dt: torch.empty(sizes[dt], dtype=dt, device=device) for dt in dtypes}
+    fill = dict.fromkeys(dtypes, 0)
+    for i, x in enumerate(model):
+        _check_dtype(x, "scores", i)
+        out = buffers[x.dtype][fill[x.dtype] : fill[x.dtype] + x.numel()].view(x.shape)
+        fill[x.dtype] += x.numel()
+        score_into(kind, x, initial[i] if needs_y else None, out)
+    return [buffers[dt] for dt in dtypes]
+
+
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    p = b * a  # < 2**64: wraps in int64, the bits are right
+    return (p >> 32) & _MASK32, p & _MASK32
+
+
+def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
+    """Philox4x32-10 of int64 counters [..., 4] (each < 2**32) under ``key``; returns [..., 4] words."""
+    c0, c1, c2, c3 = (counter[..., i].clone() for i in range(4))
+    k0, k1 = key
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def _philox_words(seed: int, start: int, count: int, device: torch.device) -> Tensor:
+    """The 32-bit words for global element indices [start, start + count) (int64 tensor)."""
+    g = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    blocks = g >> 2
+    counter = torch.stack([blocks & _MASK32, blocks >> 32, torch.zeros_like(g), torch.zeros_like(g)], dim=-1)
+    words = philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
+    return words.gather(-1, (g & 3).unsqueeze(-1)).squeeze(-1)
+
+
+def _portable_exp(x: Tensor) -> Tensor:
+    k = torch.round(x * 1.44269504)  # round half to even, as rintf
+    r = (x - k * 0.693359375) - k * -2.12194440e-4
+    p = torch.full_like(r, 1.0 / 5040.0)
+    for c in (1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+        p = p * r + c
+    scale = ((k.to(torch.int32) + 127) << 23).view(torch.float32)
+    return p * scale
+
+
+def bernoulli_probability(score: Tensor) -> Tensor:
+    """sigmoid(score) with exactly the compiled kernels' float32 operations; NaN maps to 0."""
+    s = score.to(torch.float32)
+    x = torch.clamp(-s, -87.0, 87.0)
+    p = 1.0 / (1.0 + _portable_exp(x))
+    return torch.where(torch.isnan(s), torch.zeros_like(p), p)
+
+
+def word_to_uniform(words: Tensor) -> Tensor:
+    return (((words >> 9) << 1) | 1).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype) -> Tensor:
+    """Bernoulli(sigmoid(score)) masks of all tensors, flat, in ``dtype``; bit-equal to the compiled kernels."""
+    if dtype == torch.bool:
+        raise TypeError("layersel::sample_masks: bool masks are refused (the server sums masks)")
+    device = scores[0].device if len(scores) else torch.device("cpu")
+    for i, s in enumerate(scores):
+        _check_dtype(s, "sample_masks", i)
+        if not s.is_floating_point():
+            raise TypeError(f"layersel::sample_masks: score tensor #{i} has dtype {s.dtype}; scores must be floating point")
+    total = sum(s.numel() for s in scores)
+    out = torch.empty(total, dtype=dtype, device=device)
+    flat = [s.reshape(-1) for s in scores]
+    step = 1 << 20  # bounded temporaries
+    base = 0
+    for s in flat:
+        for lo in range(0, s.numel(), step):
+            part = s[lo : lo + step]
+            u = word_to_uniform(_philox_words(seed, base + lo, part.numel(), device))
+            out[base + lo : base + lo + part.numel()] = (u < bernoulli_probability(part)).to(dtype)
+        base += s.numel()
+    return out

@@ -1,0 +1,115 @@
+"""Typed wrappers over ``torch.ops.layersel.*``, their fake kernels, and the backend choice.
+
+Every op has a compiled CPU and CUDA kernel (csrc/cpu, csrc/cuda) and a pure-torch twin
+(``_torch_ops``). ``backend()`` says which one runs; ``set_backend`` switches at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from . import _torch_ops
+from ._loader import COMPILED, has_kernel
+
+Backend = Literal["compiled", "torch"]
+_backend: Backend = "compiled" if COMPILED is not None else "torch"
+
+
+def backend() -> Backend:
+    """The active backend: 'compiled' (C++/CUDA kernels) or 'torch' (pure-torch fallback)."""
+    return _backend
+
+
+def set_backend(name: Backend) -> None:
+    """Switch backends. 'compiled' needs the compiled module."""
+    global _backend
+    if name not in ("compiled", "torch"):
+        raise ValueError(f"backend must be 'compiled' or 'torch', got {name!r}")
+    if name == "compiled" and COMPILED is None:
+        raise RuntimeError("the compiled layersel_ext module is not loaded (see `python -m layersel_ext info`)")
+    _backend = name
+
+
+def _use_compiled(op: str, device: torch.device) -> bool:
+    # A device without a compiled kernel (a CPU-only build on a GPU machine) runs the torch twin.
+    return _backend == "compiled" and has_kernel(op, "CUDA" if device.type == "cuda" else "CPU")
+
+
+def _device(tensors: Sequence[Tensor]) -> torch.device:
+    return tensors[0].device if len(tensors) else torch.device("cpu")
+
+
+def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor:
+    """float64 [n]: for each pair, the sum over elements of ``float(model[i] - initial[i]) ** 2``."""
+    if not len(model):
+        return torch.zeros(0, dtype=torch.float64)
+    with torch.no_grad():
+        if _use_compiled("drift_sq_norms", _device(model)):
+            return torch.ops.layersel.drift_sq_norms(list(model), list(initial))
+        return _torch_ops.drift_sq_norms(model, initial)
+
+
+def scores(model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int) -> list[Tensor]:
+    """Score formula ``kind`` (0..5, fl4health's order) of every tensor, shaped like it.
+
+    The results are views into one buffer per dtype (one allocation per dtype, not per tensor).
+    """
+    if not len(model):
+        return []
+    ys = list(initial) if initial is not None else []
+    with torch.no_grad():
+        if _use_compiled("scores", _device(model)):
+            buffers = torch.ops.layersel.scores(list(model), ys, kind)
+        else:
+            buffers = _torch_ops.scores(model, ys, kind)
+    return split_grouped(buffers, model)
+
+
+def split_grouped(buffers: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """Views of per-dtype flat buffers, one per tensor of ``like``, with its shape."""
+    by_dtype = {b.dtype: b for b in buffers}
+    fill = dict.fromkeys(by_dtype, 0)
+    out = []
+    for t in like:
+        start = fill[t.dtype]
+        out.append(by_dtype[t.dtype][start : start + t.numel()].view(t.shape))
+        fill[t.dtype] = start + t.numel()
+    return out
+
+
+def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype = torch.uint8) -> Tensor:
+    """Flat Bernoulli(sigmoid(score)) masks of all tensors in ``dtype``, on the scores' device.
+
+    Element g of the concatenation compares word g % 4 of Philox4x32-10 block g // 4 (key ``seed``)
+    with sigmoid(score): the same bits on CPU and CUDA, for any thread or block count.
+    """
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    signed_seed = seed - 2**64 if seed >= 2**63 else seed  # the schema's int is int64; bits are kept
+    with torch.no_grad():
+        if len(scores) and _use_compiled("sample_masks", _device(scores)):
+            return torch.ops.layersel.sample_masks(list(scores), signed_seed, dtype)
+        return _torch_ops.sample_masks(scores, seed, dtype)
+
+
+if COMPILED is not None:
+
+    @torch.library.register_fake("layersel::drift_sq_norms")
+    def _drift_sq_norms_fake(model: list[Tensor], initial: list[Tensor]) -> Tensor:
+        torch._check(len(model) == len(initial))
+        return model[0].new_empty((len(model),), dtype=torch.float64)
+
+    @torch.library.register_fake("layersel::scores")
+    def _scores_fake(model: list[Tensor], initial: list[Tensor], kind: int) -> list[Tensor]:
+        dtypes = list(dict.fromkeys(t.dtype for t in model))
+        return [
+            model[0].new_empty((sum(t.numel() for t in model if t.dtype == dt),), dtype=dt) for dt in dtypes
+        ]
+
+    @torch.library.register_fake("layersel::sample_masks")
+    def _sample_masks_fake(scores: list[Tensor], seed: int, dtype: torch.dtype) -> Tensor:
+        return scores[0].new_empty((sum(t.numel() for t in scores),), dtype=dtype)

@@ -1,0 +1,343 @@
+"""Drop-in replacement for ``fl4health.parameter_exchange.parameter_selection_criteria``.
+
+Same names, signatures, return types and answers as fl4health 0.4.2 (see README for the few
+deliberate differences), computed by fused kernels: one pass over all layers, one device sync.
+Change ``from fl4health.parameter_exchange.parameter_selection_criteria import X`` to
+``from layersel_ext.parameter_selection_criteria import X``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor, nn
+
+from . import ops
+from ._model_state import paired_state, single_state
+
+NDArrays = list[NDArray[Any]]
+LayerSelectionFunction = Callable[[nn.Module, Optional[nn.Module]], tuple[NDArrays, list[str]]]
+
+__all__ = [
+    "LayerSelectionFunctionConstructor",
+    "largest_final_magnitude_scores",
+    "largest_increase_in_magnitude_scores",
+    "largest_magnitude_change_scores",
+    "layer_drift_norms",
+    "select_layers_by_percentage",
+    "select_layers_by_threshold",
+    "select_scores_and_sample_masks",
+    "smallest_final_magnitude_scores",
+    "smallest_increase_in_magnitude_scores",
+    "smallest_magnitude_change_scores",
+]
+
+
+class LayerSelectionFunctionConstructor:
+    def __init__(
+        self, norm_threshold: float, exchange_percentage: float, normalize: bool = True, select_drift_more: bool = True
+    ) -> None:
+        """
+        This class leverages ``functools.partial`` to construct layer selection functions, which are meant to be used
+        by the ``DynamicLayerExchanger`` class.
+
+        Args:
+            norm_threshold (float): A positive real number used to select those layers whose drift in l2 norm
+                exceeds (or falls short of) it.
+            exchange_percentage (float): Indicates the percentage of layers that are selected, in (0, 1].
+            normalize (bool, optional): Indicates whether when calculating the norm of a layer, we also divide by the
+                number of parameters in that layer. Defaults to True.
+            select_drift_more (bool, optional): Indicates whether layers with larger drift norm are selected.
+                Defaults to True.
+
+        Raises:
+            ValueError: ``exchange_percentage`` outside (0, 1] or ``norm_threshold`` <= 0 (fl4health: AssertionError).
+        """
+        if not 0 < exchange_percentage <= 1:
+            raise ValueError(f"exchange_percentage must be in (0, 1], got {exchange_percentage}")
+        if not norm_threshold > 0:
+            raise ValueError(f"norm_threshold must be > 0, got {norm_threshold}")
+        self.norm_threshold = norm_threshold
+        self.exchange_percentage = exchange_percentage
+        self.normalize = normalize
+        self.select_drift_more = select_drift_more
+
+    def select_by_threshold(self) -> LayerSelectionFunction:
+        return partial(select_layers_by_threshold, self.norm_threshold, self.normalize, self.select_drift_more)
+
+    def select_by_percentage(self) -> LayerSelectionFunction:
+        return partial(select_layers_by_percentage, self.exchange_percentage, self.normalize, self.select_drift_more)
+
+
+# ---------------------------------------------------------------------------------------------- drift norms
+
+
+def _drift_norms(xs: list[Tensor], ys: list[Tensor], normalize: bool) -> list[float]:
+    """fl4health's ``_calculate_drift_norm`` for every entry, from one fused op and one sync.
+
+    The norm is rounded to float32 as torch's float32 norm is; with ``normalize`` it is divided by
+    numel in float32 the way torch does it on that device (CUDA multiplies by a float32 reciprocal).
+    """
+    sq = ops.drift_sq_norms(xs, ys).cpu().numpy()
+    norms = np.sqrt(sq).astype(np.float32)
+    if normalize:
+        numel = np.array([x.numel() for x in xs], dtype=np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if xs[0].device.type == "cuda":
+                norms = norms * (np.float32(1.0) / numel)
+            else:
+                norms = norms / numel
+    return norms.astype(np.float64).tolist()
+
+
+def layer_drift_norms(model: nn.Module, initial_model: nn.Module, normalize: bool = True) -> dict[str, float]:
+    """
+    Drift of every state_dict entry in one call (one fused pass, one device sync).
+
+    Args:
+        model (nn.Module): Model after training/modification.
+        initial_model (nn.Module): Model that we started with.
+        normalize (bool, optional): Divide each norm by the entry's number of elements. Defaults to True.
+
+    Returns:
+        (dict[str, float]): state_dict name -> the float fl4health's ``_calculate_drift_norm`` gives
+        (the L2 norm of ``(t1 - t2).float()``, in float32, optionally divided by numel), in state_dict order.
+    """
+    names, xs, ys = paired_state(model, initial_model, "layer_drift_norms")
+    return dict(zip(names, _drift_norms(xs, ys, normalize)))
+
+
+def _to_numpy(names: list[str], tensors: list[Tensor]) -> NDArrays:
+    """``tensor.cpu().numpy()`` for each (CPU: zero copy); CUDA tensors come over in one batched transfer."""
+    for name, t in zip(names, tensors):
+        if t.dtype == torch.bfloat16:
+            raise TypeError(f"layer {name!r}: dtype torch.bfloat16 cannot become a numpy array (numpy has no bfloat16)")
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.detach().cpu().numpy() for t in tensors]
+    return _batched_device_to_host(tensors)
+
+
+def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
+    # Pack every tensor's bytes into one device buffer (one multi-tensor copy), then one D2H
+    # copy into pinned memory; each array is a view of that pinned buffer.
+    align = 64
+    offsets, total = [], 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.numel() * t.element_size() // align) * align
+    device = tensors[0].device
+    staging = torch.empty(total, dtype=torch.uint8, device=device)
+    dsts = [staging[o : o + t.numel() * t.element_size()].view(t.dtype) for o, t in zip(offsets, tensors)]
+    with torch.no_grad():
+        torch._foreach_copy_(dsts, [t.detach().reshape(-1) for t in tensors])
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    host.copy_(staging, non_blocking=True)
+    torch.cuda.current_stream(device).synchronize()
+    return [
+        host[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape).numpy()
+        for o, t in zip(offsets, tensors)
+    ]
+
+
+def select_layers_by_threshold(
+    threshold: float,
+    normalize: bool,
+    select_drift_more: bool,
+    model: nn.Module,
+    initial_model: nn.Module,
+) -> tuple[NDArrays, list[str]]:
+    """
+    Return those layers of model that deviate (in l2 norm) away from corresponding layers of
+    ``initial_model`` by more than (or at most) ``threshold``.
+
+    Args:
+        threshold (float): Drift threshold to be used for selection. It is an fixed value.
+        normalize (bool): Whether to divide the difference between the tensors by their number of elements.
+        select_drift_more (bool): Whether we are selecting parameters that have drifted further (True) or less far
+            from their comparison values
+        model (nn.Module): Model after training/modification.
+        initial_model (nn.Module): Model that we started with to which we are comparing parameters.
+
+    Returns:
+        (tuple[NDArrays, list[str]]): Layers selected by the process and their corresponding names in the model's
+        ``state_dict``.
+    """
+    names, xs, ys = paired_state(model, initial_model, "select_layers_by_threshold")
+    drifts = _drift_norms(xs, ys, normalize)
+    if select_drift_more:
+        keep = [i for i, d in enumerate(drifts) if d > threshold]
+    else:
+        keep = [i for i, d in enumerate(drifts) if d <= threshold]
+    kept_names = [names[i] for i in keep]
+    return _to_numpy(kept_names, [xs[i] for i in keep]), kept_names
+
+
+def select_layers_by_percentage(
+    exchange_percentage: float,
+    normalize: bool,
+    select_drift_more: bool,
+    model: nn.Module,
+    initial_model: nn.Module,
+) -> tuple[NDArrays, list[str]]:
+    """
+    Return the ``ceil(n * exchange_percentage)`` layers of model that drifted most (or least) from
+    ``initial_model``; ties keep state_dict order (a stable sort, as fl4health's).
+
+    Returns:
+        (tuple[NDArrays, list[str]]): Layers selected by the process and their corresponding names in the model's
+        ``state_dict``.
+    """
+    names, xs, ys = paired_state(model, initial_model, "select_layers_by_percentage")
+    drifts = _drift_norms(xs, ys, normalize)
+    count = int(math.ceil(len(names) * exchange_percentage))
+    order = sorted(range(len(names)), key=lambda i: drifts[i], reverse=select_drift_more)[:count]
+    kept_names = [names[i] for i in order]
+    return _to_numpy(kept_names, [xs[i] for i in order]), kept_names
+
+
+# ---------------------------------------------------------------------------------------------- scores
+
+
+def _score_dict(kind: int, model: nn.Module, initial_model: nn.Module | None, what: str) -> dict[str, Tensor]:
+    if kind >= 2:
+        names, xs, ys = paired_state(model, initial_model, what)
+        return dict(zip(names, ops.scores(xs, ys, kind)))
+    names, xs = single_state(model, what)
+    return dict(zip(names, ops.scores(xs, None, kind)))
+
+
+def largest_final_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
+    """``|x|`` for every state_dict entry (``initial_model`` may be None)."""
+    return _score_dict(0, model, initial_model, "largest_final_magnitude_scores")
+
+
+def smallest_final_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
+    """``-|x|`` for every state_dict entry (``initial_model`` may be None)."""
+    return _score_dict(1, model, initial_model, "smallest_final_magnitude_scores")
+
+
+def largest_magnitude_change_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
+    """``|x - x0|`` for every state_dict entry."""
+    return _score_dict(2, model, initial_model, "largest_magnitude_change_scores")
+
+
+def smallest_magnitude_change_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
+    """``-|x - x0|`` for every state_dict entry."""
+    return _score_dict(3, model, initial_model, "smallest_magnitude_change_scores")
+
+
+def largest_increase_in_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
+    """``|x| - |x0|`` for every state_dict entry."""
+    return _score_dict(4, model, initial_model, "largest_increase_in_magnitude_scores")
+
+
+def smallest_increase_in_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
+    """``-(|x| - |x0|)`` for every state_dict entry."""
+    return _score_dict(5, model, initial_model, "smallest_increase_in_magnitude_scores")
+
+
+# ---------------------------------------------------------------------------------------------- FedPM masks
+
+
+def is_masked_module(module: nn.Module) -> bool:
+    """A masked layer (fl4health's ``Masked*`` classes) recognised by structure: it owns ``weight_scores``."""
+    return "weight_scores" in module._parameters
+
+
+def masked_score_tensors(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    """Names and tensors of every score parameter, in fl4health's order (names as in model.state_dict())."""
+    if is_masked_module(model):
+        modules = [("", model)]
+    else:
+        modules = [(name, m) for name, m in model.named_modules() if is_masked_module(m)]
+    names, tensors = [], []
+    for prefix, module in modules:
+        for attr in ("weight_scores", "bias_scores"):
+            t = module._parameters.get(attr)
+            if t is not None:  # fl4health: KeyError on a masked layer without weight scores
+                names.append(f"{prefix}.{attr}" if prefix else attr)
+                tensors.append(t)
+    return names, tensors
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    # From torch's (CPU) default generator unless one is given: torch.manual_seed reproduces a
+    # round, and each call advances the generator, so successive calls use fresh streams.
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64).item())
+
+
+MaskDtype = Union[torch.dtype, type, np.dtype, str]
+
+
+def _mask_torch_dtype(mask_dtype: MaskDtype) -> torch.dtype:
+    if isinstance(mask_dtype, torch.dtype):
+        dt = mask_dtype
+    else:
+        np_dt = np.dtype(mask_dtype)
+        if np_dt == np.bool_:
+            dt = torch.bool
+        else:
+            dt = torch.from_numpy(np.zeros(0, dtype=np_dt)).dtype
+    if dt == torch.bool:
+        raise TypeError("mask_dtype bool is refused: the server sums masks (np.add), and bool turns the sum into OR")
+    if dt.is_floating_point or dt.is_complex:
+        raise TypeError(f"mask_dtype must be an integer dtype, got {dt}")
+    return dt
+
+
+def select_scores_and_sample_masks(
+    model: nn.Module,
+    initial_model: nn.Module | None,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    mask_dtype: MaskDtype = np.int64,
+) -> tuple[NDArrays, list[str]]:
+    """
+    Selection function that first selects the ``weight_scores`` and ``bias_scores`` parameters for the masked layers,
+    and then samples binary masks based on those scores to send to the server. This function is meant to be used for
+    the FedPM algorithm.
+
+    Args:
+        model (nn.Module): The model (a masked layer itself, or a model containing masked layers).
+        initial_model (nn.Module | None): Unused (FedPM passes None).
+        seed (int, optional): Philox key; the same seed gives the same masks on CPU and CUDA.
+        generator (torch.Generator, optional): Where to draw the seed from when ``seed`` is None
+            (default: torch's default generator, so ``torch.manual_seed`` reproduces a round).
+        mask_dtype (optional): Integer dtype of the masks (numpy or torch). Defaults to int64, as fl4health.
+
+    Returns:
+        (tuple[NDArrays, list[str]]): One 0/1 mask per score tensor, with the score's exact shape, and its
+        state_dict name.
+    """
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    out_dtype = _mask_torch_dtype(mask_dtype)
+    names, scores = masked_score_tensors(model)
+    if not scores:
+        return [], []
+    for name, s in zip(names, scores):
+        if not s.is_floating_point():
+            raise TypeError(f"layer {name!r}: score dtype {s.dtype} is not floating point")
+        if s.device != scores[0].device:
+            raise ValueError(f"layer {name!r}: on {s.device} but {names[0]!r} is on {scores[0].device}")
+    key = _draw_seed(generator) if seed is None else int(seed)
+    if scores[0].device.type == "cuda":
+        # One byte per element on the device, one D2H transfer, widened on the host.
+        flat_u8 = ops.sample_masks(scores, key, torch.uint8)
+        host = torch.empty(flat_u8.numel(), dtype=torch.uint8, pin_memory=True)
+        host.copy_(flat_u8, non_blocking=True)
+        torch.cuda.current_stream(flat_u8.device).synchronize()
+        flat = host.to(out_dtype)
+    else:
+        flat = ops.sample_masks(scores, key, out_dtype)
+    masks, start = [], 0
+    for s in scores:
+        masks.append(flat[start : start + s.numel()].view(s.shape).numpy())
+        start += s.numel()
+    return masks, names
