@@ -107,7 +107,7 @@ def extension_modules():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     with_cuda, why = decide_cuda(torch)
-    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/ops.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-ffp-contract=off"]
     include_dirs = [str(ROOT / "csrc")]

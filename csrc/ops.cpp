@@ -1,18 +1,6 @@
-// Every layersel op schema, in one place, and the Python module that reports
-// how this library was built. Kernels: csrc/cpu/<op>.cpp, csrc/cuda/<op>.cu.
-#include <ATen/Parallel.h>
-#include <torch/extension.h>
+// Every layersel op schema, in one place. Kernels: csrc/cpu/<op>.cpp and
+// csrc/cuda/<op>.cu; Python twins: layersel_ext/_torch_ops.py.
 #include <torch/library.h>
-#include <torch/version.h>
-
-#include <atomic>
-#include <mutex>
-#include <set>
-#include <string>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 TORCH_LIBRARY(layersel, m) {
   // Per-tensor sum over elements of float(model - initial)^2, as float64 [n].
@@ -25,51 +13,3 @@ TORCH_LIBRARY(layersel, m) {
   m.def("sample_masks(Tensor[] scores, int seed, ScalarType dtype) -> Tensor");
 }
 
-namespace {
-
-#ifndef LAYERSEL_CUDA_ARCH_LIST
-#define LAYERSEL_CUDA_ARCH_LIST ""
-#endif
-
-py::dict build_info() {
-  py::dict info;
-  info["torch_version"] = TORCH_VERSION;
-#ifdef LAYERSEL_WITH_CUDA
-  info["cuda"] = true;
-#else
-  info["cuda"] = false;
-#endif
-  info["cuda_arch_list"] = LAYERSEL_CUDA_ARCH_LIST;
-#ifdef _OPENMP
-  info["openmp"] = true;
-#else
-  info["openmp"] = false;
-#endif
-#if defined(__VERSION__)
-  info["cxx"] = __VERSION__;
-#endif
-  return info;
-}
-
-// How many distinct threads at::parallel_for uses here: an extension built
-// without -fopenmp silently runs its parallel regions on one thread.
-int64_t cpu_threads_used(int64_t items) {
-  std::mutex mu;
-  std::set<int> ids;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    volatile double sink = 0;
-    for (int64_t i = begin; i < end; ++i)
-      for (int k = 0; k < 200000; ++k) sink = sink + k;
-    std::lock_guard<std::mutex> lock(mu);
-    ids.insert(at::get_thread_num());
-  });
-  return static_cast<int64_t>(ids.size());
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "layersel_ext compiled kernels (ops are registered as torch.ops.layersel.*)";
-  m.def("build_info", &build_info, "How this module was compiled");
-  m.def("cpu_threads_used", &cpu_threads_used, "Distinct threads used by at::parallel_for over `items`");
-}

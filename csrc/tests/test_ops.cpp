@@ -1,0 +1,53 @@
+// ctest: the compiled CPU ops called through the dispatcher, against ATen.
+#include <torch/torch.h>
+
+#include <cstdio>
+
+static int failures = 0;
+#define CHECK(cond)                                                                  \
+  do {                                                                               \
+    if (!(cond)) {                                                                   \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                                    \
+    }                                                                                \
+  } while (0)
+
+static c10::OperatorHandle op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+int main() {
+  torch::manual_seed(0);
+  std::vector<at::Tensor> a = {torch::randn({70000}), torch::randn({3, 5}).to(torch::kDouble),
+                               torch::randint(0, 100, {9}, torch::kLong), torch::randn({0})};
+  std::vector<at::Tensor> b;
+  for (auto& t : a) b.push_back(t.clone().add_(1));
+
+  auto drift = op("layersel::drift_sq_norms").typed<at::Tensor(at::TensorList, at::TensorList)>();
+  at::Tensor sums = drift.call(a, b);
+  CHECK(sums.numel() == 4);
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double want = (a[i] - b[i]).to(torch::kFloat).to(torch::kDouble).pow(2).sum().item<double>();
+    CHECK(std::abs(sums[i].item<double>() - want) <= 1e-6 * std::max(1.0, want));
+  }
+
+  auto scores = op("layersel::scores").typed<std::vector<at::Tensor>(at::TensorList, at::TensorList, int64_t)>();
+  std::vector<at::Tensor> s = scores.call(a, b, 2);
+  CHECK(s.size() == 3);  // float32, float64, int64 groups
+  CHECK(torch::equal(s[0].slice(0, 0, 70000), (a[0] - b[0]).abs()));
+
+  auto masks = op("layersel::sample_masks").typed<at::Tensor(at::TensorList, int64_t, at::ScalarType)>();
+  std::vector<at::Tensor> sc = {torch::zeros({1000}), torch::full({7}, 50.0)};
+  at::Tensor m1 = masks.call(sc, 7, at::kLong), m2 = masks.call(sc, 7, at::kLong);
+  CHECK(torch::equal(m1, m2));
+  CHECK(m1.slice(0, 1000).sum().item<int64_t>() == 7);
+  const double mean = m1.slice(0, 0, 1000).to(torch::kDouble).mean().item<double>();
+  CHECK(mean > 0.4 && mean < 0.6);
+
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("all op checks passed\n");
+  return 0;
+}
