@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import layersel_ext
+from layersel_ext import ops
+
+BACKENDS = ["compiled", "torch"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # CI sets LAYERSEL_REQUIRE_COMPILED=1: a missing compiled module must fail, not skip.
+    if os.environ.get("LAYERSEL_REQUIRE_COMPILED") == "1" and ops.backend() != "compiled":
+        raise pytest.UsageError(f"LAYERSEL_REQUIRE_COMPILED=1 but the compiled module is not loaded: "
+                                f"{layersel_ext.LOAD_REASON}")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "compiled" and layersel_ext._loader.COMPILED is None:
+        pytest.skip("compiled module not loaded")
+    previous = ops.backend()
+    ops.set_backend(request.param)
+    yield request.param
+    ops.set_backend(previous)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def fl4health_criteria():
+    """The reference module; required when LAYERSEL_REQUIRE_ORACLE=1 (CI), else skipped if absent."""
+    try:
+        from fl4health.parameter_exchange import parameter_selection_criteria
+    except ImportError as exc:
+        if os.environ.get("LAYERSEL_REQUIRE_ORACLE") == "1":
+            raise
+        pytest.skip(f"fl4health not installed: {exc}")
+    return parameter_selection_criteria
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
