@@ -1,0 +1,229 @@
+"""Each op: compiled CPU kernel vs its pure-torch twin vs float64 torch, opcheck, determinism, CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+from layersel_ext import _loader, _torch_ops, ops
+
+CHUNK = 1 << 16
+EDGE_SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 555, 33333, 3 * CHUNK + 7]
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64,
+              torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]  # fmt: skip
+compiled_only = pytest.mark.skipif(_loader.COMPILED is None, reason="compiled module not loaded")
+
+
+def rand(n: int, dtype: torch.dtype, gen: torch.Generator, device: str = "cpu") -> torch.Tensor:
+    if dtype.is_floating_point:
+        return torch.randn(n, generator=gen).to(dtype).to(device)
+    info = torch.iinfo(dtype)
+    lo, hi = max(info.min, -1000), min(info.max, 1000)
+    return torch.randint(lo, hi, (n,), generator=gen).to(dtype).to(device)
+
+
+def lists(sizes, dtypes, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    xs = [rand(n, dt, gen, device) for n, dt in zip(sizes, dtypes)]
+    ys = [rand(n, dt, gen, device) for n, dt in zip(sizes, dtypes)]
+    return xs, ys
+
+
+def float64_drift(x: torch.Tensor, y: torch.Tensor) -> float:
+    d = (x - y).float().double()
+    return float((d * d).sum())
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_drift_sq_norms_against_float64(dtype, backend):
+    xs, ys = lists(EDGE_SIZES, [dtype] * len(EDGE_SIZES))
+    got = ops.drift_sq_norms(xs, ys)
+    assert got.dtype == torch.float64 and got.shape == (len(xs),)
+    for g, x, y in zip(got.tolist(), xs, ys):
+        assert g == pytest.approx(float64_drift(x, y), rel=1e-6, abs=0.0)
+
+
+def test_drift_sq_norms_thousands_of_tensors(backend):
+    sizes = [(i * 37) % 300 for i in range(3000)]
+    dtypes = [ALL_DTYPES[i % len(ALL_DTYPES)] for i in range(3000)]
+    xs, ys = lists(sizes, dtypes, seed=3)
+    got = ops.drift_sq_norms(xs, ys).tolist()
+    for g, x, y in zip(got, xs, ys):
+        assert g == pytest.approx(float64_drift(x, y), rel=1e-6)
+
+
+def test_drift_sq_norms_non_contiguous(backend):
+    x = torch.randn(64, 70).t()
+    y = torch.randn(70, 64)[:, ::1]
+    got = ops.drift_sq_norms([x, x[::2]], [y, y[::2]])
+    assert got.tolist() == pytest.approx([float64_drift(x, y), float64_drift(x[::2], y[::2])], rel=1e-6)
+
+
+@compiled_only
+def test_drift_precision_over_many_terms():
+    # 2**24 terms of 1.0 (16.7M): a float32 accumulator stalls at 2**24; ours is exact.
+    x = torch.ones(1 << 24)
+    y = torch.zeros(1 << 24)
+    assert torch.ops.layersel.drift_sq_norms([x, x[:12345]], [y, y[:12345]]).tolist() == [float(1 << 24), 12345.0]
+
+
+@compiled_only
+def test_drift_bits_identical_across_runs_and_thread_counts():
+    xs, ys = lists([5 * CHUNK + 3, 1000, CHUNK], [torch.float32, torch.float16, torch.float64], seed=5)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = torch.ops.layersel.drift_sq_norms(xs, ys)
+        b = torch.ops.layersel.drift_sq_norms(xs, ys)
+        torch.set_num_threads(1)
+        c = torch.ops.layersel.drift_sq_norms(xs, ys)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@compiled_only
+def test_parallel_regions_use_two_threads():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert _loader.COMPILED.cpu_threads_used(64) == 2, "built without OpenMP? at::parallel_for ran on one thread"
+    finally:
+        torch.set_num_threads(before)
+
+
+@compiled_only
+def test_bool_tensors_are_refused():
+    with pytest.raises(TypeError, match="Bool"):
+        torch.ops.layersel.drift_sq_norms([torch.ones(3, dtype=torch.bool)], [torch.ones(3, dtype=torch.bool)])
+
+
+@pytest.mark.parametrize("kind", range(6))
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_scores_against_torch(kind, dtype, backend):
+    xs, ys = lists(EDGE_SIZES, [dtype] * len(EDGE_SIZES), seed=kind)
+    got = ops.scores(xs, ys, kind)
+    for g, x, y in zip(got, xs, ys):
+        want = torch.empty_like(x)
+        _torch_ops.score_into(kind, x, y, want)
+        assert g.dtype == x.dtype and g.shape == x.shape
+        assert torch.equal(g, want)
+
+
+@compiled_only
+@pytest.mark.parametrize("kind", range(6))
+def test_scores_mixed_dtypes_one_buffer_per_dtype(kind):
+    dts = [torch.float32, torch.int64, torch.float32, torch.float16, torch.int64]
+    xs, ys = lists([10, 3, CHUNK + 1, 7, 0], dts, seed=9)
+    buffers = torch.ops.layersel.scores(xs, ys, kind)
+    assert [b.dtype for b in buffers] == [torch.float32, torch.int64, torch.float16]
+    ref = _torch_ops.scores(xs, ys, kind)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_sample_masks_compiled_equals_torch_twin(dtype):
+    if _loader.COMPILED is None:
+        pytest.skip("compiled module not loaded")
+    gen = torch.Generator().manual_seed(0)
+    sizes = [1, 3, CHUNK - 1, CHUNK + 2, 555, 0, 33333]
+    scores = [(torch.randn(n, generator=gen) * 3).to(dtype) for n in sizes]
+    scores[1] = torch.tensor([float("inf"), float("-inf"), float("nan")], dtype=dtype)
+    for seed in (0, 1, 2**40 + 17, 2**64 - 1):
+        a = torch.ops.layersel.sample_masks(scores, seed - 2**64 if seed >= 2**63 else seed, torch.int64)
+        b = _torch_ops.sample_masks(scores, seed, torch.int64)
+        assert torch.equal(a, b), seed
+    assert a[1:4].tolist() == [1, 0, 0]  # +inf always, -inf and NaN never
+
+
+@compiled_only
+def test_sample_masks_independent_of_thread_count():
+    scores = [torch.randn(3 * CHUNK + 5), torch.randn(17)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = torch.ops.layersel.sample_masks(scores, 11, torch.uint8)
+        torch.set_num_threads(1)
+        b = torch.ops.layersel.sample_masks(scores, 11, torch.uint8)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(a, b)
+
+
+def test_philox_known_answers_through_python():
+    """Random123 kat_vectors for philox4x32-10, through the torch twin used as the oracle."""
+    kats = [
+        ([0, 0, 0, 0], (0, 0), [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([0xFFFFFFFF] * 4, (0xFFFFFFFF, 0xFFFFFFFF), [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], (0xA4093822, 0x299F31D0),
+         [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]),
+    ]  # fmt: skip
+    for ctr, key, want in kats:
+        got = _torch_ops.philox4x32_10(torch.tensor([ctr], dtype=torch.int64), key)
+        assert got[0].tolist() == want
+
+
+@compiled_only
+def test_sample_masks_refuses_bool_and_integer_scores():
+    with pytest.raises(TypeError, match="bool"):
+        torch.ops.layersel.sample_masks([torch.zeros(3)], 0, torch.bool)
+    with pytest.raises(TypeError, match="floating"):
+        torch.ops.layersel.sample_masks([torch.zeros(3, dtype=torch.int64)], 0, torch.int64)
+
+
+@compiled_only
+def test_opcheck_every_op():
+    xs, ys = lists([10, 0, 7], [torch.float32, torch.float32, torch.int64], seed=1)
+    torch.library.opcheck(torch.ops.layersel.drift_sq_norms.default, (xs, ys))
+    for kind in range(6):
+        torch.library.opcheck(torch.ops.layersel.scores.default, (xs, ys, kind))
+    torch.library.opcheck(torch.ops.layersel.sample_masks.default, ([torch.randn(9), torch.randn(2, 3)], 5, torch.int64))
+
+
+# --------------------------------------------------------------------------- CUDA (skipped without a GPU)
+
+
+@requires_cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_cuda_drift_matches_cpu(dtype):
+    xs, ys = lists(EDGE_SIZES, [dtype] * len(EDGE_SIZES), seed=2)
+    cpu = torch.ops.layersel.drift_sq_norms(xs, ys)
+    cuda = torch.ops.layersel.drift_sq_norms([x.cuda() for x in xs], [y.cuda() for y in ys])
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-6, atol=0)
+    assert torch.equal(cuda, torch.ops.layersel.drift_sq_norms([x.cuda() for x in xs], [y.cuda() for y in ys]))
+
+
+@requires_cuda
+@compiled_only
+@pytest.mark.parametrize("kind", range(6))
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_cuda_scores_match_cpu(kind, dtype):
+    xs, ys = lists(EDGE_SIZES, [dtype] * len(EDGE_SIZES), seed=kind)
+    cpu = torch.ops.layersel.scores(xs, ys, kind)
+    cuda = torch.ops.layersel.scores([x.cuda() for x in xs], [y.cuda() for y in ys], kind)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, cuda))
+
+
+@requires_cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_cuda_masks_bit_equal_to_cpu(dtype):
+    gen = torch.Generator().manual_seed(4)
+    scores = [(torch.randn(n, generator=gen) * 4).to(dtype) for n in EDGE_SIZES]
+    for seed in (0, 123456789, 2**62 + 3):
+        cpu = torch.ops.layersel.sample_masks(scores, seed, torch.uint8)
+        cuda = torch.ops.layersel.sample_masks([s.cuda() for s in scores], seed, torch.uint8)
+        assert torch.equal(cpu, cuda.cpu()), seed
+
+
+@requires_cuda
+@compiled_only
+def test_cuda_opcheck():
+    xs = [torch.randn(10, device="cuda"), torch.randn(0, device="cuda")]
+    ys = [torch.randn(10, device="cuda"), torch.randn(0, device="cuda")]
+    torch.library.opcheck(torch.ops.layersel.drift_sq_norms.default, (xs, ys))
+    torch.library.opcheck(torch.ops.layersel.scores.default, (xs, ys, 3))
+    torch.library.opcheck(torch.ops.layersel.sample_masks.default, (xs, 5, torch.uint8))
