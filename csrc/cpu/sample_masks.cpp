@@ -10,31 +10,29 @@
 namespace layersel {
 namespace {
 
+constexpr int kBatchBlocks = 16;  // 64 elements per batch of Philox blocks
+
 // Elements [g, g + n) of the global stream; g is the global index of x[0].
+// Edges (up to the next multiple of 64 in the global index, and the tail) go
+// element by element; the middle in batches whose Philox rounds and Bernoulli
+// comparisons vectorise.
 template <typename T, typename M>
 LS_CPU_CLONES void sample_chunk(PhiloxStream stream, uint64_t g, const T* x, M* out, int64_t n) {
+  constexpr int64_t kBatch = 4 * kBatchBlocks;
   int64_t i = 0;
-  // Head up to a multiple of 4 in the global index.
-  if (g & 3u) {
-    const Philox4x32Out r = stream.block(g >> 2);
-    for (uint32_t lane = g & 3u; lane < 4 && i < n; ++lane, ++i)
-      out[i] = static_cast<M>(bernoulli_sample(static_cast<float>(x[i]), r.v[lane]));
+  auto one = [&](int64_t k) {
+    const uint64_t gk = g + static_cast<uint64_t>(k);
+    const Philox4x32Out r = stream.block(gk >> 2);
+    out[k] = static_cast<M>(bernoulli_sample(static_cast<float>(x[k]), r.v[gk & 3u]));
+  };
+  for (; i < n && ((g + i) % kBatch) != 0; ++i) one(i);
+  uint32_t words[kBatch];
+  for (; i + kBatch <= n; i += kBatch) {
+    philox_blocks<kBatchBlocks>(stream, (g + i) >> 2, words);
+    for (int k = 0; k < kBatch; ++k)
+      out[i + k] = static_cast<M>(bernoulli_sample(static_cast<float>(x[i + k]), words[k]));
   }
-  // Whole Philox blocks: four elements per call.
-  const uint64_t first_block = (g + i) >> 2;
-  const int64_t whole = (n - i) / 4;
-  for (int64_t b = 0; b < whole; ++b) {
-    const Philox4x32Out r = stream.block(first_block + b);
-    const int64_t j = i + 4 * b;
-    for (int lane = 0; lane < 4; ++lane)
-      out[j + lane] = static_cast<M>(bernoulli_sample(static_cast<float>(x[j + lane]), r.v[lane]));
-  }
-  i += 4 * whole;
-  if (i < n) {
-    const Philox4x32Out r = stream.block((g + i) >> 2);
-    for (int lane = 0; i < n; ++lane, ++i)
-      out[i] = static_cast<M>(bernoulli_sample(static_cast<float>(x[i]), r.v[lane]));
-  }
+  for (; i < n; ++i) one(i);
 }
 
 at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType dtype) {

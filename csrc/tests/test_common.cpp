@@ -11,7 +11,7 @@
 #include "common/scores.h"
 
 static int failures = 0;
-#define CHECK(cond)                                                  \
+#define LS_CHECK(cond)                                                  \
   do {                                                               \
     if (!(cond)) {                                                   \
       std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
@@ -37,13 +37,21 @@ static void test_philox_known_answers() {
   };
   for (const Kat& k : kats) {
     const Philox4x32Out r = philox4x32_10(k.ctr[0], k.ctr[1], k.ctr[2], k.ctr[3], k.key[0], k.key[1]);
-    for (int i = 0; i < 4; ++i) CHECK(r.v[i] == k.out[i]);
+    for (int i = 0; i < 4; ++i) LS_CHECK(r.v[i] == k.out[i]);
   }
   // The stream: block b of seed s is counter (b_lo, b_hi, 0, 0) under key (s_lo, s_hi).
   const PhiloxStream s(0x299f31d0a4093822ull);
   const Philox4x32Out a = s.block(0x85a308d3243f6a88ull);
   const Philox4x32Out b = philox4x32_10(0x243f6a88u, 0x85a308d3u, 0u, 0u, 0xa4093822u, 0x299f31d0u);
-  for (int i = 0; i < 4; ++i) CHECK(a.v[i] == b.v[i]);
+  for (int i = 0; i < 4; ++i) LS_CHECK(a.v[i] == b.v[i]);
+  // The batched (vectorisable) form gives the same words as one block at a time.
+  uint32_t words[4 * 16];
+  const uint64_t first = 0xfffffffcull;  // crosses the 32-bit boundary of the counter
+  philox_blocks<16>(s, first, words);
+  for (int j = 0; j < 16; ++j) {
+    const Philox4x32Out r = s.block(first + j);
+    for (int l = 0; l < 4; ++l) LS_CHECK(words[4 * j + l] == r.v[l]);
+  }
 }
 
 static void test_bernoulli_math() {
@@ -53,22 +61,22 @@ static void test_bernoulli_math() {
     const double rel = std::fabs(portable_exp(x) / std::exp(static_cast<double>(x)) - 1.0);
     if (rel > worst) worst = rel;
   }
-  CHECK(worst < 1e-6);
+  LS_CHECK(worst < 1e-6);
   // sigmoid: exact edge cases and the NaN policy.
-  CHECK(bernoulli_probability(0.0f) == 0.5f);
-  CHECK(bernoulli_probability(std::numeric_limits<float>::infinity()) == 1.0f);
-  CHECK(bernoulli_probability(-std::numeric_limits<float>::infinity()) < 1e-37f);
-  CHECK(bernoulli_probability(std::nanf("")) == 0.0f);
+  LS_CHECK(bernoulli_probability(0.0f) == 0.5f);
+  LS_CHECK(bernoulli_probability(std::numeric_limits<float>::infinity()) == 1.0f);
+  LS_CHECK(bernoulli_probability(-std::numeric_limits<float>::infinity()) < 1e-37f);
+  LS_CHECK(bernoulli_probability(std::nanf("")) == 0.0f);
   for (float s = -20.0f; s <= 20.0f; s += 0.25f) {
     const double p = 1.0 / (1.0 + std::exp(-static_cast<double>(s)));
-    CHECK(std::fabs(bernoulli_probability(s) - p) < 1e-6 * (p > 1e-3 ? 1.0 : 1e-3));
+    LS_CHECK(std::fabs(bernoulli_probability(s) - p) < 1e-6 * (p > 1e-3 ? 1.0 : 1e-3));
   }
   // Uniforms are strictly inside (0, 1): p == 1 always samples 1, p ~ 0 never does.
-  CHECK(word_to_uniform(0u) > 0.0f);
-  CHECK(word_to_uniform(0xffffffffu) < 1.0f);
-  CHECK(bernoulli_sample(std::numeric_limits<float>::infinity(), 0xffffffffu));
-  CHECK(!bernoulli_sample(-std::numeric_limits<float>::infinity(), 0u));
-  CHECK(!bernoulli_sample(std::nanf(""), 0u));
+  LS_CHECK(word_to_uniform(0u) > 0.0f);
+  LS_CHECK(word_to_uniform(0xffffffffu) < 1.0f);
+  LS_CHECK(bernoulli_sample(std::numeric_limits<float>::infinity(), 0xffffffffu));
+  LS_CHECK(!bernoulli_sample(-std::numeric_limits<float>::infinity(), 0u));
+  LS_CHECK(!bernoulli_sample(std::nanf(""), 0u));
   // Empirical frequency over a Philox stream.
   const PhiloxStream st(42);
   int ones = 0;
@@ -78,7 +86,7 @@ static void test_bernoulli_math() {
     for (int l = 0; l < 4; ++l) ones += bernoulli_sample(1.0f, r.v[l]);
   }
   const double p = 1.0 / (1.0 + std::exp(-1.0)), sd = std::sqrt(p * (1 - p) / n);
-  CHECK(std::fabs(static_cast<double>(ones) / n - p) < 5 * sd);
+  LS_CHECK(std::fabs(static_cast<double>(ones) / n - p) < 5 * sd);
 }
 
 static void test_chunk_table() {
@@ -88,32 +96,32 @@ static void test_chunk_table() {
   const int32_t n = 7;
   int64_t first[n + 1] = {0};
   for (int i = 0; i < n; ++i) first[i + 1] = first[i] + num_chunks(sizes[i], c);
-  CHECK(first[n] == 0 + 1 + 1 + 1 + 2 + 0 + 3);
+  LS_CHECK(first[n] == 0 + 1 + 1 + 1 + 2 + 0 + 3);
   int64_t covered[n] = {0};
   for (int64_t id = 0; id < first[n]; ++id) {
     const int32_t t = tensor_of_chunk(first, n, id);
-    CHECK(first[t] <= id && id < first[t + 1]);
+    LS_CHECK(first[t] <= id && id < first[t + 1]);
     const int64_t off = (id - first[t]) * c;
     covered[t] += (sizes[t] - off < c ? sizes[t] - off : c);
   }
-  for (int i = 0; i < n; ++i) CHECK(covered[i] == sizes[i]);
+  for (int i = 0; i < n; ++i) LS_CHECK(covered[i] == sizes[i]);
 }
 
 static void test_scores() {
   // torch semantics: abs(-0.0) = +0.0, abs(INT_MIN) = INT_MIN, uint8 wraps.
-  CHECK(!std::signbit(score_value<float>(0, -0.0f, 0.0f)));
-  CHECK(std::signbit(score_value<float>(1, 0.0f, 0.0f)));
-  CHECK(score_value<int8_t>(0, -128, 0) == -128);
-  CHECK(score_value<int64_t>(0, std::numeric_limits<int64_t>::min(), 0) == std::numeric_limits<int64_t>::min());
-  CHECK(score_value<uint8_t>(1, 3, 0) == 253);
-  CHECK(score_value<uint8_t>(2, 3, 5) == 254);  // |3 - 5| in uint8: 254
-  CHECK(score_value<int32_t>(4, -7, 3) == 4);
-  CHECK(score_value<int32_t>(5, -7, 3) == -4);
-  CHECK(score_value<double>(3, 1.5, 4.0) == -2.5);
-  CHECK(drift_term<uint8_t>(3, 5) == 254.0f);
-  CHECK(drift_term<int64_t>(10, 3) == 7.0f);
+  LS_CHECK(!std::signbit(score_value<float>(0, -0.0f, 0.0f)));
+  LS_CHECK(std::signbit(score_value<float>(1, 0.0f, 0.0f)));
+  LS_CHECK(score_value<int8_t>(0, -128, 0) == -128);
+  LS_CHECK(score_value<int64_t>(0, std::numeric_limits<int64_t>::min(), 0) == std::numeric_limits<int64_t>::min());
+  LS_CHECK(score_value<uint8_t>(1, 3, 0) == 253);
+  LS_CHECK(score_value<uint8_t>(2, 3, 5) == 254);  // |3 - 5| in uint8: 254
+  LS_CHECK(score_value<int32_t>(4, -7, 3) == 4);
+  LS_CHECK(score_value<int32_t>(5, -7, 3) == -4);
+  LS_CHECK(score_value<double>(3, 1.5, 4.0) == -2.5);
+  LS_CHECK(drift_term<uint8_t>(3, 5) == 254.0f);
+  LS_CHECK(drift_term<int64_t>(10, 3) == 7.0f);
   const double one_plus = 1.0 + 1e-12;  // the double difference, then rounded once to float
-  CHECK(drift_term<double>(1.0, one_plus) == static_cast<float>(1.0 - one_plus));
+  LS_CHECK(drift_term<double>(1.0, one_plus) == static_cast<float>(1.0 - one_plus));
 }
 
 int main() {

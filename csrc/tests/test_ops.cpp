@@ -4,7 +4,7 @@
 #include <cstdio>
 
 static int failures = 0;
-#define CHECK(cond)                                                                  \
+#define LS_CHECK(cond)                                                                  \
   do {                                                                               \
     if (!(cond)) {                                                                   \
       std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
@@ -25,24 +25,24 @@ int main() {
 
   auto drift = op("layersel::drift_sq_norms").typed<at::Tensor(at::TensorList, at::TensorList)>();
   at::Tensor sums = drift.call(a, b);
-  CHECK(sums.numel() == 4);
+  LS_CHECK(sums.numel() == 4);
   for (size_t i = 0; i < a.size(); ++i) {
     const double want = (a[i] - b[i]).to(torch::kFloat).to(torch::kDouble).pow(2).sum().item<double>();
-    CHECK(std::abs(sums[i].item<double>() - want) <= 1e-6 * std::max(1.0, want));
+    LS_CHECK(std::abs(sums[i].item<double>() - want) <= 1e-6 * std::max(1.0, want));
   }
 
   auto scores = op("layersel::scores").typed<std::vector<at::Tensor>(at::TensorList, at::TensorList, int64_t)>();
   std::vector<at::Tensor> s = scores.call(a, b, 2);
-  CHECK(s.size() == 3);  // float32, float64, int64 groups
-  CHECK(torch::equal(s[0].slice(0, 0, 70000), (a[0] - b[0]).abs()));
+  LS_CHECK(s.size() == 3);  // float32, float64, int64 groups
+  LS_CHECK(torch::equal(s[0].slice(0, 0, 70000), (a[0] - b[0]).abs()));
 
   auto masks = op("layersel::sample_masks").typed<at::Tensor(at::TensorList, int64_t, at::ScalarType)>();
   std::vector<at::Tensor> sc = {torch::zeros({1000}), torch::full({7}, 50.0)};
   at::Tensor m1 = masks.call(sc, 7, at::kLong), m2 = masks.call(sc, 7, at::kLong);
-  CHECK(torch::equal(m1, m2));
-  CHECK(m1.slice(0, 1000).sum().item<int64_t>() == 7);
+  LS_CHECK(torch::equal(m1, m2));
+  LS_CHECK(m1.slice(0, 1000).sum().item<int64_t>() == 7);
   const double mean = m1.slice(0, 0, 1000).to(torch::kDouble).mean().item<double>();
-  CHECK(mean > 0.4 && mean < 0.6);
+  LS_CHECK(mean > 0.4 && mean < 0.6);
 
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
