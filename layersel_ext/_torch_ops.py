@@ -112,8 +112,13 @@ def _philox_words(seed: int, start: int, count: int, device: torch.device) -> Te
     return words.gather(-1, (g & 3).unsqueeze(-1)).squeeze(-1)
 
 
+def _round_half_even(x: Tensor) -> Tensor:
+    magic = 12582912.0  # 1.5 * 2**23: exact for |x| < 2**22, as csrc/common/bernoulli.h
+    return (x + magic) - magic
+
+
 def _portable_exp(x: Tensor) -> Tensor:
-    k = torch.round(x * 1.44269504)  # round half to even, as rintf
+    k = _round_half_even(x * 1.44269504)
     r = (x - k * 0.693359375) - k * -2.12194440e-4
     p = torch.full_like(r, 1.0 / 5040.0)
     for c in (1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
@@ -123,11 +128,11 @@ def _portable_exp(x: Tensor) -> Tensor:
 
 
 def bernoulli_probability(score: Tensor) -> Tensor:
-    """sigmoid(score) with exactly the compiled kernels' float32 operations; NaN maps to 0."""
+    """sigmoid(score) with exactly the compiled kernels' float32 operations (NaN: ~1.6e-38, never sampled)."""
     s = score.to(torch.float32)
-    x = torch.clamp(-s, -87.0, 87.0)
-    p = 1.0 / (1.0 + _portable_exp(x))
-    return torch.where(torch.isnan(s), torch.zeros_like(p), p)
+    x = torch.where(torch.isnan(s), torch.full_like(s, 87.0), -s)
+    x = torch.clamp(x, -87.0, 87.0)
+    return 1.0 / (1.0 + _portable_exp(x))
 
 
 def word_to_uniform(words: Tensor) -> Tensor:

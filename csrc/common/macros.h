@@ -5,7 +5,9 @@
 #define LS_HD __host__ __device__ __forceinline__
 #define LS_DEVICE_CODE 1
 #else
-#define LS_HD inline
+// always_inline: the CPU hot loops are cloned per ISA (target_clones), and a
+// helper left out of line would run the baseline code and block vectorisation.
+#define LS_HD inline __attribute__((always_inline))
 #define LS_DEVICE_CODE 0
 #endif
 

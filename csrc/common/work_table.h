@@ -115,7 +115,9 @@ inline c10::ScalarType scalar_type_of_code(int32_t code) {
 
 // Score outputs: one flat buffer per dtype, in order of first appearance; each
 // entry's `out` points at its slice. Python splits the buffers into views.
-inline std::vector<at::Tensor> allocate_grouped_outputs(WorkTable& table, c10::Device device) {
+// `alloc(numel, dtype)` makes each buffer.
+template <typename Alloc>
+std::vector<at::Tensor> allocate_grouped_outputs(WorkTable& table, Alloc alloc) {
   std::vector<at::Tensor> buffers;
   std::vector<int32_t> codes;
   std::vector<int64_t> sizes;
@@ -129,7 +131,7 @@ inline std::vector<at::Tensor> allocate_grouped_outputs(WorkTable& table, c10::D
     sizes[g] += e.numel;
   }
   for (size_t g = 0; g < codes.size(); ++g) {
-    buffers.push_back(at::empty({sizes[g]}, at::TensorOptions().dtype(scalar_type_of_code(codes[g])).device(device)));
+    buffers.push_back(alloc(sizes[g], scalar_type_of_code(codes[g])));
   }
   std::vector<int64_t> fill(codes.size(), 0);
   for (TensorEntry& e : table.entries) {

@@ -3,7 +3,14 @@
 #pragma once
 #include <ATen/Parallel.h>
 
+#include <ATen/ATen.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <utility>
+#include <vector>
 
 #include "../common/work_table.h"
 
@@ -32,6 +39,77 @@ void for_each_chunk(const WorkTable& table, int64_t chunk, Fn fn) {
       fn(e, t, c, offset, std::min(chunk, e.numel - offset));
     }
   });
+}
+
+// Large CPU outputs (scores, masks) come from a small cache of blocks that
+// earlier outputs returned when their last user (a tensor, a numpy array) let
+// go. A client that selects every round then writes into pages that are
+// already mapped: a fresh 200 MB buffer costs more in first-touch page faults
+// (51 ms measured here) than the whole mask kernel. The cache holds at most
+// LAYERSEL_OUTPUT_CACHE_MB (default 1024; 0 disables) of idle blocks.
+class OutputBlockCache {
+ public:
+  static OutputBlockCache& instance() {
+    static OutputBlockCache* cache = new OutputBlockCache();  // never destroyed: deleters may run at exit
+    return *cache;
+  }
+
+  at::Tensor empty(int64_t n, at::ScalarType dtype) {
+    const size_t bytes = std::max<size_t>(1, static_cast<size_t>(n) * c10::elementSize(dtype));
+    void* p = nullptr;
+    size_t capacity = bytes;
+    if (bytes >= kMinBytes && limit_ > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      // Best fit among idle blocks no more than twice the size asked for.
+      size_t best = idle_.size();
+      for (size_t i = 0; i < idle_.size(); ++i)
+        if (idle_[i].second >= bytes && idle_[i].second <= 2 * bytes &&
+            (best == idle_.size() || idle_[i].second < idle_[best].second))
+          best = i;
+      if (best != idle_.size()) {
+        p = idle_[best].first;
+        capacity = idle_[best].second;
+        idle_bytes_ -= capacity;
+        idle_.erase(idle_.begin() + static_cast<std::ptrdiff_t>(best));
+      }
+    }
+    if (p == nullptr && posix_memalign(&p, 64, capacity) != 0) throw std::bad_alloc();
+    return at::from_blob(
+        p, {n}, [capacity](void* q) { OutputBlockCache::instance().give_back(q, capacity); },
+        at::TensorOptions().dtype(dtype));
+  }
+
+ private:
+  static constexpr size_t kMinBytes = size_t{8} << 20;
+
+  OutputBlockCache() {
+    const char* env = std::getenv("LAYERSEL_OUTPUT_CACHE_MB");
+    limit_ = (env ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t{1024}) << 20;
+  }
+
+  void give_back(void* p, size_t capacity) {
+    if (capacity >= kMinBytes && capacity <= limit_) {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (!idle_.empty() && idle_bytes_ + capacity > limit_) {  // evict the oldest
+        std::free(idle_.front().first);
+        idle_bytes_ -= idle_.front().second;
+        idle_.erase(idle_.begin());
+      }
+      idle_.emplace_back(p, capacity);
+      idle_bytes_ += capacity;
+      return;
+    }
+    std::free(p);
+  }
+
+  std::mutex mu_;
+  std::vector<std::pair<void*, size_t>> idle_;
+  size_t idle_bytes_ = 0;
+  size_t limit_ = 0;
+};
+
+inline at::Tensor empty_cpu_output(int64_t n, at::ScalarType dtype) {
+  return OutputBlockCache::instance().empty(n, dtype);
 }
 
 }  // namespace layersel

@@ -5,34 +5,72 @@
 
 #include "../common/bernoulli.h"
 #include "../common/philox.h"
+#include "bernoulli_avx2.h"
 #include "cpu_kernel_utils.h"
 
 namespace layersel {
 namespace {
 
 constexpr int kBatchBlocks = 16;  // 64 elements per batch of Philox blocks
+constexpr int64_t kBatch = 4 * kBatchBlocks;
 
-// Elements [g, g + n) of the global stream; g is the global index of x[0].
-// Edges (up to the next multiple of 64 in the global index, and the tail) go
-// element by element; the middle in batches whose Philox rounds and Bernoulli
-// comparisons vectorise.
+// One element, from the shared scalar math.
 template <typename T, typename M>
-LS_CPU_CLONES void sample_chunk(PhiloxStream stream, uint64_t g, const T* x, M* out, int64_t n) {
-  constexpr int64_t kBatch = 4 * kBatchBlocks;
+inline void sample_one(const PhiloxStream& stream, uint64_t g, T x, M* out) {
+  const Philox4x32Out r = stream.block(g >> 2);
+  *out = static_cast<M>(bernoulli_sample(static_cast<float>(x), r.v[g & 3u]));
+}
+
+// Elements [g, g + n) of the global stream, g the global index of x[0]: edges
+// one by one, the middle in batches aligned to 64 in the global index.
+template <typename T, typename M>
+void sample_chunk_portable(PhiloxStream stream, uint64_t g, const T* x, M* out, int64_t n) {
   int64_t i = 0;
-  auto one = [&](int64_t k) {
-    const uint64_t gk = g + static_cast<uint64_t>(k);
-    const Philox4x32Out r = stream.block(gk >> 2);
-    out[k] = static_cast<M>(bernoulli_sample(static_cast<float>(x[k]), r.v[gk & 3u]));
-  };
-  for (; i < n && ((g + i) % kBatch) != 0; ++i) one(i);
+  for (; i < n && ((g + i) % kBatch) != 0; ++i) sample_one(stream, g + i, x[i], out + i);
   uint32_t words[kBatch];
   for (; i + kBatch <= n; i += kBatch) {
     philox_blocks<kBatchBlocks>(stream, (g + i) >> 2, words);
     for (int k = 0; k < kBatch; ++k)
       out[i + k] = static_cast<M>(bernoulli_sample(static_cast<float>(x[i + k]), words[k]));
   }
-  for (; i < n; ++i) one(i);
+  for (; i < n; ++i) sample_one(stream, g + i, x[i], out + i);
+}
+
+#ifdef LS_HAVE_AVX2_PATH
+// Same elements through the AVX2 form of the same math (bit-identical).
+template <typename T, typename M>
+__attribute__((target("avx2"))) void sample_chunk_avx2(PhiloxStream stream, uint64_t g, const T* x, M* out,
+                                                       int64_t n) {
+  int64_t i = 0;
+  for (; i < n && ((g + i) % 32) != 0; ++i) sample_one(stream, g + i, x[i], out + i);
+  float xf[32];
+  uint8_t bits[32];
+  for (; i + 32 <= n; i += 32) {
+    const float* src;
+    if constexpr (std::is_same<T, float>::value) {
+      src = x + i;
+    } else {
+      for (int k = 0; k < 32; ++k) xf[k] = static_cast<float>(x[i + k]);
+      src = xf;
+    }
+    if constexpr (std::is_same<M, uint8_t>::value) {
+      avx2::sample32(stream, (g + i) >> 2, src, out + i);
+    } else {
+      avx2::sample32(stream, (g + i) >> 2, src, bits);
+      for (int k = 0; k < 32; ++k) out[i + k] = static_cast<M>(bits[k]);
+    }
+  }
+  for (; i < n; ++i) sample_one(stream, g + i, x[i], out + i);
+}
+#endif
+
+template <typename T, typename M>
+void sample_chunk(PhiloxStream stream, uint64_t g, const T* x, M* out, int64_t n) {
+#ifdef LS_HAVE_AVX2_PATH
+  static const bool has_avx2 = __builtin_cpu_supports("avx2");
+  if (has_avx2) return sample_chunk_avx2(stream, g, x, out, n);
+#endif
+  sample_chunk_portable(stream, g, x, out, n);
 }
 
 at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType dtype) {
@@ -41,7 +79,7 @@ at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType 
   for (size_t i = 0; i < table.entries.size(); ++i)
     TORCH_CHECK_TYPE(is_floating_code(table.entries[i].dtype), "layersel::sample_masks: score tensor #", i,
                      " has dtype ", scores[i].scalar_type(), "; scores must be floating point");
-  at::Tensor out = at::empty({table.total_numel}, at::TensorOptions().dtype(dtype));
+  at::Tensor out = empty_cpu_output(table.total_numel, dtype);
   const PhiloxStream stream(static_cast<uint64_t>(seed));
   AT_DISPATCH_INTEGRAL_TYPES(dtype, "sample_masks_cpu", [&] {
     using M = scalar_t;

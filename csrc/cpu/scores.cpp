@@ -32,7 +32,7 @@ std::vector<at::Tensor> scores_cpu(at::TensorList model, at::TensorList initial,
                     kNumScoreKinds, "), got ", kind);
   const bool needs_y = score_kind_uses_initial(kind);
   WorkTable table = build_work_table(model, initial, needs_y, kCpuChunk, "scores");
-  std::vector<at::Tensor> buffers = allocate_grouped_outputs(table, c10::Device(c10::kCPU));
+  std::vector<at::Tensor> buffers = allocate_grouped_outputs(table, empty_cpu_output);
   for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
     LS_SWITCH_DTYPE(e.dtype, T, {
       const T* x = static_cast<const T*>(e.x) + off;

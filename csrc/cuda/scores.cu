@@ -47,7 +47,9 @@ std::vector<at::Tensor> scores_cuda(at::TensorList model, at::TensorList initial
   WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "scores");
   const c10::Device device = model[0].device();
   const c10::cuda::CUDAGuard guard(device);
-  std::vector<at::Tensor> buffers = allocate_grouped_outputs(table, device);
+  std::vector<at::Tensor> buffers = allocate_grouped_outputs(table, [&](int64_t n, at::ScalarType dtype) {
+    return at::empty({n}, at::TensorOptions().dtype(dtype).device(device));
+  });
   const int64_t chunks = table.total_chunks();
   if (chunks == 0) return buffers;
   DeviceTable dt = upload_table(table, device);

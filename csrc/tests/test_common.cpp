@@ -66,7 +66,7 @@ static void test_bernoulli_math() {
   LS_CHECK(bernoulli_probability(0.0f) == 0.5f);
   LS_CHECK(bernoulli_probability(std::numeric_limits<float>::infinity()) == 1.0f);
   LS_CHECK(bernoulli_probability(-std::numeric_limits<float>::infinity()) < 1e-37f);
-  LS_CHECK(bernoulli_probability(std::nanf("")) == 0.0f);
+  LS_CHECK(bernoulli_probability(std::nanf("")) < 1e-37f);
   for (float s = -20.0f; s <= 20.0f; s += 0.25f) {
     const double p = 1.0 / (1.0 + std::exp(-static_cast<double>(s)));
     LS_CHECK(std::fabs(bernoulli_probability(s) - p) < 1e-6 * (p > 1e-3 ? 1.0 : 1e-3));
