@@ -85,9 +85,9 @@ def time_it(fn: Callable[[], Any], device: str, reps: int, warmup: int = 1) -> t
     for _ in range(warmup):
         fn()
     sync(device)
+    gc.collect()
     times = []
     for _ in range(reps):
-        gc.collect()
         t0 = time.perf_counter()
         fn()
         sync(device)

@@ -9,6 +9,8 @@ overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through t
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor, nn
 
@@ -56,44 +58,66 @@ def state_items(model: nn.Module) -> list[tuple[str, Tensor]]:
     return list(model.state_dict().items())
 
 
-def paired_state(model: nn.Module, initial_model: nn.Module | None, what: str) -> tuple[list[str], list[Tensor], list[Tensor]]:
-    """Names and tensors of both models, checked to match entry by entry.
-
-    Raises ValueError/TypeError/KeyError naming the first entry that does not match.
-    """
-    if initial_model is None:
-        raise ValueError(f"{what} needs initial_model (the model at the start of the round), got None")
-    items = state_items(model)
-    if not items:
-        raise ValueError(f"{what}: the model has no state_dict entries (an empty model)")
-    initial = dict(state_items(initial_model))
-    names = [n for n, _ in items]
-    missing = [n for n in names if n not in initial]
-    if missing:
-        raise KeyError(f"{what}: layer {missing[0]!r} is in model but not in initial_model ({len(missing)} missing)")
-    if len(initial) != len(names):
-        extra = [n for n in initial if n not in set(names)]
-        raise KeyError(f"{what}: layer {extra[0]!r} is in initial_model but not in model ({len(extra)} extra)")
-    xs = [t for _, t in items]
-    ys = [initial[n] for n in names]
-    for name, x, y in zip(names, xs, ys):
+def explain_entry(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, i: int, what: str) -> None:
+    """Raise the error that names entry ``i`` and what was found there (called once a kernel refused it)."""
+    name, x = names[i], xs[i]
+    if x.dtype == torch.bool or x.dtype.is_complex:
+        raise TypeError(f"{what}: layer {name!r}: dtype {x.dtype} has no drift or score (fl4health fails on it too)")
+    if x.device != xs[0].device:
+        raise ValueError(f"{what}: layer {name!r} is on {x.device} but layer {names[0]!r} is on {xs[0].device} "
+                         "(one device per model)")
+    if ys is not None:
+        y = ys[i]
         if x.shape != y.shape:
             raise ValueError(f"layer {name!r}: shape {tuple(x.shape)} in model but {tuple(y.shape)} in initial_model")
         if x.dtype != y.dtype:
             raise TypeError(f"layer {name!r}: dtype {x.dtype} in model but {y.dtype} in initial_model")
         if x.device != y.device:
             raise ValueError(f"layer {name!r}: device {x.device} in model but {y.device} in initial_model")
-        if x.dtype == torch.bool or x.is_complex():
-            raise TypeError(f"layer {name!r}: dtype {x.dtype} has no drift or score (fl4health fails on it too)")
-    return names, xs, ys
+
+
+def explain_failure(exc: Exception, names: list[str], xs: list[Tensor], ys: list[Tensor] | None, what: str) -> None:
+    """Turn a kernel's 'tensor #i' error into one that names the layer; re-raise otherwise."""
+    match = re.search(r"tensor #(\d+)", str(exc))
+    if match and int(match.group(1)) < len(names):
+        explain_entry(names, xs, ys, int(match.group(1)), what)
+    # Not a per-entry problem we can name (or the kernel's own message is the best we have).
+    for i in range(len(names)):  # last resort: find it by walking
+        explain_entry(names, xs, ys, i, what)
+    raise exc
+
+
+def paired_state(model: nn.Module, initial_model: nn.Module | None, what: str) -> tuple[list[str], list[Tensor], list[Tensor]]:
+    """Names and tensors of both models, matched by name (KeyError naming the first missing one).
+
+    Shapes, dtypes and devices are checked by the kernels themselves (one pass in C++, not three
+    Python walks over 2,000 tensors); ``explain_failure`` turns their refusal into an error naming
+    the layer.
+    """
+    if initial_model is None:
+        raise ValueError(f"{what} needs initial_model (the model at the start of the round), got None")
+    items = state_items(model)
+    if not items:
+        raise ValueError(f"{what}: the model has no state_dict entries (an empty model)")
+    names = [n for n, _ in items]
+    xs = [t for _, t in items]
+    initial_items = state_items(initial_model)
+    initial_names = [n for n, _ in initial_items]
+    if initial_names == names:  # the usual case: a deep copy, same order
+        return names, xs, [t for _, t in initial_items]
+    initial = dict(initial_items)
+    missing = [n for n in names if n not in initial]
+    if missing:
+        raise KeyError(f"{what}: layer {missing[0]!r} is in model but not in initial_model ({len(missing)} missing)")
+    name_set = set(names)
+    extra = [n for n in initial if n not in name_set]
+    if extra:
+        raise KeyError(f"{what}: layer {extra[0]!r} is in initial_model but not in model ({len(extra)} extra)")
+    return names, xs, [initial[n] for n in names]
 
 
 def single_state(model: nn.Module, what: str) -> tuple[list[str], list[Tensor]]:
     items = state_items(model)
     if not items:
         raise ValueError(f"{what}: the model has no state_dict entries (an empty model)")
-    for name, t in items:
-        if t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"layer {name!r}: dtype {t.dtype} has no score (fl4health fails on it too)")
     return [n for n, _ in items], [t for _, t in items]
-

@@ -31,6 +31,19 @@ def _check_dtype(t: Tensor, op: str, index: int) -> None:
         )
 
 
+def _check_pair(x: Tensor, y: Tensor, first: Tensor, op: str, i: int) -> None:
+    """The kernels' argument checks (csrc/common/work_table.h), with the same messages."""
+    _check_dtype(x, op, i)
+    if x.device != first.device:
+        raise ValueError(f"layersel::{op}: tensor #{i} is on {x.device} but tensor #0 is on {first.device}")
+    if y.device != x.device:
+        raise ValueError(f"layersel::{op}: initial tensor #{i} is on {y.device} but the model tensor is on {x.device}")
+    if y.dtype != x.dtype:
+        raise TypeError(f"layersel::{op}: tensor #{i} has dtype {x.dtype} but its initial tensor has {y.dtype}")
+    if y.shape != x.shape:
+        raise ValueError(f"layersel::{op}: tensor #{i} has shape {list(x.shape)} but its initial tensor has {list(y.shape)}")
+
+
 def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor:
     """Per-tensor sum of ``float(model - initial)**2`` (difference in the tensors' dtype), float64 [n]."""
     if len(model) != len(initial):
@@ -38,7 +51,7 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
     device = model[0].device if len(model) else torch.device("cpu")
     sums = []
     for i, (a, b) in enumerate(zip(model, initial)):
-        _check_dtype(a, "drift_sq_norms", i)
+        _check_pair(a, b, model[0], "drift_sq_norms", i)
         d = (a - b).float().to(torch.float64)
         sums.append(torch.dot(d.reshape(-1), d.reshape(-1)))
     if not sums:
@@ -79,7 +92,10 @@ def scores(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int) -> lis
     buffers = {dt: torch.empty(sizes[dt], dtype=dt, device=device) for dt in dtypes}
     fill = dict.fromkeys(dtypes, 0)
     for i, x in enumerate(model):
-        _check_dtype(x, "scores", i)
+        if needs_y:
+            _check_pair(x, initial[i], model[0], "scores", i)
+        else:
+            _check_dtype(x, "scores", i)
         out = buffers[x.dtype][fill[x.dtype] : fill[x.dtype] + x.numel()].view(x.shape)
         fill[x.dtype] += x.numel()
         score_into(kind, x, initial[i] if needs_y else None, out)

@@ -96,15 +96,26 @@ def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype = torch
         return _torch_ops.sample_masks(scores, seed, dtype)
 
 
+def _check_one_device(op: str, model: Sequence[Tensor], initial: Sequence[Tensor] = ()) -> None:
+    # A list mixing devices can be dispatched here (Meta outranks CPU): refuse it as the kernels do.
+    device = model[0].device
+    for label, tensors in (("tensor", model), ("initial tensor", initial)):
+        for i, t in enumerate(tensors):
+            if t.device != device:
+                raise ValueError(f"layersel::{op}: {label} #{i} is on {t.device} but tensor #0 is on {device}")
+
+
 if COMPILED is not None:
 
     @torch.library.register_fake("layersel::drift_sq_norms")
     def _drift_sq_norms_fake(model: list[Tensor], initial: list[Tensor]) -> Tensor:
         torch._check(len(model) == len(initial))
+        _check_one_device("drift_sq_norms", model, initial)
         return model[0].new_empty((len(model),), dtype=torch.float64)
 
     @torch.library.register_fake("layersel::scores")
     def _scores_fake(model: list[Tensor], initial: list[Tensor], kind: int) -> list[Tensor]:
+        _check_one_device("scores", model, initial)
         dtypes = list(dict.fromkeys(t.dtype for t in model))
         return [
             model[0].new_empty((sum(t.numel() for t in model if t.dtype == dt),), dtype=dt) for dt in dtypes
@@ -112,4 +123,5 @@ if COMPILED is not None:
 
     @torch.library.register_fake("layersel::sample_masks")
     def _sample_masks_fake(scores: list[Tensor], seed: int, dtype: torch.dtype) -> Tensor:
+        _check_one_device("sample_masks", scores)
         return scores[0].new_empty((sum(t.numel() for t in scores),), dtype=dtype)

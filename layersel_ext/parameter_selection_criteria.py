@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from . import ops
-from ._model_state import paired_state, single_state
+from ._model_state import explain_failure, paired_state, single_state
 
 NDArrays = list[NDArray[Any]]
 LayerSelectionFunction = Callable[[nn.Module, Optional[nn.Module]], tuple[NDArrays, list[str]]]
@@ -77,13 +77,16 @@ class LayerSelectionFunctionConstructor:
 # ---------------------------------------------------------------------------------------------- drift norms
 
 
-def _drift_norms(xs: list[Tensor], ys: list[Tensor], normalize: bool) -> list[float]:
+def _drift_norms(names: list[str], xs: list[Tensor], ys: list[Tensor], normalize: bool, what: str) -> list[float]:
     """fl4health's ``_calculate_drift_norm`` for every entry, from one fused op and one sync.
 
     The norm is rounded to float32 as torch's float32 norm is; with ``normalize`` it is divided by
     numel in float32 the way torch does it on that device (CUDA multiplies by a float32 reciprocal).
     """
-    sq = ops.drift_sq_norms(xs, ys).cpu().numpy()
+    try:
+        sq = ops.drift_sq_norms(xs, ys).cpu().numpy()
+    except (RuntimeError, ValueError, TypeError) as exc:
+        explain_failure(exc, names, xs, ys, what)
     norms = np.sqrt(sq).astype(np.float32)
     if normalize:
         numel = np.array([x.numel() for x in xs], dtype=np.float32)
@@ -109,7 +112,7 @@ def layer_drift_norms(model: nn.Module, initial_model: nn.Module, normalize: boo
         (the L2 norm of ``(t1 - t2).float()``, in float32, optionally divided by numel), in state_dict order.
     """
     names, xs, ys = paired_state(model, initial_model, "layer_drift_norms")
-    return dict(zip(names, _drift_norms(xs, ys, normalize)))
+    return dict(zip(names, _drift_norms(names, xs, ys, normalize, "layer_drift_norms")))
 
 
 def _to_numpy(names: list[str], tensors: list[Tensor]) -> NDArrays:
@@ -168,7 +171,7 @@ def select_layers_by_threshold(
         ``state_dict``.
     """
     names, xs, ys = paired_state(model, initial_model, "select_layers_by_threshold")
-    drifts = _drift_norms(xs, ys, normalize)
+    drifts = _drift_norms(names, xs, ys, normalize, "select_layers_by_threshold")
     if select_drift_more:
         keep = [i for i, d in enumerate(drifts) if d > threshold]
     else:
@@ -193,7 +196,7 @@ def select_layers_by_percentage(
         ``state_dict``.
     """
     names, xs, ys = paired_state(model, initial_model, "select_layers_by_percentage")
-    drifts = _drift_norms(xs, ys, normalize)
+    drifts = _drift_norms(names, xs, ys, normalize, "select_layers_by_percentage")
     count = int(math.ceil(len(names) * exchange_percentage))
     order = sorted(range(len(names)), key=lambda i: drifts[i], reverse=select_drift_more)[:count]
     kept_names = [names[i] for i in order]
@@ -205,10 +208,15 @@ def select_layers_by_percentage(
 
 def _score_dict(kind: int, model: nn.Module, initial_model: nn.Module | None, what: str) -> dict[str, Tensor]:
     if kind >= 2:
-        names, xs, ys = paired_state(model, initial_model, what)
+        names, xs, y_list = paired_state(model, initial_model, what)
+        ys: list[Tensor] | None = y_list
+    else:
+        (names, xs), ys = single_state(model, what), None
+    try:
         return dict(zip(names, ops.scores(xs, ys, kind)))
-    names, xs = single_state(model, what)
-    return dict(zip(names, ops.scores(xs, None, kind)))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        explain_failure(exc, names, xs, ys, what)
+        raise
 
 
 def largest_final_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
