@@ -227,3 +227,27 @@ def test_cuda_opcheck():
     torch.library.opcheck(torch.ops.layersel.drift_sq_norms.default, (xs, ys))
     torch.library.opcheck(torch.ops.layersel.scores.default, (xs, ys, 3))
     torch.library.opcheck(torch.ops.layersel.sample_masks.default, (xs, 5, torch.uint8))
+
+
+@compiled_only
+@pytest.mark.parametrize("isa", ["portable", "avx2", "best"])
+def test_sample_masks_every_cpu_isa_gives_the_same_bits(isa):
+    """The portable, AVX2 and AVX-512 mask paths are bit-identical to the torch twin."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, layersel_ext\n"
+        "from layersel_ext import _torch_ops\n"
+        "g = torch.Generator().manual_seed(1)\n"
+        "s = [(torch.randn(n, generator=g) * 4).to(dt) for n, dt in "
+        "[(70001, torch.float32), (3, torch.float32), (999, torch.float16), (130, torch.float64), (64, torch.bfloat16)]]\n"
+        "for seed in (0, 77, 2**40 + 1):\n"
+        "    a = torch.ops.layersel.sample_masks(s, seed, torch.int64)\n"
+        "    assert torch.equal(a, _torch_ops.sample_masks(s, seed, torch.int64)), seed\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "LAYERSEL_CPU_ISA": isa}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -3,9 +3,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../common/bernoulli.h"
 #include "../common/philox.h"
-#include "bernoulli_avx2.h"
+#include "bernoulli_simd.h"
 #include "cpu_kernel_utils.h"
 
 namespace layersel {
@@ -36,39 +39,51 @@ void sample_chunk_portable(PhiloxStream stream, uint64_t g, const T* x, M* out, 
   for (; i < n; ++i) sample_one(stream, g + i, x[i], out + i);
 }
 
-#ifdef LS_HAVE_AVX2_PATH
-// Same elements through the AVX2 form of the same math (bit-identical).
-template <typename T, typename M>
-__attribute__((target("avx2"))) void sample_chunk_avx2(PhiloxStream stream, uint64_t g, const T* x, M* out,
-                                                       int64_t n) {
-  int64_t i = 0;
-  for (; i < n && ((g + i) % 32) != 0; ++i) sample_one(stream, g + i, x[i], out + i);
-  float xf[32];
-  uint8_t bits[32];
-  for (; i + 32 <= n; i += 32) {
-    const float* src;
-    if constexpr (std::is_same<T, float>::value) {
-      src = x + i;
-    } else {
-      for (int k = 0; k < 32; ++k) xf[k] = static_cast<float>(x[i + k]);
-      src = xf;
-    }
-    if constexpr (std::is_same<M, uint8_t>::value) {
-      avx2::sample32(stream, (g + i) >> 2, src, out + i);
-    } else {
-      avx2::sample32(stream, (g + i) >> 2, src, bits);
-      for (int k = 0; k < 32; ++k) out[i + k] = static_cast<M>(bits[k]);
-    }
+#ifdef LS_HAVE_SIMD_PATH
+// Same elements through a SIMD form of the same math (bit-identical), groups
+// of 4 * kLanes aligned in the global index. One instantiation per ISA.
+#define LS_SAMPLE_CHUNK_SIMD(ISA, TARGET)                                                               \
+  template <typename T, typename M>                                                                   \
+  __attribute__((target(TARGET))) void sample_chunk_##ISA(PhiloxStream stream, uint64_t g, const T* x, \
+                                                          M* out, int64_t n) {                          \
+    constexpr int64_t kGroup = 4 * ISA::kLanes;                                                        \
+    int64_t i = 0;                                                                                     \
+    for (; i < n && ((g + i) % kGroup) != 0; ++i) sample_one(stream, g + i, x[i], out + i);           \
+    float xf[kGroup];                                                                                  \
+    for (; i + kGroup <= n; i += kGroup) {                                                             \
+      const float* src = xf;                                                                           \
+      if constexpr (std::is_same<T, float>::value) {                                                   \
+        src = x + i;                                                                                   \
+      } else {                                                                                         \
+        for (int k = 0; k < kGroup; ++k) xf[k] = static_cast<float>(x[i + k]);                         \
+      }                                                                                                \
+      ISA::sample_group(stream, (g + i) >> 2, src, out + i);                                           \
+    }                                                                                                  \
+    for (; i < n; ++i) sample_one(stream, g + i, x[i], out + i);                                       \
   }
-  for (; i < n; ++i) sample_one(stream, g + i, x[i], out + i);
-}
+LS_SAMPLE_CHUNK_SIMD(avx2, "avx2")
+LS_SAMPLE_CHUNK_SIMD(avx512, "avx512f,avx512dq,avx512bw,avx512vl")
+#undef LS_SAMPLE_CHUNK_SIMD
 #endif
+
+// 2: AVX-512, 1: AVX2, 0: portable. LAYERSEL_CPU_ISA=avx2|portable caps it
+// (the tests run every level and compare the bits).
+inline int simd_level() {
+  const char* env = std::getenv("LAYERSEL_CPU_ISA");
+  const std::string cap = env ? env : "";
+  if (cap == "portable") return 0;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (avx512 && cap != "avx2") return 2;
+  return __builtin_cpu_supports("avx2") ? 1 : 0;
+}
 
 template <typename T, typename M>
 void sample_chunk(PhiloxStream stream, uint64_t g, const T* x, M* out, int64_t n) {
-#ifdef LS_HAVE_AVX2_PATH
-  static const bool has_avx2 = __builtin_cpu_supports("avx2");
-  if (has_avx2) return sample_chunk_avx2(stream, g, x, out, n);
+#ifdef LS_HAVE_SIMD_PATH
+  static const int isa = simd_level();
+  if (isa == 2) return sample_chunk_avx512(stream, g, x, out, n);
+  if (isa == 1) return sample_chunk_avx2(stream, g, x, out, n);
 #endif
   sample_chunk_portable(stream, g, x, out, n);
 }
