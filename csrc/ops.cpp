@@ -11,5 +11,12 @@ TORCH_LIBRARY(layersel, m) {
   // Bernoulli(sigmoid(score)) masks of all tensors, flat, in `dtype`;
   // Philox4x32-10 keyed by `seed` and the global element index.
   m.def("sample_masks(Tensor[] scores, int seed, ScalarType dtype) -> Tensor");
+  // The k-th largest (1-based) of all scores of formula `kind` (6: the scores
+  // are `initial`), each converted to `score_dtype` as torch.cat would: a 0-d
+  // CPU tensor. Radix select, never a sort.
+  m.def("kth_largest_score(Tensor[] model, Tensor[] initial, int kind, int k, ScalarType score_dtype) -> Tensor");
+  // For each tensor t: the values of model[t] whose score passes thresholds[t]
+  // and that are non-zero, and their row-major indices (N x ndim, int64).
+  m.def("sparse_extract(Tensor[] model, Tensor[] initial, int kind, float[] thresholds) -> (Tensor[], Tensor[])");
 }
 

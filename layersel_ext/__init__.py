@@ -22,11 +22,14 @@ from .parameter_selection_criteria import (
     smallest_magnitude_change_scores,
 )
 
+from .sparse_coo import SparseCooParameterExchanger, select_sparse_parameters
+
 __version__ = "0.1.0"
 
 __all__ = [
     "LOAD_REASON",
     "LayerSelectionFunctionConstructor",
+    "SparseCooParameterExchanger",
     "backend",
     "build_record",
     "is_masked_module",
@@ -37,6 +40,7 @@ __all__ = [
     "select_layers_by_percentage",
     "select_layers_by_threshold",
     "select_scores_and_sample_masks",
+    "select_sparse_parameters",
     "set_backend",
     "smallest_final_magnitude_scores",
     "smallest_increase_in_magnitude_scores",

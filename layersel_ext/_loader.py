@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 _RECORD_PATH = Path(__file__).with_name("_build_record.json")
-OPS = ("drift_sq_norms", "scores", "sample_masks")
+OPS = ("drift_sq_norms", "scores", "sample_masks", "kth_largest_score", "sparse_extract")
 
 
 def build_record() -> dict[str, Any]:

@@ -176,3 +176,82 @@ def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype) -> Ten
             out[base + lo : base + lo + part.numel()] = (u < bernoulli_probability(part)).to(dtype)
         base += s.numel()
     return out
+
+
+# ----------------------------------------------------------------------------- sparse selection
+
+GIVEN_SCORE = 6  # kind: the scores are the `initial` tensors (custom score functions)
+
+
+def sparse_score(kind: int, x: Tensor, y: Tensor | None) -> Tensor:
+    if kind == GIVEN_SCORE:
+        assert y is not None
+        return y
+    out = torch.empty_like(x)
+    score_into(kind, x, y, out)
+    return out
+
+
+_KEY_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+             torch.bfloat16: torch.int16}  # fmt: skip
+
+
+def _signed_keys(v: Tensor) -> Tensor:
+    """int64 keys ordered as torch.sort orders the values (every NaN first when descending)."""
+    if not v.is_floating_point():
+        return v.to(torch.int64)
+    bits = v.view(_KEY_VIEW[v.dtype]).to(torch.int64)
+    nbits = v.element_size() * 8
+    magnitude = (1 << (nbits - 1)) - 1
+    keys = torch.where(bits < 0, bits ^ magnitude, bits)
+    return torch.where(torch.isnan(v), torch.full_like(keys, magnitude), keys)
+
+
+def _key_to_value(key: int, dtype: torch.dtype) -> Tensor:
+    if not dtype.is_floating_point:
+        return torch.tensor(key, dtype=dtype)
+    nbits = torch.finfo(dtype).bits
+    bits = key ^ ((1 << (nbits - 1)) - 1) if key < 0 else key
+    return torch.tensor(bits, dtype=_KEY_VIEW[dtype]).view(dtype)
+
+
+def kth_largest_score(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, k: int,
+                      score_dtype: torch.dtype) -> Tensor:
+    """The k-th largest score (1-based) over all tensors, as torch.cat(...).sort(descending=True)[k - 1].
+
+    Radix select on order-preserving keys, 16 bits a pass, one tensor at a time (bounded memory).
+    """
+    total = sum(t.numel() for t in model)
+    if not 1 <= k <= total:
+        raise ValueError(f"layersel::kth_largest_score: k must be in [1, {total}], got {k}")
+    nbits = torch.finfo(score_dtype).bits if score_dtype.is_floating_point else torch.iinfo(score_dtype).bits
+    prefix, remaining = 0, k
+    for p in range(nbits // 16):
+        shift = nbits - 16 * (p + 1)
+        counts = torch.zeros(1 << 16, dtype=torch.int64)
+        for i, x in enumerate(model):
+            keys = _signed_keys(sparse_score(kind, x, initial[i] if kind >= 2 else None).reshape(-1).to(score_dtype))
+            if p > 0:
+                keys = keys[(keys >> (shift + 16)) == prefix]
+            digits = (keys >> shift) + (1 << 15) if p == 0 else (keys >> shift) & 0xFFFF
+            counts += torch.bincount(digits, minlength=1 << 16).cpu()
+        above = counts.flip(0).cumsum(0)  # counts from the largest digit down
+        idx = int(torch.searchsorted(above, torch.tensor(remaining)))
+        digit = (1 << 16) - 1 - idx
+        remaining -= int(above[idx - 1]) if idx > 0 else 0
+        prefix = digit - (1 << 15) if p == 0 else (prefix << 16) | digit
+    return _key_to_value(prefix, score_dtype)
+
+
+def sparse_extract(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int,
+                   thresholds: Sequence[float]) -> tuple[list[Tensor], list[Tensor]]:
+    """Per tensor: non-zero model values whose score passes its threshold, and their row-major indices."""
+    values, indices = [], []
+    for i, x in enumerate(model):
+        s = sparse_score(kind, x, initial[i] if kind >= 2 else None)
+        if not s.is_floating_point():
+            s = s.to(torch.float32)  # torch compares an integer tensor with a float scalar in float32
+        keep = (s >= thresholds[i]) & (x != 0)
+        values.append(x[keep].reshape(-1))
+        indices.append(torch.nonzero(keep).reshape(int(keep.sum()), x.dim()))
+    return values, indices

@@ -1,0 +1,263 @@
+// CUDA: fl4health's sparse COO selection without a sort. Radix select: one
+// launch per 11-bit digit, a block per chunk with a shared-memory histogram
+// (integer atomics: exact counts), 2048 counts back to the host per pass.
+// Extraction: a counting launch (one count per chunk), then a writing launch
+// in which each block compacts its chunk in order (block-wide scan), so the
+// indices come out row-major as torch.nonzero gives them.
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "../common/radix.h"
+#include "cuda_utils.cuh"
+
+namespace layersel {
+namespace {
+
+constexpr int kMaxDims = 8;
+
+template <typename P>
+__global__ void __launch_bounds__(kThreads)
+    histogram_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind, int d,
+                     uint64_t prefix, unsigned long long* hist) {
+  __shared__ unsigned int local[kDigitBins];
+  for (int b = threadIdx.x; b < kDigitBins; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+  const int64_t c = blockIdx.x;
+  const int32_t t = tensor_of_chunk(first_chunk, n, c);
+  const TensorEntry e = entries[t];
+  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
+  const int64_t len = min(kCudaChunk, e.numel - off);
+  constexpr int bits = static_cast<int>(sizeof(P) * 8);
+  LS_SWITCH_DTYPE(e.dtype, T, {
+    const T* x = static_cast<const T*>(e.x) + off;
+    const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+      const P v = static_cast<P>(sparse_score<T>(kind, x[i], y[i]));
+      const int32_t digit = key_digit(order_key<P>(v), bits, d, prefix);
+      if (digit >= 0) atomicAdd(&local[digit], 1u);
+    }
+  });
+  __syncthreads();
+  for (int b = threadIdx.x; b < kDigitBins; b += blockDim.x)
+    if (local[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(local[b]));
+}
+
+template <typename P>
+uint64_t kth_largest_key(const WorkTable& table, const DeviceTable& dt, int64_t kind, int64_t k,
+                         c10::Device device) {
+  constexpr int bits = static_cast<int>(sizeof(P) * 8);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor hist = at::empty({kDigitBins}, at::TensorOptions().dtype(at::kLong).device(device));
+  uint64_t prefix = 0;
+  int64_t remaining = k;
+  for (int d = 0; d < num_digits(bits); ++d) {
+    hist.zero_();
+    histogram_kernel<P><<<static_cast<unsigned>(table.total_chunks()), kThreads, 0, stream>>>(
+        dt.entries, dt.first_chunk, dt.n, kind, d, prefix,
+        reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const at::Tensor h = hist.cpu();  // 16 KB; the one sync of this pass
+    const int64_t* counts = h.data_ptr<int64_t>();
+    const int width = digit_width(bits, d);
+    int chosen = 0;
+    for (int b = (1 << width) - 1; b >= 0; --b) {
+      if (remaining <= counts[b]) {
+        chosen = b;
+        break;
+      }
+      remaining -= counts[b];
+    }
+    prefix = (prefix << width) | static_cast<uint64_t>(chosen);
+  }
+  return prefix;
+}
+
+template <typename P>
+at::Tensor key_to_value(uint64_t key, at::ScalarType dtype) {
+  using U = typename std::conditional<sizeof(P) == 8, uint64_t,
+                                      typename std::conditional<sizeof(P) == 4, uint32_t, uint16_t>::type>::type;
+  constexpr U kSign = U(1) << (sizeof(P) * 8 - 1);
+  U u = static_cast<U>(key);
+  if constexpr (std::is_integral<P>::value) {
+    u ^= kSign;
+  } else {
+    u = (u & kSign) ? static_cast<U>(u ^ kSign) : static_cast<U>(~u);
+  }
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(dtype));
+  std::memcpy(out.data_ptr(), &u, sizeof(U));
+  return out;
+}
+
+at::Tensor kth_largest_score_cuda(at::TensorList model, at::TensorList initial, int64_t kind, int64_t k,
+                                  at::ScalarType score_dtype) {
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::kth_largest_score: kind must be in [0, 6], got ",
+                    kind);
+  const WorkTable table = build_work_table(model, initial, kind >= 2, kCudaChunk, "kth_largest_score");
+  TORCH_CHECK_VALUE(k >= 1 && k <= table.total_numel, "layersel::kth_largest_score: k must be in [1, ",
+                    table.total_numel, "], got ", k);
+  const c10::Device device = model[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  const DeviceTable dt = upload_table(table, device);
+  switch (score_dtype) {
+    case at::kFloat: return key_to_value<float>(kth_largest_key<float>(table, dt, kind, k, device), score_dtype);
+    case at::kDouble: return key_to_value<double>(kth_largest_key<double>(table, dt, kind, k, device), score_dtype);
+    case at::kHalf:
+      return key_to_value<c10::Half>(kth_largest_key<c10::Half>(table, dt, kind, k, device), score_dtype);
+    case at::kBFloat16:
+      return key_to_value<c10::BFloat16>(kth_largest_key<c10::BFloat16>(table, dt, kind, k, device), score_dtype);
+    case at::kLong: return key_to_value<int64_t>(kth_largest_key<int64_t>(table, dt, kind, k, device), score_dtype);
+    default:
+      TORCH_CHECK_TYPE(false, "layersel::kth_largest_score: score dtype ", score_dtype,
+                       " is not supported (float32, float64, float16, bfloat16, int64)");
+  }
+}
+
+struct ExtractTarget {
+  void* values;     // this chunk's first output value
+  int64_t* indices; // this chunk's first output index row
+  int64_t sizes[kMaxDims];
+  int32_t ndim;
+  double threshold;
+};
+
+template <typename T>
+__device__ __forceinline__ bool keep(int64_t kind, const T* x, const T* y, int64_t i, double threshold) {
+  return passes_threshold(sparse_score<T>(kind, x[i], y[i]), threshold) && is_nonzero(x[i]);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    count_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind,
+                 const double* thresholds, int64_t* counts) {
+  const int64_t c = blockIdx.x;
+  const int32_t t = tensor_of_chunk(first_chunk, n, c);
+  const TensorEntry e = entries[t];
+  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
+  const int64_t len = min(kCudaChunk, e.numel - off);
+  double count = 0;
+  LS_SWITCH_DTYPE(e.dtype, T, {
+    const T* x = static_cast<const T*>(e.x) + off;
+    const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) count += keep(kind, x, y, i, thresholds[t]);
+  });
+  count = block_sum(count);  // exact: counts are small integers
+  if (threadIdx.x == 0) counts[c] = static_cast<int64_t>(count);
+}
+
+__global__ void __launch_bounds__(kThreads)
+    write_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind,
+                 const ExtractTarget* targets, const int64_t* counts) {
+  __shared__ int64_t scan[kThreads];
+  const int64_t c = blockIdx.x;
+  if (counts[c] == 0) return;
+  const int32_t t = tensor_of_chunk(first_chunk, n, c);
+  const TensorEntry e = entries[t];
+  const ExtractTarget target = targets[c];
+  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
+  const int64_t len = min(kCudaChunk, e.numel - off);
+  // Each thread owns a contiguous run of the chunk, so a block-wide exclusive
+  // scan of the per-thread counts keeps the row-major order.
+  const int64_t per = (len + blockDim.x - 1) / blockDim.x;
+  const int64_t begin = min(len, per * threadIdx.x), end = min(len, begin + per);
+  LS_SWITCH_DTYPE(e.dtype, T, {
+    const T* x = static_cast<const T*>(e.x) + off;
+    const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
+    int64_t mine = 0;
+    for (int64_t i = begin; i < end; ++i) mine += keep(kind, x, y, i, target.threshold);
+    scan[threadIdx.x] = mine;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t running = 0;
+      for (int j = 0; j < static_cast<int>(blockDim.x); ++j) {
+        const int64_t v = scan[j];
+        scan[j] = running;
+        running += v;
+      }
+    }
+    __syncthreads();
+    int64_t w = scan[threadIdx.x];
+    T* values = static_cast<T*>(target.values);
+    for (int64_t i = begin; i < end; ++i) {
+      if (!keep(kind, x, y, i, target.threshold)) continue;
+      values[w] = x[i];
+      int64_t flat = off + i;
+      for (int dim = target.ndim - 1; dim >= 0; --dim) {
+        target.indices[w * target.ndim + dim] = flat % target.sizes[dim];
+        flat /= target.sizes[dim];
+      }
+      ++w;
+    }
+  });
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cuda(at::TensorList model,
+                                                                                 at::TensorList initial,
+                                                                                 int64_t kind,
+                                                                                 at::ArrayRef<double> thresholds) {
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::sparse_extract: kind must be in [0, 6], got ", kind);
+  TORCH_CHECK_VALUE(thresholds.size() == model.size(), "layersel::sparse_extract: got ", thresholds.size(),
+                    " thresholds for ", model.size(), " tensors");
+  const WorkTable table = build_work_table(model, initial, kind >= 2, kCudaChunk, "sparse_extract");
+  const size_t n = table.entries.size();
+  for (size_t t = 0; t < n; ++t)
+    TORCH_CHECK_VALUE(model[t].dim() <= kMaxDims, "layersel::sparse_extract: tensor #", t, " has ", model[t].dim(),
+                      " dimensions; the CUDA kernel handles up to ", kMaxDims);
+  const c10::Device device = model[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t chunks = table.total_chunks();
+  std::vector<at::Tensor> values(n), indices(n);
+  if (chunks == 0) {
+    for (size_t t = 0; t < n; ++t) {
+      values[t] = at::empty({0}, model[t].options());
+      indices[t] = at::empty({0, model[t].dim()}, model[t].options().dtype(at::kLong));
+    }
+    return {values, indices};
+  }
+  const DeviceTable dt = upload_table(table, device);
+  at::Tensor thr = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kDouble));
+  std::memcpy(thr.data_ptr<double>(), thresholds.data(), n * sizeof(double));
+  thr = thr.to(device);
+  at::Tensor counts = at::empty({chunks}, at::TensorOptions().dtype(at::kLong).device(device));
+  count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(dt.entries, dt.first_chunk, dt.n, kind,
+                                                                      thr.data_ptr<double>(),
+                                                                      counts.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const at::Tensor host_counts = counts.cpu();  // the sync: output sizes
+  const int64_t* hc = host_counts.data_ptr<int64_t>();
+  std::vector<ExtractTarget> targets(static_cast<size_t>(chunks));
+  for (size_t t = 0; t < n; ++t) {
+    int64_t total = 0;
+    for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) total += hc[c];
+    values[t] = at::empty({total}, model[t].options());
+    indices[t] = at::empty({total, model[t].dim()}, model[t].options().dtype(at::kLong));
+    int64_t running = 0;
+    for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) {
+      ExtractTarget& g = targets[c];
+      g.values = static_cast<char*>(values[t].data_ptr()) + running * values[t].element_size();
+      g.indices = indices[t].data_ptr<int64_t>() + running * model[t].dim();
+      g.ndim = static_cast<int32_t>(model[t].dim());
+      for (int dim = 0; dim < g.ndim; ++dim) g.sizes[dim] = model[t].size(dim);
+      g.threshold = thresholds[t];
+      running += hc[c];
+    }
+  }
+  at::Tensor host_targets = at::empty({static_cast<int64_t>(targets.size() * sizeof(ExtractTarget))},
+                                      at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host_targets.data_ptr(), targets.data(), targets.size() * sizeof(ExtractTarget));
+  const at::Tensor device_targets = host_targets.to(device, /*non_blocking=*/true);
+  write_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+      dt.entries, dt.first_chunk, dt.n, kind, reinterpret_cast<const ExtractTarget*>(device_targets.data_ptr()),
+      counts.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {values, indices};
+}
+
+}  // namespace
+}  // namespace layersel
+
+TORCH_LIBRARY_IMPL(layersel, CUDA, m) {
+  m.impl("kth_largest_score", &layersel::kth_largest_score_cuda);
+  m.impl("sparse_extract", &layersel::sparse_extract_cuda);
+}

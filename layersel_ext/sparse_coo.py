@@ -1,0 +1,177 @@
+"""fl4health's sparse COO selection, fused: ``select_sparse_parameters`` and a drop-in
+``SparseCooParameterExchanger`` (importable without fl4health).
+
+fl4health scores every parameter, concatenates all scores, sorts them (13.8 s for 108M floats on a
+2-core machine), runs ``torch.unique`` per tensor and extracts COO entries tensor by tensor. Here,
+with one of the six score functions (ours or fl4health's), scoring, the exact k-th largest score
+(radix select) and the extraction are fused kernels that never materialise the scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from functools import reduce
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor, nn
+
+from . import _torch_ops, ops
+from . import parameter_selection_criteria as psc
+from ._model_state import explain_failure, paired_state, single_state, state_items
+
+NDArrays = list[NDArray[Any]]
+ScoreGenFunction = Callable[[nn.Module, Optional[nn.Module]], dict[str, Tensor]]
+SparseSelection = tuple[NDArrays, tuple[NDArrays, NDArrays, list[str]]]
+
+_SCORE_FUNCTION_NAMES = [
+    "largest_final_magnitude_scores",
+    "smallest_final_magnitude_scores",
+    "largest_magnitude_change_scores",
+    "smallest_magnitude_change_scores",
+    "largest_increase_in_magnitude_scores",
+    "smallest_increase_in_magnitude_scores",
+]
+_FL4HEALTH_MODULE = "fl4health.parameter_exchange.parameter_selection_criteria"
+
+
+def fused_kind(score_gen_function: Callable[..., Any]) -> int | None:
+    """The score formula (0..5) when the function is one of the six (ours or fl4health's), else None."""
+    name = getattr(score_gen_function, "__name__", None)
+    if name not in _SCORE_FUNCTION_NAMES:
+        return None
+    kind = _SCORE_FUNCTION_NAMES.index(name)
+    if score_gen_function is getattr(psc, name) or getattr(score_gen_function, "__module__", "") == _FL4HEALTH_MODULE:
+        return kind
+    return None
+
+
+def _comparison_threshold(threshold: float | int, score_dtype: torch.dtype) -> float:
+    """The value torch compares with in ``scores >= threshold``: the threshold cast to the score dtype
+    (floating scores) or to float32 (integer scores)."""
+    dtype = score_dtype if score_dtype.is_floating_point else torch.float32
+    return float(torch.tensor(threshold, dtype=torch.float64).to(dtype).item())
+
+
+def select_sparse_parameters(
+    model: nn.Module,
+    initial_model: nn.Module | None,
+    sparsity_level: float,
+    score_gen_function: ScoreGenFunction,
+) -> SparseSelection:
+    """
+    Exactly what fl4health's ``SparseCooParameterExchanger.select_parameters`` returns.
+
+    Keeps every parameter whose score is >= the k-th largest score over all state_dict entries
+    (k = ceil(N * sparsity_level); ties at the threshold included), drops kept values that are
+    exactly 0, and drops 0-d tensors and tensors left with nothing.
+
+    Returns:
+        (values, (indices, shapes, names)): per kept tensor its kept values (1-D, the tensor's dtype),
+        their indices (N x ndim, int64, row-major), its shape (int64) and its state_dict name.
+    """
+    if not 0 < sparsity_level <= 1:
+        raise ValueError(f"sparsity_level must be in (0, 1], got {sparsity_level}")
+    what = "select_sparse_parameters"
+    kind = fused_kind(score_gen_function)
+    if kind is not None:
+        if kind >= 2:
+            names, xs, y_list = paired_state(model, initial_model, what)
+            ys: list[Tensor] | None = y_list
+        else:
+            (names, xs), ys = single_state(model, what), None
+        score_dtypes = [x.dtype for x in xs]
+        scores_for_select, select_kind, select_initial = xs, kind, ys
+    else:
+        score_dict = score_gen_function(model, initial_model)
+        names = list(score_dict)
+        states = dict(state_items(model))
+        missing = [n for n in names if n not in states]
+        if missing:
+            raise KeyError(f"{what}: score for {missing[0]!r}, which is not in the model's state_dict")
+        xs = [states[n] for n in names]
+        scores = [score_dict[n] for n in names]
+        for n, x, s in zip(names, xs, scores):
+            if x.shape != s.shape:
+                raise ValueError(f"layer {n!r}: shape {tuple(x.shape)} in model but its scores have {tuple(s.shape)}")
+        score_dtypes = [s.dtype for s in scores]
+        scores_for_select, select_kind, select_initial = scores, _torch_ops.GIVEN_SCORE, scores
+        same_dtypes = all(x.dtype == s.dtype for x, s in zip(xs, scores))
+        kind, ys = (_torch_ops.GIVEN_SCORE, scores) if same_dtypes else (None, scores)
+
+    total = sum(x.numel() for x in xs)
+    top = math.ceil(total * sparsity_level)
+    if top < 1:
+        raise ValueError(f"{what}: no parameter would be selected ({total} scores, sparsity {sparsity_level})")
+    promoted = reduce(torch.promote_types, score_dtypes)  # the dtype torch.cat gives the scores
+    try:
+        kth = ops.kth_largest_score(scores_for_select, select_initial, select_kind, top, promoted)
+        threshold = kth.item()
+        thresholds = [_comparison_threshold(threshold, dt) for dt in score_dtypes]
+        if kind is None or not promoted.is_floating_point:
+            # Scores of another dtype than their tensor, or all-integer scores: the torch twin.
+            values, indices = _torch_ops.sparse_extract(xs, ys or [], _torch_ops.GIVEN_SCORE if ys else 0, thresholds)
+        else:
+            values, indices = ops.sparse_extract(xs, ys, kind, thresholds)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        explain_failure(exc, names, xs, ys if kind is not None and kind >= 2 else None, what)
+        raise
+    kept = [i for i, x in enumerate(xs) if x.dim() > 0 and values[i].numel() > 0]
+    for i in kept:
+        if xs[i].dtype == torch.bfloat16:
+            raise TypeError(f"layer {names[i]!r}: dtype torch.bfloat16 cannot become a numpy array")
+    return (
+        [values[i].detach().cpu().numpy() for i in kept],
+        (
+            [indices[i].cpu().numpy() for i in kept],
+            [np.array(list(xs[i].shape)) for i in kept],
+            [names[i] for i in kept],
+        ),
+    )
+
+
+class SparseCooParameterExchanger:
+    """Drop-in for ``fl4health.parameter_exchange.sparse_coo_parameter_exchanger.SparseCooParameterExchanger``:
+    same constructor, ``select_parameters``, ``push_parameters``, ``pull_parameters`` and packing format."""
+
+    def __init__(self, sparsity_level: float, score_gen_function: ScoreGenFunction) -> None:
+        if not 0 < sparsity_level <= 1:
+            raise ValueError(f"sparsity_level must be in (0, 1], got {sparsity_level}")
+        self.sparsity_level = sparsity_level
+        self.score_gen_function = score_gen_function
+
+    def generate_parameter_scores(self, model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
+        return self.score_gen_function(model, initial_model)
+
+    def select_parameters(self, model: nn.Module, initial_model: nn.Module | None = None) -> SparseSelection:
+        return select_sparse_parameters(model, initial_model, self.sparsity_level, self.score_gen_function)
+
+    @staticmethod
+    def pack_parameters(model_weights: NDArrays, additional_parameters: tuple[NDArrays, NDArrays, list[str]]) -> NDArrays:
+        indices, shapes, names = additional_parameters
+        return model_weights + indices + shapes + [np.array(names)]
+
+    @staticmethod
+    def unpack_parameters(packed_parameters: NDArrays) -> tuple[NDArrays, tuple[NDArrays, NDArrays, list[str]]]:
+        if len(packed_parameters) % 3 != 1:
+            raise ValueError(f"packed sparse parameters must have 3n + 1 arrays, got {len(packed_parameters)}")
+        n = (len(packed_parameters) - 1) // 3
+        names = packed_parameters[3 * n :][0].tolist()
+        return packed_parameters[:n], (packed_parameters[n : 2 * n], packed_parameters[2 * n : 3 * n], names)
+
+    def push_parameters(self, model: nn.Module, initial_model: nn.Module | None = None, config: Any = None) -> NDArrays:
+        values, additional = self.select_parameters(model, initial_model)
+        return self.pack_parameters(values, additional)
+
+    def pull_parameters(self, parameters: NDArrays, model: nn.Module, config: Any = None) -> None:
+        values, (indices, shapes, names) = self.unpack_parameters(parameters)
+        if not (len(values) == len(indices) == len(shapes) == len(names) and len(names) > 0):
+            raise ValueError("packed sparse parameters are empty or inconsistent")
+        state = model.state_dict()
+        for v, idx, shape, name in zip(values, indices, shapes, names):
+            coo = torch.sparse_coo_tensor(indices=torch.tensor(idx.T), values=torch.tensor(v), size=torch.Size(shape))
+            state[name] = coo.to_dense()
+        model.load_state_dict(state, strict=True)

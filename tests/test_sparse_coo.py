@@ -1,0 +1,245 @@
+"""Sparse COO selection: parity with fl4health's exchanger, the radix select against torch, the exchanger."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import layersel_ext as L
+from conftest import fl4health_criteria, requires_cuda
+from layersel_ext import _loader, _torch_ops, ops
+from layersel_ext.sparse_coo import SparseCooParameterExchanger, select_sparse_parameters
+from models import make_pair, model_zoo
+
+SCORE_FUNCTIONS = [
+    "largest_final_magnitude_scores",
+    "smallest_final_magnitude_scores",
+    "largest_magnitude_change_scores",
+    "smallest_magnitude_change_scores",
+    "largest_increase_in_magnitude_scores",
+    "smallest_increase_in_magnitude_scores",
+]
+compiled_only = pytest.mark.skipif(_loader.COMPILED is None, reason="compiled module not loaded")
+
+
+@pytest.fixture(autouse=True)
+def quiet_fl4health():
+    logging.disable(logging.WARNING)  # fl4health logs a warning per constant-score tensor
+    yield
+    logging.disable(logging.NOTSET)
+
+
+def reference_exchanger(sparsity: float, fn):
+    fl4health_criteria()
+    from fl4health.parameter_exchange.sparse_coo_parameter_exchanger import SparseCooParameterExchanger as Ref
+
+    return Ref(sparsity, fn)
+
+
+def assert_same_selection(ref, ours) -> None:
+    (rv, (ri, rs, rn)), (ov, (oi, os_, on)) = ref, ours
+    assert on == rn
+    for kind, a, b in (("values", rv, ov), ("indices", ri, oi), ("shapes", rs, os_)):
+        assert len(a) == len(b), kind
+        for n, x, y in zip(rn, a, b):
+            assert x.dtype == y.dtype and x.shape == y.shape, (kind, n, x.dtype, y.dtype, x.shape, y.shape)
+            np.testing.assert_array_equal(x, y, err_msg=f"{kind} {n}")
+
+
+def smallest_sparsity(model: nn.Module) -> float:
+    n = sum(t.numel() for t in model.state_dict().values())
+    return 1.0 / n  # k = 1
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("constant", [False, True])
+@pytest.mark.parametrize("fn", SCORE_FUNCTIONS)
+def test_matches_fl4health_exchanger(seed, constant, fn, backend):
+    F = fl4health_criteria()
+    for name, base in model_zoo(seed):
+        model, initial = make_pair(base, seed, constant=constant)
+        for sparsity in (smallest_sparsity(model), 0.001, 0.01, 0.1, 0.5, 1.0):
+            ref = reference_exchanger(sparsity, getattr(F, fn)).select_parameters(model, initial)
+            for score_fn in (getattr(F, fn), getattr(L, fn)):  # fused either way
+                assert_same_selection(ref, select_sparse_parameters(model, initial, sparsity, score_fn))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_other_dtypes_match(dtype, backend):
+    F = fl4health_criteria()
+    model, initial = make_pair(model_zoo(0)[0][1], 0, dtype=dtype)
+    for sparsity in (0.01, 0.3):
+        for fn in ("largest_magnitude_change_scores", "smallest_final_magnitude_scores"):
+            ref = reference_exchanger(sparsity, getattr(F, fn)).select_parameters(model, initial)
+            assert_same_selection(ref, select_sparse_parameters(model, initial, sparsity, getattr(L, fn)))
+
+
+def test_custom_score_function(backend):
+    """A score function that is not one of the six: its scores are used as given."""
+
+    def random_scores(model: nn.Module, initial: nn.Module | None) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(5)
+        return {k: torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v.clone()
+                for k, v in model.state_dict().items()}  # fmt: skip
+
+    def float_scores_for_everything(model: nn.Module, initial: nn.Module | None) -> dict[str, torch.Tensor]:
+        return {k: v.float().abs() for k, v in model.state_dict().items()}
+
+    model, initial = make_pair(model_zoo(0)[0][1], 0)
+    for fn in (random_scores, float_scores_for_everything):
+        for sparsity in (0.01, 0.2):
+            ref = reference_exchanger(sparsity, fn).select_parameters(model, initial)
+            assert_same_selection(ref, select_sparse_parameters(model, initial, sparsity, fn))
+
+
+def test_fl4health_tie_case(backend):
+    """fl4health's own test: 64 tied values at sparsity 0.001 of a 7000-parameter model: all 64 are sent."""
+    model = nn.Linear(100, 70, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.5)
+        model.weight.view(-1)[:64] = 3.0
+    values, (indices, shapes, names) = select_sparse_parameters(model, None, 0.001, L.largest_final_magnitude_scores)
+    assert names == ["weight"] and values[0].shape == (64,) and (values[0] == 3.0).all()
+    assert indices[0].shape == (64, 2) and shapes[0].tolist() == [70, 100]
+
+
+def test_zero_values_and_0d_tensors_are_not_sent(backend):
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scalar = nn.Parameter(torch.tensor(100.0))
+            self.w = nn.Parameter(torch.tensor([0.0, -0.0, 5.0, 6.0]))
+            self.zeros = nn.Parameter(torch.zeros(3))
+
+    values, (indices, shapes, names) = select_sparse_parameters(M(), None, 1.0, L.largest_final_magnitude_scores)
+    assert names == ["w"] and values[0].tolist() == [5.0, 6.0] and indices[0].tolist() == [[2], [3]]
+
+
+# ---------------------------------------------------------------------- the radix select against torch
+
+ADVERSARIAL = {
+    "all_equal": [torch.full((70000,), 0.25)],
+    "all_negative": [-torch.rand(5000) - 1.0, -torch.rand(33) - 2.0],
+    "signed_zeros": [torch.tensor([0.0, -0.0] * 500 + [1.0, -1.0])],
+    "denormals": [torch.tensor([1e-45, 3e-44, -1e-45, 1e-40, 0.0] * 100)],
+    "infinities": [torch.tensor([float("inf"), float("-inf"), 1.0, -1.0] * 50)],
+    "ties_at_threshold": [torch.cat([torch.full((1000,), 7.0), torch.rand(1000)])],
+    "mixed_dtypes": [torch.rand(300), torch.randint(-5, 5, (100,)), torch.rand(50)],
+}
+
+
+@compiled_only
+@pytest.mark.parametrize("case", list(ADVERSARIAL))
+def test_kth_largest_against_sort(case):
+    tensors = ADVERSARIAL[case]
+    promoted = torch.cat([t.reshape(-1) for t in tensors]).dtype
+    flat = torch.cat([t.reshape(-1).to(promoted) for t in tensors])
+    ordered = torch.sort(flat, descending=True)[0]
+    n = flat.numel()
+    for k in sorted({1, 2, n // 3, n // 2, n - 1, n}):
+        want = ordered[k - 1]
+        for impl in (torch.ops.layersel.kth_largest_score, _torch_ops.kth_largest_score):
+            got = impl(tensors, tensors, _torch_ops.GIVEN_SCORE, k, promoted)
+            assert got.dtype == promoted and got.item() == want.item(), (case, k, impl)
+
+
+@compiled_only
+def test_kth_largest_nan_ranks_first():
+    t = [torch.tensor([1.0, float("nan"), 2.0, -float("nan")])]
+    for k, want in ((1, "nan"), (2, "nan"), (3, 2.0), (4, 1.0)):
+        got = torch.ops.layersel.kth_largest_score(t, t, _torch_ops.GIVEN_SCORE, k, torch.float32).item()
+        assert (math.isnan(got) if want == "nan" else got == want), (k, got)
+        twin = _torch_ops.kth_largest_score(t, t, _torch_ops.GIVEN_SCORE, k, torch.float32).item()
+        assert (math.isnan(twin) if want == "nan" else twin == want), (k, twin)
+
+
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int64])
+def test_kth_largest_other_dtypes(dtype):
+    g = torch.Generator().manual_seed(3)
+    t = [(torch.randn(10007, generator=g) * 100).to(dtype), (torch.randn(99, generator=g) * 100).to(dtype)]
+    flat = torch.cat(t)
+    ordered = torch.sort(flat, descending=True)[0]
+    for k in (1, 17, 5000, flat.numel()):
+        got = torch.ops.layersel.kth_largest_score(t, t, _torch_ops.GIVEN_SCORE, k, dtype)
+        assert got.item() == ordered[k - 1].item()
+        assert _torch_ops.kth_largest_score(t, t, _torch_ops.GIVEN_SCORE, k, dtype).item() == ordered[k - 1].item()
+
+
+@compiled_only
+def test_sparse_extract_compiled_equals_twin():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(3, 70000, generator=g), torch.randn(5, generator=g), torch.randint(-3, 3, (4, 4, 4))]
+    ys = [torch.randn(3, 70000, generator=g), torch.randn(5, generator=g), torch.randint(-3, 3, (4, 4, 4))]
+    for kind in range(6):
+        thresholds = [0.5, -0.1, 1.0]
+        a = torch.ops.layersel.sparse_extract(xs, ys, kind, thresholds)
+        b = _torch_ops.sparse_extract(xs, ys if kind >= 2 else [], kind, thresholds)
+        for u, v in zip(a[0] + a[1], b[0] + b[1]):
+            assert torch.equal(u, v), kind
+
+
+@compiled_only
+def test_opcheck_sparse_ops():
+    xs = [torch.randn(10), torch.randn(3, 4)]
+    ys = [torch.randn(10), torch.randn(3, 4)]
+    torch.library.opcheck(torch.ops.layersel.kth_largest_score.default, (xs, ys, 2, 5, torch.float32),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.layersel.sparse_extract.default, (xs, ys, 3, [-0.5, -0.5]),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_memory_stays_small(backend):
+    """Beyond its outputs, the fused selection allocates far less than the model (fl4health: ~16 B/param)."""
+    import psutil
+
+    if backend != "compiled":
+        pytest.skip("the torch twin materialises one tensor's scores at a time")
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(16)])  # 16.8M params, 67 MB
+    initial = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(16)])
+    select_sparse_parameters(model, initial, 0.001, L.largest_magnitude_change_scores)
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    select_sparse_parameters(model, initial, 0.001, L.largest_magnitude_change_scores)
+    assert proc.memory_info().rss - before < 0.05 * 67e6 + 2e6
+
+
+# ---------------------------------------------------------------------- the drop-in exchanger
+
+
+def test_exchanger_push_pull_round_trip(backend):
+    F = fl4health_criteria()
+    model, initial = make_pair(model_zoo(0)[0][1], 0)
+    ours = SparseCooParameterExchanger(0.05, L.largest_magnitude_change_scores)
+    ref = reference_exchanger(0.05, F.largest_magnitude_change_scores)
+    packed, ref_packed = ours.push_parameters(model, initial), ref.push_parameters(model, initial)
+    assert len(packed) == len(ref_packed)
+    for a, b in zip(packed, ref_packed):
+        np.testing.assert_array_equal(a, b)
+    target, ref_target = make_pair(model_zoo(0)[0][1], 1)[0], make_pair(model_zoo(0)[0][1], 1)[0]
+    ours.pull_parameters(packed, target)
+    ref.pull_parameters(ref_packed, ref_target)
+    for (k, v), (_, w) in zip(target.state_dict().items(), ref_target.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_exchanger_rejects_bad_sparsity():
+    for bad in (0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="sparsity_level"):
+            SparseCooParameterExchanger(bad, L.largest_final_magnitude_scores)
+
+
+@requires_cuda
+def test_cuda_matches_cpu():
+    model, initial = make_pair(model_zoo(0)[1][1], 0)
+    for fn in (L.largest_magnitude_change_scores, L.smallest_final_magnitude_scores):
+        for sparsity in (0.001, 0.1):
+            cpu = select_sparse_parameters(model, initial, sparsity, fn)
+            gpu = select_sparse_parameters(model.cuda(), initial.cuda(), sparsity, fn)
+            assert_same_selection(cpu, gpu)
+            model, initial = model.cpu(), initial.cpu()
