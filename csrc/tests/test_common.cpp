@@ -8,6 +8,7 @@
 #include "common/bernoulli.h"
 #include "common/chunks.h"
 #include "common/philox.h"
+#include "common/radix.h"
 #include "common/scores.h"
 
 static int failures = 0;
@@ -124,7 +125,37 @@ static void test_scores() {
   LS_CHECK(drift_term<double>(1.0, one_plus) == static_cast<float>(1.0 - one_plus));
 }
 
+static void test_radix_keys() {
+  // Keys order as torch.sort orders values; every NaN ranks above +inf.
+  const float inf = std::numeric_limits<float>::infinity();
+  const float ordered[] = {-inf, -3.5f, -1e-40f, -0.0f, 0.0f, 1e-45f, 1e-40f, 2.0f, inf, std::nanf("")};
+  for (size_t i = 0; i + 1 < sizeof(ordered) / sizeof(float); ++i)
+    LS_CHECK(order_key<float>(ordered[i]) < order_key<float>(ordered[i + 1]));
+  LS_CHECK(order_key<float>(-std::nanf("")) == order_key<float>(std::nanf("")));
+  LS_CHECK(order_key<double>(-1.0) < order_key<double>(0.5));
+  LS_CHECK(order_key<int64_t>(std::numeric_limits<int64_t>::min()) == 0);
+  LS_CHECK(order_key<int64_t>(-1) < order_key<int64_t>(0));
+  // Digits: 32-bit keys take passes of 11, 11 and 10 bits that tile the key.
+  LS_CHECK(num_digits(32) == 3 && num_digits(64) == 6 && num_digits(16) == 2);
+  LS_CHECK(digit_shift(32, 0) == 21 && digit_width(32, 0) == 11);
+  LS_CHECK(digit_shift(32, 2) == 0 && digit_width(32, 2) == 10);
+  const uint64_t key = 0xDEADBEEFull;
+  uint64_t prefix = 0;
+  for (int d = 0; d < num_digits(32); ++d) {
+    const int32_t digit = key_digit(key, 32, d, prefix);
+    LS_CHECK(digit >= 0);
+    prefix = (prefix << digit_width(32, d)) | static_cast<uint64_t>(digit);
+  }
+  LS_CHECK(prefix == key);
+  LS_CHECK(key_digit(key, 32, 1, (key >> 21) + 1) == -1);  // another prefix: not counted
+  // The threshold test: integer scores compare in float32, as torch does.
+  LS_CHECK(passes_threshold<int64_t>(16777217, 16777216.0));  // rounds down to 2^24, which passes
+  LS_CHECK(!passes_threshold<float>(std::nanf(""), -inf));
+  LS_CHECK(!is_nonzero<float>(-0.0f) && is_nonzero<float>(std::nanf("")));
+}
+
 int main() {
+  test_radix_keys();
   test_philox_known_answers();
   test_bernoulli_math();
   test_chunk_table();
