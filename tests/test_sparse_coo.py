@@ -243,3 +243,26 @@ def test_cuda_matches_cpu():
             gpu = select_sparse_parameters(model.cuda(), initial.cuda(), sparsity, fn)
             assert_same_selection(cpu, gpu)
             model, initial = model.cpu(), initial.cpu()
+
+
+@compiled_only
+def test_kth_largest_full_pass_path():
+    """With no room for candidates the CPU select takes the full-pass path: same answers."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, layersel_ext\n"
+        "g = torch.Generator().manual_seed(2)\n"
+        "for dt in (torch.float32, torch.float64, torch.int64):\n"
+        "    t = [(torch.randn(70001, generator=g) * 50).to(dt), torch.full((999,), 3).to(dt)]\n"
+        "    ordered = torch.sort(torch.cat(t), descending=True)[0]\n"
+        "    for k in (1, 500, 1500, 71000):\n"
+        "        got = torch.ops.layersel.kth_largest_score(t, t, 6, k, dt)\n"
+        "        assert got.item() == ordered[k - 1].item(), (dt, k)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "LAYERSEL_SPARSE_MAX_CANDIDATES": "0"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

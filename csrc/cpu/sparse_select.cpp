@@ -6,7 +6,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <tuple>
+#include <type_traits>
 
 #include "../common/radix.h"
 #include "cpu_kernel_utils.h"
@@ -34,57 +37,122 @@ void with_kind(int64_t kind, Fn fn) {
   }
 }
 
-// Four interleaved sub-histograms: neighbouring scores often share a digit, and
-// a single histogram would serialise on that one counter.
+// The k-th largest key in (at most) two passes over the model:
+//  1. a histogram of the top 16 key bits (one 64K-bin table per thread);
+//  2. the keys that share the chosen top digit are few when the digit is
+//     narrow (16 bits of a float32 key: sign, exponent, 7 mantissa bits), so
+//     their low bits are collected and the rest of the select runs on them in
+//     memory. When that bin is too crowded (a constant-initialised model), the
+//     next digits come from further full passes instead: memory stays bounded.
+constexpr int kTopBits = 16;
+// At most 4M candidates (32 MiB); LAYERSEL_SPARSE_MAX_CANDIDATES lowers it (the
+// tests force the full-pass path with 0).
+inline int64_t max_candidates() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("LAYERSEL_SPARSE_MAX_CANDIDATES");
+    return env ? std::strtoll(env, nullptr, 10) : (int64_t{1} << 22);
+  }();
+  return limit;
+}
+
 template <int64_t Kind, typename T, typename P>
-void histogram_chunk(const T* x, const T* y, int64_t n, int d, uint64_t prefix, int64_t* hist) {
-  static_assert(kCpuChunk <= (int64_t{1} << 32), "uint32 sub-histogram counts");
-  uint32_t sub[4][kDigitBins] = {};
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    for (int j = 0; j < 4; ++j) {
-      const P v = static_cast<P>(sparse_score<T>(Kind, x[i + j], y[i + j]));
-      const int32_t digit = key_digit(order_key<P>(v), key_bits<P>(), d, prefix);
-      if (digit >= 0) ++sub[j][digit];
-    }
-  }
-  for (; i < n; ++i) {
+void top_histogram_chunk(const T* x, const T* y, int64_t n, int64_t* hist) {
+  constexpr int shift = key_bits<P>() - kTopBits;
+  for (int64_t i = 0; i < n; ++i) {
     const P v = static_cast<P>(sparse_score<T>(Kind, x[i], y[i]));
-    const int32_t digit = key_digit(order_key<P>(v), key_bits<P>(), d, prefix);
-    if (digit >= 0) ++sub[0][digit];
+    ++hist[order_key<P>(v) >> shift];
   }
-  for (int b = 0; b < kDigitBins; ++b) hist[b] += int64_t{sub[0][b]} + sub[1][b] + sub[2][b] + sub[3][b];
+}
+
+template <int64_t Kind, typename T, typename P>
+void collect_chunk(const T* x, const T* y, int64_t n, uint64_t top, std::vector<uint64_t>& out) {
+  constexpr int shift = key_bits<P>() - kTopBits;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t key = order_key<P>(static_cast<P>(sparse_score<T>(Kind, x[i], y[i])));
+    if ((key >> shift) == top) out.push_back(key);
+  }
+}
+
+// Picks, from counts of digits 0..bins-1, the digit holding the `remaining`-th
+// largest, and lowers `remaining` by the counts above it.
+inline uint64_t pick_digit(const int64_t* counts, int64_t bins, int64_t& remaining) {
+  for (int64_t b = bins - 1; b >= 0; --b) {
+    if (remaining <= counts[b]) return static_cast<uint64_t>(b);
+    remaining -= counts[b];
+  }
+  return 0;
 }
 
 template <typename P>
 uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k) {
-  const int bits = key_bits<P>();
+  constexpr int bits = key_bits<P>();
+  constexpr int64_t bins = int64_t{1} << kTopBits;
   const int threads = at::get_num_threads();
-  std::vector<int64_t> hist(static_cast<size_t>(threads) * kDigitBins);
-  uint64_t prefix = 0;
-  int64_t remaining = k;
-  for (int d = 0; d < num_digits(bits); ++d) {
-    std::fill(hist.begin(), hist.end(), 0);
+  auto each_chunk = [&](auto body) {
     for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
-      int64_t* h = hist.data() + static_cast<size_t>(at::get_thread_num()) * kDigitBins;
       LS_SWITCH_DTYPE(e.dtype, T, {
         const T* x = static_cast<const T*>(e.x) + off;
         const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-        with_kind(kind, [&](auto k) { histogram_chunk<decltype(k)::value, T, P>(x, y, len, d, prefix, h); });
+        with_kind(kind, [&](auto kc) { body(kc, x, y, len, static_cast<T*>(nullptr)); });
       });
     });
-    const int width = digit_width(bits, d);
-    int chosen = 0;
-    for (int b = (1 << width) - 1; b >= 0; --b) {  // from the largest digit down
-      int64_t count = 0;
-      for (int t = 0; t < threads; ++t) count += hist[static_cast<size_t>(t) * kDigitBins + b];
-      if (remaining <= count) {
-        chosen = b;
-        break;
-      }
-      remaining -= count;
+  };
+  // Pass 1: the top digit.
+  std::vector<int64_t> hist(static_cast<size_t>(threads) * bins, 0);
+  each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    top_histogram_chunk<decltype(kc)::value, T, P>(x, y, len, hist.data() + at::get_thread_num() * bins);
+  });
+  for (int t = 1; t < threads; ++t)
+    for (int64_t b = 0; b < bins; ++b) hist[b] += hist[t * bins + b];
+  int64_t remaining = k;
+  const uint64_t top = pick_digit(hist.data(), bins, remaining);
+  if (bits == kTopBits) return top;
+  // Pass 2: the keys under that digit, when few enough to hold.
+  if (hist[top] <= max_candidates()) {
+    std::vector<std::vector<uint64_t>> per_thread(static_cast<size_t>(threads));
+    each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      collect_chunk<decltype(kc)::value, T, P>(x, y, len, top, per_thread[at::get_thread_num()]);
+    });
+    std::vector<uint64_t> keys;
+    keys.reserve(static_cast<size_t>(hist[top]));
+    for (auto& v : per_thread) keys.insert(keys.end(), v.begin(), v.end());
+    // Radix select on the candidates, 16 bits at a time, narrowing in place.
+    uint64_t prefix = top;
+    for (int shift = bits - 2 * kTopBits; shift > -kTopBits; shift -= kTopBits) {
+      const int s = shift < 0 ? 0 : shift;
+      const int width = shift < 0 ? kTopBits + shift : kTopBits;
+      std::vector<int64_t> counts(size_t{1} << width, 0);
+      for (uint64_t key : keys) ++counts[(key >> s) & ((uint64_t{1} << width) - 1)];
+      const uint64_t digit = pick_digit(counts.data(), int64_t{1} << width, remaining);
+      prefix = (prefix << width) | digit;
+      keys.erase(std::remove_if(keys.begin(), keys.end(),
+                                [&](uint64_t key) { return (key >> s) != prefix; }),
+                 keys.end());
     }
-    prefix = (prefix << width) | static_cast<uint64_t>(chosen);
+    return prefix;
+  }
+  // Crowded digit: 11-bit digits by full passes (csrc/common/radix.h), below the top digit.
+  std::vector<int64_t> h11(static_cast<size_t>(threads) * kDigitBins);
+  uint64_t prefix = top;
+  int low_bits = bits - kTopBits;
+  while (low_bits > 0) {
+    const int width = low_bits < kDigitBits ? low_bits : kDigitBits;
+    const int shift = low_bits - width;
+    std::fill(h11.begin(), h11.end(), 0);
+    each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      int64_t* h = h11.data() + at::get_thread_num() * kDigitBins;
+      for (int64_t i = 0; i < len; ++i) {
+        const uint64_t key = order_key<P>(static_cast<P>(sparse_score<T>(decltype(kc)::value, x[i], y[i])));
+        if ((key >> (shift + width)) == prefix) ++h[(key >> shift) & ((uint64_t{1} << width) - 1)];
+      }
+    });
+    for (int t = 1; t < threads; ++t)
+      for (int b = 0; b < kDigitBins; ++b) h11[b] += h11[t * kDigitBins + b];
+    prefix = (prefix << width) | pick_digit(h11.data(), int64_t{1} << width, remaining);
+    low_bits = shift;
   }
   return prefix;
 }
@@ -135,16 +203,29 @@ int64_t count_chunk(const T* x, const T* y, int64_t n, double threshold) {
   return count;
 }
 
+// Row-major coordinates of the kept elements only (most are not kept); the
+// common 1-D and 2-D cases without a 64-bit division loop. (Measured here: a
+// branch-free compaction with an odometer index was slower at 1% and 10%.)
 template <int64_t kind, typename T>
-void write_chunk(const T* x, const T* y, int64_t off, int64_t n, double threshold, T* values,
-                 int64_t* indices, const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
+void write_chunk(const T* x, const T* y, int64_t off, int64_t n, double threshold, T* values, int64_t* indices,
+                 const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
   const size_t ndim = sizes.size();
+  const bool small = off + n <= int64_t{UINT32_MAX};
   int64_t w = 0;
   for (int64_t i = 0; i < n; ++i) {
     if (!(passes_threshold(sparse_score<T>(kind, x[i], y[i]), threshold) && is_nonzero(x[i]))) continue;
     values[w] = x[i];
     const int64_t flat = off + i;
-    for (size_t dim = 0; dim < ndim; ++dim) indices[w * ndim + dim] = (flat / strides[dim]) % sizes[dim];
+    int64_t* out = indices + w * static_cast<int64_t>(ndim);
+    if (ndim == 1) {
+      out[0] = flat;
+    } else if (ndim == 2 && small) {
+      const uint32_t row = static_cast<uint32_t>(flat) / static_cast<uint32_t>(sizes[1]);
+      out[0] = row;
+      out[1] = flat - static_cast<int64_t>(row) * sizes[1];
+    } else {
+      for (size_t dim = 0; dim < ndim; ++dim) out[dim] = (flat / strides[dim]) % sizes[dim];
+    }
     ++w;
   }
 }
@@ -179,8 +260,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
     strides[t].assign(sizes[t].size(), 1);
     for (int64_t dim = static_cast<int64_t>(sizes[t].size()) - 2; dim >= 0; --dim)
       strides[t][dim] = strides[t][dim + 1] * sizes[t][dim + 1];
-    values[t] = at::empty({total}, x.options());
-    indices[t] = at::empty({total, x.dim()}, x.options().dtype(at::kLong));
+    values[t] = empty_cpu_output(total, x.scalar_type());
+    indices[t] = empty_cpu_output(total * x.dim(), at::kLong).view({total, x.dim()});
   }
   for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t t, int64_t c, int64_t off, int64_t len) {
     if (counts[c] == 0) return;
