@@ -35,14 +35,7 @@ from layersel_ext import ops
 
 from . import zoo
 
-SCORE_FUNCTIONS = [
-    "largest_final_magnitude_scores",
-    "smallest_final_magnitude_scores",
-    "largest_magnitude_change_scores",
-    "smallest_magnitude_change_scores",
-    "largest_increase_in_magnitude_scores",
-    "smallest_increase_in_magnitude_scores",
-]
+SCORE_FUNCTIONS = list(L.SCORE_FUNCTION_NAMES)
 
 
 def sync(device: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._loader import LOAD_REASON, build_record
 from .ops import backend, set_backend
 from .parameter_selection_criteria import (
+    SCORE_FUNCTION_NAMES,
     LayerSelectionFunctionConstructor,
     is_masked_module,
     largest_final_magnitude_scores,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LOAD_REASON",
+    "SCORE_FUNCTION_NAMES",
     "LayerSelectionFunctionConstructor",
     "SparseCooParameterExchanger",
     "backend",

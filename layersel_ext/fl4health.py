@@ -30,12 +30,7 @@ CRITERIA = (
     "LayerSelectionFunctionConstructor",
     "select_layers_by_threshold",
     "select_layers_by_percentage",
-    "largest_final_magnitude_scores",
-    "smallest_final_magnitude_scores",
-    "largest_magnitude_change_scores",
-    "smallest_magnitude_change_scores",
-    "largest_increase_in_magnitude_scores",
-    "smallest_increase_in_magnitude_scores",
+    *ours.SCORE_FUNCTION_NAMES,
     "select_scores_and_sample_masks",
 )
 _CRITERIA_MODULE = "fl4health.parameter_exchange.parameter_selection_criteria"

@@ -23,7 +23,18 @@ from ._model_state import explain_failure, paired_state, single_state
 NDArrays = list[NDArray[Any]]
 LayerSelectionFunction = Callable[[nn.Module, Optional[nn.Module]], tuple[NDArrays, list[str]]]
 
+# The six score functions, in score-kind order (csrc/common/scores.h).
+SCORE_FUNCTION_NAMES = (
+    "largest_final_magnitude_scores",
+    "smallest_final_magnitude_scores",
+    "largest_magnitude_change_scores",
+    "smallest_magnitude_change_scores",
+    "largest_increase_in_magnitude_scores",
+    "smallest_increase_in_magnitude_scores",
+)
+
 __all__ = [
+    "SCORE_FUNCTION_NAMES",
     "LayerSelectionFunctionConstructor",
     "largest_final_magnitude_scores",
     "largest_increase_in_magnitude_scores",

@@ -27,23 +27,15 @@ NDArrays = list[NDArray[Any]]
 ScoreGenFunction = Callable[[nn.Module, Optional[nn.Module]], dict[str, Tensor]]
 SparseSelection = tuple[NDArrays, tuple[NDArrays, NDArrays, list[str]]]
 
-_SCORE_FUNCTION_NAMES = [
-    "largest_final_magnitude_scores",
-    "smallest_final_magnitude_scores",
-    "largest_magnitude_change_scores",
-    "smallest_magnitude_change_scores",
-    "largest_increase_in_magnitude_scores",
-    "smallest_increase_in_magnitude_scores",
-]
 _FL4HEALTH_MODULE = "fl4health.parameter_exchange.parameter_selection_criteria"
 
 
 def fused_kind(score_gen_function: Callable[..., Any]) -> int | None:
     """The score formula (0..5) when the function is one of the six (ours or fl4health's), else None."""
     name = getattr(score_gen_function, "__name__", None)
-    if name not in _SCORE_FUNCTION_NAMES:
+    if name not in psc.SCORE_FUNCTION_NAMES:
         return None
-    kind = _SCORE_FUNCTION_NAMES.index(name)
+    kind = psc.SCORE_FUNCTION_NAMES.index(name)
     if score_gen_function is getattr(psc, name) or getattr(score_gen_function, "__module__", "") == _FL4HEALTH_MODULE:
         return kind
     return None

@@ -12,14 +12,7 @@ import layersel_ext as L
 from conftest import fl4health_criteria
 from models import model_zoo, make_pair
 
-SCORE_FUNCTIONS = [
-    "largest_final_magnitude_scores",
-    "smallest_final_magnitude_scores",
-    "largest_magnitude_change_scores",
-    "smallest_magnitude_change_scores",
-    "largest_increase_in_magnitude_scores",
-    "smallest_increase_in_magnitude_scores",
-]
+SCORE_FUNCTIONS = list(L.SCORE_FUNCTION_NAMES)
 DTYPES = [None, torch.float64, torch.float16]
 CASES = [(seed, dt, name) for seed in range(3) for dt in DTYPES for name, _ in model_zoo(0)]
 

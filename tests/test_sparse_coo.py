@@ -16,14 +16,7 @@ from layersel_ext import _loader, _torch_ops, ops
 from layersel_ext.sparse_coo import SparseCooParameterExchanger, select_sparse_parameters
 from models import make_pair, model_zoo
 
-SCORE_FUNCTIONS = [
-    "largest_final_magnitude_scores",
-    "smallest_final_magnitude_scores",
-    "largest_magnitude_change_scores",
-    "smallest_magnitude_change_scores",
-    "largest_increase_in_magnitude_scores",
-    "smallest_increase_in_magnitude_scores",
-]
+SCORE_FUNCTIONS = list(L.SCORE_FUNCTION_NAMES)
 compiled_only = pytest.mark.skipif(_loader.COMPILED is None, reason="compiled module not loaded")
 
 

@@ -157,23 +157,6 @@ uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k) {
   return prefix;
 }
 
-template <typename P>
-at::Tensor key_to_value(uint64_t key, at::ScalarType dtype) {
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(dtype));
-  using U = typename std::conditional<sizeof(P) == 8, uint64_t,
-                                      typename std::conditional<sizeof(P) == 4, uint32_t,
-                                      typename std::conditional<sizeof(P) == 2, uint16_t, uint8_t>::type>::type>::type;
-  constexpr U kSign = U(1) << (sizeof(P) * 8 - 1);
-  U u = static_cast<U>(key);
-  if constexpr (std::is_integral<P>::value) {
-    u ^= kSign;
-  } else {
-    u = (u & kSign) ? static_cast<U>(u ^ kSign) : static_cast<U>(~u);
-  }
-  std::memcpy(out.data_ptr(), &u, sizeof(U));
-  return out;
-}
-
 at::Tensor kth_largest_score_cpu(at::TensorList model, at::TensorList initial, int64_t kind, int64_t k,
                                  at::ScalarType score_dtype) {
   TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::kth_largest_score: kind must be in [0, 6], got ",
@@ -182,17 +165,10 @@ at::Tensor kth_largest_score_cpu(at::TensorList model, at::TensorList initial, i
       build_work_table(model, initial, kind >= 2, kCpuChunk, "kth_largest_score");
   TORCH_CHECK_VALUE(k >= 1 && k <= table.total_numel, "layersel::kth_largest_score: k must be in [1, ",
                     table.total_numel, "], got ", k);
-  switch (score_dtype) {
-    case at::kFloat: return key_to_value<float>(kth_largest_key<float>(table, kind, k), score_dtype);
-    case at::kDouble: return key_to_value<double>(kth_largest_key<double>(table, kind, k), score_dtype);
-    case at::kHalf: return key_to_value<c10::Half>(kth_largest_key<c10::Half>(table, kind, k), score_dtype);
-    case at::kBFloat16:
-      return key_to_value<c10::BFloat16>(kth_largest_key<c10::BFloat16>(table, kind, k), score_dtype);
-    case at::kLong: return key_to_value<int64_t>(kth_largest_key<int64_t>(table, kind, k), score_dtype);
-    default:
-      TORCH_CHECK_TYPE(false, "layersel::kth_largest_score: score dtype ", score_dtype,
-                       " is not supported (float32, float64, float16, bfloat16, int64)");
-  }
+  return kth_value_for_dtype(score_dtype, [&](auto tag) {
+    using P = decltype(tag);
+    return kth_largest_key<P>(table, kind, k);
+  });
 }
 
 template <int64_t Kind, typename T>

@@ -74,22 +74,6 @@ uint64_t kth_largest_key(const WorkTable& table, const DeviceTable& dt, int64_t 
   return prefix;
 }
 
-template <typename P>
-at::Tensor key_to_value(uint64_t key, at::ScalarType dtype) {
-  using U = typename std::conditional<sizeof(P) == 8, uint64_t,
-                                      typename std::conditional<sizeof(P) == 4, uint32_t, uint16_t>::type>::type;
-  constexpr U kSign = U(1) << (sizeof(P) * 8 - 1);
-  U u = static_cast<U>(key);
-  if constexpr (std::is_integral<P>::value) {
-    u ^= kSign;
-  } else {
-    u = (u & kSign) ? static_cast<U>(u ^ kSign) : static_cast<U>(~u);
-  }
-  at::Tensor out = at::empty({}, at::TensorOptions().dtype(dtype));
-  std::memcpy(out.data_ptr(), &u, sizeof(U));
-  return out;
-}
-
 at::Tensor kth_largest_score_cuda(at::TensorList model, at::TensorList initial, int64_t kind, int64_t k,
                                   at::ScalarType score_dtype) {
   TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::kth_largest_score: kind must be in [0, 6], got ",
@@ -100,18 +84,10 @@ at::Tensor kth_largest_score_cuda(at::TensorList model, at::TensorList initial, 
   const c10::Device device = model[0].device();
   const c10::cuda::CUDAGuard guard(device);
   const DeviceTable dt = upload_table(table, device);
-  switch (score_dtype) {
-    case at::kFloat: return key_to_value<float>(kth_largest_key<float>(table, dt, kind, k, device), score_dtype);
-    case at::kDouble: return key_to_value<double>(kth_largest_key<double>(table, dt, kind, k, device), score_dtype);
-    case at::kHalf:
-      return key_to_value<c10::Half>(kth_largest_key<c10::Half>(table, dt, kind, k, device), score_dtype);
-    case at::kBFloat16:
-      return key_to_value<c10::BFloat16>(kth_largest_key<c10::BFloat16>(table, dt, kind, k, device), score_dtype);
-    case at::kLong: return key_to_value<int64_t>(kth_largest_key<int64_t>(table, dt, kind, k, device), score_dtype);
-    default:
-      TORCH_CHECK_TYPE(false, "layersel::kth_largest_score: score dtype ", score_dtype,
-                       " is not supported (float32, float64, float16, bfloat16, int64)");
-  }
+  return kth_value_for_dtype(score_dtype, [&](auto tag) {
+    using P = decltype(tag);
+    return kth_largest_key<P>(table, dt, kind, k, device);
+  });
 }
 
 struct ExtractTarget {
