@@ -11,7 +11,9 @@ VENV="${LAYERSEL_VENV:-$HOME/.cache/layersel_ext/venv}"
 STAMP="$VENV/.layersel-requirements"
 
 ensure_venv() {
-  if [ -x "$VENV/bin/python" ] && cmp -s requirements-dev.txt "$STAMP"; then return; fi
+  if [ -x "$VENV/bin/python" ] && cat requirements-dev.txt requirements-integration.txt | cmp -s - "$STAMP"; then
+    return
+  fi
   echo "[dev.sh] creating $VENV (torch 2.14.1, test-only fl4health oracle)" >&2
   rm -rf "$VENV"
   python3 -m venv "$VENV"
@@ -21,8 +23,11 @@ ensure_venv() {
   # torch, flwr and scipy. Test/benchmark oracle only: the library never imports it.
   "$VENV/bin/python" -m pip install -q --no-deps --ignore-requires-python fl4health==0.4.2 2>&1 \
     | grep -v "^WARNING: Location" || true
-  "$VENV/bin/python" -c "import torch, fl4health, flwr, scipy" # fail here, not later
-  cp requirements-dev.txt "$STAMP"
+  # fl4health's clients, servers and strategies (the federated-round tests): their imports only.
+  "$VENV/bin/python" -m pip install -q --no-deps -r requirements-integration.txt 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  "$VENV/bin/python" -c "import torch, fl4health, flwr, scipy, fl4health.servers.base_server" # fail here, not later
+  cat requirements-dev.txt requirements-integration.txt > "$STAMP"
 }
 
 build() {
