@@ -55,13 +55,18 @@ inline int64_t max_candidates() {
   return limit;
 }
 
-template <int64_t Kind, typename T, typename P>
-void top_histogram_chunk(const T* x, const T* y, int64_t n, int64_t* hist) {
+// Two interleaved tables: neighbouring scores often share a digit, and one
+// table would serialise on that counter. uint32 counts (half the cache
+// footprint) unless a thread could see 2^32 elements.
+template <int64_t Kind, typename T, typename P, typename C>
+void top_histogram_chunk(const T* x, const T* y, int64_t n, C* hist0, C* hist1) {
   constexpr int shift = key_bits<P>() - kTopBits;
-  for (int64_t i = 0; i < n; ++i) {
-    const P v = static_cast<P>(sparse_score<T>(Kind, x[i], y[i]));
-    ++hist[order_key<P>(v) >> shift];
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2) {
+    ++hist0[order_key<P>(static_cast<P>(sparse_score<T>(Kind, x[i], y[i]))) >> shift];
+    ++hist1[order_key<P>(static_cast<P>(sparse_score<T>(Kind, x[i + 1], y[i + 1]))) >> shift];
   }
+  if (i < n) ++hist0[order_key<P>(static_cast<P>(sparse_score<T>(Kind, x[i], y[i]))) >> shift];
 }
 
 template <int64_t Kind, typename T, typename P>
@@ -98,13 +103,23 @@ uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k) {
     });
   };
   // Pass 1: the top digit.
-  std::vector<int64_t> hist(static_cast<size_t>(threads) * bins, 0);
-  each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    top_histogram_chunk<decltype(kc)::value, T, P>(x, y, len, hist.data() + at::get_thread_num() * bins);
-  });
-  for (int t = 1; t < threads; ++t)
-    for (int64_t b = 0; b < bins; ++b) hist[b] += hist[t * bins + b];
+  std::vector<int64_t> hist(static_cast<size_t>(bins), 0);
+  auto top_pass = [&](auto counter_tag) {
+    using C = decltype(counter_tag);
+    std::vector<C> tables(static_cast<size_t>(threads) * 2 * bins, 0);
+    each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      C* mine = tables.data() + static_cast<size_t>(at::get_thread_num()) * 2 * bins;
+      top_histogram_chunk<decltype(kc)::value, T, P, C>(x, y, len, mine, mine + bins);
+    });
+    for (size_t t = 0; t < static_cast<size_t>(threads) * 2; ++t)
+      for (int64_t b = 0; b < bins; ++b) hist[b] += static_cast<int64_t>(tables[t * bins + b]);
+  };
+  if (table.total_numel < (int64_t{1} << 32)) {
+    top_pass(uint32_t{});
+  } else {
+    top_pass(uint64_t{});
+  }
   int64_t remaining = k;
   const uint64_t top = pick_digit(hist.data(), bins, remaining);
   if (bits == kTopBits) return top;
