@@ -251,3 +251,12 @@ def test_sample_masks_every_cpu_isa_gives_the_same_bits(isa):
     env = {**os.environ, "LAYERSEL_CPU_ISA": isa}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@compiled_only
+def test_unboxed_entry_equals_torch_ops():
+    """ops.drift_sq_norms calls the op through the dispatcher's unboxed entry: same result, same checks."""
+    xs, ys = lists([10, 0, CHUNK + 3, 7], [torch.float32, torch.float16, torch.float64, torch.int64], seed=8)
+    assert torch.equal(_loader.COMPILED.drift_sq_norms(xs, ys), torch.ops.layersel.drift_sq_norms(xs, ys))
+    with pytest.raises(ValueError, match="tensor #1 has shape"):
+        _loader.COMPILED.drift_sq_norms([torch.ones(2), torch.ones(3)], [torch.ones(2), torch.ones(4)])
