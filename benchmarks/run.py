@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import platform
 import re
 import statistics
@@ -50,7 +49,7 @@ class PeakRSS:
         self.proc = psutil.Process()
         self.peak = 0
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> PeakRSS:  # noqa: PYI034
         self.base = self.proc.memory_info().rss
         self.peak = self.base
         self.running = True
@@ -122,7 +121,9 @@ def same_scores(a: dict, b: dict) -> bool:
 
 
 def same_mask_layout(a: tuple, b: tuple) -> bool:
-    return a[1] == b[1] and all(x.dtype == np.asarray(y).dtype and x.size == np.asarray(y).size for x, y in zip(a[0], b[0]))
+    return a[1] == b[1] and all(
+        x.dtype == np.asarray(y).dtype and x.size == np.asarray(y).size for x, y in zip(a[0], b[0])
+    )
 
 
 def floor_fn(nbytes: int, device: str) -> Callable[[], Any]:
@@ -143,8 +144,15 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
         self.has_compiled = L._loader.COMPILED is not None
 
-    def row(self, model: str, criterion: str, impls: dict[str, Callable[[], Any]], floor_bytes: int,
-            check: Callable[[Any, Any], bool] | None, progress: str) -> None:
+    def row(
+        self,
+        model: str,
+        criterion: str,
+        impls: dict[str, Callable[[], Any]],
+        floor_bytes: int,
+        check: Callable[[Any, Any], bool] | None,
+        progress: str,
+    ) -> None:
         print(f"  {progress} {model} / {criterion}", file=sys.stderr, flush=True)
         result: dict[str, Any] = {"model": model, "criterion": criterion, "device": self.device}
         outputs = {}
@@ -188,29 +196,39 @@ def layer_rows(bench: Bench, name: str, factory: Callable[[], torch.nn.Module], 
         return f"[{step[0]}/{total}]"
 
     # Drift norms alone: the kernel vs the per-layer loop vs foreach vs the floor.
-    foreach = lambda: torch._foreach_norm(torch._foreach_sub([x.float() for x in xs], [y.float() for y in ys]))  # noqa: E731
+    foreach = lambda: torch._foreach_norm(torch._foreach_sub([x.float() for x in xs], [y.float() for y in ys]))
     per_layer = (lambda: [F._calculate_drift_norm(x, y, True) for x, y in zip(xs, ys)]) if F else None
-    bench.row(name, "drift_norms_kernel", impls(per_layer, lambda: ops.drift_sq_norms(xs, ys), foreach),
-              2 * nbytes, None, tick())
-    for crit, ref_name, arg in [("select_by_threshold", "select_layers_by_threshold", 1e-6),
-                                ("select_by_percentage", "select_layers_by_percentage", 0.5)]:
+    bench.row(
+        name,
+        "drift_norms_kernel",
+        impls(per_layer, lambda: ops.drift_sq_norms(xs, ys), foreach),
+        2 * nbytes,
+        None,
+        tick(),
+    )
+    for crit, ref_name, arg in [
+        ("select_by_threshold", "select_layers_by_threshold", 1e-6),
+        ("select_by_percentage", "select_layers_by_percentage", 0.5),
+    ]:
         ref = (lambda r=ref_name, a=arg: getattr(F, r)(a, True, True, model, initial)) if F else None
-        ours = lambda r=ref_name, a=arg: getattr(L, r)(a, True, True, model, initial)  # noqa: E731
+        ours = lambda r=ref_name, a=arg: getattr(L, r)(a, True, True, model, initial)
         bench.row(name, crit, impls(ref, ours, None), 2 * nbytes, same_layers, tick())
     score_functions = {"many_small": SCORE_FUNCTIONS[2:3], "stack_1b": []}.get(name, SCORE_FUNCTIONS)
     for fn in score_functions:
         ref = (lambda f=fn: getattr(F, f)(model, initial)) if F else None
-        ours = lambda f=fn: getattr(L, f)(model, initial)  # noqa: E731
-        plain = (lambda: torch._foreach_abs(torch._foreach_sub(xs, ys))) if fn == "largest_magnitude_change_scores" else None
+        ours = lambda f=fn: getattr(L, f)(model, initial)
+        plain = (
+            (lambda: torch._foreach_abs(torch._foreach_sub(xs, ys)))
+            if fn == "largest_magnitude_change_scores"
+            else None
+        )
         reads = nbytes if "final" in fn else 2 * nbytes
         bench.row(name, fn, impls(ref, ours, plain), reads, same_scores, tick())
     if name in SPARSE_MODELS:
         for sparsity in (0.01, 0.1):
             ref_ex = (lambda s=sparsity: _fl4health_sparse(s).select_parameters(model, initial)) if F else None
-            ours = lambda s=sparsity: L.select_sparse_parameters(model, initial, s, L.largest_magnitude_change_scores)  # noqa: E731
+            ours = lambda s=sparsity: L.select_sparse_parameters(model, initial, s, L.largest_magnitude_change_scores)
             bench.row(name, f"sparse_coo_{sparsity:g}", impls(ref_ex, ours, None), 2 * nbytes, same_sparse, tick())
-    del model, initial, xs, ys
-    gc.collect()
 
 
 SPARSE_MODELS = ("bert_like", "resnet_like", "bert_tiny")
@@ -253,23 +271,30 @@ def mask_rows(bench: Bench, name: str, factory: Callable[[], torch.nn.Module], s
         impls["ours_compiled"] = with_backend("compiled", lambda: L.select_scores_and_sample_masks(model, None))
     step[0] += 1
     bench.row(name, "sample_masks", impls, nbytes, same_mask_layout, f"[{step[0]}/{total}]")
-    del model, scores
-    gc.collect()
 
 
 def device_name(device: str) -> str:
     if device == "cuda":
         raw = torch.cuda.get_device_name(0)
     else:
-        raw = "cpu-" + next((line.split(":", 1)[1] for line in Path("/proc/cpuinfo").read_text().splitlines()
-                             if line.startswith("model name")), platform.processor() or "unknown")
+        raw = "cpu-" + next(
+            (
+                line.split(":", 1)[1]
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor() or "unknown",
+        )
     return re.sub(r"[^A-Za-z0-9]+", "-", raw).strip("-").lower()[:60]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     cols = ["fl4health", "ours_compiled", "ours_torch", "plain_torch"]
-    head = ("| model | criterion | " + " | ".join(f"{c} ms" for c in cols)
-            + " | floor ms | % floor | × fl4health | equal | peak MB fl4h / ours |")
+    head = (
+        "| model | criterion | "
+        + " | ".join(f"{c} ms" for c in cols)
+        + " | floor ms | % floor | × fl4health | equal | peak MB fl4h / ours |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [f"{r[c + '_ms']:.2f}" if c + "_ms" in r else "–" for c in cols]
@@ -277,8 +302,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         mem = f"{r.get('fl4health_peak_mb', float('nan')):.0f} / {ours_mem:.0f}"
         eq = {True: "yes", False: "**NO**"}.get(r.get("equal_to_fl4health"), "–")
         spd = f"{r['speedup_vs_fl4health']:.1f}×" if "speedup_vs_fl4health" in r else "–"
-        lines.append(f"| {r['model']} | {r['criterion']} | " + " | ".join(cells)
-                     + f" | {r['floor_ms']:.2f} | {r.get('pct_of_floor', 0):.0f}% | {spd} | {eq} | {mem} |")
+        lines.append(
+            f"| {r['model']} | {r['criterion']} | "
+            + " | ".join(cells)
+            + f" | {r['floor_ms']:.2f} | {r.get('pct_of_floor', 0):.0f}% | {spd} | {eq} | {mem} |"
+        )
     return "\n".join(lines)
 
 
@@ -294,8 +322,9 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     labels = [f"{r['model']}\n{r['criterion'].replace('_scores', '')}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows)), 5.5))
     x = np.arange(len(rows))
-    for i, (key, color) in enumerate([("ours_compiled_ms", "tab:blue"), ("ours_torch_ms", "tab:orange"),
-                                      ("plain_torch_ms", "tab:gray")]):
+    for i, (key, color) in enumerate(
+        [("ours_compiled_ms", "tab:blue"), ("ours_torch_ms", "tab:orange"), ("plain_torch_ms", "tab:gray")]
+    ):
         vals = [r["fl4health_ms"] / r[key] if key in r else np.nan for r in rows]
         ax.bar(x + (i - 1) * 0.27, vals, 0.27, label=key.replace("_ms", ""), color=color)
     ax.axhline(1.0, color="black", lw=0.8)
@@ -346,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     for name, factory in layer_models.items():
         layer_rows(bench, name, factory, step, total)
+        gc.collect()  # the model pair goes with the call's frame
     for name, factory in masked_models.items():
         mask_rows(bench, name, factory, step, total)
+        gc.collect()
 
     dev_name = device_name(args.device)
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / dev_name
@@ -366,8 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     table = markdown(bench.rows)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": bench.rows}, indent=2) + "\n")
-    (out / "results.md").write_text(f"# {dev_name} ({args.device}, {meta['threads']} threads, torch "
-                                    f"{meta['torch']}, {meta['date']})\n\n{table}\n")
+    (out / "results.md").write_text(
+        f"# {dev_name} ({args.device}, {meta['threads']} threads, torch {meta['torch']}, {meta['date']})\n\n{table}\n"
+    )
     plot(bench.rows, out / "speedup.png", f"layersel_ext vs fl4health 0.4.2 — {dev_name}, {meta['date']}")
     print(table)
     print(f"\nresults: {out}/results.json, results.md, speedup.png ({meta['seconds']} s)")

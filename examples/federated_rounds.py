@@ -128,22 +128,32 @@ def digest(arrays: list[Any]) -> str:
 
 def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
     import flwr as fl
-    from flwr.common import parameters_to_ndarrays
-    from flwr.server.client_manager import SimpleClientManager
     from fl4health.servers.base_server import FlServer
     from fl4health.servers.fedpm_server import FedPmServer
     from fl4health.strategies.fedavg_dynamic_layer import FedAvgDynamicLayer
     from fl4health.strategies.fedavg_sparse_coo_tensor import FedAvgSparseCooTensor
     from fl4health.strategies.fedpm import FedPm
     from fl4health.utils.parameter_extraction import get_all_model_parameters
+    from flwr.common import parameters_to_ndarrays
+    from flwr.server.client_manager import SimpleClientManager
 
     def fit_config(current_server_round: int) -> dict[str, Any]:
-        return {"local_steps": 2, "batch_size": 16, "current_server_round": current_server_round,
-                "is_masked_model": True}
+        return {
+            "local_steps": 2,
+            "batch_size": 16,
+            "current_server_round": current_server_round,
+            "is_masked_model": True,
+        }
 
     record: list[dict[str, Any]] = []
-    kwargs = dict(min_fit_clients=2, min_evaluate_clients=2, min_available_clients=2, on_fit_config_fn=fit_config,
-                  on_evaluate_config_fn=fit_config, initial_parameters=get_all_model_parameters(make_model(mode)))
+    kwargs = {
+        "min_fit_clients": 2,
+        "min_evaluate_clients": 2,
+        "min_available_clients": 2,
+        "on_fit_config_fn": fit_config,
+        "on_evaluate_config_fn": fit_config,
+        "initial_parameters": get_all_model_parameters(make_model(mode)),
+    }
     if mode.startswith("fedpm"):
         strategy_cls: Any = FedPm
     elif mode == "sparse":
@@ -174,8 +184,11 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
     else:
         server = FlServer(client_manager=SimpleClientManager(), fl_config={}, strategy=strategy)
     out.write_text(json.dumps(record))
-    fl.server.start_server(server=server, server_address=f"127.0.0.1:{port}",
-                           config=fl.server.ServerConfig(num_rounds=rounds, round_timeout=60))
+    fl.server.start_server(
+        server=server,
+        server_address=f"127.0.0.1:{port}",
+        config=fl.server.ServerConfig(num_rounds=rounds, round_timeout=60),
+    )
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -201,8 +214,15 @@ def run_federation(mode: str, patched: bool, rounds: int = 3, timeout: float = 1
                                   stderr=subprocess.STDOUT)]  # fmt: skip
         time.sleep(2.0)
         for i in (0, 1):
-            procs.append(subprocess.Popen([*cmd, "--role", "client", "--mode", mode, "--port", str(port), "--index",
-                                           str(i)], cwd=ROOT, env=env, stdout=logs[i + 1], stderr=subprocess.STDOUT))
+            procs.append(
+                subprocess.Popen(
+                    [*cmd, "--role", "client", "--mode", mode, "--port", str(port), "--index", str(i)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=logs[i + 1],
+                    stderr=subprocess.STDOUT,
+                )
+            )
         deadline = time.time() + timeout
         for p in procs:
             try:
@@ -248,8 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         for patched in (False, True):
             res = run_federation(mode, patched, args.rounds)
             rounds = [r["round"] for r in res["record"]]
-            print(f"{mode:<18} {'layersel_ext' if patched else 'fl4health':<13} rounds reached: {rounds} "
-                  f"exit codes: {res['returncodes']}")
+            print(
+                f"{mode:<18} {'layersel_ext' if patched else 'fl4health':<13} rounds reached: {rounds} "
+                f"exit codes: {res['returncodes']}"
+            )
             for r in res["record"]:
                 for c in r["clients"]:
                     print(f"    round {r['round']}: {len(c['names'])} arrays {c['names'][:3]}... digest {c['digest']}")

@@ -22,7 +22,6 @@ from .parameter_selection_criteria import (
     smallest_increase_in_magnitude_scores,
     smallest_magnitude_change_scores,
 )
-
 from .sparse_coo import SparseCooParameterExchanger, select_sparse_parameters
 
 __version__ = "0.1.0"

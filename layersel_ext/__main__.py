@@ -20,8 +20,10 @@ def info() -> int:
     print(f"compiled module: {'loaded' if _loader.COMPILED is not None else 'NOT loaded'} ({_loader.LOAD_REASON})")
     if _loader.COMPILED is not None:
         print(f"compiled module build info: {json.dumps(_loader.COMPILED.build_info())}")
-        print(f"CPU threads used by a parallel region: {_loader.COMPILED.cpu_threads_used(64)} "
-              f"(torch.get_num_threads() = {torch.get_num_threads()})")
+        print(
+            f"CPU threads used by a parallel region: {_loader.COMPILED.cpu_threads_used(64)} "
+            f"(torch.get_num_threads() = {torch.get_num_threads()})"
+        )
     print("build record:", json.dumps(_loader.build_record(), indent=2) if _loader.build_record() else "none")
     print("compiled ops:")
     for op in _loader.OPS:
@@ -36,7 +38,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] == "info":
         return info()
     if argv[0] == "bench":
-        from benchmarks.run import main as bench_main  # noqa: PLC0415  (needs the source checkout)
+        from benchmarks.run import main as bench_main
 
         return bench_main(argv[1:])
     print(__doc__)

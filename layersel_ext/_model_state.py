@@ -51,10 +51,9 @@ def state_items(model: nn.Module) -> list[tuple[str, Tensor]]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     items: list[tuple[str, Tensor]] = []
-    if _collect(model, "", items):
-        # A shared tensor under two names keeps its first position, as in an OrderedDict.
-        if len({n for n, _ in items}) == len(items):
-            return items
+    # Defensive: a repeated name (not possible for plain modules) is left to state_dict()'s rules.
+    if _collect(model, "", items) and len({n for n, _ in items}) == len(items):
+        return items
     return list(model.state_dict().items())
 
 
@@ -64,8 +63,10 @@ def explain_entry(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, i
     if x.dtype == torch.bool or x.dtype.is_complex:
         raise TypeError(f"{what}: layer {name!r}: dtype {x.dtype} has no drift or score (fl4health fails on it too)")
     if x.device != xs[0].device:
-        raise ValueError(f"{what}: layer {name!r} is on {x.device} but layer {names[0]!r} is on {xs[0].device} "
-                         "(one device per model)")
+        raise ValueError(
+            f"{what}: layer {name!r} is on {x.device} but layer {names[0]!r} is on {xs[0].device} "
+            "(one device per model)"
+        )
     if ys is not None:
         y = ys[i]
         if x.shape != y.shape:
@@ -87,7 +88,9 @@ def explain_failure(exc: Exception, names: list[str], xs: list[Tensor], ys: list
     raise exc
 
 
-def paired_state(model: nn.Module, initial_model: nn.Module | None, what: str) -> tuple[list[str], list[Tensor], list[Tensor]]:
+def paired_state(
+    model: nn.Module, initial_model: nn.Module | None, what: str
+) -> tuple[list[str], list[Tensor], list[Tensor]]:
     """Names and tensors of both models, matched by name (KeyError naming the first missing one).
 
     Shapes, dtypes and devices are checked by the kernels themselves (one pass in C++, not three

@@ -41,7 +41,9 @@ def _check_pair(x: Tensor, y: Tensor, first: Tensor, op: str, i: int) -> None:
     if y.dtype != x.dtype:
         raise TypeError(f"layersel::{op}: tensor #{i} has dtype {x.dtype} but its initial tensor has {y.dtype}")
     if y.shape != x.shape:
-        raise ValueError(f"layersel::{op}: tensor #{i} has shape {list(x.shape)} but its initial tensor has {list(y.shape)}")
+        raise ValueError(
+            f"layersel::{op}: tensor #{i} has shape {list(x.shape)} but its initial tensor has {list(y.shape)}"
+        )
 
 
 def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor:
@@ -163,7 +165,9 @@ def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype) -> Ten
     for i, s in enumerate(scores):
         _check_dtype(s, "sample_masks", i)
         if not s.is_floating_point():
-            raise TypeError(f"layersel::sample_masks: score tensor #{i} has dtype {s.dtype}; scores must be floating point")
+            raise TypeError(
+                f"layersel::sample_masks: score tensor #{i} has dtype {s.dtype}; scores must be floating point"
+            )
     total = sum(s.numel() for s in scores)
     out = torch.empty(total, dtype=dtype, device=device)
     flat = [s.reshape(-1) for s in scores]
@@ -215,8 +219,9 @@ def _key_to_value(key: int, dtype: torch.dtype) -> Tensor:
     return torch.tensor(bits, dtype=_KEY_VIEW[dtype]).view(dtype)
 
 
-def kth_largest_score(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, k: int,
-                      score_dtype: torch.dtype) -> Tensor:
+def kth_largest_score(
+    model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, k: int, score_dtype: torch.dtype
+) -> Tensor:
     """The k-th largest score (1-based) over all tensors, as torch.cat(...).sort(descending=True)[k - 1].
 
     Radix select on order-preserving keys, 16 bits a pass, one tensor at a time (bounded memory).
@@ -243,8 +248,9 @@ def kth_largest_score(model: Sequence[Tensor], initial: Sequence[Tensor], kind: 
     return _key_to_value(prefix, score_dtype)
 
 
-def sparse_extract(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int,
-                   thresholds: Sequence[float]) -> tuple[list[Tensor], list[Tensor]]:
+def sparse_extract(
+    model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, thresholds: Sequence[float]
+) -> tuple[list[Tensor], list[Tensor]]:
     """Per tensor: non-zero model values whose score passes its threshold, and their row-major indices."""
     values, indices = [], []
     for i, x in enumerate(model):

@@ -99,8 +99,9 @@ def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype = torch
         return _torch_ops.sample_masks(scores, seed, dtype)
 
 
-def kth_largest_score(model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int, k: int,
-                      score_dtype: torch.dtype) -> Tensor:
+def kth_largest_score(
+    model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int, k: int, score_dtype: torch.dtype
+) -> Tensor:
     """0-d CPU tensor: the k-th largest (1-based) score of formula ``kind`` over all tensors, in ``score_dtype``.
 
     Equal to ``torch.cat(scores).to(score_dtype).sort(descending=True)[0][k - 1]``; a radix select, never a sort.
@@ -113,8 +114,9 @@ def kth_largest_score(model: Sequence[Tensor], initial: Sequence[Tensor] | None,
         return _torch_ops.kth_largest_score(model, ys, kind, k, score_dtype)
 
 
-def sparse_extract(model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int,
-                   thresholds: Sequence[float]) -> tuple[list[Tensor], list[Tensor]]:
+def sparse_extract(
+    model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int, thresholds: Sequence[float]
+) -> tuple[list[Tensor], list[Tensor]]:
     """Per tensor: the non-zero values of ``model[t]`` whose score passes ``thresholds[t]``, and their
     row-major indices (N x ndim, int64) — what fl4health's COO packer extracts."""
     ys = list(initial) if initial is not None else []
@@ -146,24 +148,26 @@ if COMPILED is not None:
     def _scores_fake(model: list[Tensor], initial: list[Tensor], kind: int) -> list[Tensor]:
         _check_one_device("scores", model, initial)
         dtypes = list(dict.fromkeys(t.dtype for t in model))
-        return [
-            model[0].new_empty((sum(t.numel() for t in model if t.dtype == dt),), dtype=dt) for dt in dtypes
-        ]
+        return [model[0].new_empty((sum(t.numel() for t in model if t.dtype == dt),), dtype=dt) for dt in dtypes]
 
     @torch.library.register_fake("layersel::kth_largest_score")
-    def _kth_largest_score_fake(model: list[Tensor], initial: list[Tensor], kind: int, k: int,
-                                score_dtype: torch.dtype) -> Tensor:
+    def _kth_largest_score_fake(
+        model: list[Tensor], initial: list[Tensor], kind: int, k: int, score_dtype: torch.dtype
+    ) -> Tensor:
         _check_one_device("kth_largest_score", model, initial)
         return torch.empty((), dtype=score_dtype, device="cpu")
 
     @torch.library.register_fake("layersel::sparse_extract")
-    def _sparse_extract_fake(model: list[Tensor], initial: list[Tensor], kind: int,
-                             thresholds: list[float]) -> tuple[list[Tensor], list[Tensor]]:
+    def _sparse_extract_fake(
+        model: list[Tensor], initial: list[Tensor], kind: int, thresholds: list[float]
+    ) -> tuple[list[Tensor], list[Tensor]]:
         _check_one_device("sparse_extract", model, initial)
         ctx = torch.library.get_ctx()
         sizes = [ctx.new_dynamic_size() for _ in model]
-        return ([x.new_empty((n,)) for x, n in zip(model, sizes)],
-                [x.new_empty((n, x.dim()), dtype=torch.int64) for x, n in zip(model, sizes)])
+        return (
+            [x.new_empty((n,)) for x, n in zip(model, sizes)],
+            [x.new_empty((n, x.dim()), dtype=torch.int64) for x, n in zip(model, sizes)],
+        )
 
     @torch.library.register_fake("layersel::sample_masks")
     def _sample_masks_fake(scores: list[Tensor], seed: int, dtype: torch.dtype) -> Tensor:

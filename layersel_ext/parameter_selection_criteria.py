@@ -153,8 +153,7 @@ def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
     host.copy_(staging, non_blocking=True)
     torch.cuda.current_stream(device).synchronize()
     return [
-        host[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape).numpy()
-        for o, t in zip(offsets, tensors)
+        host[o : o + t.numel() * t.element_size()].view(t.dtype).view(t.shape).numpy() for o, t in zip(offsets, tensors)
     ]
 
 
@@ -208,7 +207,7 @@ def select_layers_by_percentage(
     """
     names, xs, ys = paired_state(model, initial_model, "select_layers_by_percentage")
     drifts = _drift_norms(names, xs, ys, normalize, "select_layers_by_percentage")
-    count = int(math.ceil(len(names) * exchange_percentage))
+    count = math.ceil(len(names) * exchange_percentage)
     order = sorted(range(len(names)), key=lambda i: drifts[i], reverse=select_drift_more)[:count]
     kept_names = [names[i] for i in order]
     return _to_numpy(kept_names, [xs[i] for i in order]), kept_names

@@ -41,7 +41,7 @@ def fused_kind(score_gen_function: Callable[..., Any]) -> int | None:
     return None
 
 
-def _comparison_threshold(threshold: float | int, score_dtype: torch.dtype) -> float:
+def _comparison_threshold(threshold: float, score_dtype: torch.dtype) -> float:
     """The value torch compares with in ``scores >= threshold``: the threshold cast to the score dtype
     (floating scores) or to float32 (integer scores)."""
     dtype = score_dtype if score_dtype.is_floating_point else torch.float32
@@ -142,7 +142,9 @@ class SparseCooParameterExchanger:
         return select_sparse_parameters(model, initial_model, self.sparsity_level, self.score_gen_function)
 
     @staticmethod
-    def pack_parameters(model_weights: NDArrays, additional_parameters: tuple[NDArrays, NDArrays, list[str]]) -> NDArrays:
+    def pack_parameters(
+        model_weights: NDArrays, additional_parameters: tuple[NDArrays, NDArrays, list[str]]
+    ) -> NDArrays:
         indices, shapes, names = additional_parameters
         return model_weights + indices + shapes + [np.array(names)]
 

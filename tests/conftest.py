@@ -16,8 +16,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def pytest_configure(config: pytest.Config) -> None:
     # CI sets LAYERSEL_REQUIRE_COMPILED=1: a missing compiled module must fail, not skip.
     if os.environ.get("LAYERSEL_REQUIRE_COMPILED") == "1" and ops.backend() != "compiled":
-        raise pytest.UsageError(f"LAYERSEL_REQUIRE_COMPILED=1 but the compiled module is not loaded: "
-                                f"{layersel_ext.LOAD_REASON}")
+        raise pytest.UsageError(
+            f"LAYERSEL_REQUIRE_COMPILED=1 but the compiled module is not loaded: {layersel_ext.LOAD_REASON}"
+        )
 
 
 @pytest.fixture(params=BACKENDS)

@@ -139,7 +139,7 @@ def test_state_dict_customisation_is_honoured():
 
 
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return subprocess.run(  # noqa: PLW1510 (the return code is asserted)
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
         env={**os.environ, **env},
     )  # fmt: skip
@@ -167,20 +167,25 @@ def test_backend_switch_forces_torch():
 
 
 def test_backend_switch_compiled_missing_is_an_error():
-    r = run_python("import sys; sys.modules['layersel_ext._C'] = None; import layersel_ext",
-                   LAYERSEL_BACKEND="compiled")
+    r = run_python(
+        "import sys; sys.modules['layersel_ext._C'] = None; import layersel_ext", LAYERSEL_BACKEND="compiled"
+    )
     assert r.returncode != 0 and "LAYERSEL_BACKEND=compiled" in r.stderr
 
 
 def test_info_command():
-    r = run_python("import runpy, sys; sys.argv = ['layersel_ext', 'info']; runpy.run_module('layersel_ext', run_name='__main__')")
+    r = run_python(
+        "import runpy, sys; sys.argv = ['layersel_ext', 'info']; runpy.run_module('layersel_ext', run_name='__main__')"
+    )
     assert r.returncode == 0, r.stderr
     assert "active backend" in r.stdout and "layersel::drift_sq_norms" in r.stdout
 
 
 def test_library_does_not_import_fl4health():
-    r = run_python("import sys, layersel_ext; from torch import nn; "
-                   "layersel_ext.select_scores_and_sample_masks(nn.Linear(2, 2), None); "
-                   "print([m for m in sys.modules if m.startswith(('fl4health', 'flwr', 'scipy'))])")
+    r = run_python(
+        "import sys, layersel_ext; from torch import nn; "
+        "layersel_ext.select_scores_and_sample_masks(nn.Linear(2, 2), None); "
+        "print([m for m in sys.modules if m.startswith(('fl4health', 'flwr', 'scipy'))])"
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"

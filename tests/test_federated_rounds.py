@@ -4,7 +4,6 @@ fl4health's own functions and with layersel_ext patched in (examples/federated_r
 from __future__ import annotations
 
 import pytest
-
 from conftest import fl4health_criteria
 
 pytestmark = pytest.mark.integration
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.integration
 def needs_fl4health_clients():
     fl4health_criteria()
     try:
-        import fl4health.clients.partial_weight_exchange_client  # noqa: F401
+        import fl4health.clients.partial_weight_exchange_client
         import fl4health.servers.base_server  # noqa: F401
     except ImportError as exc:  # the clients need more than the criteria module
         import os

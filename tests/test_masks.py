@@ -7,14 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import fl4health_criteria, requires_cuda
 from torch import nn
 
 import layersel_ext as L
-from conftest import fl4health_criteria, requires_cuda
 
 
 def masked_layers():
-    from fl4health.model_bases.masked_layers import masked_conv, masked_linear, masked_normalization_layers as mn
+    from fl4health.model_bases.masked_layers import masked_conv, masked_linear
+    from fl4health.model_bases.masked_layers import masked_normalization_layers as mn
 
     return [
         masked_linear.MaskedLinear(6, 4),
@@ -95,6 +96,7 @@ def test_structural_detection_without_fl4health_classes():
     model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(MyMasked()), MyMasked())
     masks, names = L.select_scores_and_sample_masks(model, None, seed=0)
     assert names == ["1.0.weight_scores", "1.0.bias_scores", "2.weight_scores", "2.bias_scores"]
+    assert [m.shape for m in masks] == [(2, 3), (2,), (2, 3), (2,)]
 
 
 def test_reproducible_under_manual_seed_and_explicit_seed():

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import fl4health_criteria
+from models import make_pair, model_zoo
 
 import layersel_ext as L
-from conftest import fl4health_criteria
-from models import model_zoo, make_pair
 
 SCORE_FUNCTIONS = list(L.SCORE_FUNCTION_NAMES)
 DTYPES = [None, torch.float64, torch.float16]
@@ -37,7 +37,10 @@ def thresholds_for(drifts: list[float]) -> list[float]:
     """Midpoints between distinct drifts, below the smallest and above the largest."""
     vals = sorted({d for d in drifts if not math.isnan(d)})
     mids = [(a + b) / 2 for a, b in zip(vals, vals[1:])]
-    return [v for v in [min(vals) / 2 if vals and vals[0] > 0 else 1e-9, *mids[:: max(1, len(mids) // 6)], 2 * max(vals) + 1]]
+    return [
+        v
+        for v in [min(vals) / 2 if vals and vals[0] > 0 else 1e-9, *mids[:: max(1, len(mids) // 6)], 2 * max(vals) + 1]
+    ]
 
 
 @pytest.mark.parametrize("seed,dtype,name", CASES)
@@ -50,11 +53,15 @@ def test_layer_selection_matches(seed, dtype, name, backend):
         percentages = sorted({0.01, 0.1, 0.25, 0.5, 0.75, 1.0, *[k / n for k in range(1, n + 1, max(1, n // 5))]})
         for more in (True, False):
             for t in thresholds_for(drifts):
-                assert_same_layers(F.select_layers_by_threshold(t, normalize, more, model, initial),
-                                   L.select_layers_by_threshold(t, normalize, more, model, initial))
+                assert_same_layers(
+                    F.select_layers_by_threshold(t, normalize, more, model, initial),
+                    L.select_layers_by_threshold(t, normalize, more, model, initial),
+                )
             for p in percentages:
-                assert_same_layers(F.select_layers_by_percentage(p, normalize, more, model, initial),
-                                   L.select_layers_by_percentage(p, normalize, more, model, initial))
+                assert_same_layers(
+                    F.select_layers_by_percentage(p, normalize, more, model, initial),
+                    L.select_layers_by_percentage(p, normalize, more, model, initial),
+                )
 
 
 @pytest.mark.parametrize("name", [n for n, _ in model_zoo(0)])
@@ -69,12 +76,16 @@ def test_exact_tie_thresholds_on_constant_models(name, backend):
         assert exact, "the constant model should have exactly representable drifts"
         for t in sorted(set(exact)):
             for more in (True, False):
-                assert_same_layers(F.select_layers_by_threshold(t, normalize, more, model, initial),
-                                   L.select_layers_by_threshold(t, normalize, more, model, initial))
+                assert_same_layers(
+                    F.select_layers_by_threshold(t, normalize, more, model, initial),
+                    L.select_layers_by_threshold(t, normalize, more, model, initial),
+                )
         for p in (0.2, 0.5, 0.8, 1.0):
             for more in (True, False):
-                assert_same_layers(F.select_layers_by_percentage(p, normalize, more, model, initial),
-                                   L.select_layers_by_percentage(p, normalize, more, model, initial))
+                assert_same_layers(
+                    F.select_layers_by_percentage(p, normalize, more, model, initial),
+                    L.select_layers_by_percentage(p, normalize, more, model, initial),
+                )
 
 
 def test_constructor_partials_match(backend):
@@ -144,7 +155,9 @@ def test_integer_score_semantics_match_torch(backend):
             if ref[k].is_floating_point():  # the sign of zero too
                 assert torch.equal(torch.signbit(ours[k]), torch.signbit(ref[k])), (fn, k)
     for normalize in (True, False):
-        ref_d = {k: F._calculate_drift_norm(v, initial.state_dict()[k], normalize) for k, v in model.state_dict().items()}
+        ref_d = {
+            k: F._calculate_drift_norm(v, initial.state_dict()[k], normalize) for k, v in model.state_dict().items()
+        }
         ours_d = L.layer_drift_norms(model, initial, normalize)
-        for k in ref_d:
-            assert ours_d[k] == pytest.approx(ref_d[k], rel=1e-6, nan_ok=True), k
+        for k, ref_value in ref_d.items():
+            assert ours_d[k] == pytest.approx(ref_value, rel=1e-6, nan_ok=True), k
