@@ -249,13 +249,13 @@ def kth_largest_score(
 
 
 def sparse_extract(
-    model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, thresholds: Sequence[float]
+    model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, thresholds: Sequence[float | int]
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per tensor: non-zero model values whose score passes its threshold, and their row-major indices."""
     values, indices = [], []
     for i, x in enumerate(model):
         s = sparse_score(kind, x, initial[i] if kind >= 2 else None)
-        if not s.is_floating_point():
+        if not s.is_floating_point() and not isinstance(thresholds[i], int):
             s = s.to(torch.float32)  # torch compares an integer tensor with a float scalar in float32
         keep = (s >= thresholds[i]) & (x != 0)
         values.append(x[keep].reshape(-1))

@@ -41,9 +41,12 @@ def fused_kind(score_gen_function: Callable[..., Any]) -> int | None:
     return None
 
 
-def _comparison_threshold(threshold: float, score_dtype: torch.dtype) -> float:
+def _comparison_threshold(threshold: float, score_dtype: torch.dtype) -> float | int:
     """The value torch compares with in ``scores >= threshold``: the threshold cast to the score dtype
-    (floating scores) or to float32 (integer scores)."""
+    (floating scores) or to float32 (integer scores against a float threshold); an integer threshold
+    against integer scores (all-integer models) is compared exactly."""
+    if isinstance(threshold, int) and not score_dtype.is_floating_point:
+        return threshold
     dtype = score_dtype if score_dtype.is_floating_point else torch.float32
     return float(torch.tensor(threshold, dtype=torch.float64).to(dtype).item())
 
@@ -68,16 +71,20 @@ def select_sparse_parameters(
     if not 0 < sparsity_level <= 1:
         raise ValueError(f"sparsity_level must be in (0, 1], got {sparsity_level}")
     what = "select_sparse_parameters"
-    kind = fused_kind(score_gen_function)
-    if kind is not None:
+    fused = fused_kind(score_gen_function)
+    # Scores come from formula `kind` of (xs, ys): one of the six on (model, initial), or, for a
+    # custom score function, GIVEN_SCORE with ys the scores it returned.
+    if fused is not None:
+        kind = fused
         if kind >= 2:
             names, xs, y_list = paired_state(model, initial_model, what)
             ys: list[Tensor] | None = y_list
         else:
             (names, xs), ys = single_state(model, what), None
         score_dtypes = [x.dtype for x in xs]
-        scores_for_select, select_kind, select_initial = xs, kind, ys
+        kernel_extract = True
     else:
+        kind = _torch_ops.GIVEN_SCORE
         score_dict = score_gen_function(model, initial_model)
         names = list(score_dict)
         states = dict(state_items(model))
@@ -85,14 +92,12 @@ def select_sparse_parameters(
         if missing:
             raise KeyError(f"{what}: score for {missing[0]!r}, which is not in the model's state_dict")
         xs = [states[n] for n in names]
-        scores = [score_dict[n] for n in names]
-        for n, x, s in zip(names, xs, scores):
-            if x.shape != s.shape:
-                raise ValueError(f"layer {n!r}: shape {tuple(x.shape)} in model but its scores have {tuple(s.shape)}")
-        score_dtypes = [s.dtype for s in scores]
-        scores_for_select, select_kind, select_initial = scores, _torch_ops.GIVEN_SCORE, scores
-        same_dtypes = all(x.dtype == s.dtype for x, s in zip(xs, scores))
-        kind, ys = (_torch_ops.GIVEN_SCORE, scores) if same_dtypes else (None, scores)
+        ys = [score_dict[n] for n in names]
+        for n, x, sc in zip(names, xs, ys):
+            if x.shape != sc.shape:
+                raise ValueError(f"layer {n!r}: shape {tuple(x.shape)} in model but its scores have {tuple(sc.shape)}")
+        score_dtypes = [sc.dtype for sc in ys]
+        kernel_extract = score_dtypes == [x.dtype for x in xs]  # the kernels read both in one dtype
 
     total = sum(x.numel() for x in xs)
     top = math.ceil(total * sparsity_level)
@@ -100,17 +105,20 @@ def select_sparse_parameters(
         raise ValueError(f"{what}: no parameter would be selected ({total} scores, sparsity {sparsity_level})")
     promoted = reduce(torch.promote_types, score_dtypes)  # the dtype torch.cat gives the scores
     try:
-        kth = ops.kth_largest_score(scores_for_select, select_initial, select_kind, top, promoted)
+        if fused is not None:
+            kth = ops.kth_largest_score(xs, ys, kind, top, promoted)
+        else:
+            kth = ops.kth_largest_score(ys, ys, kind, top, promoted)  # type: ignore[arg-type]
         threshold = kth.item()
         thresholds = [_comparison_threshold(threshold, dt) for dt in score_dtypes]
-        if kind is None or not promoted.is_floating_point:
-            # Scores of another dtype than their tensor, or all-integer scores: the torch twin.
-            values, indices = _torch_ops.sparse_extract(xs, ys or [], _torch_ops.GIVEN_SCORE if ys else 0, thresholds)
-        else:
+        if kernel_extract and promoted.is_floating_point:
             values, indices = ops.sparse_extract(xs, ys, kind, thresholds)
+        else:
+            # Scores of another dtype than their tensor, or all-integer scores (an exact integer
+            # threshold): the torch twin.
+            values, indices = _torch_ops.sparse_extract(xs, ys or [], kind, thresholds)
     except (RuntimeError, ValueError, TypeError) as exc:
-        explain_failure(exc, names, xs, ys if kind is not None and kind >= 2 else None, what)
-        raise
+        explain_failure(exc, names, xs, ys if fused is not None and kind >= 2 else None, what)
     kept = [i for i, x in enumerate(xs) if x.dim() > 0 and values[i].numel() > 0]
     for i in kept:
         if xs[i].dtype == torch.bfloat16:

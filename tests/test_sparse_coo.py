@@ -266,3 +266,22 @@ def test_kth_largest_full_pass_path():
     env = {**os.environ, "LAYERSEL_SPARSE_MAX_CANDIDATES": "0"}
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_all_integer_model_matches_fl4health(backend):
+    """Only integer buffers: the scores concatenate to int64 and the threshold is an exact integer."""
+    F = fl4health_criteria()
+
+    class Counters(nn.Module):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+            self.register_buffer("a", torch.randint(-50, 50, (40,), generator=g))
+            self.register_buffer("b", torch.randint(-9, 9, (3, 5), generator=g))
+            self.register_buffer("big", torch.tensor([2**40 + 1, 2**40, -(2**40) - 1]))
+
+    model, initial = Counters(0), Counters(1)
+    for fn in SCORE_FUNCTIONS:
+        for sparsity in (0.02, 0.05, 0.3, 1.0):
+            ref = reference_exchanger(sparsity, getattr(F, fn)).select_parameters(model, initial)
+            assert_same_selection(ref, select_sparse_parameters(model, initial, sparsity, getattr(L, fn)))
