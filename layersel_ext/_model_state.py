@@ -10,6 +10,7 @@ overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through t
 from __future__ import annotations
 
 import re
+from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -77,8 +78,10 @@ def explain_entry(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, i
             raise ValueError(f"layer {name!r}: device {x.device} in model but {y.device} in initial_model")
 
 
-def explain_failure(exc: Exception, names: list[str], xs: list[Tensor], ys: list[Tensor] | None, what: str) -> None:
-    """Turn a kernel's 'tensor #i' error into one that names the layer; re-raise otherwise."""
+def explain_failure(
+    exc: Exception, names: list[str], xs: list[Tensor], ys: list[Tensor] | None, what: str
+) -> NoReturn:
+    """Turn a kernel's 'tensor #i' error into one that names the layer; re-raise it otherwise. Never returns."""
     match = re.search(r"tensor #(\d+)", str(exc))
     if match and int(match.group(1)) < len(names):
         explain_entry(names, xs, ys, int(match.group(1)), what)
