@@ -78,9 +78,7 @@ def explain_entry(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, i
             raise ValueError(f"layer {name!r}: device {x.device} in model but {y.device} in initial_model")
 
 
-def explain_failure(
-    exc: Exception, names: list[str], xs: list[Tensor], ys: list[Tensor] | None, what: str
-) -> NoReturn:
+def explain_failure(exc: Exception, names: list[str], xs: list[Tensor], ys: list[Tensor] | None, what: str) -> NoReturn:
     """Turn a kernel's 'tensor #i' error into one that names the layer; re-raise it otherwise. Never returns."""
     match = re.search(r"tensor #(\d+)", str(exc))
     if match and int(match.group(1)) < len(names):
