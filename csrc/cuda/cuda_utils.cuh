@@ -42,6 +42,23 @@ inline DeviceTable upload_table(const WorkTable& table, c10::Device device) {
   return out;
 }
 
+// The (tensor, chunk) a block owns: its tensor's index and entry, and the
+// chunk's offset and length in that tensor.
+struct ChunkRef {
+  int32_t t;
+  TensorEntry e;
+  int64_t off;
+  int64_t len;
+};
+
+__device__ __forceinline__ ChunkRef locate_chunk(const TensorEntry* entries, const int64_t* first_chunk, int32_t n,
+                                                 int64_t c) {
+  const int32_t t = tensor_of_chunk(first_chunk, n, c);
+  const TensorEntry e = entries[t];
+  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
+  return ChunkRef{t, e, off, min(kCudaChunk, e.numel - off)};
+}
+
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);

@@ -43,10 +43,7 @@ __device__ double chunk_sq_sum(const T* a, const T* b, int64_t n) {
 __global__ void __launch_bounds__(kThreads)
     drift_chunks_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, double* partial) {
   const int64_t c = blockIdx.x;
-  const int32_t t = tensor_of_chunk(first_chunk, n, c);
-  const TensorEntry e = entries[t];
-  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
-  const int64_t len = min(kCudaChunk, e.numel - off);
+  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
   double s = 0.0;
   LS_SWITCH_DTYPE(e.dtype, T, {
     s = chunk_sq_sum(static_cast<const T*>(e.x) + off, static_cast<const T*>(e.y) + off, len);

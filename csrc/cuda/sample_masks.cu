@@ -17,10 +17,7 @@ __global__ void __launch_bounds__(kThreads) sample_masks_kernel(const TensorEntr
                                                                 const int64_t* first_chunk, int32_t n,
                                                                 uint64_t seed, M* out) {
   const int64_t c = blockIdx.x;
-  const int32_t t = tensor_of_chunk(first_chunk, n, c);
-  const TensorEntry e = entries[t];
-  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
-  const int64_t len = min(kCudaChunk, e.numel - off);
+  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
   const uint64_t g0 = static_cast<uint64_t>(e.base + off);
   const uint64_t g1 = g0 + static_cast<uint64_t>(len);  // exclusive
   const PhiloxStream stream(seed);

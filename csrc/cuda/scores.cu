@@ -30,10 +30,7 @@ __device__ void score_chunk(int64_t kind, const T* x, const T* y, T* out, int64_
 __global__ void __launch_bounds__(kThreads)
     scores_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind) {
   const int64_t c = blockIdx.x;
-  const int32_t t = tensor_of_chunk(first_chunk, n, c);
-  const TensorEntry e = entries[t];
-  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
-  const int64_t len = min(kCudaChunk, e.numel - off);
+  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
   LS_SWITCH_DTYPE(e.dtype, T, {
     const T* x = static_cast<const T*>(e.x) + off;
     const T* y = score_kind_uses_initial(kind) ? static_cast<const T*>(e.y) + off : x;

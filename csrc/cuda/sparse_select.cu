@@ -25,10 +25,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int b = threadIdx.x; b < kDigitBins; b += blockDim.x) local[b] = 0;
   __syncthreads();
   const int64_t c = blockIdx.x;
-  const int32_t t = tensor_of_chunk(first_chunk, n, c);
-  const TensorEntry e = entries[t];
-  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
-  const int64_t len = min(kCudaChunk, e.numel - off);
+  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
   constexpr int bits = static_cast<int>(sizeof(P) * 8);
   LS_SWITCH_DTYPE(e.dtype, T, {
     const T* x = static_cast<const T*>(e.x) + off;
@@ -107,10 +104,7 @@ __global__ void __launch_bounds__(kThreads)
     count_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind,
                  const double* thresholds, int64_t* counts) {
   const int64_t c = blockIdx.x;
-  const int32_t t = tensor_of_chunk(first_chunk, n, c);
-  const TensorEntry e = entries[t];
-  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
-  const int64_t len = min(kCudaChunk, e.numel - off);
+  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
   double count = 0;
   LS_SWITCH_DTYPE(e.dtype, T, {
     const T* x = static_cast<const T*>(e.x) + off;
@@ -127,11 +121,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ int64_t scan[kThreads];
   const int64_t c = blockIdx.x;
   if (counts[c] == 0) return;
-  const int32_t t = tensor_of_chunk(first_chunk, n, c);
-  const TensorEntry e = entries[t];
+  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
   const ExtractTarget target = targets[c];
-  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
-  const int64_t len = min(kCudaChunk, e.numel - off);
   // Each thread owns a contiguous run of the chunk, so a block-wide exclusive
   // scan of the per-thread counts keeps the row-major order.
   const int64_t per = (len + blockDim.x - 1) / blockDim.x;
