@@ -83,4 +83,27 @@ LS_HD float drift_term(T a, T b) {
   return static_cast<float>(wrap_sub(a, b));
 }
 
+// One term of a layer's squared drift norm, the one definition every backend
+// uses (the torch twin too): the square of the drift term in float32, as
+// fl4health's float32 norm computes it (so a square that underflows to 0 or
+// overflows to inf does so here too), then widened to double. The terms are
+// summed in double and the total is rounded to float32 before the square root
+// (layersel_ext/parameter_selection_criteria.py): a total above the float32
+// maximum is inf, as in fl4health, but without fl4health's float32
+// accumulation error.
+template <typename T>
+LS_HD double drift_square(T a, T b) {
+  const float d = drift_term(a, b);
+  return static_cast<double>(LS_FMUL(d, d));
+}
+
+// A one-element entry: torch's norm of one element is its absolute value (no
+// square, so no underflow or overflow), so the op returns the exact square in
+// double, whose square root is |d| exactly.
+template <typename T>
+LS_HD double drift_square_single(T a, T b) {
+  const double d = drift_term(a, b);
+  return d * d;
+}
+
 }  // namespace layersel

@@ -1,4 +1,5 @@
-// CUDA: per-tensor sums of float(model - initial)^2. One launch covers every
+// CUDA: per-tensor sums of drift_square(model, initial) (float32 squares, summed
+// in double). One launch covers every
 // tensor (a block per chunk, any dtype); a second tiny launch adds each
 // tensor's chunk partials in chunk order. No float atomics: same bits always.
 #include <torch/library.h>
@@ -9,34 +10,35 @@
 namespace layersel {
 namespace {
 
+// The per-element definition is drift_square() (csrc/common/scores.h), as on
+// the CPU: each square in float32, summed in double. Which thread adds which
+// element depends only on the element's index in the chunk (16-byte vectors by
+// index, loaded as vectors when the chunk is aligned and element by element
+// when not), so an aligned tensor and a misaligned view of the same data give
+// the same bits.
 template <typename T>
 __device__ double chunk_sq_sum(const T* a, const T* b, int64_t n) {
+  using V = Vec16<T>;
+  constexpr int K = V::kCount;
+  const bool vector_loads = aligned16(a) && aligned16(b);
+  const int64_t nv = n / K;
   double acc = 0.0;
-  if (aligned16(a) && aligned16(b)) {
-    using V = Vec16<T>;
-    const int64_t nv = n / V::kCount;
-    const V* av = reinterpret_cast<const V*>(a);
-    const V* bv = reinterpret_cast<const V*>(b);
-    for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
-      const V x = av[i], y = bv[i];
-      float s = 0.0f;
+  for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+    V x, y;
+    if (vector_loads) {
+      x = reinterpret_cast<const V*>(a)[v];
+      y = reinterpret_cast<const V*>(b)[v];
+    } else {
 #pragma unroll
-      for (int k = 0; k < V::kCount; ++k) {
-        const float d = drift_term(x.v[k], y.v[k]);
-        s += d * d;
+      for (int k = 0; k < K; ++k) {
+        x.v[k] = a[v * K + k];
+        y.v[k] = b[v * K + k];
       }
-      acc += s;
     }
-    for (int64_t i = nv * V::kCount + threadIdx.x; i < n; i += blockDim.x) {
-      const double d = drift_term(a[i], b[i]);
-      acc += d * d;
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-      const double d = drift_term(a[i], b[i]);
-      acc += d * d;
-    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc += drift_square(x.v[k], y.v[k]);
   }
+  for (int64_t i = nv * K + threadIdx.x; i < n; i += blockDim.x) acc += drift_square(a[i], b[i]);
   return acc;
 }
 
@@ -46,7 +48,9 @@ __global__ void __launch_bounds__(kThreads)
   const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
   double s = 0.0;
   LS_SWITCH_DTYPE(e.dtype, T, {
-    s = chunk_sq_sum(static_cast<const T*>(e.x) + off, static_cast<const T*>(e.y) + off, len);
+    const T* a = static_cast<const T*>(e.x) + off;
+    const T* b = static_cast<const T*>(e.y) + off;
+    s = e.numel == 1 ? (threadIdx.x == 0 ? drift_square_single(a[0], b[0]) : 0.0) : chunk_sq_sum(a, b, len);
   });
   s = block_sum(s);
   if (threadIdx.x == 0) partial[c] = s;
@@ -63,7 +67,7 @@ __global__ void finalize_kernel(const int64_t* first_chunk, int32_t n, const dou
 at::Tensor drift_sq_norms_cuda(at::TensorList model, at::TensorList initial) {
   WorkTable table = build_work_table(model, initial, /*needs_y=*/true, kCudaChunk, "drift_sq_norms");
   const int64_t n = static_cast<int64_t>(table.entries.size());
-  const c10::Device device = model[0].device();
+  const c10::Device device = cuda_device_of(model, "drift_sq_norms");
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kDouble).device(device));
   const int64_t chunks = table.total_chunks();
