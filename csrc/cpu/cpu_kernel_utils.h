@@ -2,6 +2,7 @@
 // walk over a work table's chunks.
 #pragma once
 #include <ATen/Parallel.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <ATen/ATen.h>
 
@@ -74,9 +75,26 @@ class OutputBlockCache {
       }
     }
     if (p == nullptr && posix_memalign(&p, 64, capacity) != 0) throw std::bad_alloc();
-    return at::from_blob(
-        p, {n}, [capacity](void* q) { OutputBlockCache::instance().give_back(q, capacity); },
-        at::TensorOptions().dtype(dtype));
+    // A resizable storage, as torch.empty's: a caller may resize_ the output (fl4health's
+    // outputs allow it); growing it moves the data to memory from the CPU allocator and
+    // gives this block back.
+    c10::DataPtr data(p, new Block{p, capacity}, &release, c10::Device(c10::kCPU));
+    c10::Storage storage(c10::Storage::use_byte_size_t(), static_cast<size_t>(n) * c10::elementSize(dtype),
+                         std::move(data), c10::GetCPUAllocator(), /*resizable=*/true);
+    at::Tensor out = at::empty({0}, at::TensorOptions().dtype(dtype));
+    out.set_(storage, 0, {n}, {1});
+    return out;
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t capacity;
+  };
+  static void release(void* ctx) {
+    const Block* block = static_cast<const Block*>(ctx);
+    instance().give_back(block->p, block->capacity);
+    delete block;
   }
 
  private:

@@ -197,13 +197,18 @@ int64_t count_chunk(const T* x, const T* y, int64_t n, double threshold) {
 // Row-major coordinates of the kept elements only (most are not kept); the
 // common 1-D and 2-D cases without a 64-bit division loop. (Measured here: a
 // branch-free compaction with an odometer index was slower at 1% and 10%.)
+//
+// The output has room for exactly `cap` rows (the counting pass's count):
+// writes stop there even if the data changed in between (another thread
+// updating the weights in place), and rows left unfilled are zeroed. The
+// answer may then be stale; memory is never corrupted.
 template <int64_t kind, typename T>
 void write_chunk(const T* x, const T* y, int64_t off, int64_t n, double threshold, T* values, int64_t* indices,
-                 const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
+                 int64_t cap, const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
   const size_t ndim = sizes.size();
   const bool small = off + n <= int64_t{UINT32_MAX};
   int64_t w = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n && w < cap; ++i) {
     if (!(passes_threshold(sparse_score<T>(kind, x[i], y[i]), threshold) && is_nonzero(x[i]))) continue;
     values[w] = x[i];
     const int64_t flat = off + i;
@@ -218,6 +223,10 @@ void write_chunk(const T* x, const T* y, int64_t off, int64_t n, double threshol
       for (size_t dim = 0; dim < ndim; ++dim) out[dim] = (flat / strides[dim]) % sizes[dim];
     }
     ++w;
+  }
+  for (; w < cap; ++w) {
+    values[w] = T(0);
+    std::fill(indices + w * static_cast<int64_t>(ndim), indices + (w + 1) * static_cast<int64_t>(ndim), int64_t{0});
   }
 }
 
@@ -262,7 +271,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
       T* v = values[t].data_ptr<T>() + chunk_offset[c];
       int64_t* ix = indices[t].data_ptr<int64_t>() + chunk_offset[c] * static_cast<int64_t>(sizes[t].size());
       with_kind(kind, [&](auto k) {
-        write_chunk<decltype(k)::value, T>(x, y, off, len, thresholds[t], v, ix, sizes[t], strides[t]);
+        write_chunk<decltype(k)::value, T>(x, y, off, len, thresholds[t], v, ix, counts[c], sizes[t], strides[t]);
       });
     });
   });

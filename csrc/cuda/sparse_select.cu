@@ -78,7 +78,7 @@ at::Tensor kth_largest_score_cuda(at::TensorList model, at::TensorList initial, 
   const WorkTable table = build_work_table(model, initial, kind >= 2, kCudaChunk, "kth_largest_score");
   TORCH_CHECK_VALUE(k >= 1 && k <= table.total_numel, "layersel::kth_largest_score: k must be in [1, ",
                     table.total_numel, "], got ", k);
-  const c10::Device device = model[0].device();
+  const c10::Device device = cuda_device_of(model, "kth_largest_score");
   const c10::cuda::CUDAGuard guard(device);
   const DeviceTable dt = upload_table(table, device);
   return kth_value_for_dtype(score_dtype, [&](auto tag) {
@@ -119,8 +119,14 @@ __global__ void __launch_bounds__(kThreads)
     write_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind,
                  const ExtractTarget* targets, const int64_t* counts) {
   __shared__ int64_t scan[kThreads];
+  __shared__ int64_t found;
   const int64_t c = blockIdx.x;
-  if (counts[c] == 0) return;
+  // The output holds exactly counts[c] rows for this chunk (the counting
+  // pass). Writes stop there even if the data changed in between (another
+  // thread updating the weights in place): the answer may be stale, memory is
+  // never corrupted; rows the data no longer fills are zeroed.
+  const int64_t cap = counts[c];
+  if (cap == 0) return;
   const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
   const ExtractTarget target = targets[c];
   // Each thread owns a contiguous run of the chunk, so a block-wide exclusive
@@ -141,11 +147,12 @@ __global__ void __launch_bounds__(kThreads)
         scan[j] = running;
         running += v;
       }
+      found = min(running, cap);
     }
     __syncthreads();
     int64_t w = scan[threadIdx.x];
     T* values = static_cast<T*>(target.values);
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i = begin; i < end && w < cap; ++i) {
       if (!keep(kind, x, y, i, target.threshold)) continue;
       values[w] = x[i];
       int64_t flat = off + i;
@@ -155,6 +162,14 @@ __global__ void __launch_bounds__(kThreads)
       }
       ++w;
     }
+  });
+  __syncthreads();
+  for (int64_t w = found + threadIdx.x; w < cap; w += blockDim.x) {
+    for (int dim = 0; dim < target.ndim; ++dim) target.indices[w * target.ndim + dim] = 0;
+  }
+  LS_SWITCH_DTYPE(e.dtype, T, {
+    T* values = static_cast<T*>(target.values);
+    for (int64_t w = found + threadIdx.x; w < cap; w += blockDim.x) values[w] = T(0);
   });
 }
 
@@ -170,7 +185,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cuda
   for (size_t t = 0; t < n; ++t)
     TORCH_CHECK_VALUE(model[t].dim() <= kMaxDims, "layersel::sparse_extract: tensor #", t, " has ", model[t].dim(),
                       " dimensions; the CUDA kernel handles up to ", kMaxDims);
-  const c10::Device device = model[0].device();
+  const c10::Device device = cuda_device_of(model, "sparse_extract");
   const c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t chunks = table.total_chunks();
