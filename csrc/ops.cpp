@@ -9,8 +9,11 @@ TORCH_LIBRARY(layersel, m) {
   // buffer per dtype, in order of first appearance.
   m.def("scores(Tensor[] model, Tensor[] initial, int kind) -> Tensor[]");
   // Bernoulli(sigmoid(score)) masks of all tensors, flat, in `dtype`;
-  // Philox4x32-10 keyed by `seed` and the global element index.
-  m.def("sample_masks(Tensor[] scores, int seed, ScalarType dtype) -> Tensor");
+  // Philox4x32-10 keyed by `seed` and the global element index. With
+  // key_by_scores, the key is key_from_scores(seed, fingerprint of the scores)
+  // (csrc/common/fingerprint.h): clients with different scores draw
+  // independent streams even when their seeds are equal.
+  m.def("sample_masks(Tensor[] scores, int seed, ScalarType dtype, bool key_by_scores=False) -> Tensor");
   // The k-th largest (1-based) of all scores of formula `kind` (6: the scores
   // are `initial`), each converted to `score_dtype` as torch.cat would: a 0-d
   // CPU tensor. Radix select, never a sort.

@@ -48,22 +48,10 @@ int64_t cpu_threads_used(int64_t items) {
   return static_cast<int64_t>(ids.size());
 }
 
-// The same op through the dispatcher's unboxed C++ entry: torch.ops boxes each
-// list element into an IValue (about 0.2 us a tensor, 0.4 ms for a 2,000-tensor
-// model); pybind's list -> std::vector<at::Tensor> conversion is a few times
-// cheaper. Dispatch (CPU / CUDA / fake) is unchanged.
-at::Tensor drift_sq_norms_unboxed(const std::vector<at::Tensor>& model, const std::vector<at::Tensor>& initial) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("layersel::drift_sq_norms", "")
-                             .typed<at::Tensor(at::TensorList, at::TensorList)>();
-  return op.call(model, initial);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "layersel_ext compiled kernels (ops are registered as torch.ops.layersel.*)";
   m.def("build_info", &build_info, "How this module was compiled");
   m.def("cpu_threads_used", &cpu_threads_used, "Distinct threads used by at::parallel_for over `items`");
-  m.def("drift_sq_norms", &drift_sq_norms_unboxed, "torch.ops.layersel.drift_sq_norms without per-tensor boxing");
 }

@@ -7,6 +7,8 @@
 #include <string>
 
 #include "../common/bernoulli.h"
+#include "../common/fingerprint.h"
+#include "../common/op_checks.h"
 #include "../common/philox.h"
 #include "bernoulli_simd.h"
 #include "cpu_kernel_utils.h"
@@ -88,14 +90,62 @@ void sample_chunk(PhiloxStream stream, uint64_t g, const T* x, M* out, int64_t n
   sample_chunk_portable(stream, g, x, out, n);
 }
 
-at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(dtype != at::kBool, "layersel::sample_masks: bool masks are refused (the server sums masks)");
+// Elements [g0, g0 + n) of the fingerprint sum (csrc/common/fingerprint.h):
+// whole 64-element blocks of the global index in a loop that vectorises
+// (32 x 32 -> 64-bit multiplies), the edges one by one.
+template <typename T>
+uint64_t fingerprint_chunk(const T* x, uint64_t g0, int64_t n) {
+  static const auto weights = [] {
+    struct {
+      uint32_t lo[kFingerprintLanes], hi[kFingerprintLanes];
+    } w;
+    for (int l = 0; l < kFingerprintLanes; ++l) {
+      w.lo[l] = static_cast<uint32_t>(fingerprint_weight_lo(l));
+      w.hi[l] = static_cast<uint32_t>(fingerprint_weight_hi(l));
+    }
+    return w;
+  }();
+  auto one = [&](int64_t i) {
+    const uint64_t g = g0 + static_cast<uint64_t>(i);
+    return fingerprint_term(raw_bits(x[i]), static_cast<int>(g % kFingerprintLanes)) * fingerprint_block_weight(g);
+  };
+  uint64_t f = 0;
+  int64_t i = 0;
+  for (; i < n && (g0 + i) % kFingerprintLanes != 0; ++i) f += one(i);
+  for (; i + kFingerprintLanes <= n; i += kFingerprintLanes) {
+    uint64_t s = 0;
+    for (int l = 0; l < kFingerprintLanes; ++l) {
+      const uint64_t bits = raw_bits(x[i + l]);
+      s += static_cast<uint64_t>(static_cast<uint32_t>(bits)) * weights.lo[l];
+      if constexpr (sizeof(T) == 8) s += (bits >> 32) * weights.hi[l];
+    }
+    f += s * fingerprint_block_weight(g0 + static_cast<uint64_t>(i));
+  }
+  for (; i < n; ++i) f += one(i);
+  return f;
+}
+
+uint64_t fingerprint_cpu(const WorkTable& table) {
+  std::vector<uint64_t> partial(static_cast<size_t>(table.total_chunks()), 0);
+  for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t c, int64_t off, int64_t len) {
+    LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
+      partial[c] = fingerprint_chunk(static_cast<const T*>(e.x) + off, static_cast<uint64_t>(e.base + off), len);
+    });
+  });
+  uint64_t f = 0;
+  for (uint64_t p : partial) f += p;  // mod 2^64: any order gives the same bits
+  return f;
+}
+
+at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores) {
+  check_mask_dtype(dtype);
   WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCpuChunk, "sample_masks");
-  for (size_t i = 0; i < table.entries.size(); ++i)
-    TORCH_CHECK_TYPE(is_floating_code(table.entries[i].dtype), "layersel::sample_masks: score tensor #", i,
-                     " has dtype ", scores[i].scalar_type(), "; scores must be floating point");
+  check_floating_scores(table, scores);
   at::Tensor out = empty_cpu_output(table.total_numel, dtype);
-  const PhiloxStream stream(static_cast<uint64_t>(seed));
+  const uint64_t key = key_by_scores ? key_from_scores(static_cast<uint64_t>(seed), fingerprint_cpu(table),
+                                                       static_cast<uint64_t>(table.total_numel))
+                                     : static_cast<uint64_t>(seed);
+  const PhiloxStream stream(key);
   AT_DISPATCH_INTEGRAL_TYPES(dtype, "sample_masks_cpu", [&] {
     using M = scalar_t;
     M* o = out.data_ptr<M>();

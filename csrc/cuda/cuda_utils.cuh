@@ -42,6 +42,18 @@ inline DeviceTable upload_table(const WorkTable& table, c10::Device device) {
   return out;
 }
 
+// The CUDA device of a non-empty list whose tensors build_work_table found on
+// one device; a clear error (not CUDAGuard's internal assert) for an empty
+// list or a list on another device (a CPU model beside CUDA initial tensors
+// reaches the CUDA kernel through the dispatcher).
+inline c10::Device cuda_device_of(at::TensorList tensors, const char* op) {
+  TORCH_CHECK_VALUE(!tensors.empty(), "layersel::", op, ": got an empty list of model tensors");
+  const c10::Device device = tensors[0].device();
+  TORCH_CHECK_VALUE(device.is_cuda(), "layersel::", op, ": tensor #0 is on ", device,
+                    " but other arguments are on a CUDA device (one device per call)");
+  return device;
+}
+
 // The (tensor, chunk) a block owns: its tensor's index and entry, and the
 // chunk's offset and length in that tensor.
 struct ChunkRef {
@@ -59,20 +71,23 @@ __device__ __forceinline__ ChunkRef locate_chunk(const TensorEntry* entries, con
   return ChunkRef{t, e, off, min(kCudaChunk, e.numel - off)};
 }
 
-__device__ __forceinline__ double warp_sum(double v) {
+template <typename V>
+__device__ __forceinline__ V warp_sum(V v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
   return v;
 }
 
 // Sum over the block in a fixed tree order; the result is valid in thread 0.
-__device__ __forceinline__ double block_sum(double v) {
-  __shared__ double warp_partials[kThreads / 32];
+// (double: the same bits on every run; uint64_t: exact, mod 2^64.)
+template <typename V>
+__device__ __forceinline__ V block_sum(V v) {
+  __shared__ V warp_partials[kThreads / 32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   v = warp_sum(v);
   if (lane == 0) warp_partials[warp] = v;
   __syncthreads();
-  v = threadIdx.x < kThreads / 32 ? warp_partials[threadIdx.x] : 0.0;
+  v = threadIdx.x < kThreads / 32 ? warp_partials[threadIdx.x] : V(0);
   if (warp == 0) v = warp_sum(v);
   return v;
 }

@@ -6,54 +6,92 @@
 #include <torch/library.h>
 
 #include "../common/bernoulli.h"
+#include "../common/fingerprint.h"
+#include "../common/op_checks.h"
 #include "../common/philox.h"
 #include "cuda_utils.cuh"
 
 namespace layersel {
 namespace {
 
+// Adds each chunk's fingerprint terms to *out (integer atomics: the sum is
+// mod 2^64, so the order does not matter and the bits are always the same).
+__global__ void __launch_bounds__(kThreads) fingerprint_kernel(const TensorEntry* entries, const int64_t* first_chunk,
+                                                               int32_t n, unsigned long long* out) {
+  const int64_t c = blockIdx.x;
+  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
+  const uint64_t g0 = static_cast<uint64_t>(e.base + off);
+  uint64_t f = 0;
+  LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
+    const T* x = static_cast<const T*>(e.x) + off;
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+      const uint64_t g = g0 + static_cast<uint64_t>(i);
+      f += fingerprint_term(raw_bits(x[i]), static_cast<int>(g % kFingerprintLanes)) * fingerprint_block_weight(g);
+    }
+  });
+  f = block_sum(f);
+  if (threadIdx.x == 0) atomicAdd(out, static_cast<unsigned long long>(f));
+}
+
+// One element: the shared math (the dtype switch stays outside the loops).
+template <typename T, typename M>
+__device__ __forceinline__ void sample_block(const PhiloxStream& stream, uint64_t b, uint64_t g0, uint64_t g1,
+                                             const T* x, int64_t base, M* out) {
+  const Philox4x32Out r = stream.block(b);
+#pragma unroll
+  for (int lane = 0; lane < 4; ++lane) {
+    const uint64_t g = 4 * b + lane;
+    if (g >= g0 && g < g1) {
+      out[g] = static_cast<M>(bernoulli_sample(static_cast<float>(x[static_cast<int64_t>(g) - base]), r.v[lane]));
+    }
+  }
+}
+
+// `fingerprint` null: the key is `seed`; else key_from_scores(seed, *fingerprint, total).
 template <typename M>
 __global__ void __launch_bounds__(kThreads) sample_masks_kernel(const TensorEntry* entries,
                                                                 const int64_t* first_chunk, int32_t n,
-                                                                uint64_t seed, M* out) {
+                                                                uint64_t seed, const unsigned long long* fingerprint,
+                                                                uint64_t total, M* out) {
   const int64_t c = blockIdx.x;
   const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
   const uint64_t g0 = static_cast<uint64_t>(e.base + off);
   const uint64_t g1 = g0 + static_cast<uint64_t>(len);  // exclusive
-  const PhiloxStream stream(seed);
+  const PhiloxStream stream(fingerprint ? key_from_scores(seed, *fingerprint, total) : seed);
   // Each thread takes whole Philox blocks; edge blocks are shared with the
   // neighbouring chunk or tensor, each writing only its own elements.
-  for (uint64_t b = (g0 >> 2) + threadIdx.x; b <= ((g1 - 1) >> 2); b += blockDim.x) {
-    const Philox4x32Out r = stream.block(b);
-    LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
-      const T* x = static_cast<const T*>(e.x);
-#pragma unroll
-      for (int lane = 0; lane < 4; ++lane) {
-        const uint64_t g = 4 * b + lane;
-        if (g >= g0 && g < g1) {
-          const int64_t i = static_cast<int64_t>(g) - e.base;
-          out[g] = static_cast<M>(bernoulli_sample(static_cast<float>(x[i]), r.v[lane]));
-        }
-      }
-    });
-  }
+  LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
+    const T* x = static_cast<const T*>(e.x);
+    for (uint64_t b = (g0 >> 2) + threadIdx.x; b <= ((g1 - 1) >> 2); b += blockDim.x)
+      sample_block<T, M>(stream, b, g0, g1, x, e.base, out);
+  });
 }
 
-at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(dtype != at::kBool, "layersel::sample_masks: bool masks are refused (the server sums masks)");
+at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores) {
+  check_mask_dtype(dtype);  // before the empty-input return: the CPU kernel refuses the same dtypes
   WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCudaChunk, "sample_masks");
-  for (size_t i = 0; i < table.entries.size(); ++i)
-    TORCH_CHECK_TYPE(is_floating_code(table.entries[i].dtype), "layersel::sample_masks: score tensor #", i,
-                     " has dtype ", scores[i].scalar_type(), "; scores must be floating point");
-  const c10::Device device = scores[0].device();
+  check_floating_scores(table, scores);
+  const c10::Device device = cuda_device_of(scores, "sample_masks");
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor out = at::empty({table.total_numel}, at::TensorOptions().dtype(dtype).device(device));
   const int64_t chunks = table.total_chunks();
   if (chunks == 0) return out;
   DeviceTable dt = upload_table(table, device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor fingerprint;
+  if (key_by_scores) {  // computed and used on the device: no host sync
+    fingerprint = at::empty({1}, at::TensorOptions().dtype(at::kLong).device(device));
+    C10_CUDA_CHECK(cudaMemsetAsync(fingerprint.data_ptr<int64_t>(), 0, sizeof(int64_t), stream));
+    fingerprint_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+        dt.entries, dt.first_chunk, dt.n, reinterpret_cast<unsigned long long*>(fingerprint.data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const auto* fp =
+      key_by_scores ? reinterpret_cast<const unsigned long long*>(fingerprint.data_ptr<int64_t>()) : nullptr;
   AT_DISPATCH_INTEGRAL_TYPES(dtype, "sample_masks_cuda", [&] {
-    sample_masks_kernel<scalar_t><<<static_cast<unsigned>(chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        dt.entries, dt.first_chunk, dt.n, static_cast<uint64_t>(seed), out.data_ptr<scalar_t>());
+    sample_masks_kernel<scalar_t><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+        dt.entries, dt.first_chunk, dt.n, static_cast<uint64_t>(seed), fp, static_cast<uint64_t>(table.total_numel),
+        out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -42,7 +42,7 @@ std::vector<at::Tensor> scores_cuda(at::TensorList model, at::TensorList initial
   TORCH_CHECK_VALUE(kind >= 0 && kind < kNumScoreKinds, "layersel::scores: kind must be in [0, ",
                     kNumScoreKinds, "), got ", kind);
   WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "scores");
-  const c10::Device device = model[0].device();
+  const c10::Device device = cuda_device_of(model, "scores");
   const c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> buffers = allocate_grouped_outputs(table, [&](int64_t n, at::ScalarType dtype) {
     return at::empty({n}, at::TensorOptions().dtype(dtype).device(device));
