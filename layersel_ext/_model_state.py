@@ -1,8 +1,10 @@
 """Reading a model's state_dict entries, and checking two models against each other.
 
-``state_items`` returns exactly what ``model.state_dict().items()`` would (names, order, the same
-tensors), without building the OrderedDict and detaching every tensor: for a model of 2,000 small
-tensors that is most of fl4health's per-call cost. A model that customises its state_dict (hooks,
+``state_items`` returns exactly what ``model.state_dict().items()`` would (names, order, detached
+tensors on the same storage), without building the OrderedDict and running the state_dict machinery:
+for a model of 2,000 small tensors that is most of fl4health's per-call cost. The tensors are
+detached, as state_dict()'s are: each holds its own reference to the storage, so a kernel keeps
+reading valid memory even if another thread swaps a parameter's storage (``p.data = ...``) meanwhile. A model that customises its state_dict (hooks,
 overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through the real
 ``state_dict()``.
 """
@@ -14,6 +16,8 @@ from typing import NoReturn
 
 import torch
 from torch import Tensor, nn
+
+from ._torch_ops import SUPPORTED_DTYPES
 
 _BASE_STATE_DICT = nn.Module.state_dict
 _BASE_SAVE = nn.Module._save_to_state_dict
@@ -36,11 +40,11 @@ def _collect(module: nn.Module, prefix: str, out: list[tuple[str, Tensor]]) -> b
         return False
     for name, param in module._parameters.items():
         if param is not None:
-            out.append((prefix + name, param))
+            out.append((prefix + name, param.detach()))
     non_persistent = module._non_persistent_buffers_set
     for name, buf in module._buffers.items():
         if buf is not None and name not in non_persistent:
-            out.append((prefix + name, buf))
+            out.append((prefix + name, buf.detach()))
     for name, child in module._modules.items():
         if child is not None and not _collect(child, prefix + name + ".", out):
             return False
@@ -48,21 +52,44 @@ def _collect(module: nn.Module, prefix: str, out: list[tuple[str, Tensor]]) -> b
 
 
 def state_items(model: nn.Module) -> list[tuple[str, Tensor]]:
-    """``list(model.state_dict().items())``, fast; tensors may still require grad (not detached)."""
+    """``list(model.state_dict().items())``, fast, detached; a non-tensor entry is refused by name."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     items: list[tuple[str, Tensor]] = []
     # Defensive: a repeated name (not possible for plain modules) is left to state_dict()'s rules.
     if _collect(model, "", items) and len({n for n, _ in items}) == len(items):
         return items
-    return list(model.state_dict().items())
+    items = list(model.state_dict().items())
+    for name, value in items:
+        if not isinstance(value, Tensor):
+            raise TypeError(
+                f"layer {name!r}: the state_dict entry is a {type(value).__name__}, not a tensor "
+                "(extra state or a quantized module's packed parameters); layersel_ext selects tensors "
+                "only, and fl4health fails on such an entry too"
+            )
+    return items
 
 
 def explain_entry(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, i: int, what: str) -> None:
     """Raise the error that names entry ``i`` and what was found there (called once a kernel refused it)."""
     name, x = names[i], xs[i]
-    if x.dtype == torch.bool or x.dtype.is_complex:
-        raise TypeError(f"{what}: layer {name!r}: dtype {x.dtype} has no drift or score (fl4health fails on it too)")
+    if x.layout != torch.strided:
+        raise TypeError(
+            f"{what}: layer {name!r} is a {x.layout} tensor; layersel_ext handles dense (strided) tensors only "
+            "(convert it with .to_dense(), or keep it out of the state_dict)"
+        )
+    if x.dtype == torch.bool:
+        raise TypeError(f"{what}: layer {name!r}: dtype torch.bool has no drift or score (fl4health fails on it too)")
+    if x.dtype.is_complex:
+        raise TypeError(
+            f"{what}: layer {name!r}: dtype {x.dtype} is not supported by layersel_ext (fl4health takes the real "
+            "part of complex drifts and |z| as their scores); keep complex entries out of the selection"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{what}: layer {name!r}: dtype {x.dtype} is not supported (float32/64, float16, bfloat16, "
+            "uint8, int8, int16, int32, int64)"
+        )
     if x.device != xs[0].device:
         raise ValueError(
             f"{what}: layer {name!r} is on {x.device} but layer {names[0]!r} is on {xs[0].device} "
@@ -76,6 +103,8 @@ def explain_entry(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, i
             raise TypeError(f"layer {name!r}: dtype {x.dtype} in model but {y.dtype} in initial_model")
         if x.device != y.device:
             raise ValueError(f"layer {name!r}: device {x.device} in model but {y.device} in initial_model")
+        if y.layout != torch.strided:
+            raise TypeError(f"{what}: layer {name!r} is a {y.layout} tensor in initial_model; dense tensors only")
 
 
 def explain_failure(exc: Exception, names: list[str], xs: list[Tensor], ys: list[Tensor] | None, what: str) -> NoReturn:

@@ -17,14 +17,16 @@ NUM_SCORE_KINDS = 6
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
-_SUPPORTED = {
+SUPPORTED_DTYPES = {
     torch.float32, torch.float64, torch.float16, torch.bfloat16,
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
 }  # fmt: skip
 
 
 def _check_dtype(t: Tensor, op: str, index: int) -> None:
-    if t.dtype not in _SUPPORTED:
+    if t.layout != torch.strided:
+        raise TypeError(f"layersel::{op}: tensor #{index} has layout {t.layout}; only dense (strided) tensors")
+    if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"layersel::{op}: tensor #{index} has dtype {t.dtype}, which is not supported "
             "(expected a floating or integer dtype)"
@@ -47,15 +49,20 @@ def _check_pair(x: Tensor, y: Tensor, first: Tensor, op: str, i: int) -> None:
 
 
 def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor:
-    """Per-tensor sum of ``float(model - initial)**2`` (difference in the tensors' dtype), float64 [n]."""
+    """Per-tensor sum of ``float(model - initial)**2``, float64 [n]: the difference in the tensors' dtype,
+    each square in float32 (as fl4health's float32 norm squares), the squares summed in float64
+    (``drift_square`` in csrc/common/scores.h); a one-element tensor's exact square in float64."""
     if len(model) != len(initial):
         raise ValueError(f"layersel::drift_sq_norms: got {len(model)} model tensors but {len(initial)} initial tensors")
     device = model[0].device if len(model) else torch.device("cpu")
     sums = []
     for i, (a, b) in enumerate(zip(model, initial)):
         _check_pair(a, b, model[0], "drift_sq_norms", i)
-        d = (a - b).float().to(torch.float64)
-        sums.append(torch.dot(d.reshape(-1), d.reshape(-1)))
+        d = (a - b).float().reshape(-1)
+        if d.numel() == 1:  # one element: the exact square (its root is |d|, as torch's norm of one element)
+            sums.append(torch.sum(d.double() * d.double()))
+        else:
+            sums.append(torch.sum(d * d, dtype=torch.float64))
     if not sums:
         return torch.zeros(0, dtype=torch.float64, device=device)
     return torch.stack(sums)
@@ -157,10 +164,59 @@ def word_to_uniform(words: Tensor) -> Tensor:
     return (((words >> 9) << 1) | 1).to(torch.float32) * (1.0 / 16777216.0)
 
 
-def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype) -> Tensor:
+_MASK64 = (1 << 64) - 1
+_FP_LANES = 64
+_BITS_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
+def _fingerprint_weights(device: torch.device) -> tuple[Tensor, Tensor]:
+    lanes = torch.arange(_FP_LANES, dtype=torch.int64, device=device)
+    lo = (((lanes * 0x9E3779B9) & _MASK32) ^ 0x85EBCA6B) | 1
+    hi = (((lanes * 0xC2B2AE35) & _MASK32) ^ 0x27D4EB2F) | 1
+    return lo, hi
+
+
+def score_fingerprint(scores: Sequence[Tensor]) -> int:
+    """The 64-bit fingerprint of csrc/common/fingerprint.h: sum over elements g of the concatenation of
+    (lo32(bits) * W_lo[g % 64] + hi32(bits) * W_hi[g % 64]) * (2 * (g // 64) + 1), mod 2**64.
+    int64 tensor arithmetic wraps mod 2**64, which is what the definition asks for."""
+    total, base = 0, 0
+    step = 1 << 20  # bounded temporaries
+    for s in scores:
+        flat = s.detach().reshape(-1)
+        size = flat.element_size()
+        w_lo, w_hi = _fingerprint_weights(flat.device)
+        for lo_i in range(0, flat.numel(), step):
+            part = flat[lo_i : lo_i + step].view(_BITS_VIEW[size]).to(torch.int64)
+            g = torch.arange(base + lo_i, base + lo_i + part.numel(), dtype=torch.int64, device=flat.device)
+            lane = g & (_FP_LANES - 1)
+            if size == 8:
+                term = (part & _MASK32) * w_lo[lane] + ((part >> 32) & _MASK32) * w_hi[lane]
+            else:
+                term = (part & ((1 << (8 * size)) - 1)) * w_lo[lane]
+            total += int((term * (2 * (g >> 6) + 1)).sum())
+        base += flat.numel()
+    return total & _MASK64
+
+
+def _mix64(z: int) -> int:
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def key_from_scores(seed: int, fingerprint: int, total_numel: int) -> int:
+    """The Philox key of csrc/common/fingerprint.h's key_from_scores."""
+    return _mix64((seed & _MASK64) ^ _mix64(fingerprint + _mix64(total_numel)))
+
+
+def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype, key_by_scores: bool = False) -> Tensor:
     """Bernoulli(sigmoid(score)) masks of all tensors, flat, in ``dtype``; bit-equal to the compiled kernels."""
     if dtype == torch.bool:
         raise TypeError("layersel::sample_masks: bool masks are refused (the server sums masks)")
+    if dtype.is_floating_point or dtype.is_complex:
+        raise TypeError(f"layersel::sample_masks: mask dtype must be an integer dtype, got {dtype}")
     device = scores[0].device if len(scores) else torch.device("cpu")
     for i, s in enumerate(scores):
         _check_dtype(s, "sample_masks", i)
@@ -169,6 +225,8 @@ def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype) -> Ten
                 f"layersel::sample_masks: score tensor #{i} has dtype {s.dtype}; scores must be floating point"
             )
     total = sum(s.numel() for s in scores)
+    if key_by_scores:
+        seed = key_from_scores(seed, score_fingerprint(scores), total)
     out = torch.empty(total, dtype=dtype, device=device)
     flat = [s.reshape(-1) for s in scores]
     step = 1 << 20  # bounded temporaries
@@ -185,6 +243,25 @@ def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype) -> Ten
 # ----------------------------------------------------------------------------- sparse selection
 
 GIVEN_SCORE = 6  # kind: the scores are the `initial` tensors (custom score functions)
+
+
+def _check_inputs(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, op: str) -> None:
+    """The kernels' table checks (a meta-device initial tensor must not pass as zeros)."""
+    if kind >= 2:
+        if len(model) != len(initial):
+            raise ValueError(f"layersel::{op}: got {len(model)} model tensors but {len(initial)} initial tensors")
+        for i, (x, y) in enumerate(zip(model, initial)):
+            if kind == GIVEN_SCORE:  # the scores may have another dtype than their tensor (bool too)
+                if y.dtype != torch.bool:
+                    _check_dtype(y, op, i)
+                if y.device != x.device:
+                    raise ValueError(f"layersel::{op}: initial tensor #{i} is on {y.device} but the model tensor is on {x.device}")
+            else:
+                _check_pair(x, y, model[0], op, i)
+    for i, x in enumerate(model):
+        _check_dtype(x, op, i)
+        if x.device != model[0].device:
+            raise ValueError(f"layersel::{op}: tensor #{i} is on {x.device} but tensor #0 is on {model[0].device}")
 
 
 def sparse_score(kind: int, x: Tensor, y: Tensor | None) -> Tensor:
@@ -226,6 +303,10 @@ def kth_largest_score(
 
     Radix select on order-preserving keys, 16 bits a pass, one tensor at a time (bounded memory).
     """
+    if not score_dtype.is_floating_point and score_dtype != torch.int64:
+        # 8/16/32-bit integer scores: the same k-th largest value among the int64 values.
+        return kth_largest_score(model, initial, kind, k, torch.int64).to(score_dtype)
+    _check_inputs(model, initial, kind, "kth_largest_score")
     total = sum(t.numel() for t in model)
     if not 1 <= k <= total:
         raise ValueError(f"layersel::kth_largest_score: k must be in [1, {total}], got {k}")
@@ -252,6 +333,7 @@ def sparse_extract(
     model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, thresholds: Sequence[float | int]
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per tensor: non-zero model values whose score passes its threshold, and their row-major indices."""
+    _check_inputs(model, initial, kind, "sparse_extract")
     values, indices = [], []
     for i, x in enumerate(model):
         s = sparse_score(kind, x, initial[i] if kind >= 2 else None)

@@ -12,8 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import _torch_ops
-from ._loader import COMPILED, has_kernel
+from . import _loader, _torch_ops
+from ._loader import COMPILED
 
 Backend = Literal["compiled", "torch"]
 _backend: Backend = "compiled" if COMPILED is not None else "torch"
@@ -34,9 +34,16 @@ def set_backend(name: Backend) -> None:
     _backend = name
 
 
+# Which (op, dispatch key) pairs have a compiled kernel, read once: a set lookup is traceable by
+# torch.compile, the dispatcher query is not.
+_KERNELS = frozenset(
+    (op, key) for op in _loader.OPS for key in ("CPU", "CUDA") if _loader.has_kernel(op, key)
+)
+
+
 def _use_compiled(op: str, device: torch.device) -> bool:
     # A device without a compiled kernel (a CPU-only build on a GPU machine) runs the torch twin.
-    return _backend == "compiled" and has_kernel(op, "CUDA" if device.type == "cuda" else "CPU")
+    return _backend == "compiled" and (op, "CUDA" if device.type == "cuda" else "CPU") in _KERNELS
 
 
 def _device(tensors: Sequence[Tensor]) -> torch.device:
@@ -49,10 +56,7 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
         return torch.zeros(0, dtype=torch.float64)
     with torch.no_grad():
         if _use_compiled("drift_sq_norms", _device(model)):
-            # The same op through the dispatcher's unboxed C++ entry (no per-tensor IValue boxing:
-            # 0.40 ms instead of 0.54 ms for 2,100 tensor pairs).
-            assert COMPILED is not None
-            return COMPILED.drift_sq_norms(list(model), list(initial))
+            return torch.ops.layersel.drift_sq_norms(list(model), list(initial))
         return _torch_ops.drift_sq_norms(model, initial)
 
 
@@ -84,19 +88,30 @@ def split_grouped(buffers: Sequence[Tensor], like: Sequence[Tensor]) -> list[Ten
     return out
 
 
-def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype = torch.uint8) -> Tensor:
+# Mask dtypes the kernels write directly; the other integer dtypes are widened from uint8.
+_KERNEL_MASK_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def sample_masks(
+    scores: Sequence[Tensor], seed: int, dtype: torch.dtype = torch.uint8, key_by_scores: bool = False
+) -> Tensor:
     """Flat Bernoulli(sigmoid(score)) masks of all tensors in ``dtype``, on the scores' device.
 
-    Element g of the concatenation compares word g % 4 of Philox4x32-10 block g // 4 (key ``seed``)
-    with sigmoid(score): the same bits on CPU and CUDA, for any thread or block count.
+    Element g of the concatenation compares word g % 4 of Philox4x32-10 block g // 4 with
+    sigmoid(score): the same bits on CPU and CUDA, for any thread or block count. The key is
+    ``seed``, or with ``key_by_scores`` ``key_from_scores(seed, fingerprint(scores))``
+    (csrc/common/fingerprint.h): different scores give independent streams for the same seed.
     """
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     signed_seed = seed - 2**64 if seed >= 2**63 else seed  # the schema's int is int64; bits are kept
     with torch.no_grad():
         if len(scores) and _use_compiled("sample_masks", _device(scores)):
-            return torch.ops.layersel.sample_masks(list(scores), signed_seed, dtype)
-        return _torch_ops.sample_masks(scores, seed, dtype)
+            if dtype not in _KERNEL_MASK_DTYPES and dtype != torch.bool and not dtype.is_floating_point:
+                narrow = torch.ops.layersel.sample_masks(list(scores), signed_seed, torch.uint8, key_by_scores)
+                return narrow.to(dtype)
+            return torch.ops.layersel.sample_masks(list(scores), signed_seed, dtype, key_by_scores)
+        return _torch_ops.sample_masks(scores, seed, dtype, key_by_scores)
 
 
 def kth_largest_score(
@@ -106,10 +121,12 @@ def kth_largest_score(
 
     Equal to ``torch.cat(scores).to(score_dtype).sort(descending=True)[0][k - 1]``; a radix select, never a sort.
     """
+    if not score_dtype.is_floating_point and score_dtype != torch.int64:
+        # Integer scores (8/16/32-bit): the k-th largest value is the same among the int64 values.
+        return kth_largest_score(model, initial, kind, k, torch.int64).to(score_dtype)
     ys = list(initial) if initial is not None else []
-    compiled_dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64)
     with torch.no_grad():
-        if score_dtype in compiled_dtypes and _use_compiled("kth_largest_score", _device(model)):
+        if _use_compiled("kth_largest_score", _device(model)):
             return torch.ops.layersel.kth_largest_score(list(model), ys, kind, k, score_dtype)
         return _torch_ops.kth_largest_score(model, ys, kind, k, score_dtype)
 
@@ -170,6 +187,6 @@ if COMPILED is not None:
         )
 
     @torch.library.register_fake("layersel::sample_masks")
-    def _sample_masks_fake(scores: list[Tensor], seed: int, dtype: torch.dtype) -> Tensor:
+    def _sample_masks_fake(scores: list[Tensor], seed: int, dtype: torch.dtype, key_by_scores: bool = False) -> Tensor:
         _check_one_device("sample_masks", scores)
         return scores[0].new_empty((sum(t.numel() for t in scores),), dtype=dtype)

@@ -91,16 +91,22 @@ class LayerSelectionFunctionConstructor:
 def _drift_norms(names: list[str], xs: list[Tensor], ys: list[Tensor], normalize: bool, what: str) -> list[float]:
     """fl4health's ``_calculate_drift_norm`` for every entry, from one fused op and one sync.
 
-    The norm is rounded to float32 as torch's float32 norm is; with ``normalize`` it is divided by
-    numel in float32 the way torch does it on that device (CUDA multiplies by a float32 reciprocal).
+    The kernels sum the float32 squares in float64; the total is rounded to float32 before the
+    square root (a total above the float32 maximum is inf, as in fl4health's float32 norm), the
+    root taken in float32; a one-element entry gives |d|, as torch's norm of one element does.
+    With ``normalize`` it is divided by numel in float32 the way torch does it on that device
+    (CUDA multiplies by a float32 reciprocal).
     """
     try:
         sq = ops.drift_sq_norms(xs, ys).cpu().numpy()
     except (RuntimeError, ValueError, TypeError) as exc:
         explain_failure(exc, names, xs, ys, what)
-    norms = np.sqrt(sq).astype(np.float32)
+    numel = np.array([x.numel() for x in xs], dtype=np.float32)
+    with np.errstate(over="ignore"):
+        norms = np.sqrt(sq.astype(np.float32))
+    single = numel == 1  # torch's norm of one element is |d|: the root of the op's exact square
+    norms[single] = np.sqrt(sq[single]).astype(np.float32)
     if normalize:
-        numel = np.array([x.numel() for x in xs], dtype=np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             if xs[0].device.type == "cuda":
                 norms = norms * (np.float32(1.0) / numel)
@@ -278,7 +284,7 @@ def masked_score_tensors(model: nn.Module) -> tuple[list[str], list[Tensor]]:
             t = module._parameters.get(attr)
             if t is not None:  # fl4health: KeyError on a masked layer without weight scores
                 names.append(f"{prefix}.{attr}" if prefix else attr)
-                tensors.append(t)
+                tensors.append(t.detach())  # holds the storage even if another thread swaps .data
     return names, tensors
 
 
@@ -288,10 +294,21 @@ def _draw_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64).item())
 
 
+def _check_seed(seed: object) -> int:
+    # An integer, exactly: 1.7, "12" or True would be coerced silently by int().
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an integer in [0, 2**64), got {seed!r} ({type(seed).__name__})")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return int(seed)
+
+
 MaskDtype = Union[torch.dtype, type, np.dtype, str]
 
 
 def _mask_torch_dtype(mask_dtype: MaskDtype) -> torch.dtype:
+    if mask_dtype is None:  # np.dtype(None) would be float64
+        raise TypeError("mask_dtype must be an integer dtype, got None")
     if isinstance(mask_dtype, torch.dtype):
         dt = mask_dtype
     else:
@@ -324,8 +341,11 @@ def select_scores_and_sample_masks(
         model (nn.Module): The model (a masked layer itself, or a model containing masked layers).
         initial_model (nn.Module | None): Unused (FedPM passes None).
         seed (int, optional): Philox key; the same seed gives the same masks on CPU and CUDA.
-        generator (torch.Generator, optional): Where to draw the seed from when ``seed`` is None
-            (default: torch's default generator, so ``torch.manual_seed`` reproduces a round).
+        generator (torch.Generator, optional): Where to draw a seed from when ``seed`` is None
+            (default: torch's default generator, so ``torch.manual_seed`` reproduces a round). The
+            key is then derived from that draw and a fingerprint of the scores, so that clients
+            seeded alike (fl4health's examples seed every client with 42) but holding different
+            scores sample independent masks.
         mask_dtype (optional): Integer dtype of the masks (numpy or torch). Defaults to int64, as fl4health.
 
     Returns:
@@ -334,6 +354,8 @@ def select_scores_and_sample_masks(
     """
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")
+    if seed is not None:
+        _check_seed(seed)
     out_dtype = _mask_torch_dtype(mask_dtype)
     names, scores = masked_score_tensors(model)
     if not scores:
@@ -343,16 +365,17 @@ def select_scores_and_sample_masks(
             raise TypeError(f"layer {name!r}: score dtype {s.dtype} is not floating point")
         if s.device != scores[0].device:
             raise ValueError(f"layer {name!r}: on {s.device} but {names[0]!r} is on {scores[0].device}")
-    key = _draw_seed(generator) if seed is None else int(seed)
+    key = _draw_seed(generator) if seed is None else _check_seed(seed)
+    by_scores = seed is None
     if scores[0].device.type == "cuda":
         # One byte per element on the device, one D2H transfer, widened on the host.
-        flat_u8 = ops.sample_masks(scores, key, torch.uint8)
+        flat_u8 = ops.sample_masks(scores, key, torch.uint8, key_by_scores=by_scores)
         host = torch.empty(flat_u8.numel(), dtype=torch.uint8, pin_memory=True)
         host.copy_(flat_u8, non_blocking=True)
         torch.cuda.current_stream(flat_u8.device).synchronize()
         flat = host.to(out_dtype)
     else:
-        flat = ops.sample_masks(scores, key, out_dtype)
+        flat = ops.sample_masks(scores, key, out_dtype, key_by_scores=by_scores)
     masks, start = [], 0
     for s in scores:
         masks.append(flat[start : start + s.numel()].view(s.shape).numpy())

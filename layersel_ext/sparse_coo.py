@@ -108,8 +108,13 @@ def select_sparse_parameters(
         if fused is not None:
             kth = ops.kth_largest_score(xs, ys, kind, top, promoted)
         else:
-            kth = ops.kth_largest_score(ys, ys, kind, top, promoted)  # type: ignore[arg-type]
+            # Custom scores as given; bool ones (fl4health sorts them too) as their 0/1 bytes.
+            given = [y.view(torch.uint8) if y.dtype == torch.bool else y for y in ys]  # type: ignore[union-attr]
+            kth_dtype = torch.uint8 if promoted == torch.bool else promoted
+            kth = ops.kth_largest_score(given, given, kind, top, kth_dtype)
         threshold = kth.item()
+        if promoted == torch.bool:
+            threshold = bool(threshold)
         thresholds = [_comparison_threshold(threshold, dt) for dt in score_dtypes]
         if kernel_extract and promoted.is_floating_point:
             values, indices = ops.sparse_extract(xs, ys, kind, thresholds)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import requires_cuda
@@ -255,10 +256,89 @@ def test_sample_masks_every_cpu_isa_gives_the_same_bits(isa):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+# --------------------------------------------------------------------------- CUDA correctness fixes (issue 11)
+
+
+@requires_cuda
 @compiled_only
-def test_unboxed_entry_equals_torch_ops():
-    """ops.drift_sq_norms calls the op through the dispatcher's unboxed entry: same result, same checks."""
-    xs, ys = lists([10, 0, CHUNK + 3, 7], [torch.float32, torch.float16, torch.float64, torch.int64], seed=8)
-    assert torch.equal(_loader.COMPILED.drift_sq_norms(xs, ys), torch.ops.layersel.drift_sq_norms(xs, ys))
-    with pytest.raises(ValueError, match="tensor #1 has shape"):
-        _loader.COMPILED.drift_sq_norms([torch.ones(2), torch.ones(3)], [torch.ones(2), torch.ones(4)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32])
+def test_cuda_drift_misaligned_view_equals_aligned_copy(dtype):
+    gen = torch.Generator().manual_seed(9)
+    big = [rand(3 * CHUNK + 40, dtype, gen, "cuda") for _ in range(2)]
+    for offset in (0, 1, 3):
+        a, b = big[0][offset : offset + 3 * CHUNK + 7], big[1][offset : offset + 3 * CHUNK + 7]
+        got = torch.ops.layersel.drift_sq_norms([a, a.clone()], [b, b.clone()])
+        assert got[0].item() == got[1].item()
+        cpu = torch.ops.layersel.drift_sq_norms([a.cpu()], [b.cpu()])
+        assert np.float32(got[0].item()) == np.float32(cpu[0].item())
+
+
+@requires_cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int16, torch.int32, torch.int64])
+def test_cuda_drift_large_differences(dtype):
+    if dtype.is_floating_point:
+        a = torch.tensor([1.8e19, -3.0e19, 7.0, 1e-30], dtype=dtype)
+    else:
+        info = torch.iinfo(dtype)
+        a = torch.tensor([info.max, info.min, 7, -7], dtype=dtype)
+    b = torch.flip(a, [0])
+    cpu = torch.ops.layersel.drift_sq_norms([a], [b])
+    cuda = torch.ops.layersel.drift_sq_norms([a.cuda()], [b.cuda()])
+    assert np.float32(cuda.item()) == np.float32(cpu.item())
+
+
+@requires_cuda
+@compiled_only
+def test_cuda_empty_lists_and_mixed_devices_give_clear_errors():
+    t = torch.ones(3, device="cuda")
+    with pytest.raises(ValueError, match="empty list of model tensors"):
+        torch.ops.layersel.scores([], [t], 0)
+    with pytest.raises(ValueError, match="tensor #0 is on cpu|is on cuda"):
+        torch.ops.layersel.drift_sq_norms([torch.ones(3)], [t])
+    with pytest.raises(ValueError):
+        torch.ops.layersel.scores([torch.ones(3)], [t], 2)
+    with pytest.raises(TypeError, match="mask dtype"):
+        torch.ops.layersel.sample_masks([torch.zeros(0, device="cuda")], 0, torch.float32)
+
+
+@requires_cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_cuda_unseeded_masks_equal_cpu(dtype):
+    gen = torch.Generator().manual_seed(4)
+    scores = [(torch.randn(n, generator=gen) * 4).to(dtype) for n in EDGE_SIZES]
+    cpu = torch.ops.layersel.sample_masks(scores, 77, torch.uint8, True)
+    cuda = torch.ops.layersel.sample_masks([s.cuda() for s in scores], 77, torch.uint8, True)
+    assert torch.equal(cpu, cuda.cpu())
+
+
+@requires_cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("kind", range(6))
+def test_cuda_integer_sparse_selection_matches_cpu(dtype, kind):
+    xs, ys = lists(EDGE_SIZES[1:], [dtype] * (len(EDGE_SIZES) - 1), seed=kind)
+    total = sum(x.numel() for x in xs)
+    for k in (1, total // 100 + 1, total // 3):
+        cpu = ops.kth_largest_score(xs, ys, kind, k, dtype)
+        cuda = ops.kth_largest_score([x.cuda() for x in xs], [y.cuda() for y in ys], kind, k, dtype)
+        assert torch.equal(cpu, cuda.cpu())
+        thresholds = [float(cpu.item())] * len(xs)
+        cv, ci = torch.ops.layersel.sparse_extract(xs, ys, kind, thresholds)
+        gv, gi = torch.ops.layersel.sparse_extract([x.cuda() for x in xs], [y.cuda() for y in ys], kind, thresholds)
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(cv, gv))
+        assert all(torch.equal(a, b.cpu()) for a, b in zip(ci, gi))
+
+
+@compiled_only
+def test_empty_lists_through_the_ops():
+    # A list with no tensor at all cannot be dispatched (torch's NotImplementedError); the wrappers
+    # answer it, and an empty model beside a non-empty initial list reaches the kernel.
+    assert ops.drift_sq_norms([], []).shape == (0,)
+    assert ops.scores([], None, 0) == []
+    assert torch.ops.layersel.scores([], [torch.ones(3)], 0) == []
+    with pytest.raises(ValueError, match="got 0 model tensors but 1 initial tensors"):
+        torch.ops.layersel.drift_sq_norms([], [torch.ones(3)])
+    with pytest.raises(TypeError, match="mask dtype"):
+        torch.ops.layersel.sample_masks([torch.zeros(0)], 1, torch.float32)
