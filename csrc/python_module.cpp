@@ -7,6 +7,8 @@
 #include <mutex>
 #include <set>
 
+#include "common/dtypes.h"
+
 namespace {
 
 #ifndef LAYERSEL_CUDA_ARCH_LIST
@@ -22,6 +24,11 @@ py::dict build_info() {
   info["cuda"] = false;
 #endif
   info["cuda_arch_list"] = LAYERSEL_CUDA_ARCH_LIST;
+  py::list dtypes;  // what the kernels read, from the one dtype table (csrc/common/dtypes.h)
+#define LS_DTYPE_NAME_(code, type, scalar, out) out.append(c10::toString(scalar));
+  LS_DTYPES(LS_DTYPE_NAME_, dtypes)
+#undef LS_DTYPE_NAME_
+  info["dtypes"] = dtypes;
 #ifdef _OPENMP
   info["openmp"] = true;
 #else

@@ -189,3 +189,16 @@ def test_library_does_not_import_fl4health():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_python_dtype_list_equals_the_kernels_table():
+    """The torch twin's SUPPORTED_DTYPES and the kernels' one dtype table (csrc/common/dtypes.h) agree."""
+    from layersel_ext import _loader, _torch_ops
+
+    if _loader.COMPILED is None:
+        pytest.skip("compiled module not loaded")
+    c10_names = {"Float": torch.float32, "Double": torch.float64, "Half": torch.float16, "BFloat16": torch.bfloat16,
+                 "Byte": torch.uint8, "Char": torch.int8, "Short": torch.int16, "Int": torch.int32,
+                 "Long": torch.int64}  # fmt: skip
+    table = {c10_names[n] for n in _loader.COMPILED.build_info()["dtypes"]}
+    assert table == set(_torch_ops.SUPPORTED_DTYPES)

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "../common/grouped_outputs.h"
 #include "../common/scores.h"
 #include "cpu_kernel_utils.h"
 
@@ -11,7 +12,7 @@ namespace {
 
 template <typename T, int64_t Kind>
 inline void score_loop(const T* x, const T* y, T* out, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) out[i] = score_value<T>(Kind, x[i], Kind >= 2 ? y[i] : x[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = score_value<T>(Kind, x[i], score_kind_uses_initial(Kind) ? y[i] : x[i]);
 }
 
 template <typename T>

@@ -2,6 +2,7 @@
 // (a block per chunk), into one output buffer per dtype.
 #include <torch/library.h>
 
+#include "../common/grouped_outputs.h"
 #include "../common/scores.h"
 #include "cuda_utils.cuh"
 
