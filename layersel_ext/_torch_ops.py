@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-NUM_SCORE_KINDS = 6
+from ._score_kinds import NUM_FORMULAS, ScoreKind, uses_initial
+
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
@@ -90,9 +91,9 @@ def _group_dtypes(tensors: Sequence[Tensor]) -> list[torch.dtype]:
 
 def scores(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int) -> list[Tensor]:
     """Score formula ``kind`` for every tensor; one flat buffer per dtype, in order of first appearance."""
-    if not 0 <= kind < NUM_SCORE_KINDS:
-        raise ValueError(f"layersel::scores: kind must be in [0, {NUM_SCORE_KINDS}), got {kind}")
-    needs_y = kind >= 2
+    if not 0 <= kind < NUM_FORMULAS:
+        raise ValueError(f"layersel::scores: kind must be in [0, {NUM_FORMULAS}), got {kind}")
+    needs_y = uses_initial(kind)
     if needs_y and len(model) != len(initial):
         raise ValueError(f"layersel::scores: got {len(model)} model tensors but {len(initial)} initial tensors")
     device = model[0].device if len(model) else torch.device("cpu")
@@ -242,16 +243,13 @@ def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype, key_by
 
 # ----------------------------------------------------------------------------- sparse selection
 
-GIVEN_SCORE = 6  # kind: the scores are the `initial` tensors (custom score functions)
-
-
 def _check_inputs(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, op: str) -> None:
     """The kernels' table checks (a meta-device initial tensor must not pass as zeros)."""
-    if kind >= 2:
+    if uses_initial(kind):
         if len(model) != len(initial):
             raise ValueError(f"layersel::{op}: got {len(model)} model tensors but {len(initial)} initial tensors")
         for i, (x, y) in enumerate(zip(model, initial)):
-            if kind == GIVEN_SCORE:  # the scores may have another dtype than their tensor (bool too)
+            if kind == ScoreKind.GIVEN:  # the scores may have another dtype than their tensor (bool too)
                 if y.dtype != torch.bool:
                     _check_dtype(y, op, i)
                 if y.device != x.device:
@@ -265,7 +263,7 @@ def _check_inputs(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int,
 
 
 def sparse_score(kind: int, x: Tensor, y: Tensor | None) -> Tensor:
-    if kind == GIVEN_SCORE:
+    if kind == ScoreKind.GIVEN:
         assert y is not None
         return y
     out = torch.empty_like(x)
@@ -316,7 +314,7 @@ def kth_largest_score(
         shift = nbits - 16 * (p + 1)
         counts = torch.zeros(1 << 16, dtype=torch.int64)
         for i, x in enumerate(model):
-            keys = _signed_keys(sparse_score(kind, x, initial[i] if kind >= 2 else None).reshape(-1).to(score_dtype))
+            keys = _signed_keys(sparse_score(kind, x, initial[i] if uses_initial(kind) else None).reshape(-1).to(score_dtype))
             if p > 0:
                 keys = keys[(keys >> (shift + 16)) == prefix]
             digits = (keys >> shift) + (1 << 15) if p == 0 else (keys >> shift) & 0xFFFF
@@ -336,7 +334,7 @@ def sparse_extract(
     _check_inputs(model, initial, kind, "sparse_extract")
     values, indices = [], []
     for i, x in enumerate(model):
-        s = sparse_score(kind, x, initial[i] if kind >= 2 else None)
+        s = sparse_score(kind, x, initial[i] if uses_initial(kind) else None)
         if not s.is_floating_point() and not isinstance(thresholds[i], int):
             s = s.to(torch.float32)  # torch compares an integer tensor with a float scalar in float32
         keep = (s >= thresholds[i]) & (x != 0)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import _loader, _torch_ops
 from ._loader import COMPILED
+from ._score_kinds import ScoreKind
 
 Backend = Literal["compiled", "torch"]
 _backend: Backend = "compiled" if COMPILED is not None else "torch"
@@ -132,13 +133,21 @@ def kth_largest_score(
 
 
 def sparse_extract(
-    model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int, thresholds: Sequence[float]
+    model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int, thresholds: Sequence[float | int]
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per tensor: the non-zero values of ``model[t]`` whose score passes ``thresholds[t]``, and their
-    row-major indices (N x ndim, int64) — what fl4health's COO packer extracts."""
+    row-major indices (N x ndim, int64) — what fl4health's COO packer extracts.
+
+    A float threshold is compared as torch compares a score tensor with a Python float; an int
+    threshold (integer scores of an all-integer model) exactly, as torch compares with a Python int.
+    The kernels read scores in their tensor's dtype and compare with a float: integer thresholds and
+    given scores of another dtype (ScoreKind.GIVEN) run the torch twin."""
     ys = list(initial) if initial is not None else []
+    kernel_fits = all(isinstance(t, float) for t in thresholds) and (
+        kind != ScoreKind.GIVEN or all(y.dtype == x.dtype for x, y in zip(model, ys))
+    )
     with torch.no_grad():
-        if _use_compiled("sparse_extract", _device(model)):
+        if kernel_fits and _use_compiled("sparse_extract", _device(model)):
             values, indices = torch.ops.layersel.sparse_extract(list(model), ys, kind, [float(t) for t in thresholds])
             return list(values), list(indices)
         return _torch_ops.sparse_extract(model, ys, kind, thresholds)

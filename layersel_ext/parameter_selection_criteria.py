@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from . import ops
+from ._score_kinds import ScoreKind, uses_initial
 from ._model_state import explain_failure, paired_state, single_state
 
 NDArrays = list[NDArray[Any]]
@@ -223,7 +224,7 @@ def select_layers_by_percentage(
 
 
 def _score_dict(kind: int, model: nn.Module, initial_model: nn.Module | None, what: str) -> dict[str, Tensor]:
-    if kind >= 2:
+    if uses_initial(kind):
         names, xs, y_list = paired_state(model, initial_model, what)
         ys: list[Tensor] | None = y_list
     else:
@@ -236,32 +237,32 @@ def _score_dict(kind: int, model: nn.Module, initial_model: nn.Module | None, wh
 
 def largest_final_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
     """``|x|`` for every state_dict entry (``initial_model`` may be None)."""
-    return _score_dict(0, model, initial_model, "largest_final_magnitude_scores")
+    return _score_dict(ScoreKind.LARGEST_FINAL_MAGNITUDE, model, initial_model, "largest_final_magnitude_scores")
 
 
 def smallest_final_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
     """``-|x|`` for every state_dict entry (``initial_model`` may be None)."""
-    return _score_dict(1, model, initial_model, "smallest_final_magnitude_scores")
+    return _score_dict(ScoreKind.SMALLEST_FINAL_MAGNITUDE, model, initial_model, "smallest_final_magnitude_scores")
 
 
 def largest_magnitude_change_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
     """``|x - x0|`` for every state_dict entry."""
-    return _score_dict(2, model, initial_model, "largest_magnitude_change_scores")
+    return _score_dict(ScoreKind.LARGEST_MAGNITUDE_CHANGE, model, initial_model, "largest_magnitude_change_scores")
 
 
 def smallest_magnitude_change_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
     """``-|x - x0|`` for every state_dict entry."""
-    return _score_dict(3, model, initial_model, "smallest_magnitude_change_scores")
+    return _score_dict(ScoreKind.SMALLEST_MAGNITUDE_CHANGE, model, initial_model, "smallest_magnitude_change_scores")
 
 
 def largest_increase_in_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
     """``|x| - |x0|`` for every state_dict entry."""
-    return _score_dict(4, model, initial_model, "largest_increase_in_magnitude_scores")
+    return _score_dict(ScoreKind.LARGEST_INCREASE_IN_MAGNITUDE, model, initial_model, "largest_increase_in_magnitude_scores")
 
 
 def smallest_increase_in_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
     """``-(|x| - |x0|)`` for every state_dict entry."""
-    return _score_dict(5, model, initial_model, "smallest_increase_in_magnitude_scores")
+    return _score_dict(ScoreKind.SMALLEST_INCREASE_IN_MAGNITUDE, model, initial_model, "smallest_increase_in_magnitude_scores")
 
 
 # ---------------------------------------------------------------------------------------------- FedPM masks

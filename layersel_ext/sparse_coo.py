@@ -19,7 +19,8 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from . import _torch_ops, ops
+from . import ops
+from ._score_kinds import ScoreKind, uses_initial
 from . import parameter_selection_criteria as psc
 from ._model_state import explain_failure, paired_state, single_state, state_items
 
@@ -73,18 +74,17 @@ def select_sparse_parameters(
     what = "select_sparse_parameters"
     fused = fused_kind(score_gen_function)
     # Scores come from formula `kind` of (xs, ys): one of the six on (model, initial), or, for a
-    # custom score function, GIVEN_SCORE with ys the scores it returned.
+    # custom score function, ScoreKind.GIVEN with ys the scores it returned.
     if fused is not None:
         kind = fused
-        if kind >= 2:
+        if uses_initial(kind):
             names, xs, y_list = paired_state(model, initial_model, what)
             ys: list[Tensor] | None = y_list
         else:
             (names, xs), ys = single_state(model, what), None
         score_dtypes = [x.dtype for x in xs]
-        kernel_extract = True
     else:
-        kind = _torch_ops.GIVEN_SCORE
+        kind = ScoreKind.GIVEN
         score_dict = score_gen_function(model, initial_model)
         names = list(score_dict)
         states = dict(state_items(model))
@@ -97,7 +97,6 @@ def select_sparse_parameters(
             if x.shape != sc.shape:
                 raise ValueError(f"layer {n!r}: shape {tuple(x.shape)} in model but its scores have {tuple(sc.shape)}")
         score_dtypes = [sc.dtype for sc in ys]
-        kernel_extract = score_dtypes == [x.dtype for x in xs]  # the kernels read both in one dtype
 
     total = sum(x.numel() for x in xs)
     top = math.ceil(total * sparsity_level)
@@ -116,14 +115,9 @@ def select_sparse_parameters(
         if promoted == torch.bool:
             threshold = bool(threshold)
         thresholds = [_comparison_threshold(threshold, dt) for dt in score_dtypes]
-        if kernel_extract and promoted.is_floating_point:
-            values, indices = ops.sparse_extract(xs, ys, kind, thresholds)
-        else:
-            # Scores of another dtype than their tensor, or all-integer scores (an exact integer
-            # threshold): the torch twin.
-            values, indices = _torch_ops.sparse_extract(xs, ys or [], kind, thresholds)
+        values, indices = ops.sparse_extract(xs, ys, kind, thresholds)
     except (RuntimeError, ValueError, TypeError) as exc:
-        explain_failure(exc, names, xs, ys if fused is not None and kind >= 2 else None, what)
+        explain_failure(exc, names, xs, ys if fused is not None and uses_initial(kind) else None, what)
     kept = [i for i, x in enumerate(xs) if x.dim() > 0 and values[i].numel() > 0]
     for i in kept:
         if xs[i].dtype == torch.bfloat16:

@@ -14,6 +14,7 @@ from torch import nn
 
 import layersel_ext as L
 from layersel_ext import _loader, _torch_ops
+from layersel_ext._score_kinds import ScoreKind
 from layersel_ext.sparse_coo import SparseCooParameterExchanger, select_sparse_parameters
 
 SCORE_FUNCTIONS = list(L.SCORE_FUNCTION_NAMES)
@@ -138,7 +139,7 @@ def test_kth_largest_against_sort(case):
     for k in sorted({1, 2, n // 3, n // 2, n - 1, n}):
         want = ordered[k - 1]
         for impl in (torch.ops.layersel.kth_largest_score, _torch_ops.kth_largest_score):
-            got = impl(tensors, tensors, _torch_ops.GIVEN_SCORE, k, promoted)
+            got = impl(tensors, tensors, ScoreKind.GIVEN, k, promoted)
             assert got.dtype == promoted and got.item() == want.item(), (case, k, impl)
 
 
@@ -146,9 +147,9 @@ def test_kth_largest_against_sort(case):
 def test_kth_largest_nan_ranks_first():
     t = [torch.tensor([1.0, float("nan"), 2.0, -float("nan")])]
     for k, want in ((1, "nan"), (2, "nan"), (3, 2.0), (4, 1.0)):
-        got = torch.ops.layersel.kth_largest_score(t, t, _torch_ops.GIVEN_SCORE, k, torch.float32).item()
+        got = torch.ops.layersel.kth_largest_score(t, t, ScoreKind.GIVEN, k, torch.float32).item()
         assert math.isnan(got) if want == "nan" else got == want, (k, got)
-        twin = _torch_ops.kth_largest_score(t, t, _torch_ops.GIVEN_SCORE, k, torch.float32).item()
+        twin = _torch_ops.kth_largest_score(t, t, ScoreKind.GIVEN, k, torch.float32).item()
         assert math.isnan(twin) if want == "nan" else twin == want, (k, twin)
 
 
@@ -160,9 +161,9 @@ def test_kth_largest_other_dtypes(dtype):
     flat = torch.cat(t)
     ordered = torch.sort(flat, descending=True)[0]
     for k in (1, 17, 5000, flat.numel()):
-        got = torch.ops.layersel.kth_largest_score(t, t, _torch_ops.GIVEN_SCORE, k, dtype)
+        got = torch.ops.layersel.kth_largest_score(t, t, ScoreKind.GIVEN, k, dtype)
         assert got.item() == ordered[k - 1].item()
-        assert _torch_ops.kth_largest_score(t, t, _torch_ops.GIVEN_SCORE, k, dtype).item() == ordered[k - 1].item()
+        assert _torch_ops.kth_largest_score(t, t, ScoreKind.GIVEN, k, dtype).item() == ordered[k - 1].item()
 
 
 @compiled_only

@@ -17,14 +17,15 @@
 namespace layersel {
 
 // Kind 6: the score is given (the y tensor holds it), for custom score functions.
-constexpr int64_t kGivenScore = 6;
+constexpr int64_t kGivenScore = static_cast<int64_t>(ScoreKind::kGiven);
 
 template <typename T>
 LS_HD T sparse_score(int64_t kind, T x, T y) {
   return kind == kGivenScore ? y : score_value<T>(kind, x, y);
 }
 
-// Radix digits: 11 bits, so that a histogram fits in L1 (CPU) or shared memory (CUDA).
+// Radix digits of the full passes: 11 bits, so that a histogram fits in L1 (CPU,
+// crowded-digit fallback) or shared memory (CUDA).
 constexpr int kDigitBits = 11;
 constexpr int kDigitBins = 1 << kDigitBits;
 

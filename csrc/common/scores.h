@@ -9,7 +9,8 @@
 
 namespace layersel {
 
-// Score kinds, in the order of the fl4health functions.
+// Score kinds, in the order of the fl4health functions (layersel_ext/_score_kinds.py
+// has the same values); kinds travel through the op schemas as plain ints.
 enum class ScoreKind : int64_t {
   kLargestFinalMagnitude = 0,     //  |x|
   kSmallestFinalMagnitude = 1,    // -|x|
@@ -17,10 +18,13 @@ enum class ScoreKind : int64_t {
   kSmallestMagnitudeChange = 3,   // -|x - y|
   kLargestIncreaseInMagnitude = 4,   //  |x| - |y|
   kSmallestIncreaseInMagnitude = 5,  // -(|x| - |y|)
+  kGiven = 6,  // sparse selection only: the y tensor holds the score (custom score functions)
 };
 constexpr int64_t kNumScoreKinds = 6;
 
-LS_HD bool score_kind_uses_initial(int64_t kind) { return kind >= 2; }
+LS_HD bool score_kind_uses_initial(int64_t kind) {
+  return kind >= static_cast<int64_t>(ScoreKind::kLargestMagnitudeChange);
+}
 
 // Integer arithmetic wraps like torch's (two's complement), without UB.
 template <typename T>

@@ -1,8 +1,11 @@
 // CPU: fl4health's sparse COO selection without a sort. The k-th largest score
-// comes from a radix select (per-thread 2048-bin histograms, one pass per
-// 11-bit digit), the scores computed on the fly from the model tensors; the
-// extraction counts the kept elements per chunk, then writes values and
-// row-major indices at each chunk's offset (the order torch.nonzero gives).
+// comes from a radix select whose first pass histograms the top 16 key bits
+// (per-thread tables); the few keys under the chosen digit are then collected
+// and selected in memory (when that digit is crowded, as in a constant model,
+// further full passes with 11-bit digits instead). Scores are computed on the
+// fly from the model tensors. The extraction counts the kept elements per
+// chunk, then writes values and row-major indices at each chunk's offset (the
+// order torch.nonzero gives).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -12,6 +15,7 @@
 #include <type_traits>
 
 #include "../common/radix.h"
+#include "../common/radix_values.h"
 #include "cpu_kernel_utils.h"
 
 namespace layersel {
@@ -177,7 +181,7 @@ at::Tensor kth_largest_score_cpu(at::TensorList model, at::TensorList initial, i
   TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::kth_largest_score: kind must be in [0, 6], got ",
                     kind);
   const WorkTable table =
-      build_work_table(model, initial, kind >= 2, kCpuChunk, "kth_largest_score");
+      build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "kth_largest_score");
   TORCH_CHECK_VALUE(k >= 1 && k <= table.total_numel, "layersel::kth_largest_score: k must be in [1, ",
                     table.total_numel, "], got ", k);
   return kth_value_for_dtype(score_dtype, [&](auto tag) {
@@ -236,7 +240,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
   TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::sparse_extract: kind must be in [0, 6], got ", kind);
   TORCH_CHECK_VALUE(thresholds.size() == model.size(), "layersel::sparse_extract: got ", thresholds.size(),
                     " thresholds for ", model.size(), " tensors");
-  const WorkTable table = build_work_table(model, initial, kind >= 2, kCpuChunk, "sparse_extract");
+  const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "sparse_extract");
   std::vector<int64_t> counts(static_cast<size_t>(table.total_chunks()));
   for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t t, int64_t c, int64_t off, int64_t len) {
     LS_SWITCH_DTYPE(e.dtype, T, {

@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "../common/radix.h"
+#include "../common/radix_values.h"
 #include "cuda_utils.cuh"
 
 namespace layersel {
@@ -75,7 +76,7 @@ at::Tensor kth_largest_score_cuda(at::TensorList model, at::TensorList initial, 
                                   at::ScalarType score_dtype) {
   TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::kth_largest_score: kind must be in [0, 6], got ",
                     kind);
-  const WorkTable table = build_work_table(model, initial, kind >= 2, kCudaChunk, "kth_largest_score");
+  const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "kth_largest_score");
   TORCH_CHECK_VALUE(k >= 1 && k <= table.total_numel, "layersel::kth_largest_score: k must be in [1, ",
                     table.total_numel, "], got ", k);
   const c10::Device device = cuda_device_of(model, "kth_largest_score");
@@ -180,7 +181,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cuda
   TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::sparse_extract: kind must be in [0, 6], got ", kind);
   TORCH_CHECK_VALUE(thresholds.size() == model.size(), "layersel::sparse_extract: got ", thresholds.size(),
                     " thresholds for ", model.size(), " tensors");
-  const WorkTable table = build_work_table(model, initial, kind >= 2, kCudaChunk, "sparse_extract");
+  const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "sparse_extract");
   const size_t n = table.entries.size();
   for (size_t t = 0; t < n; ++t)
     TORCH_CHECK_VALUE(model[t].dim() <= kMaxDims, "layersel::sparse_extract: tensor #", t, " has ", model[t].dim(),
