@@ -11,7 +11,6 @@ overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through t
 
 from __future__ import annotations
 
-import re
 from typing import NoReturn
 
 import torch
@@ -71,7 +70,7 @@ def state_items(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 
 def explain_entry(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, i: int, what: str) -> None:
-    """Raise the error that names entry ``i`` and what was found there (called once a kernel refused it)."""
+    """Raise the error that names entry ``i`` and what was found there, if anything is wrong with it."""
     name, x = names[i], xs[i]
     if x.layout != torch.strided:
         raise TypeError(
@@ -108,12 +107,10 @@ def explain_entry(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, i
 
 
 def explain_failure(exc: Exception, names: list[str], xs: list[Tensor], ys: list[Tensor] | None, what: str) -> NoReturn:
-    """Turn a kernel's 'tensor #i' error into one that names the layer; re-raise it otherwise. Never returns."""
-    match = re.search(r"tensor #(\d+)", str(exc))
-    if match and int(match.group(1)) < len(names):
-        explain_entry(names, xs, ys, int(match.group(1)), what)
-    # Not a per-entry problem we can name (or the kernel's own message is the best we have).
-    for i in range(len(names)):  # last resort: find it by walking
+    """A kernel (or its twin) refused the call: find the entry it refused by checking each one in Python
+    (only on this error path, so the kernels check once, in C++) and raise the error naming its layer;
+    re-raise the kernel's own error when no entry explains it. Never returns."""
+    for i in range(len(names)):
         explain_entry(names, xs, ys, i, what)
     raise exc
 
