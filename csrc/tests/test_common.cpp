@@ -3,10 +3,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <initializer_list>
 #include <limits>
 
 #include "common/bernoulli.h"
 #include "common/chunks.h"
+#include "common/fingerprint.h"
 #include "common/philox.h"
 #include "common/radix.h"
 #include "common/scores.h"
@@ -154,7 +156,33 @@ static void test_radix_keys() {
   LS_CHECK(!is_nonzero<float>(-0.0f) && is_nonzero<float>(std::nanf("")));
 }
 
+// The fingerprint of FedPM's unseeded masks: one changed element always changes
+// it (a difference d * odd * odd with 0 < |d| < 2^32), and the key mix is a
+// bijection in each argument.
+static void test_fingerprint() {
+  const uint32_t values[] = {0u, 1u, 0x3F800000u, 0x80000000u, 0xFFFFFFFFu, 0x7FC00000u};
+  for (uint64_t g : {0ull, 1ull, 63ull, 64ull, 12345ull, (1ull << 40) + 7}) {
+    const int lane = static_cast<int>(g % kFingerprintLanes);
+    for (uint32_t a : values)
+      for (uint32_t b : values) {
+        const uint64_t fa = fingerprint_term(a, lane) * fingerprint_block_weight(g);
+        const uint64_t fb = fingerprint_term(b, lane) * fingerprint_block_weight(g);
+        LS_CHECK((fa == fb) == (a == b));
+      }
+  }
+  for (int l = 0; l < kFingerprintLanes; ++l)
+    LS_CHECK((fingerprint_weight_lo(l) & 1u) == 1u && (fingerprint_weight_hi(l) & 1u) == 1u);
+  LS_CHECK(key_from_scores(5, 1, 10) != key_from_scores(5, 2, 10));
+  LS_CHECK(key_from_scores(5, 1, 10) != key_from_scores(6, 1, 10));
+  LS_CHECK(mix64(0) == 0 && mix64(1) != 1);
+  float f = 1.5f;
+  LS_CHECK(raw_bits(f) == 0x3FC00000ull);
+  double d = -2.0;
+  LS_CHECK(raw_bits(d) == 0xC000000000000000ull);
+}
+
 int main() {
+  test_fingerprint();
   test_radix_keys();
   test_philox_known_answers();
   test_bernoulli_math();
