@@ -32,7 +32,7 @@ def run_python(code: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------------------------------------ memory safety
 
-RACE_PRELUDE = """
+RACE = """
     import threading, time, torch, layersel_ext as L
     from torch import nn
     from layersel_ext.sparse_coo import select_sparse_parameters
@@ -41,70 +41,63 @@ RACE_PRELUDE = """
     model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512), nn.Linear(512, 64))
     initial = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512), nn.Linear(512, 64))
     stop = threading.Event()
+
+    def racer():
+        with torch.no_grad():
+            while not stop.is_set():
+                for p in model.parameters():
+                    {racer}
+
+    def call():
+        {call}
+
+    t = threading.Thread(target=racer)
+    t.start()
+    calls, deadline = 0, time.monotonic() + 3.0
+    try:
+        while time.monotonic() < deadline or calls < 20:
+            call()
+            calls += 1
+    finally:
+        stop.set()
+        t.join()
+    print("ok", calls)
 """
+
+
+def survives_race(backend_name: str, racer: str, call: str) -> None:
+    """Runs ``call`` for 3 s (and 20 calls at least) while another thread runs ``racer`` on each parameter
+    ``p``, in a subprocess: a crash (heap corruption, use after free) fails the test instead of pytest."""
+    if backend_name == "compiled" and ops.backend() != "compiled":
+        pytest.skip("compiled module not loaded")
+    r = run_python(RACE.format(backend=backend_name, racer=racer, call=call))
+    assert r.returncode == 0 and r.stdout.startswith("ok"), (r.returncode, r.stdout, r.stderr[-3000:])
 
 
 @pytest.mark.parametrize("backend_name", ["compiled", "torch"])
 def test_sparse_selection_survives_a_racing_in_place_writer(backend_name):
     """The weights change between the counting and the writing pass: the answer may be stale,
-    memory is never corrupted (a bounded run; the process must exit cleanly)."""
-    if backend_name == "compiled" and ops.backend() != "compiled":
-        pytest.skip("compiled module not loaded")
-    r = run_python(
-        RACE_PRELUDE.format(backend=backend_name)
-        + """
-    def writer():
-        with torch.no_grad():
-            while not stop.is_set():
-                for p in model.parameters():
-                    p.add_(torch.randn_like(p))
-    t = threading.Thread(target=writer)
-    t.start()
-    calls, deadline = 0, time.monotonic() + 3.0
-    try:
-        while time.monotonic() < deadline or calls < 20:
-            values, (indices, shapes, names) = select_sparse_parameters(
-                model, initial, 0.3, L.largest_magnitude_change_scores)
-            for v, i, s in zip(values, indices, shapes):
-                assert len(v) == len(i) and (i >= 0).all() and (i < s).all()
-            calls += 1
-    finally:
-        stop.set()
-        t.join()
-    print("ok", calls)
-    """
+    memory is never corrupted."""
+    survives_race(
+        backend_name,
+        racer="p.add_(torch.randn_like(p))",
+        call="""values, (indices, shapes, names) = select_sparse_parameters(
+            model, initial, 0.3, L.largest_magnitude_change_scores)
+        for v, i, s in zip(values, indices, shapes):
+            assert len(v) == len(i) and (i >= 0).all() and (i < s).all()""",
     )
-    assert r.returncode == 0 and r.stdout.startswith("ok"), (r.returncode, r.stdout, r.stderr[-3000:])
 
 
 @pytest.mark.parametrize("backend_name", ["compiled", "torch"])
 def test_scores_survive_a_thread_swapping_storages(backend_name):
     """``p.data = ...`` from another thread while the kernels read p: they hold the old storage."""
-    if backend_name == "compiled" and ops.backend() != "compiled":
-        pytest.skip("compiled module not loaded")
-    r = run_python(
-        RACE_PRELUDE.format(backend=backend_name)
-        + """
-    def swapper():
-        while not stop.is_set():
-            for p in model.parameters():
-                p.data = torch.randn(p.shape)
-    t = threading.Thread(target=swapper)
-    t.start()
-    calls, deadline = 0, time.monotonic() + 3.0
-    try:
-        while time.monotonic() < deadline or calls < 20:
-            s = L.largest_magnitude_change_scores(model, initial)
-            d = L.layer_drift_norms(model, initial)
-            assert len(s) == len(d) == 6
-            calls += 1
-    finally:
-        stop.set()
-        t.join()
-    print("ok", calls)
-    """
+    survives_race(
+        backend_name,
+        racer="p.data = torch.randn(p.shape)",
+        call="""s = L.largest_magnitude_change_scores(model, initial)
+        d = L.layer_drift_norms(model, initial)
+        assert len(s) == len(d) == 6""",
     )
-    assert r.returncode == 0 and r.stdout.startswith("ok"), (r.returncode, r.stdout, r.stderr[-3000:])
 
 
 def test_state_items_hold_their_own_storage():
