@@ -119,16 +119,13 @@ def select_sparse_parameters(
     except (RuntimeError, ValueError, TypeError) as exc:
         explain_failure(exc, names, xs, ys if fused is not None and uses_initial(kind) else None, what)
     kept = [i for i, x in enumerate(xs) if x.dim() > 0 and values[i].numel() > 0]
-    for i in kept:
-        if xs[i].dtype == torch.bfloat16:
-            raise TypeError(f"layer {names[i]!r}: dtype torch.bfloat16 cannot become a numpy array")
+    kept_names = [names[i] for i in kept]
+    # Values and indices of every kept tensor to the host together: zero-copy on the CPU, one
+    # batched transfer (one sync) from a GPU instead of two per tensor.
+    host = psc._to_numpy(kept_names * 2, [values[i] for i in kept] + [indices[i] for i in kept])
     return (
-        [values[i].detach().cpu().numpy() for i in kept],
-        (
-            [indices[i].cpu().numpy() for i in kept],
-            [np.array(list(xs[i].shape)) for i in kept],
-            [names[i] for i in kept],
-        ),
+        host[: len(kept)],
+        (host[len(kept) :], [np.array(list(xs[i].shape)) for i in kept], kept_names),
     )
 
 

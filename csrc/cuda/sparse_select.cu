@@ -199,9 +199,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cuda
     return {values, indices};
   }
   const DeviceTable dt = upload_table(table, device);
-  at::Tensor thr = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kDouble));
+  // Pinned host memory and an async copy: from pageable memory the copy would wait for the stream.
+  at::Tensor thr = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
   std::memcpy(thr.data_ptr<double>(), thresholds.data(), n * sizeof(double));
-  thr = thr.to(device);
+  thr = thr.to(device, /*non_blocking=*/true);
   at::Tensor counts = at::empty({chunks}, at::TensorOptions().dtype(at::kLong).device(device));
   count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(dt.entries, dt.first_chunk, dt.n, kind,
                                                                       thr.data_ptr<double>(),
