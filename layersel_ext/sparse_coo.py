@@ -19,7 +19,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from . import _torch_ops, ops
+from . import _sharded, _torch_ops, ops
 from . import parameter_selection_criteria as psc
 from ._model_state import explain_failure, paired_state, single_state, state_items
 
@@ -99,6 +99,8 @@ def select_sparse_parameters(
         score_dtypes = [sc.dtype for sc in ys]
         kernel_extract = score_dtypes == [x.dtype for x in xs]  # the kernels read both in one dtype
 
+    if _sharded.has_dtensor(xs, ys):
+        _sharded.refuse(names, [xs, ys], what)
     total = sum(x.numel() for x in xs)
     top = math.ceil(total * sparsity_level)
     if top < 1:
