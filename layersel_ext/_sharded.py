@@ -19,6 +19,7 @@ The kernels only ever see local tensors:
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -39,16 +40,21 @@ def _dtensor_class() -> Any:
 
 
 def has_dtensor(*lists: Sequence[Tensor] | None) -> bool:
-    """Whether any tensor of the lists is a DTensor (cheap: no import, one type set per list)."""
+    """Whether any tensor of the lists is a DTensor.
+
+    Cheap: a dictionary lookup while ``torch.distributed.tensor`` is not imported (no DTensor can
+    exist then); otherwise one C-level pass per list (state tensors are detached, so plain ones
+    are exactly ``torch.Tensor``), about 20 us per 1,000 tensors.
+    """
     cls = _dtensor_class()
     if cls is None:
         return False
-    kinds: set[type] = set()
     for tensors in lists:
         if tensors:
-            kinds.update(map(type, tensors))
-    kinds.discard(Tensor)
-    return any(issubclass(k, cls) for k in kinds)
+            kinds = list(map(type, tensors))
+            if kinds.count(Tensor) != len(kinds) and any(issubclass(k, cls) for k in set(kinds)):
+                return True
+    return False
 
 
 def _is_dtensor(t: object) -> bool:
@@ -75,6 +81,12 @@ def _chunk_size(size: int, world: int, rank: int) -> int:
     """Length of rank ``rank``'s piece of a dimension of ``size`` split as ``torch.chunk`` (empty pieces last)."""
     step = -(-size // world) if size else 0
     return max(0, min(step, size - rank * step))
+
+
+def _piece_shape(shape: Sequence[int], dim: int, world: int, rank: int) -> list[int]:
+    piece = list(shape)
+    piece[dim] = _chunk_size(shape[dim], world, rank)
+    return piece
 
 
 def _chunk_start(size: int, world: int, rank: int) -> int:
@@ -163,7 +175,9 @@ class ShardedState:
         for i, (name, x) in enumerate(zip(names, xs)):
             y = ys[i] if ys is not None else None
             if y is not None and x.shape != y.shape:
-                raise ValueError(f"layer {name!r}: shape {tuple(x.shape)} in model but {tuple(y.shape)} in initial_model")
+                raise ValueError(
+                    f"layer {name!r}: shape {tuple(x.shape)} in model but {tuple(y.shape)} in initial_model"
+                )
             x_is, y_is = _is_dtensor(x), y is not None and _is_dtensor(y)
             if x_is and y_is and tuple(y.placements) != tuple(x.placements):  # type: ignore[union-attr]
                 y = y.redistribute(x.device_mesh, x.placements)  # type: ignore[union-attr]  # a collective, rare
@@ -245,9 +259,8 @@ def gather_full(
     totals = [0] * world
     for r in range(world):
         for k, j in enumerate(sharded):
-            t, dim = tensors[j], dims[j]
-            rows = _chunk_size(t.shape[dim], world, r)  # type: ignore[index]
-            nbytes = (t.numel() // max(t.shape[dim], 1)) * rows * t.element_size() if t.shape[dim] else 0  # type: ignore[index]
+            t = tensors[j]
+            nbytes = math.prod(_piece_shape(t.shape, dims[j], world, r)) * t.element_size()  # type: ignore[arg-type]
             offsets[r][k] = totals[r]
             totals[r] += -(-nbytes // _ALIGN) * _ALIGN
     capacity = max(max(totals), _ALIGN)
@@ -265,11 +278,9 @@ def gather_full(
         t, dim = tensors[j], dims[j]
         pieces = []
         for r in range(world):
-            shape = list(t.shape)
-            shape[dim] = _chunk_size(t.shape[dim], world, r)  # type: ignore[index]
-            n = int(np.prod(shape))
+            shape = _piece_shape(t.shape, dim, world, r)  # type: ignore[arg-type]
             o = offsets[r][k]
-            pieces.append(received[r][o : o + n * t.element_size()].view(t.dtype).view(shape))
+            pieces.append(received[r][o : o + math.prod(shape) * t.element_size()].view(t.dtype).view(shape))
         out[j] = torch.cat(pieces, dim=dim)  # type: ignore[arg-type]
     return out  # type: ignore[return-value]
 
@@ -308,7 +319,8 @@ def broadcast_seed(seed: int, mesh: _Mesh) -> int:
     """Mesh rank 0's seed on every rank (an unseeded draw must be the same everywhere)."""
     import torch.distributed as dist
 
-    device = "cpu" if mesh.mesh.device_type == "cpu" else torch.device(mesh.mesh.device_type, torch.cuda.current_device())
+    device_type = mesh.mesh.device_type
+    device = torch.device("cpu") if device_type == "cpu" else torch.device(device_type, torch.cuda.current_device())
     value = torch.tensor([seed], dtype=torch.int64, device=device)
     dist.broadcast(value, src=mesh.src, group=mesh.group)
     return int(value.item())

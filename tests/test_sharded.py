@@ -131,7 +131,7 @@ def _fully_shard(model: nn.Module, mesh) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------------------------------------- checks run on every rank
+# ---------------------------------------------------------------------------------------------- checks (every rank)
 
 
 def _compare_all(sharded: nn.Module, sharded0: nn.Module, full: nn.Module, full0: nn.Module, label: str) -> None:
@@ -155,9 +155,11 @@ def _compare_all(sharded: nn.Module, sharded0: nn.Module, full: nn.Module, full0
             for pct in (0.2, 0.5, 1.0):
                 args = (pct, normalize, more)
                 want_sel = L.select_layers_by_percentage(*args, full, full0)
-                _check_selection(L.select_layers_by_percentage(*args, sharded, sharded0), want_sel, f"{label} pct{args}")
+                got = L.select_layers_by_percentage(*args, sharded, sharded0)
+                _check_selection(got, want_sel, f"{label} pct{args}")
                 if F is not None:
-                    _check_selection(want_sel, F.select_layers_by_percentage(*args, full, full0), f"{label} F pct{args}")
+                    ref = F.select_layers_by_percentage(*args, full, full0)
+                    _check_selection(want_sel, ref, f"{label} F pct{args}")
             for thr in thresholds:
                 args = (thr, normalize, more)
                 want_sel = L.select_layers_by_threshold(*args, full, full0)
@@ -281,7 +283,8 @@ def _case_sparse_refused(rank: int, world: int, mesh) -> None:
         lambda: SparseCooParameterExchanger(0.3, L.largest_final_magnitude_scores).select_parameters(sharded),
         lambda: select_sparse_parameters(sharded, sharded0, 0.3, lambda m, i: L.largest_final_magnitude_scores(m, i)),
     ):
-        with pytest.raises(NotImplementedError, match=r"layer '0\.weight'.*sharded sparse COO selection is not supported"):
+        refused = r"layer '0\.weight'.*sharded sparse COO selection is not supported"
+        with pytest.raises(NotImplementedError, match=refused):
             call()
 
 
