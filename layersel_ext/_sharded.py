@@ -190,7 +190,8 @@ class ShardedState:
             self.dims.append(dim)
             self.local_x.append(self._local(name, x, dim))
             if self.local_y is not None:
-                if y_is and dim is None and not x_is:  # model plain, initial sharded, model layout wins
+                if y_is and dim is None and _shard_dim(name, y, what) is not None:
+                    # Model entry plain (or replicated), initial sharded, the model's layout wins (scores).
                     self.local_y.append(y.full_tensor())  # type: ignore[union-attr]
                 else:
                     self.local_y.append(self._local(name, y, dim))  # type: ignore[arg-type]

@@ -245,6 +245,16 @@ def _case_distribute_tensor(rank: int, world: int, mesh) -> None:
     _compare_all(sharded, sharded0, full, full0, f"distribute_tensor[{world}]")
     # initial_model unsharded beside a sharded model: the plain entries are narrowed to the shards.
     _compare_all(sharded, full0, full, full0, f"distribute_tensor_plain_initial[{world}]")
+    # A plain model beside a sharded initial_model: drift narrows the model to the shards; scores
+    # stay plain (the initial entries are gathered).
+    import layersel_ext.parameter_selection_criteria as L
+
+    assert L.layer_drift_norms(full, sharded0) == L.layer_drift_norms(full, full0)
+    _check_selection(L.select_layers_by_percentage(0.5, True, True, full, sharded0),
+                     L.select_layers_by_percentage(0.5, True, True, full, full0), "plain model")  # fmt: skip
+    got = L.largest_increase_in_magnitude_scores(full, sharded0)
+    want = L.largest_increase_in_magnitude_scores(full, full0)
+    assert all(type(v) is torch.Tensor and _same_tensor(v, want[n]) for n, v in got.items()), "plain model scores"
 
 
 def _case_masks(rank: int, world: int, mesh) -> None:
