@@ -17,7 +17,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from . import ops
+from . import _sharded, ops
 from ._score_kinds import ScoreKind, uses_initial
 from ._model_state import explain_failure, paired_state, single_state
 
@@ -89,19 +89,35 @@ class LayerSelectionFunctionConstructor:
 # ---------------------------------------------------------------------------------------------- drift norms
 
 
-def _drift_norms(names: list[str], xs: list[Tensor], ys: list[Tensor], normalize: bool, what: str) -> list[float]:
+def _sharded_state(names: list[str], xs: list[Tensor], ys: list[Tensor], what: str) -> _sharded.ShardedState | None:
+    """The local shards and layouts when any entry is a DTensor (FSDP2 / distribute_tensor), else None."""
+    return _sharded.ShardedState(names, xs, ys, what) if _sharded.has_dtensor(xs, ys) else None
+
+
+def _drift_norms(
+    names: list[str],
+    xs: list[Tensor],
+    ys: list[Tensor],
+    normalize: bool,
+    what: str,
+    sharded: _sharded.ShardedState | None = None,
+) -> list[float]:
     """fl4health's ``_calculate_drift_norm`` for every entry, from one fused op and one sync.
 
     The kernels sum the float32 squares in float64; the total is rounded to float32 before the
     square root (a total above the float32 maximum is inf, as in fl4health's float32 norm), the
     root taken in float32; a one-element entry gives |d|, as torch's norm of one element does.
     With ``normalize`` it is divided by numel in float32 the way torch does it on that device
-    (CUDA multiplies by a float32 reciprocal).
+    (CUDA multiplies by a float32 reciprocal). Sharded state: the same sums from the local shards
+    and one all-reduce (``_sharded``); numel is the global one.
     """
-    try:
-        sq = ops.drift_sq_norms(xs, ys).cpu().numpy()
-    except (RuntimeError, ValueError, TypeError) as exc:
-        explain_failure(exc, names, xs, ys, what)
+    if sharded is not None:
+        sq = sharded.drift_sq_norms()
+    else:
+        try:
+            sq = ops.drift_sq_norms(xs, ys).cpu().numpy()
+        except (RuntimeError, ValueError, TypeError) as exc:
+            explain_failure(exc, names, xs, ys, what)
     numel = np.array([x.numel() for x in xs], dtype=np.float32)
     with np.errstate(over="ignore"):
         norms = np.sqrt(sq.astype(np.float32))
@@ -129,8 +145,9 @@ def layer_drift_norms(model: nn.Module, initial_model: nn.Module, normalize: boo
         (dict[str, float]): state_dict name -> the float fl4health's ``_calculate_drift_norm`` gives
         (the L2 norm of ``(t1 - t2).float()``, in float32, optionally divided by numel), in state_dict order.
     """
-    names, xs, ys = paired_state(model, initial_model, "layer_drift_norms")
-    return dict(zip(names, _drift_norms(names, xs, ys, normalize, "layer_drift_norms")))
+    what = "layer_drift_norms"
+    names, xs, ys = paired_state(model, initial_model, what)
+    return dict(zip(names, _drift_norms(names, xs, ys, normalize, what, _sharded_state(names, xs, ys, what))))
 
 
 def _to_numpy(names: list[str], tensors: list[Tensor]) -> NDArrays:
@@ -141,6 +158,15 @@ def _to_numpy(names: list[str], tensors: list[Tensor]) -> NDArrays:
     if not tensors or tensors[0].device.type != "cuda":
         return [t.detach().cpu().numpy() for t in tensors]
     return _batched_device_to_host(tensors)
+
+
+def _selected_to_numpy(
+    names: list[str], xs: list[Tensor], keep: list[int], sharded: _sharded.ShardedState | None
+) -> tuple[NDArrays, list[str]]:
+    """The kept layers as numpy arrays; sharded ones gathered to full size (one collective for all)."""
+    kept_names = [names[i] for i in keep]
+    kept = [xs[i] for i in keep] if sharded is None else sharded.full_model_tensors(keep)
+    return _to_numpy(kept_names, kept), kept_names
 
 
 def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
@@ -187,14 +213,15 @@ def select_layers_by_threshold(
         (tuple[NDArrays, list[str]]): Layers selected by the process and their corresponding names in the model's
         ``state_dict``.
     """
-    names, xs, ys = paired_state(model, initial_model, "select_layers_by_threshold")
-    drifts = _drift_norms(names, xs, ys, normalize, "select_layers_by_threshold")
+    what = "select_layers_by_threshold"
+    names, xs, ys = paired_state(model, initial_model, what)
+    sharded = _sharded_state(names, xs, ys, what)
+    drifts = _drift_norms(names, xs, ys, normalize, what, sharded)
     if select_drift_more:
         keep = [i for i, d in enumerate(drifts) if d > threshold]
     else:
         keep = [i for i, d in enumerate(drifts) if d <= threshold]
-    kept_names = [names[i] for i in keep]
-    return _to_numpy(kept_names, [xs[i] for i in keep]), kept_names
+    return _selected_to_numpy(names, xs, keep, sharded)
 
 
 def select_layers_by_percentage(
@@ -212,12 +239,13 @@ def select_layers_by_percentage(
         (tuple[NDArrays, list[str]]): Layers selected by the process and their corresponding names in the model's
         ``state_dict``.
     """
-    names, xs, ys = paired_state(model, initial_model, "select_layers_by_percentage")
-    drifts = _drift_norms(names, xs, ys, normalize, "select_layers_by_percentage")
+    what = "select_layers_by_percentage"
+    names, xs, ys = paired_state(model, initial_model, what)
+    sharded = _sharded_state(names, xs, ys, what)
+    drifts = _drift_norms(names, xs, ys, normalize, what, sharded)
     count = math.ceil(len(names) * exchange_percentage)
     order = sorted(range(len(names)), key=lambda i: drifts[i], reverse=select_drift_more)[:count]
-    kept_names = [names[i] for i in order]
-    return _to_numpy(kept_names, [xs[i] for i in order]), kept_names
+    return _selected_to_numpy(names, xs, order, sharded)
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -229,6 +257,8 @@ def _score_dict(kind: int, model: nn.Module, initial_model: nn.Module | None, wh
         ys: list[Tensor] | None = y_list
     else:
         (names, xs), ys = single_state(model, what), None
+    if _sharded.has_dtensor(xs, ys):  # a DTensor entry gives a DTensor of local-shard scores
+        return dict(zip(names, _sharded.scores(names, xs, ys, kind, what)))
     try:
         return dict(zip(names, ops.scores(xs, ys, kind)))
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -366,7 +396,12 @@ def select_scores_and_sample_masks(
             raise TypeError(f"layer {name!r}: score dtype {s.dtype} is not floating point")
         if s.device != scores[0].device:
             raise ValueError(f"layer {name!r}: on {s.device} but {names[0]!r} is on {scores[0].device}")
+    mesh = None
+    if _sharded.has_dtensor(scores):  # sharded scores: gathered (one collective), then the unsharded path
+        scores, mesh = _sharded.full_scores(names, scores, "select_scores_and_sample_masks")
     key = _draw_seed(generator) if seed is None else _check_seed(seed)
+    if mesh is not None and seed is None:  # every rank must use the same draw: rank 0's
+        key = _sharded.broadcast_seed(key, mesh)
     by_scores = seed is None
     if scores[0].device.type == "cuda":
         # One byte per element on the device, one D2H transfer, widened on the host.

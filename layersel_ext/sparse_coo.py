@@ -19,7 +19,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from . import ops
+from . import _sharded, ops
 from ._score_kinds import ScoreKind, uses_initial
 from . import parameter_selection_criteria as psc
 from ._model_state import explain_failure, paired_state, single_state, state_items
@@ -98,6 +98,8 @@ def select_sparse_parameters(
                 raise ValueError(f"layer {n!r}: shape {tuple(x.shape)} in model but its scores have {tuple(sc.shape)}")
         score_dtypes = [sc.dtype for sc in ys]
 
+    if _sharded.has_dtensor(xs, ys):
+        _sharded.refuse(names, [xs, ys], what)
     total = sum(x.numel() for x in xs)
     top = math.ceil(total * sparsity_level)
     if top < 1:
