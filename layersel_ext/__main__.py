@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] == "info":
         return info()
     if argv[0] == "bench":
-        from benchmarks.run import main as bench_main
+        from layersel_ext.bench.run import main as bench_main
 
         return bench_main(argv[1:])
     print(__doc__)
