@@ -1,13 +1,30 @@
 """The main job: layersel_ext vs fl4health 0.4.2 vs plain torch vs the memory-bandwidth floor.
 
-    python -m benchmarks.run [--quick] [--device cpu|cuda] [--reps 7] [--big] [--out DIR]
+    python -m layersel_ext bench [--quick] [--device cpu|cuda] [--reps 7] [--no-big] [--only REGEX]
+                                 [--out DIR | --commit-results]
+    (from a checkout also: python -m benchmarks.run ..., ./dev.sh bench ...)
 
 Every row is timed side by side in one process: warm-up, then the median of --reps runs per
 backend; ratios are taken from those medians. 'floor' is torch.dot over the bytes the row must
 read (measured in the same run); '% floor' = floor / ours. Peak memory is the growth of host RSS
 (sampled) or, on CUDA, torch.cuda.max_memory_allocated above the start. Each row also checks
-that our answer equals fl4health's. Writes a markdown table to stdout, and JSON + PNG into
-benchmarks/results/<device-name>/.
+that our answer equals fl4health's. Writes a markdown table to stdout, and results.md,
+results.json and speedup.png into the results folder.
+
+Results folder: --out DIR; by default benchmarks/out/<device-name>/ in a checkout (ignored by
+git) or ./layersel_ext-bench/<device-name>/ elsewhere. The committed tables in
+benchmarks/results/<device-name>/ are written only on purpose, with --commit-results (a full run on
+a quiet machine), so that a smoke run never overwrites them.
+
+A loaded machine makes readings slow or meaningless, so the runner watches for it: the 1-minute
+load average before and after the run goes into the JSON (a warning when it is above half the
+cores before the start; after the run it includes this run's own threads), and during every row it
+measures the CPU time that *other* processes took (system busy time minus ours, in cores). A row
+is flagged 'busy' when others took more than half the cores on average while it ran (on 2 cores:
+one competing process running flat out, enough to make every parallel region wait for a thread
+that shares its core, up to 2x slower), and 'below floor' when a reading is faster than the
+memory-bandwidth floor measured beside it ('% floor' above 100%: the floor itself was disturbed,
+the reading is not valid as it stands). Flags appear in the JSON rows and a 'flags' column.
 """
 
 from __future__ import annotations
@@ -15,6 +32,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import re
 import statistics
@@ -70,6 +88,40 @@ class PeakRSS:
     @property
     def growth_mb(self) -> float:
         return (self.peak - self.base) / 2**20
+
+
+BUSY_LOAD_PER_CORE = 0.5  # "busy": other work above half the cores (see the module docstring)
+CORES = os.cpu_count() or 1
+
+
+class OtherCPU:
+    """CPU used by other processes while the block runs, in cores (system-wide busy time minus this
+    process's own user + system time, over the wall time). /proc/stat ticks are 10 ms: a block of
+    100 ms on 2 cores reads to about 0.1 core."""
+
+    def __enter__(self) -> OtherCPU:  # noqa: PYI034
+        self.proc = psutil.Process()
+        self.t0, self.sys0, self.me0 = time.monotonic(), self._busy(), self._mine()
+        return self
+
+    @staticmethod
+    def _busy() -> float:
+        t = psutil.cpu_times()
+        total = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"))
+        return total - t.idle - getattr(t, "iowait", 0.0)
+
+    def _mine(self) -> float:
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
+    def __exit__(self, *exc: object) -> None:
+        wall = max(time.monotonic() - self.t0, 1e-9)
+        self.seconds = wall
+        self.cores = max(0.0, (self._busy() - self.sys0) - (self._mine() - self.me0)) / wall
+
+
+def busy_cores_limit() -> float:
+    return BUSY_LOAD_PER_CORE * CORES
 
 
 SLOW_S = 3.0  # a first call slower than this is timed once (fl4health's sparse selection: ~40 s)
@@ -156,12 +208,14 @@ class Bench:
         print(f"  {progress} {model} / {criterion}", file=sys.stderr, flush=True)
         result: dict[str, Any] = {"model": model, "criterion": criterion, "device": self.device}
         outputs = {}
-        for name, fn in impls.items():
-            sec, mem, outputs[name] = time_it(fn, self.device, self.reps)
-            result[f"{name}_ms"] = sec * 1e3
-            result[f"{name}_peak_mb"] = mem
-        floor_s, _, _ = time_it(floor_fn(floor_bytes, self.device), self.device, self.reps)
+        with OtherCPU() as others:
+            for name, fn in impls.items():
+                sec, mem, outputs[name] = time_it(fn, self.device, self.reps)
+                result[f"{name}_ms"] = sec * 1e3
+                result[f"{name}_peak_mb"] = mem
+            floor_s, _, _ = time_it(floor_fn(floor_bytes, self.device), self.device, self.reps)
         result["floor_ms"] = floor_s * 1e3
+        result["other_cpu_cores"] = round(others.cores, 2)
         if check is not None and "fl4health" in outputs:
             result["equal_to_fl4health"] = bool(
                 all(check(outputs["fl4health"], outputs[k]) for k in ("ours_compiled", "ours_torch") if k in outputs)
@@ -171,7 +225,21 @@ class Bench:
             result["speedup_vs_fl4health"] = result["fl4health_ms"] / ours
         if ours:
             result["pct_of_floor"] = 100.0 * result["floor_ms"] / ours
+        result["below_floor"] = result.get("pct_of_floor", 0.0) > 100.0
+        result["busy"] = others.cores > busy_cores_limit()
+        result["flags"] = flags(result)
+        if result["flags"]:
+            print(f"      flagged: {', '.join(result['flags'])}", file=sys.stderr, flush=True)
         self.rows.append(result)
+
+
+def flags(row: dict[str, Any]) -> list[str]:
+    out = []
+    if row.get("below_floor"):
+        out.append(f"below floor ({row['pct_of_floor']:.1f}%)")
+    if row.get("busy"):
+        out.append(f"busy ({row['other_cpu_cores']:.1f} other cores)")
+    return out
 
 
 def layer_rows(bench: Bench, name: str, factory: Callable[[], torch.nn.Module], step: list[int], total: int) -> None:
@@ -293,7 +361,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
         "| model | criterion | "
         + " | ".join(f"{c} ms" for c in cols)
-        + " | floor ms | % floor | × fl4health | equal | peak MB fl4h / ours |"
+        + " | floor ms | % floor | × fl4health | equal | peak MB fl4h / ours | flags |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -305,7 +373,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['criterion']} | "
             + " | ".join(cells)
-            + f" | {r['floor_ms']:.2f} | {r.get('pct_of_floor', 0):.0f}% | {spd} | {eq} | {mem} |"
+            + f" | {r['floor_ms']:.2f} | {r.get('pct_of_floor', 0):.0f}% | {spd} | {eq} | {mem} | "
+            + (", ".join(r.get("flags", [])) or "–")
+            + " |"
         )
     return "\n".join(lines)
 
@@ -339,16 +409,55 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def checkout_root() -> Path | None:
+    """The repository this package runs from (an in-place build or `pip install -e`), else None."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "benchmarks" / "results").is_dir() and (root / "setup.py").is_file() else None
+
+
+def results_folder(out: str | None, commit_results: bool, dev_name: str) -> Path:
+    root = checkout_root()
+    if out is not None:
+        return Path(out)
+    if commit_results:
+        if root is None:
+            raise SystemExit("--commit-results writes into a checkout's benchmarks/results/: run from a checkout")
+        return root / "benchmarks" / "results" / dev_name
+    return root / "benchmarks" / "out" / dev_name if root is not None else Path.cwd() / "layersel_ext-bench" / dev_name
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small models, 3 reps: a few-second smoke run")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small models, 3 reps: a smoke run that checks the output, not a result to publish; about 45 s "
+        "on 2 CPU cores sharing them with one other busy process (44 s measured), up to ~80 s on a busier machine",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--reps", type=int, default=None, help="timed runs per backend (median; default 7, quick 3)")
-    p.add_argument("--no-big", action="store_true", help="leave out the 1B-parameter stack")
+    p.add_argument(
+        "--no-big", action="store_true", help="leave out the 1B-parameter stack (included when >16 GB are free)"
+    )
     p.add_argument("--only", default=None, help="regex on model names")
-    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<device-name>)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out",
+        default=None,
+        help="results folder (default: benchmarks/out/<device-name> in a checkout, ignored by git; "
+        "./layersel_ext-bench/<device-name> elsewhere)",
+    )
+    where.add_argument(
+        "--commit-results",
+        action="store_true",
+        help="write into the committed benchmarks/results/<device-name>/ (a full run on a quiet machine, on purpose)",
+    )
     args = p.parse_args(argv)
     reps = args.reps or (3 if args.quick else 7)
+    dev_name = device_name(args.device)
+    out = results_folder(args.out, args.commit_results, dev_name)
+    if args.commit_results and args.quick:
+        print("warning: --commit-results with --quick: the committed table becomes a smoke run's", file=sys.stderr)
     try:
         from fl4health.parameter_exchange import parameter_selection_criteria as F
     except ImportError as exc:
@@ -370,39 +479,74 @@ def main(argv: list[str] | None = None) -> int:
         masked_models = {k: v for k, v in masked_models.items() if re.search(args.only, k)}
     total = sum({"many_small": 4, "stack_1b": 3}.get(k, 9) + 2 * (k in SPARSE_MODELS) for k in layer_models)
     total += len(masked_models)
+
+    load_before = os.getloadavg()
+    if load_before[0] > busy_cores_limit():
+        print(
+            f"WARNING: the machine is busy: 1-minute load average {load_before[0]:.1f} on {CORES} cores "
+            f"(above {BUSY_LOAD_PER_CORE} per core); readings will be slow and rows taken while others run "
+            "are flagged 'busy'. Benchmark on a quiet machine for results to publish.",
+            file=sys.stderr,
+        )
     bench = Bench(args.device, reps, F)
     step = [0]
     t0 = time.time()
-    for name, factory in layer_models.items():
-        layer_rows(bench, name, factory, step, total)
-        gc.collect()  # the model pair goes with the call's frame
-    for name, factory in masked_models.items():
-        mask_rows(bench, name, factory, step, total)
-        gc.collect()
+    with OtherCPU() as others:
+        for name, factory in layer_models.items():
+            layer_rows(bench, name, factory, step, total)
+            gc.collect()  # the model pair goes with the call's frame
+        for name, factory in masked_models.items():
+            mask_rows(bench, name, factory, step, total)
+            gc.collect()
+    load_after = os.getloadavg()
 
-    dev_name = device_name(args.device)
-    out = Path(args.out) if args.out else Path(__file__).resolve().parents[2] / "benchmarks" / "results" / dev_name
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": args.device,
         "device_name": dev_name,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cores": CORES,
         "backend_loaded": L._loader.LOAD_REASON,
         "build": L.build_record(),
         "reps": reps,
         "quick": args.quick,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "seconds": round(time.time() - t0, 1),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in load_after],  # includes this run's own threads
+        "other_cpu_cores": round(others.cores, 2),  # other processes, averaged over the whole run
+        "busy_threshold_cores": busy_cores_limit(),
+        "busy_rows": sum(bool(r["busy"]) for r in bench.rows),
+        "below_floor_rows": sum(bool(r["below_floor"]) for r in bench.rows),
     }
     table = markdown(bench.rows)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": bench.rows}, indent=2) + "\n")
     (out / "results.md").write_text(
-        f"# {dev_name} ({args.device}, {meta['threads']} threads, torch {meta['torch']}, {meta['date']})\n\n{table}\n"
+        f"# {dev_name} ({args.device}, {meta['threads']} threads, torch {meta['torch']}, {meta['date']})\n\n"
+        f"Load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} on {CORES} cores; other "
+        f"processes used {others.cores:.2f} cores on average during the run.\n\n{table}\n"
     )
     plot(bench.rows, out / "speedup.png", f"layersel_ext vs fl4health 0.4.2 — {dev_name}, {meta['date']}")
     print(table)
     print(f"\nresults: {out}/results.json, results.md, speedup.png ({meta['seconds']} s)")
+    print(
+        f"load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min, {CORES} cores; after "
+        f"includes this run); other processes used {others.cores:.2f} cores on average during the run",
+        file=sys.stderr,
+    )
+    if meta["busy_rows"] or others.cores > busy_cores_limit():
+        print(
+            f"WARNING: the machine was busy: {meta['busy_rows']} of {len(bench.rows)} rows taken while other "
+            f"processes used more than {busy_cores_limit():.1f} cores; do not publish these numbers",
+            file=sys.stderr,
+        )
+    if meta["below_floor_rows"]:
+        print(
+            f"WARNING: {meta['below_floor_rows']} row(s) read faster than the memory-bandwidth floor measured beside "
+            "them (% floor > 100): the floor or the reading was disturbed; rerun those rows",
+            file=sys.stderr,
+        )
     mismatches = [r for r in bench.rows if r.get("equal_to_fl4health") is False]
     if mismatches:
         print(f"MISMATCH with fl4health in {len(mismatches)} row(s)", file=sys.stderr)
