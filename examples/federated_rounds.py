@@ -304,8 +304,22 @@ def accepts_connections(port: int) -> bool:
         return True
 
 
-class FederationError(RuntimeError):
-    """A federation that did not run to the end; the message carries every process's full log."""
+def server_listens(proc: subprocess.Popen, port: int) -> bool:
+    """The port accepts connections, and (where psutil can tell, as on Linux) it is the server process
+    itself that listens there: a port that some other process took after free_port() must not pass
+    for our server while that one exits with 'already in use'."""
+    if not accepts_connections(port):
+        return False
+    try:
+        import psutil
+    except ImportError:
+        return True
+    try:
+        p = psutil.Process(proc.pid)
+        conns = p.net_connections(kind="tcp") if hasattr(p, "net_connections") else p.connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
 
 
 def explain(res: dict[str, Any]) -> str:
@@ -375,7 +389,7 @@ def run_federation(
             server = start(["--role", "server", "--mode", mode, "--port", str(port), "--rounds", str(rounds),
                             "--out", str(out)], "server")  # fmt: skip
             connect_deadline = min(deadline, time.monotonic() + connect_timeout)
-            while server.poll() is None and time.monotonic() < connect_deadline and not accepts_connections(port):
+            while server.poll() is None and time.monotonic() < connect_deadline and not server_listens(server, port):
                 time.sleep(0.1)
             if server.poll() is not None and "already in use" in read_log(0) and attempt < 2:
                 continue
@@ -383,7 +397,7 @@ def run_federation(
         res["port"] = port
         if server.poll() is not None:
             res["error"] = f"the server exited (code {server.returncode}) before accepting connections on port {port}"
-        elif not accepts_connections(port):
+        elif not server_listens(server, port):
             res["error"] = (
                 f"the server did not accept connections on port {port} within "
                 f"{min(connect_timeout, timeout):.0f} s of its start"
