@@ -349,25 +349,26 @@ def run_federation(
     received each round ('record'), the processes' exit codes (server, client0, client1), their full
     logs, what the harness had to kill and why ('killed', 'error'), and the wall time.
 
-    Bounded in time, never by a fixed sleep: the clients start once the server accepts connections
-    on its port (polled; flwr's client does not retry a refused connection), or the federation fails
-    at once if the server exits first, or after `connect_timeout` seconds. The whole federation has
+    Bounded in time, never by a fixed sleep: the clients start once the server listens on its port
+    and accepts connections (polled; flwr's client does not retry a refused connection); it fails at
+    once if the server exits first, or after `connect_timeout` seconds. The whole federation has
     `timeout` seconds; once the clients have all exited the server gets `grace` seconds to finish
     (and the other way round: a server that fails waits forever for clients, clients that lose their
-    server may too), then whatever still runs is killed and reported.
+    server may too), then whatever still runs is killed and reported. No process outlives the call.
     """
     t_start = time.monotonic()
     deadline = t_start + timeout
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LAYERSEL_PATCH_FL4HEALTH": str(int(patched))}
     cmd = [sys.executable, "-m", "examples.federated_rounds"]
     res: dict[str, Any] = {"mode": mode, "patched": patched, "error": None, "killed": []}
+    names = ("server", "client0", "client1")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
         procs: list[subprocess.Popen] = []
         logs: list[Any] = []
 
-        def start(role_args: list[str], log_name: str) -> subprocess.Popen:
-            log = open(Path(tmp) / f"{log_name}.log", "w+")  # noqa: SIM115
+        def start(role_args: list[str]) -> subprocess.Popen:
+            log = open(Path(tmp) / f"{names[len(procs)]}.log", "w+")  # noqa: SIM115
             logs.append(log)
             p = subprocess.Popen([*cmd, *role_args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             procs.append(p)
@@ -377,74 +378,68 @@ def run_federation(
             logs[i].seek(0)
             return str(logs[i].read())
 
-        # The server, on a fresh port; retried on another port if that one was taken after all.
-        for attempt in range(3):
-            for p in procs:
-                p.wait()
-            for log in logs:
-                log.close()
-            procs.clear()
-            logs.clear()
-            port = free_port()
-            server = start(["--role", "server", "--mode", mode, "--port", str(port), "--rounds", str(rounds),
-                            "--out", str(out)], "server")  # fmt: skip
-            connect_deadline = min(deadline, time.monotonic() + connect_timeout)
-            while server.poll() is None and time.monotonic() < connect_deadline and not server_listens(server, port):
-                time.sleep(0.1)
-            if server.poll() is not None and "already in use" in read_log(0) and attempt < 2:
-                continue
-            break
-        res["port"] = port
-        if server.poll() is not None:
-            res["error"] = f"the server exited (code {server.returncode}) before accepting connections on port {port}"
-        elif not server_listens(server, port):
-            res["error"] = (
-                f"the server did not accept connections on port {port} within "
-                f"{min(connect_timeout, timeout):.0f} s of its start"
-            )
-            res["killed"].append("server")
-            server.kill()
-        else:
-            res["server_ready_s"] = round(time.monotonic() - t_start, 1)
-            for i in (0, 1):
-                start(["--role", "client", "--mode", mode, "--port", str(port), "--index", str(i)], f"client{i}")
+        def kill(i: int, why: str) -> None:
+            if procs[i].poll() is None:
+                procs[i].kill()
+                procs[i].wait()
+                res["killed"].append(names[i])
+                res["error"] = res["error"] or why
 
-        names = ["server", "client0", "client1"][: len(procs)]
-        first_done: dict[str, float] = {}
-        while any(p.poll() is None for p in procs):
-            now = time.monotonic()
-            clients = procs[1:]
-            if now > deadline:
-                stuck = [n for n, p in zip(names, procs) if p.poll() is None]
-                res["error"] = res["error"] or f"still running after the {timeout:.0f} s deadline: {stuck}"
-                for n, p in zip(names, procs):
-                    if p.poll() is None:
-                        res["killed"].append(n)
-                        p.kill()
+        try:
+            # The server, on a fresh port; retried on another port if that one was taken after all.
+            for attempt in range(3):
+                for p, log in zip(procs, logs):
+                    p.wait()
+                    log.close()
+                procs.clear()
+                logs.clear()
+                port = free_port()
+                server = start(["--role", "server", "--mode", mode, "--port", str(port), "--rounds", str(rounds),
+                                "--out", str(out)])  # fmt: skip
+                connect_deadline = min(deadline, time.monotonic() + connect_timeout)
+                while server.poll() is None and time.monotonic() < connect_deadline:
+                    if server_listens(server, port):
+                        break
+                    time.sleep(0.1)
+                if server.poll() is not None and "already in use" in read_log(0) and attempt < 2:
+                    continue
                 break
-            if clients and all(p.poll() is not None for p in clients) and server.poll() is None:
-                first_done.setdefault("clients", now)
-                if now - first_done["clients"] > grace:
-                    res["killed"].append("server")
-                    res["error"] = (
-                        res["error"] or f"the server was still running {grace:.0f} s after both clients exited"
-                    )
-                    server.kill()
-            if server.poll() is not None and any(p.poll() is None for p in clients):
-                first_done.setdefault("server", now)
-                if now - first_done["server"] > grace:
-                    for n, p in zip(names[1:], clients):
-                        if p.poll() is None:
-                            res["killed"].append(n)
-                            p.kill()
-                    res["error"] = res["error"] or f"a client was still running {grace:.0f} s after the server exited"
-            time.sleep(0.2)
-        for p in procs:
-            p.wait()
+            res["port"] = port
+            if server.poll() is not None:
+                res["error"] = f"the server exited (code {server.returncode}) before listening on port {port}"
+            elif not server_listens(server, port):
+                kill(0, f"the server did not listen on port {port} within {connect_deadline - t_start:.0f} s")
+            else:
+                res["server_ready_s"] = round(time.monotonic() - t_start, 1)
+                for i in (0, 1):
+                    start(["--role", "client", "--mode", mode, "--port", str(port), "--index", str(i)])
+
+            done_at: dict[str, float] = {}
+            while any(p.poll() is None for p in procs):
+                now = time.monotonic()
+                running = [i for i, p in enumerate(procs) if p.poll() is None]
+                if now > deadline:
+                    for i in running:
+                        kill(i, f"still running after the {timeout:.0f} s deadline: {[names[j] for j in running]}")
+                elif running == [0] and len(procs) == 3 and now - done_at.setdefault("clients", now) > grace:
+                    kill(0, f"the server was still running {grace:.0f} s after both clients exited")
+                elif 0 not in running and now - done_at.setdefault("server", now) > grace:
+                    for i in running:
+                        kill(i, f"a client was still running {grace:.0f} s after the server exited")
+                time.sleep(0.2)
+        finally:  # nothing outlives the call, whatever happened above
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
         res["logs"] = [read_log(i) for i in range(len(logs))]
         for log in logs:
             log.close()
-        res["record"] = json.loads(out.read_text()) if out.exists() and out.read_text() else []
+        try:
+            res["record"] = json.loads(out.read_text() or "[]") if out.exists() else []
+        except ValueError as exc:  # a server killed while writing it
+            res["record"] = []
+            res["error"] = res["error"] or f"unreadable record ({exc})"
     res["returncodes"] = [p.returncode for p in procs]
     res["seconds"] = round(time.monotonic() - t_start, 1)
     return res
