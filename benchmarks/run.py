@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from layersel_ext.bench.run import __doc__, main  # noqa: F401  (--help shows the runner's text)
+from layersel_ext.bench.run import main
 
 if __name__ == "__main__":
     sys.exit(main())
