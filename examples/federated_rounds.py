@@ -7,8 +7,13 @@ clients, once with fl4health's own selection functions and once with layersel_ex
 Modes: layer_threshold, layer_percentage (DynamicLayerExchanger + FedAvgDynamicLayer),
 sparse (SparseCooParameterExchanger + FedAvgSparseCooTensor), fedpm (masked CNN, FedPmServer +
 FedPm), fedpm_linear_n_1 (a masked Linear(n, 1): fl4health's squeezed masks break it).
-Server and clients are separate processes on 127.0.0.1, bounded in time; synthetic data.
-What reached the server each round is recorded by the server process into a JSON file.
+Server and clients are separate processes on 127.0.0.1; synthetic data. Each client seeds itself
+as fl4health's examples do (set_all_random_seeds(42), the same on every client). The clients start
+once the server accepts connections on a fresh port; every federation is bounded in time, and the
+full server and client logs of a failed one are printed (run_federation, explain).
+What reached the server each round is recorded by the server process into a JSON file: names,
+dtypes, shapes and a hash of every client's arrays; for FedPM also how often the two clients' mask
+bits agree, and the fraction of the scores sent back to the clients that are +-inf.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -33,10 +39,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_model(mode: str) -> Any:
+    """The same initial model in every process, without touching the caller's global RNG state (each
+    client seeds itself as fl4health's examples do; see run_client)."""
     import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _make_model(mode)
+
+
+def _make_model(mode: str) -> Any:
     from torch import nn
 
-    torch.manual_seed(0)
     if mode == "fedpm_linear_n_1":
         from fl4health.model_bases.masked_layers.masked_linear import MaskedLinear
 
@@ -78,8 +92,12 @@ def run_client(mode: str, index: int, port: int) -> None:
     from fl4health.parameter_exchange import parameter_selection_criteria as criteria
     from fl4health.parameter_exchange.layer_exchanger import DynamicLayerExchanger
     from fl4health.parameter_exchange.sparse_coo_parameter_exchanger import SparseCooParameterExchanger
+    from fl4health.utils.random import set_all_random_seeds
 
-    torch.manual_seed(index)
+    # As every fl4health example client does (`set_all_random_seeds(args.seed)`, default 42): the
+    # same seed for python, numpy and torch on every client. Whatever is random per client (FedPM's
+    # masks) must not come out the same on both because of it.
+    set_all_random_seeds(42)
     regression = mode == "fedpm_linear_n_1"
 
     class Common:
@@ -128,11 +146,14 @@ def digest(arrays: list[Any]) -> str:
 
 def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
     import flwr as fl
+    import numpy as np
+    import torch
     from fl4health.servers.base_server import FlServer
     from fl4health.servers.fedpm_server import FedPmServer
     from fl4health.strategies.fedavg_dynamic_layer import FedAvgDynamicLayer
     from fl4health.strategies.fedavg_sparse_coo_tensor import FedAvgSparseCooTensor
     from fl4health.strategies.fedpm import FedPm
+    from fl4health.utils.functions import sigmoid_inverse
     from fl4health.utils.parameter_extraction import get_all_model_parameters
     from flwr.common import parameters_to_ndarrays
     from flwr.server.client_manager import SimpleClientManager
@@ -161,6 +182,12 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
     else:
         strategy_cls = FedAvgDynamicLayer
 
+    fedpm = mode.startswith("fedpm")
+    # FedPM: the score of each element the clients hold at the start of the current round is finite
+    # (it is sampled: mask ~ Bernoulli(sigmoid(score))) or +-inf (the mask is fixed). Round 1 starts
+    # from the initial model's scores; each later round from sigmoid_inverse(what the server sent).
+    held_scores_finite: dict[str, np.ndarray] = {}
+
     class Recording(strategy_cls):  # type: ignore[misc, valid-type]
         def aggregate_fit(self, server_round: int, results: list, failures: list) -> Any:
             clients = []
@@ -172,11 +199,52 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
                     "digest": digest(arrays[:-1]),
                     "dtypes": [str(a.dtype) for a in arrays[:-1]],
                     "shapes": [list(a.shape) for a in arrays[:-1]],
+                    "arrays": arrays[:-1],
                 })  # fmt: skip
             clients.sort(key=lambda c: c["digest"])
-            record.append({"round": server_round, "clients": clients, "failures": len(failures)})
+            entry: dict[str, Any] = {"round": server_round, "clients": clients, "failures": len(failures)}
+            if fedpm and len(clients) == 2 and clients[0]["names"] == clients[1]["names"]:
+                entry.update(mask_agreement(clients[0]["names"], clients[0]["arrays"], clients[1]["arrays"]))
+            for c in clients:
+                del c["arrays"]
+            aggregated = super().aggregate_fit(server_round, results, failures)
+            if fedpm and aggregated[0] is not None:
+                entry.update(scores_sent_back(parameters_to_ndarrays(aggregated[0])))
+            record.append(entry)
             out.write_text(json.dumps(record, indent=1))
-            return super().aggregate_fit(server_round, results, failures)
+            return aggregated
+
+    def mask_agreement(names: list[str], a: list[np.ndarray], b: list[np.ndarray]) -> dict[str, Any]:
+        """How alike the two clients' masks are: over all elements, and over the elements whose score
+        was finite at the start of the round (where each client samples; independent clients agree
+        there with probability p^2 + (1-p)^2, about 0.5-0.6 here; clients drawing the same uniforms
+        agree almost everywhere)."""
+        equal = np.concatenate([(x == y).ravel() for x, y in zip(a, b)])
+        sampled = np.concatenate([
+            held_scores_finite.get(n, np.ones(x.size, dtype=bool)).ravel() for n, x in zip(names, a)
+        ])  # fmt: skip
+        return {
+            "masks_identical": bool(equal.all()),
+            "masks_agree_fraction": float(equal.mean()),
+            "sampled_elements": int(sampled.sum()),
+            "masks_agree_fraction_where_sampled": float(equal[sampled].mean()) if sampled.any() else None,
+        }
+
+    def scores_sent_back(packed: list[np.ndarray]) -> dict[str, Any]:
+        """What the clients will hold as scores next round: FedPmExchanger.pull_parameters turns the
+        aggregated Beta posterior means theta into scores with fl4health's sigmoid_inverse, which is
+        -inf / +inf where theta is 0 / 1 (where every client sent the same mask bit, and the priors
+        were reset: FedPmServer's default reset_frequency=1)."""
+        thetas, names = packed[:-1], packed[-1].tolist()
+        finite = [torch.isfinite(sigmoid_inverse(torch.tensor(t))).numpy() for t in thetas]
+        held_scores_finite.clear()
+        held_scores_finite.update(zip(names, finite))
+        flat = np.concatenate([f.ravel() for f in finite])
+        return {
+            "scores_sent_back": int(flat.size),
+            "nonfinite_score_fraction": float(1.0 - flat.mean()),
+            "nonfinite_score_fraction_per_array": {n: float(1.0 - f.mean()) for n, f in zip(names, finite)},
+        }
 
     strategy = Recording(**kwargs)
     if mode.startswith("fedpm"):
@@ -187,59 +255,194 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
     fl.server.start_server(
         server=server,
         server_address=f"127.0.0.1:{port}",
-        config=fl.server.ServerConfig(num_rounds=rounds, round_timeout=60),
+        config=fl.server.ServerConfig(num_rounds=rounds, round_timeout=240),
     )
 
 
 # ------------------------------------------------------------------------------------------ driver
 
+_PORTS_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
 
 def free_port() -> int:
+    """A loopback port that nobody listens on, never handed out twice by this process. Drawn at random
+    below the kernel's ephemeral range, so that no outgoing connection (our clients' included) is
+    given it between this check and the server's bind; several federations started at once (other
+    test runs on the machine) draw different ports. A port lost anyway makes flwr's server exit at
+    start-up ('already in use'), and run_federation then retries with another one."""
+    rng = random.SystemRandom()
+    high = _ephemeral_low()
+    low = 20000 if high > 21000 else 1024
+    for _ in range(500):
+        port = rng.randrange(low, high)
+        if port in _PORTS_HANDED_OUT:
+            continue
+        with socket.socket() as s:  # no SO_REUSEADDR: fails while anything holds the port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_HANDED_OUT.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port found in [{low}, {high})")
+
+
+def accepts_connections(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        s.settimeout(1.0)
+        try:
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
-def run_federation(mode: str, patched: bool, rounds: int = 3, timeout: float = 150.0) -> dict[str, Any]:
-    """One federation (server + 2 clients, separate processes on loopback); returns what the server
-    received each round, the processes' exit codes and the tail of their logs."""
-    port = free_port()
+def server_listens(proc: subprocess.Popen, port: int) -> bool:
+    """The port accepts connections, and (where psutil can tell, as on Linux) it is the server process
+    itself that listens there: a port that some other process took after free_port() must not pass
+    for our server while that one exits with 'already in use'."""
+    if not accepts_connections(port):
+        return False
+    try:
+        import psutil
+    except ImportError:
+        return True
+    try:
+        p = psutil.Process(proc.pid)
+        conns = p.net_connections(kind="tcp") if hasattr(p, "net_connections") else p.connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
+def explain(res: dict[str, Any]) -> str:
+    """Everything needed to understand a failed federation: what went wrong, exit codes, and the full
+    server and client logs (meant for assertion messages)."""
+    who = "layersel_ext" if res.get("patched") else "fl4health"
+    rounds = [r["round"] for r in res.get("record", [])]
+    lines = [
+        f"federation {res.get('mode')} ({who}) on port {res.get('port')}: {res.get('error') or 'no harness error'}",
+        f"exit codes (server, client0, client1): {res.get('returncodes')}; killed by the harness: "
+        + f"{res.get('killed') or 'none'}; {res.get('seconds', 0):.1f} s; rounds recorded: {rounds}",
+    ]
+    for name, log in zip(("server", "client0", "client1"), res.get("logs", [])):
+        lines += [f"----- {name} log -----", log.rstrip() or "(empty)"]
+    return "\n".join(lines)
+
+
+def run_federation(
+    mode: str,
+    patched: bool,
+    rounds: int = 3,
+    timeout: float = 480.0,
+    connect_timeout: float = 180.0,
+    grace: float = 45.0,
+) -> dict[str, Any]:
+    """One federation (server + 2 clients, separate processes on loopback). Returns what the server
+    received each round ('record'), the processes' exit codes (server, client0, client1), their full
+    logs, what the harness had to kill and why ('killed', 'error'), and the wall time.
+
+    Bounded in time, never by a fixed sleep: the clients start once the server listens on its port
+    and accepts connections (polled; flwr's client does not retry a refused connection); it fails at
+    once if the server exits first, or after `connect_timeout` seconds. The whole federation has
+    `timeout` seconds; once the clients have all exited the server gets `grace` seconds to finish
+    (and the other way round: a server that fails waits forever for clients, clients that lose their
+    server may too), then whatever still runs is killed and reported. No process outlives the call.
+    """
+    t_start = time.monotonic()
+    deadline = t_start + timeout
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LAYERSEL_PATCH_FL4HEALTH": str(int(patched))}
+    cmd = [sys.executable, "-m", "examples.federated_rounds"]
+    res: dict[str, Any] = {"mode": mode, "patched": patched, "error": None, "killed": []}
+    names = ("server", "client0", "client1")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
-        cmd = [sys.executable, "-m", "examples.federated_rounds"]
-        logs = [open(Path(tmp) / f"{n}.log", "w+") for n in ("server", "client0", "client1")]  # noqa: SIM115
-        procs = [subprocess.Popen([*cmd, "--role", "server", "--mode", mode, "--port", str(port), "--rounds",
-                                   str(rounds), "--out", str(out)], cwd=ROOT, env=env, stdout=logs[0],
-                                  stderr=subprocess.STDOUT)]  # fmt: skip
-        time.sleep(2.0)
-        for i in (0, 1):
-            procs.append(
-                subprocess.Popen(
-                    [*cmd, "--role", "client", "--mode", mode, "--port", str(port), "--index", str(i)],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=logs[i + 1],
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        deadline = time.time() + timeout
-        for p in procs:
-            try:
-                p.wait(timeout=max(1.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in procs:  # bounded: whatever still runs is stopped
-            if p.poll() is None:
-                p.kill()
+        procs: list[subprocess.Popen] = []
+        logs: list[Any] = []
+
+        def start(role_args: list[str]) -> subprocess.Popen:
+            log = open(Path(tmp) / f"{names[len(procs)]}.log", "w+")  # noqa: SIM115
+            logs.append(log)
+            p = subprocess.Popen([*cmd, *role_args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            procs.append(p)
+            return p
+
+        def read_log(i: int) -> str:
+            logs[i].seek(0)
+            return str(logs[i].read())
+
+        def kill(i: int, why: str) -> None:
+            if procs[i].poll() is None:
+                procs[i].kill()
+                procs[i].wait()
+                res["killed"].append(names[i])
+                res["error"] = res["error"] or why
+
+        try:
+            # The server, on a fresh port; retried on another port if that one was taken after all.
+            for attempt in range(3):
+                for p, log in zip(procs, logs):
+                    p.wait()
+                    log.close()
+                procs.clear()
+                logs.clear()
+                port = free_port()
+                server = start(["--role", "server", "--mode", mode, "--port", str(port), "--rounds", str(rounds),
+                                "--out", str(out)])  # fmt: skip
+                connect_deadline = min(deadline, time.monotonic() + connect_timeout)
+                while server.poll() is None and time.monotonic() < connect_deadline:
+                    if server_listens(server, port):
+                        break
+                    time.sleep(0.1)
+                if server.poll() is not None and "already in use" in read_log(0) and attempt < 2:
+                    continue
+                break
+            res["port"] = port
+            if server.poll() is not None:
+                res["error"] = f"the server exited (code {server.returncode}) before listening on port {port}"
+            elif not server_listens(server, port):
+                kill(0, f"the server did not listen on port {port} within {connect_deadline - t_start:.0f} s")
+            else:
+                res["server_ready_s"] = round(time.monotonic() - t_start, 1)
+                for i in (0, 1):
+                    start(["--role", "client", "--mode", mode, "--port", str(port), "--index", str(i)])
+
+            done_at: dict[str, float] = {}
+            while any(p.poll() is None for p in procs):
+                now = time.monotonic()
+                running = [i for i, p in enumerate(procs) if p.poll() is None]
+                if now > deadline:
+                    for i in running:
+                        kill(i, f"still running after the {timeout:.0f} s deadline: {[names[j] for j in running]}")
+                elif running == [0] and len(procs) == 3 and now - done_at.setdefault("clients", now) > grace:
+                    kill(0, f"the server was still running {grace:.0f} s after both clients exited")
+                elif 0 not in running and now - done_at.setdefault("server", now) > grace:
+                    for i in running:
+                        kill(i, f"a client was still running {grace:.0f} s after the server exited")
+                time.sleep(0.2)
+        finally:  # nothing outlives the call, whatever happened above
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
                 p.wait()
-        tails = []
-        for f in logs:
-            f.seek(0)
-            tails.append(f.read()[-3000:])
-            f.close()
-        record = json.loads(out.read_text()) if out.exists() else []
-    return {"record": record, "returncodes": [p.returncode for p in procs], "logs": tails}
+        res["logs"] = [read_log(i) for i in range(len(logs))]
+        for log in logs:
+            log.close()
+        try:
+            res["record"] = json.loads(out.read_text() or "[]") if out.exists() else []
+        except ValueError as exc:  # a server killed while writing it
+            res["record"] = []
+            res["error"] = res["error"] or f"unreadable record ({exc})"
+    res["returncodes"] = [p.returncode for p in procs]
+    res["seconds"] = round(time.monotonic() - t_start, 1)
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,18 +467,35 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_client(args.mode, args.index, args.port)
         return 0
+    failed = 0
     for mode in [args.mode] if args.mode else MODES:
         for patched in (False, True):
             res = run_federation(mode, patched, args.rounds)
             rounds = [r["round"] for r in res["record"]]
             print(
                 f"{mode:<18} {'layersel_ext' if patched else 'fl4health':<13} rounds reached: {rounds} "
-                f"exit codes: {res['returncodes']}"
+                f"exit codes: {res['returncodes']} ({res['seconds']:.0f} s)"
             )
             for r in res["record"]:
                 for c in r["clients"]:
                     print(f"    round {r['round']}: {len(c['names'])} arrays {c['names'][:3]}... digest {c['digest']}")
-    return 0
+                if "masks_agree_fraction" in r:
+                    where = r["masks_agree_fraction_where_sampled"]
+                    print(
+                        f"    round {r['round']}: masks identical: {r['masks_identical']}, agree on "
+                        f"{r['masks_agree_fraction']:.1%} of elements"
+                        + (f" ({where:.1%} of the {r['sampled_elements']} sampled)" if where is not None else "")
+                    )
+                if "nonfinite_score_fraction" in r:
+                    print(
+                        f"    round {r['round']}: scores sent back to the clients: "
+                        f"{r['nonfinite_score_fraction']:.1%} of {r['scores_sent_back']} are +-inf"
+                    )
+            if res["error"] or res["returncodes"] != [0, 0, 0]:
+                print(explain(res))
+                # Expected: fedpm_linear_n_1 with fl4health alone (its clients crash in round 2).
+                failed += not (mode == "fedpm_linear_n_1" and not patched)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

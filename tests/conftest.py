@@ -48,3 +48,25 @@ def fl4health_criteria():
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _involves_cuda(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(
+        (isinstance(v, str) and v.startswith("cuda")) or (isinstance(v, torch.device) and v.type == "cuda")
+        for v in callspec.params.values()
+    ):
+        return True
+    if "cuda" in item.name.lower():
+        return True
+    # @requires_cuda and plain skipif(not torch.cuda.is_available(), ...) marks
+    return any("cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The `cuda` marker (declared in pyproject.toml) on every test that runs on a CUDA device: a
+    `cuda` parametrisation (the `device` fixture), 'cuda' in its name, or a skip without CUDA. So
+    `-m cuda` runs the GPU tests alone (the GPU runbook), `-m "not cuda"` leaves them out."""
+    for item in items:
+        if _involves_cuda(item):
+            item.add_marker(pytest.mark.cuda)

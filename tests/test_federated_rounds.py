@@ -1,5 +1,9 @@
 """Real rounds: a Flower server (fl4health strategies) and two fl4health clients on 127.0.0.1, with
-fl4health's own functions and with layersel_ext patched in (examples/federated_rounds.py)."""
+fl4health's own functions and with layersel_ext patched in (examples/federated_rounds.py).
+
+Each federation is bounded in time (examples.federated_rounds.run_federation: the clients start once
+the server accepts connections, several minutes per federation at most, whatever still runs after
+that is killed); every assertion message carries the full server and client logs."""
 
 from __future__ import annotations
 
@@ -7,6 +11,9 @@ import pytest
 from conftest import fl4health_criteria
 
 pytestmark = pytest.mark.integration
+
+FEDERATION_TIMEOUT_S = 480.0  # one federation takes 15-90 s on a loaded 2-core machine
+_RUNS: dict[tuple[str, bool], dict] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,26 +31,39 @@ def needs_fl4health_clients():
 
 
 def run(mode: str, patched: bool) -> dict:
+    """One federation per (mode, patched) in this module: tests that look at the same run share it."""
     from examples.federated_rounds import run_federation
 
-    return run_federation(mode, patched, rounds=3, timeout=120)
+    if (mode, patched) not in _RUNS:
+        _RUNS[mode, patched] = run_federation(mode, patched, rounds=3, timeout=FEDERATION_TIMEOUT_S)
+    return _RUNS[mode, patched]
+
+
+def explain(res: dict) -> str:
+    from examples.federated_rounds import explain
+
+    return explain(res)
+
+
+def assert_completed(res: dict) -> None:
+    assert res["error"] is None and res["returncodes"] == [0, 0, 0], explain(res)
+    assert [r["round"] for r in res["record"]] == [1, 2, 3], explain(res)
+    assert all(len(r["clients"]) == 2 and r["failures"] == 0 for r in res["record"]), explain(res)
 
 
 @pytest.mark.parametrize("mode", ["layer_threshold", "layer_percentage", "sparse"])
 def test_same_layers_and_parameters_reach_the_server(mode):
     reference, ours = run(mode, patched=False), run(mode, patched=True)
-    assert reference["returncodes"] == [0, 0, 0], reference["logs"]
-    assert ours["returncodes"] == [0, 0, 0], ours["logs"]
-    assert [r["round"] for r in ours["record"]] == [1, 2, 3]
-    assert all(len(r["clients"]) == 2 and r["failures"] == 0 for r in ours["record"])
+    assert_completed(reference)
+    assert_completed(ours)
     # Names, dtypes, shapes and the bytes of every array each client sent, round by round.
-    assert ours["record"] == reference["record"]
+    assert ours["record"] == reference["record"], explain(reference) + "\n" + explain(ours)
 
 
 def test_fedpm_masks_have_the_shapes_and_dtype_the_strategy_needs():
     ours = run("fedpm", patched=True)
-    assert ours["returncodes"] == [0, 0, 0], ours["logs"]
-    assert [r["round"] for r in ours["record"]] == [1, 2, 3]
+    assert ours["returncodes"] == [0, 0, 0], explain(ours)
+    assert [r["round"] for r in ours["record"]] == [1, 2, 3], explain(ours)
     for r in ours["record"]:
         for c in r["clients"]:
             assert c["names"] == ["0.weight_scores", "0.bias_scores", "3.weight_scores", "3.bias_scores"]
@@ -51,14 +71,58 @@ def test_fedpm_masks_have_the_shapes_and_dtype_the_strategy_needs():
             assert c["dtypes"] == ["int64"] * 4
 
 
+def fedpm_summary(res: dict) -> str:
+    return "; ".join(
+        f"round {r['round']}: masks identical {r.get('masks_identical')}, agree on "
+        f"{r.get('masks_agree_fraction_where_sampled')} of the {r.get('sampled_elements')} sampled elements, "
+        f"{r.get('nonfinite_score_fraction')} of the scores sent back are +-inf"
+        for r in res["record"]
+    )
+
+
+# Every client calls fl4health's set_all_random_seeds(42), as fl4health's examples do. FedPM's Bayesian
+# aggregation assumes the clients' masks are independent samples. With FedPmServer's default prior reset
+# every round and 2 clients, the server sends back theta = (sum of the 2 mask bits) / 2, so a score becomes
+# +-inf (theta 0 or 1) wherever both clients sent the same bit, and stays so (its mask is then fixed).
+# Independent clients agree on a sampled element with probability p^2 + (1-p)^2: measured with fl4health
+# and per-client seeds, 59.6% / 51.0% / 49.5% of the sampled elements in rounds 1-3, and 59.6% / 80.2% /
+# 90.0% of the scores +-inf after rounds 1-3. Clients drawing the same uniforms agree everywhere: 100%.
+AGREE_AT_MOST = 0.75  # independent: about 0.5-0.6; the same uniforms: 1.0
+
+
+def test_fedpm_clients_seeded_alike_sample_independent_masks_with_layersel_ext():
+    ours = run("fedpm", patched=True)
+    assert_completed(ours)
+    summary = fedpm_summary(ours)
+    for r in ours["record"]:
+        assert not r["masks_identical"], f"round {r['round']}: both clients sent identical masks ({summary})"
+        assert r["sampled_elements"] > 0, summary
+        assert r["masks_agree_fraction_where_sampled"] < AGREE_AT_MOST, summary
+        # The Beta posterior does not collapse: some scores the clients get back are still finite.
+        assert r["nonfinite_score_fraction"] < 1.0, summary
+
+
+def test_fedpm_with_fl4health_alone_clients_seeded_alike_send_identical_masks():
+    """fl4health 0.4.2 samples masks with scipy from numpy's global RNG, which set_all_random_seeds(42)
+    seeds alike in every client: its clients send identical masks and every score the server sends
+    back is +-inf from round 1. What layersel_ext must not do (the test above); this one shows that the
+    record detects the collapse."""
+    reference = run("fedpm", patched=False)
+    assert_completed(reference)
+    summary = fedpm_summary(reference)
+    for r in reference["record"]:
+        assert r["masks_identical"], summary
+        assert r["nonfinite_score_fraction"] == 1.0, summary
+
+
 def test_masked_linear_n_1_survives_rounds_only_with_layersel_ext():
     reference = run("fedpm_linear_n_1", patched=False)
     # fl4health squeezes the (1, 8) and (1,) score shapes to (8,) and (): the aggregated masks do
     # not load into the model in the next round, the clients fail.
-    assert reference["record"][0]["clients"][0]["shapes"] == [[8], []]
-    assert reference["returncodes"][1:] != [0, 0]
-    assert "size mismatch" in reference["logs"][1] + reference["logs"][2]
+    assert reference["record"][0]["clients"][0]["shapes"] == [[8], []], explain(reference)
+    assert reference["returncodes"][1:] != [0, 0], explain(reference)
+    assert "size mismatch" in reference["logs"][1] + reference["logs"][2], explain(reference)
     ours = run("fedpm_linear_n_1", patched=True)
-    assert ours["returncodes"] == [0, 0, 0], ours["logs"]
-    assert [r["round"] for r in ours["record"]] == [1, 2, 3]
-    assert all(c["shapes"] == [[1, 8], [1]] for r in ours["record"] for c in r["clients"])
+    assert ours["returncodes"] == [0, 0, 0], explain(ours)
+    assert [r["round"] for r in ours["record"]] == [1, 2, 3], explain(ours)
+    assert all(c["shapes"] == [[1, 8], [1]] for r in ours["record"] for c in r["clients"]), explain(ours)
