@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 import torch
 
-from benchmarks import zoo
+from layersel_ext.bench import zoo
 
 
 def ulps(a: np.float32, b: np.float32) -> int:
