@@ -79,7 +79,9 @@ step "pytest: CUDA tests"
 run 120 pytest-cuda.log "$PY" -m pytest -q -rs -m cuda tests
 [ "$DRY" = 1 ] || tail -3 "$OUT/pytest-cuda.log" | tee -a "$OUT/summary.txt"
 
-SANITIZER_TESTS="tests/test_ops.py -m cuda -k 'drift or masks or integer_sparse or empty_lists'"
+# One float32 case of each kernel (drift incl. misaligned views and extremes, scores, masks seeded
+# and unseeded, the radix select and extraction, the argument errors): 11 tests, small inputs.
+SANITIZER_TESTS="tests/test_ops.py -m cuda -k '(misaligned and dtype0) or (unseeded and dtype0) or (integer_sparse and 2-dtype4) or empty_lists or (scores_match_cpu and dtype0-2) or (masks_bit_equal and dtype0) or (drift_matches_cpu and dtype0) or large_differences'"
 if [ "$DRY" = 1 ] || command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck initcheck; do
     step "compute-sanitizer --tool $tool"
