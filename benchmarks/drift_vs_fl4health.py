@@ -46,7 +46,9 @@ def main() -> None:
     diffs.sort(reverse=True)
     differ = [d for d in diffs if d[0] > 0]
     print(f"{args.model}: {len(diffs)} entries, {len(differ)} differ from fl4health's float32 norm")
-    print(f"  > 100 ulps: {sum(d[0] > 100 for d in diffs)}; max {diffs[0][0]} ulps ({diffs[0][2]}, {diffs[0][1]:,} elements)")
+    print(
+        f"  > 100 ulps: {sum(d[0] > 100 for d in diffs)}; max {diffs[0][0]} ulps ({diffs[0][2]}, {diffs[0][1]:,} elements)"
+    )
     for d in diffs[:5]:
         print(f"  {d[0]:>7} ulps  {d[1]:>11,}  {d[2]}")
     print(f"ours vs a float64 reference: max {max(exact_ulps)} ulps, {sum(u > 0 for u in exact_ulps)} entries differ")

@@ -243,6 +243,7 @@ def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype, key_by
 
 # ----------------------------------------------------------------------------- sparse selection
 
+
 def _check_inputs(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, op: str) -> None:
     """The kernels' table checks (a meta-device initial tensor must not pass as zeros)."""
     if uses_initial(kind):
@@ -253,7 +254,9 @@ def _check_inputs(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int,
                 if y.dtype != torch.bool:
                     _check_dtype(y, op, i)
                 if y.device != x.device:
-                    raise ValueError(f"layersel::{op}: initial tensor #{i} is on {y.device} but the model tensor is on {x.device}")
+                    raise ValueError(
+                        f"layersel::{op}: initial tensor #{i} is on {y.device} but the model tensor is on {x.device}"
+                    )
             else:
                 _check_pair(x, y, model[0], op, i)
     for i, x in enumerate(model):
@@ -314,7 +317,9 @@ def kth_largest_score(
         shift = nbits - 16 * (p + 1)
         counts = torch.zeros(1 << 16, dtype=torch.int64)
         for i, x in enumerate(model):
-            keys = _signed_keys(sparse_score(kind, x, initial[i] if uses_initial(kind) else None).reshape(-1).to(score_dtype))
+            keys = _signed_keys(
+                sparse_score(kind, x, initial[i] if uses_initial(kind) else None).reshape(-1).to(score_dtype)
+            )
             if p > 0:
                 keys = keys[(keys >> (shift + 16)) == prefix]
             digits = (keys >> shift) + (1 << 15) if p == 0 else (keys >> shift) & 0xFFFF

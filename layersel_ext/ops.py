@@ -37,9 +37,7 @@ def set_backend(name: Backend) -> None:
 
 # Which (op, dispatch key) pairs have a compiled kernel, read once: a set lookup is traceable by
 # torch.compile, the dispatcher query is not.
-_KERNELS = frozenset(
-    (op, key) for op in _loader.OPS for key in ("CPU", "CUDA") if _loader.has_kernel(op, key)
-)
+_KERNELS = frozenset((op, key) for op in _loader.OPS for key in ("CPU", "CUDA") if _loader.has_kernel(op, key))
 
 
 def _use_compiled(op: str, device: torch.device) -> bool:

@@ -18,8 +18,8 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from . import _sharded, ops
-from ._score_kinds import ScoreKind, uses_initial
 from ._model_state import explain_failure, paired_state, single_state
+from ._score_kinds import ScoreKind, uses_initial
 
 NDArrays = list[NDArray[Any]]
 LayerSelectionFunction = Callable[[nn.Module, Optional[nn.Module]], tuple[NDArrays, list[str]]]
@@ -287,12 +287,16 @@ def smallest_magnitude_change_scores(model: nn.Module, initial_model: nn.Module 
 
 def largest_increase_in_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
     """``|x| - |x0|`` for every state_dict entry."""
-    return _score_dict(ScoreKind.LARGEST_INCREASE_IN_MAGNITUDE, model, initial_model, "largest_increase_in_magnitude_scores")
+    return _score_dict(
+        ScoreKind.LARGEST_INCREASE_IN_MAGNITUDE, model, initial_model, "largest_increase_in_magnitude_scores"
+    )
 
 
 def smallest_increase_in_magnitude_scores(model: nn.Module, initial_model: nn.Module | None) -> dict[str, Tensor]:
     """``-(|x| - |x0|)`` for every state_dict entry."""
-    return _score_dict(ScoreKind.SMALLEST_INCREASE_IN_MAGNITUDE, model, initial_model, "smallest_increase_in_magnitude_scores")
+    return _score_dict(
+        ScoreKind.SMALLEST_INCREASE_IN_MAGNITUDE, model, initial_model, "smallest_increase_in_magnitude_scores"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- FedPM masks

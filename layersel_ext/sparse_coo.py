@@ -20,9 +20,9 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from . import _sharded, ops
-from ._score_kinds import ScoreKind, uses_initial
 from . import parameter_selection_criteria as psc
 from ._model_state import explain_failure, paired_state, single_state, state_items
+from ._score_kinds import ScoreKind, uses_initial
 
 NDArrays = list[NDArray[Any]]
 ScoreGenFunction = Callable[[nn.Module, Optional[nn.Module]], dict[str, Tensor]]

@@ -315,7 +315,7 @@ def _case_collective_counts(rank: int, world: int, mesh) -> None:
         ("by_threshold none", lambda: L.select_layers_by_threshold(1e30, True, True, sharded, sharded0)),
     ]:
         with _count_collectives() as counts:
-            arrays, names = call()
+            arrays, _names = call()
         others = {k: v for k, v in counts.items() if k not in ("all_reduce", "all_gather", "all_gather_bytes")}
         assert counts["all_reduce"] == 1 and counts["all_gather"] <= 1 and not others, f"{label}: {dict(counts)}"
         # Only the selected layers travel: the send buffer holds at most the selected layers' bytes
@@ -347,9 +347,7 @@ def _worker(rank: int, world: int, port: int, cases: list[str]) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S)
-    )
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
     try:
         mesh = init_device_mesh("cpu", (world,))
         for case in cases:
