@@ -121,6 +121,20 @@ class _Masked(nn.Module):
         self.bias_scores = nn.Parameter(torch.randn(rows))
 
 
+def _drifted_fsdp_models(factory, seed: int, mesh, frozen: tuple[str, ...] = ()):
+    """(full, full0, sharded, sharded0): a model after a round, at its start, and their FSDP2 copies."""
+    torch.manual_seed(seed)
+    full0 = factory()
+    full = copy.deepcopy(full0)
+    _perturb(full, seed + 1, frozen=frozen)
+    return (full, full0, *_fsdp_pair(full, full0, mesh))
+
+
+def _fsdp_pair(full: nn.Module, full0: nn.Module, mesh) -> tuple[nn.Module, nn.Module]:
+    """FSDP2-sharded copies of (model, initial_model)."""
+    return _fully_shard(copy.deepcopy(full), mesh), _fully_shard(copy.deepcopy(full0), mesh)
+
+
 def _fully_shard(model: nn.Module, mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -204,18 +218,12 @@ def _case_fsdp_mlp(rank: int, world: int, mesh) -> None:
         full.get_submodule("4").weight.copy_(full0.get_submodule("4").weight + 0.25)
         full.get_submodule("4").bias.copy_(full0.get_submodule("4").bias + 0.25)
         full.get_submodule("2").bias.copy_(full0.get_submodule("2").bias + 0.25)
-    sharded = _fully_shard(copy.deepcopy(full), mesh)
-    sharded0 = _fully_shard(copy.deepcopy(full0), mesh)
+    sharded, sharded0 = _fsdp_pair(full, full0, mesh)
     _compare_all(sharded, sharded0, full, full0, f"fsdp_mlp[{world}]")
 
 
 def _case_fsdp_convnet_bn(rank: int, world: int, mesh) -> None:
-    torch.manual_seed(1)
-    full0 = _convnet()
-    full = copy.deepcopy(full0)
-    _perturb(full, 2, frozen=("3.weight",))
-    sharded = _fully_shard(copy.deepcopy(full), mesh)
-    sharded0 = _fully_shard(copy.deepcopy(full0), mesh)
+    full, full0, sharded, sharded0 = _drifted_fsdp_models(_convnet, 1, mesh, frozen=("3.weight",))
     state = sharded.state_dict()
     assert type(state["1.running_mean"]) is torch.Tensor, "BatchNorm buffers should stay plain under FSDP2"
     _compare_all(sharded, sharded0, full, full0, f"fsdp_convnet_bn[{world}]")
@@ -282,12 +290,7 @@ def _case_sparse_refused(rank: int, world: int, mesh) -> None:
     import layersel_ext.parameter_selection_criteria as L
     from layersel_ext import SparseCooParameterExchanger, select_sparse_parameters
 
-    torch.manual_seed(4)
-    full0 = _mlp()
-    full = copy.deepcopy(full0)
-    _perturb(full, 5)
-    sharded = _fully_shard(copy.deepcopy(full), mesh)
-    sharded0 = _fully_shard(copy.deepcopy(full0), mesh)
+    _, _, sharded, sharded0 = _drifted_fsdp_models(_mlp, 4, mesh)
     for call in (
         lambda: select_sparse_parameters(sharded, sharded0, 0.3, L.largest_magnitude_change_scores),
         lambda: SparseCooParameterExchanger(0.3, L.largest_final_magnitude_scores).select_parameters(sharded),
@@ -301,12 +304,7 @@ def _case_sparse_refused(rank: int, world: int, mesh) -> None:
 def _case_collective_counts(rank: int, world: int, mesh) -> None:
     import layersel_ext.parameter_selection_criteria as L
 
-    torch.manual_seed(5)
-    full0 = _convnet()
-    full = copy.deepcopy(full0)
-    _perturb(full, 6)
-    sharded = _fully_shard(copy.deepcopy(full), mesh)
-    sharded0 = _fully_shard(copy.deepcopy(full0), mesh)
+    _, _, sharded, sharded0 = _drifted_fsdp_models(_convnet, 5, mesh)
     ctor = L.LayerSelectionFunctionConstructor(1e-3, 0.5)
     for label, call in [
         ("by_percentage", lambda: ctor.select_by_percentage()(sharded, sharded0)),
