@@ -1,22 +1,27 @@
 """Build layersel_ext: the C++ kernels always, the CUDA kernels when possible.
 
 Switches (environment variables):
-  LAYERSEL_CUDA=1      compile the CUDA kernels even without a visible GPU (needs nvcc and a CUDA torch)
+  LAYERSEL_CUDA=1      compile the CUDA kernels even without a visible GPU; an error (one line, with the
+                       fix) when that cannot work: CPU-only torch, no nvcc, nvcc that does not run,
+                       nvcc's CUDA major version differing from torch's
   LAYERSEL_CUDA=0      CPU-only build
-  (unset)              CUDA when torch was built with CUDA and nvcc is found
+  (unset)              CUDA when it can work, else the CPU kernels, with the reason logged (never aborts)
   TORCH_CUDA_ARCH_LIST architectures to compile for (default: the visible GPU's, else "8.0;9.0+PTX")
   LAYERSEL_NO_EXT=1    install the pure-torch package only (no compiler needed)
 
-The decisions are printed and written to layersel_ext/_build_record.json.
+The decisions (build_tools/cuda_decision.py) are printed and written to
+layersel_ext/_build_record.<python ABI>.json, beside the _C.<python ABI>.so they describe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import io
 import json
+import logging
 import os
 import platform
-import shutil
 import site
 import sys
 import sysconfig
@@ -25,6 +30,9 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))  # build_tools/ beside this file (pip's build backend does not add it)
+from build_tools import cuda_decision
+
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
@@ -44,79 +52,69 @@ def nvidia_include_dirs() -> list[str]:
     return found
 
 
-def resolve_cuda_home() -> None:
-    """Point CUDA_HOME at the real toolkit when nvcc on PATH is a wrapper script (/usr/local/bin/nvcc).
+def import_cpp_extension():
+    """torch.utils.cpp_extension, without its "No CUDA runtime is found" warning.
 
-    torch guesses CUDA_HOME as the parent of nvcc's folder, which then lacks lib64/libcudart.
-    nvcc itself knows its TOP folder; ask it.
+    torch prints it at import whenever a toolkit is found and no GPU is visible: on every build of a
+    CPU-only or GPU-less machine. Whether a GPU is visible is logged once below instead.
     """
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    nvcc = shutil.which("nvcc")
-    if not nvcc:
-        return
-    import subprocess
-    import tempfile
+    marker = "No CUDA runtime is found"
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.cu")
-        Path(src).write_text("")
-        try:
-            out = subprocess.run(
-                [nvcc, "--dryrun", "-c", src, "-o", os.path.join(tmp, "probe.o")],
-                capture_output=True, text=True, timeout=60,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return
-    for line in (out.stdout + out.stderr).splitlines():
-        if line.startswith("#$ TOP="):
-            top = os.path.realpath(line.split("=", 1)[1].strip())
-            if os.path.isdir(os.path.join(top, "include")):
-                os.environ["CUDA_HOME"] = top
-                log(f"CUDA_HOME resolved through nvcc: {top}")
-            return
+    class DropNoRuntime(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return marker not in record.getMessage()
+
+    logging.getLogger("torch.utils.cpp_extension").addFilter(DropNoRuntime())
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):  # older torch print()s it
+        from torch.utils import cpp_extension
+    for line in captured.getvalue().splitlines():
+        if marker not in line:
+            print(line, file=sys.stderr)
+    return cpp_extension
 
 
-def decide_cuda(torch) -> tuple[bool, str]:
-    from torch.utils.cpp_extension import CUDA_HOME
+def record_path() -> Path:
+    """layersel_ext/_build_record.<abi>.json: one per interpreter ABI, beside the _C.<abi>.so it describes.
 
-    switch = os.environ.get("LAYERSEL_CUDA", "").strip().lower()
-    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
-    have_nvcc = bool(nvcc and os.path.exists(nvcc))
-    if switch in ("0", "off", "false", "no"):
-        return False, "LAYERSEL_CUDA=0 asked for a CPU-only build"
-    if torch.version.cuda is None:
-        if switch in ("1", "on", "true", "yes"):
-            raise SystemExit("LAYERSEL_CUDA=1 but this torch has no CUDA (torch.version.cuda is None)")
-        return False, f"torch {torch.__version__} is a CPU-only build"
-    if not have_nvcc:
-        if switch in ("1", "on", "true", "yes"):
-            raise SystemExit("LAYERSEL_CUDA=1 but nvcc was not found (PATH, CUDA_HOME)")
-        return False, "nvcc not found (PATH, CUDA_HOME)"
-    if switch in ("1", "on", "true", "yes"):
-        return True, f"forced by LAYERSEL_CUDA=1 (nvcc: {nvcc}, torch CUDA {torch.version.cuda})"
-    return True, f"torch has CUDA {torch.version.cuda} and nvcc is at {nvcc}"
+    Two stacks built in place in one checkout (Python 3.10 / torch 2.6 and Python 3.11 / torch 2.14)
+    keep separate .so files (the ABI tag differs) and separate build/temp.* folders; the record
+    follows the same rule so that neither build overwrites the other's.
+    """
+    abi = sysconfig.get_config_var("EXT_SUFFIX")  # .cpython-311-x86_64-linux-gnu.so
+    return ROOT / "layersel_ext" / f"_build_record{abi[: -len('.so')]}.json"
 
 
 def extension_modules():
     if os.environ.get("LAYERSEL_NO_EXT", "") == "1":
         log("LAYERSEL_NO_EXT=1: building the pure-torch package only")
         return [], {}
-    resolve_cuda_home()
+    cuda_decision.resolve_cuda_home()  # before torch computes its CUDA_HOME
     import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    with_cuda, why = decide_cuda(torch)
+    cpp_extension = import_cpp_extension()
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = cuda_decision.probe_nvcc(os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None)
+    try:
+        with_cuda, why = cuda_decision.decide_cuda(
+            os.environ.get("LAYERSEL_CUDA"), torch.__version__, torch.version.cuda, nvcc
+        )
+    except cuda_decision.CudaBuildError as exc:
+        raise SystemExit(f"[layersel_ext setup] error: {exc}") from None
+    gpus = torch.cuda.device_count() if (torch.version.cuda and torch.cuda.is_available()) else 0
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
-    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    # -Wno-maybe-uninitialized: GCC 12 reports ~13,000 lines of false -Wmaybe-uninitialized from
+    # inside its own AVX-512 intrinsic headers (the `__m512 __Y = __Y;` idiom of _mm512_undefined_*)
+    # when csrc/cpu/sample_masks.cpp (bernoulli_simd*.h) is compiled; every other warning stays on.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-maybe-uninitialized"]
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-ffp-contract=off"]
     include_dirs = [str(ROOT / "csrc")]
     arch_list = ""
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            if torch.cuda.is_available():
-                caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            if gpus:
+                caps = sorted({torch.cuda.get_device_capability(i) for i in range(gpus)})
                 os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps)
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
@@ -125,7 +123,10 @@ def extension_modules():
         cxx_flags.append("-DLAYERSEL_WITH_CUDA")
         nvcc_flags.append("-DLAYERSEL_WITH_CUDA")
     cxx_flags.append(f'-DLAYERSEL_CUDA_ARCH_LIST="{arch_list}"')
+    log(f"torch {torch.__version__} (CUDA {torch.version.cuda}), Python {platform.python_version()}")
     log(f"CUDA kernels: {'ON' if with_cuda else 'OFF'} ({why})")
+    if torch.version.cuda:
+        log(f"GPUs visible: {gpus}; CUDA_HOME: {cuda_home or 'none'}")
     if with_cuda:
         log(f"CUDA arch list: {arch_list}")
         log(f"extra include dirs: {include_dirs[1:] or 'none'}")
@@ -139,13 +140,15 @@ def extension_modules():
         "cuda": with_cuda,
         "cuda_reason": why,
         "cuda_arch_list": arch_list,
+        "nvcc": nvcc.path,
+        "nvcc_version": nvcc.version,
         "sources": sources,
         "cxx_flags": cxx_flags,
         "nvcc_flags": nvcc_flags if with_cuda else [],
     }
-    (ROOT / "layersel_ext" / "_build_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    record_path().write_text(json.dumps(record, indent=2) + "\n")
 
-    ext_cls = CUDAExtension if with_cuda else CppExtension
+    ext_cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     kwargs = {"extra_compile_args": {"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags}}
     ext = ext_cls(
         name="layersel_ext._C",
@@ -154,7 +157,7 @@ def extension_modules():
         extra_link_args=["-fopenmp"],
         **kwargs,
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = extension_modules()
@@ -164,9 +167,11 @@ setup(
     version="0.1.0",
     description="Fused C++/CUDA drop-in for fl4health.parameter_exchange.parameter_selection_criteria",
     packages=find_packages(include=["layersel_ext", "layersel_ext.*"]),
-    package_data={"layersel_ext": ["py.typed", "_build_record.json"]},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
+    package_data={"layersel_ext": ["py.typed", "_build_record*.json"]},
+    # The two CI stacks are the ends of this range: Python 3.10 / torch 2.6 / numpy 1.26 (fl4health
+    # 0.4.2's own) and Python 3.11 / torch 2.14.1 / numpy 2.x.
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy>=1.26,<3"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
