@@ -36,10 +36,13 @@ int main() {
   LS_CHECK(s.size() == 3);  // float32, float64, int64 groups
   LS_CHECK(torch::equal(s[0].slice(0, 0, 70000), (a[0] - b[0]).abs()));
 
-  auto masks = op("layersel::sample_masks").typed<at::Tensor(at::TensorList, int64_t, at::ScalarType)>();
+  auto masks = op("layersel::sample_masks").typed<at::Tensor(at::TensorList, int64_t, at::ScalarType, bool)>();
   std::vector<at::Tensor> sc = {torch::zeros({1000}), torch::full({7}, 50.0)};
-  at::Tensor m1 = masks.call(sc, 7, at::kLong), m2 = masks.call(sc, 7, at::kLong);
+  at::Tensor m1 = masks.call(sc, 7, at::kLong, false), m2 = masks.call(sc, 7, at::kLong, false);
   LS_CHECK(torch::equal(m1, m2));
+  // Keyed by the scores: reproducible, and another stream than the seed's own.
+  at::Tensor k1 = masks.call(sc, 7, at::kLong, true), k2 = masks.call(sc, 7, at::kLong, true);
+  LS_CHECK(torch::equal(k1, k2) && !torch::equal(k1, m1));
   LS_CHECK(m1.slice(0, 1000).sum().item<int64_t>() == 7);
   const double mean = m1.slice(0, 0, 1000).to(torch::kDouble).mean().item<double>();
   LS_CHECK(mean > 0.4 && mean < 0.6);
