@@ -389,8 +389,7 @@ def select_scores_and_sample_masks(
     """
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")
-    if seed is not None:
-        _check_seed(seed)
+    checked_seed = None if seed is None else _check_seed(seed)  # before any work
     out_dtype = _mask_torch_dtype(mask_dtype)
     names, scores = masked_score_tensors(model)
     if not scores:
@@ -403,7 +402,7 @@ def select_scores_and_sample_masks(
     mesh = None
     if _sharded.has_dtensor(scores):  # sharded scores: gathered (one collective), then the unsharded path
         scores, mesh = _sharded.full_scores(names, scores, "select_scores_and_sample_masks")
-    key = _draw_seed(generator) if seed is None else _check_seed(seed)
+    key = _draw_seed(generator) if checked_seed is None else checked_seed
     if mesh is not None and seed is None:  # every rank must use the same draw: rank 0's
         key = _sharded.broadcast_seed(key, mesh)
     by_scores = seed is None
