@@ -9,7 +9,7 @@ Switches (environment variables):
   TORCH_CUDA_ARCH_LIST architectures to compile for (default: the visible GPU's, else "8.0;9.0+PTX")
   LAYERSEL_NO_EXT=1    install the pure-torch package only (no compiler needed)
 
-The decisions (build_tools/cuda_decision.py) are printed and written to
+The decisions (build_tools/cuda_decision.py; the libstdc++ link input, build_tools/libstdcxx.py) are printed and written to
 layersel_ext/_build_record.<python ABI>.json, beside the _C.<python ABI>.so they describe.
 """
 
@@ -31,7 +31,7 @@ from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))  # build_tools/ beside this file (pip's build backend does not add it)
-from build_tools import cuda_decision
+from build_tools import cuda_decision, libstdcxx
 
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
@@ -132,6 +132,8 @@ def extension_modules():
         log(f"extra include dirs: {include_dirs[1:] or 'none'}")
     log(f"sources: {' '.join(sources)}")
     log(f"cxx flags: {' '.join(cxx_flags)}")
+    link_args = ["-fopenmp", *libstdcxx.libstdcxx_link_args()]
+    log(f"link args: {' '.join(link_args)}")
 
     record = {
         "torch_version": torch.__version__,
@@ -145,6 +147,7 @@ def extension_modules():
         "sources": sources,
         "cxx_flags": cxx_flags,
         "nvcc_flags": nvcc_flags if with_cuda else [],
+        "link_args": link_args,
     }
     record_path().write_text(json.dumps(record, indent=2) + "\n")
 
@@ -154,7 +157,7 @@ def extension_modules():
         name="layersel_ext._C",
         sources=sources,
         include_dirs=include_dirs,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
         **kwargs,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

@@ -209,3 +209,39 @@ def test_build_record_is_this_interpreters() -> None:
     assert record["torch_version"] == torch.__version__
     assert record["python"].split(".")[:2] == [str(x) for x in sys.version_info[:2]]
     assert isinstance(record["cuda_reason"], str) and record["cuda_reason"]
+
+
+def test_loaded_libstdcxx_is_read_from_the_process_maps():
+    from build_tools.libstdcxx import libstdcxx_link_args, loaded_libstdcxx
+
+    maps = (
+        "7f00-7f10 r--p 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n"
+        "7f20-7f30 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.33\n"
+        "7f40-7f50 rw-p 00000000 00:00 0 \n"
+    )
+    assert loaded_libstdcxx(maps) == "/usr/lib/x86_64-linux-gnu/libstdc++.so.6.0.33"
+    assert loaded_libstdcxx("7f40-7f50 rw-p 00000000 00:00 0 [heap]\n") is None
+    # This process has torch loaded, so on Linux it has a shared libstdc++ to name.
+    if sys.platform.startswith("linux"):
+        (path,) = libstdcxx_link_args()
+        assert Path(path).exists() and "libstdc++.so" in path
+
+
+def test_error_messages_with_numbers_do_not_crash_the_interpreter():
+    # A private static libstdc++ copy in _C.so crashed here (SIGSEGV formatting "tensor #0") on the
+    # GPU image; run in a child so a crash is a failure, not the end of the test session.
+    code = (
+        "import torch, layersel_ext\n"
+        "try:\n"
+        "    torch.ops.layersel.drift_sq_norms([torch.zeros(2, 3)], [torch.zeros(5, 3)])\n"
+        "except ValueError as e:\n"
+        "    assert 'tensor #0 has shape [2, 3]' in str(e), e\n"
+        "    print('raised')\n"
+    )
+    from layersel_ext import _loader
+
+    if _loader.COMPILED is None:
+        pytest.skip("compiled module not loaded")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and "raised" in out.stdout, out.stderr[-2000:]
