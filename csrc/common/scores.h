@@ -101,6 +101,19 @@ LS_HD double drift_square(T a, T b) {
   return static_cast<double>(LS_FMUL(d, d));
 }
 
+// drift_square() of two int8 values given by their bits, in integer arithmetic
+// alone (the wrapped difference sign-extended by mask and offset): equal to
+// drift_square(int8_t(a), int8_t(b)) for all 65,536 pairs (ctest common_math).
+// The CUDA drift kernel uses it because nvcc 13.0 (sm_90, -O3 and -O0 alike)
+// miscompiles the signed conversion of int8 elements taken out of a 16-byte
+// vector register: on an H200 the int8 drift came out ~16,000x too large while
+// uint8/int16 were exact, and this form gave the exact sum (2026-11-26).
+LS_HD double drift_square_i8_bits(uint8_t a, uint8_t b) {
+  const int d = ((static_cast<int>(a) - static_cast<int>(b) + 128) & 255) - 128;
+  const float f = static_cast<float>(d);
+  return static_cast<double>(LS_FMUL(f, f));
+}
+
 // A one-element entry: torch's norm of one element is its absolute value (no
 // square, so no underflow or overflow), so the op returns the exact square in
 // double, whose square root is |d| exactly.

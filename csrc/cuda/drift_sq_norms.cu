@@ -16,10 +16,28 @@ namespace {
 // index, loaded as vectors when the chunk is aligned and element by element
 // when not), so an aligned tensor and a misaligned view of the same data give
 // the same bits.
+// How a chunk's elements are loaded and squared: as themselves, except int8,
+// loaded as its uint8 bits and squared by drift_square_i8_bits (scores.h: nvcc
+// 13.0 miscompiles the signed conversion of int8 lanes of a vector register).
 template <typename T>
-__device__ double chunk_sq_sum(const T* a, const T* b, int64_t n) {
-  using V = Vec16<T>;
+struct DriftElem {
+  using Bits = T;
+  static __device__ __forceinline__ double sq(T a, T b) { return drift_square(a, b); }
+};
+template <>
+struct DriftElem<int8_t> {
+  using Bits = uint8_t;
+  static __device__ __forceinline__ double sq(uint8_t a, uint8_t b) { return drift_square_i8_bits(a, b); }
+};
+
+template <typename T>
+__device__ double chunk_sq_sum(const T* a_in, const T* b_in, int64_t n) {
+  using E = DriftElem<T>;
+  using B = typename E::Bits;
+  using V = Vec16<B>;
   constexpr int K = V::kCount;
+  const B* a = reinterpret_cast<const B*>(a_in);
+  const B* b = reinterpret_cast<const B*>(b_in);
   const bool vector_loads = aligned16(a) && aligned16(b);
   const int64_t nv = n / K;
   double acc = 0.0;
@@ -36,9 +54,9 @@ __device__ double chunk_sq_sum(const T* a, const T* b, int64_t n) {
       }
     }
 #pragma unroll
-    for (int k = 0; k < K; ++k) acc += drift_square(x.v[k], y.v[k]);
+    for (int k = 0; k < K; ++k) acc += E::sq(x.v[k], y.v[k]);
   }
-  for (int64_t i = nv * K + threadIdx.x; i < n; i += blockDim.x) acc += drift_square(a[i], b[i]);
+  for (int64_t i = nv * K + threadIdx.x; i < n; i += blockDim.x) acc += E::sq(a[i], b[i]);
   return acc;
 }
 

@@ -125,6 +125,14 @@ static void test_scores() {
   LS_CHECK(drift_term<int64_t>(10, 3) == 7.0f);
   const double one_plus = 1.0 + 1e-12;  // the double difference, then rounded once to float
   LS_CHECK(drift_term<double>(1.0, one_plus) == static_cast<float>(1.0 - one_plus));
+  // The CUDA kernel's int8 form equals the definition on every pair (bit-equal doubles).
+  int i8_mismatches = 0;
+  for (int a = 0; a < 256; ++a)
+    for (int b = 0; b < 256; ++b)
+      i8_mismatches += drift_square_i8_bits(static_cast<uint8_t>(a), static_cast<uint8_t>(b)) !=
+                       drift_square(static_cast<int8_t>(a), static_cast<int8_t>(b));
+  LS_CHECK(i8_mismatches == 0);
+  LS_CHECK(drift_square_i8_bits(0x80, 0x7f) == 1.0);  // -128 - 127 wraps to 1
 }
 
 static void test_radix_keys() {
