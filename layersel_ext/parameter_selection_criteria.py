@@ -359,6 +359,40 @@ def _mask_torch_dtype(mask_dtype: MaskDtype) -> torch.dtype:
     return dt
 
 
+def sample_flat_masks(
+    model: nn.Module,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.uint8,
+) -> tuple[list[str], list[Tensor], Tensor | None]:
+    """The masks of every score tensor, flattened and concatenated in fl4health's order, as one
+    tensor on the scores' device (``None`` when the model has no scores): ``dtype`` on the CPU,
+    uint8 on CUDA (one byte per element on the device; callers widen after the transfer). The sampling
+    step that ``select_scores_and_sample_masks`` and the compact wire packer (``wire.py``) share.
+    Checks the arguments and the scores; the key rules are ``select_scores_and_sample_masks``'s."""
+    if seed is not None and generator is not None:
+        raise ValueError("give seed or generator, not both")
+    checked_seed = None if seed is None else _check_seed(seed)  # before any work
+    names, scores = masked_score_tensors(model)
+    if not scores:
+        return [], [], None
+    for name, s in zip(names, scores):
+        if not s.is_floating_point():
+            raise TypeError(f"layer {name!r}: score dtype {s.dtype} is not floating point")
+        if s.device != scores[0].device:
+            raise ValueError(f"layer {name!r}: on {s.device} but {names[0]!r} is on {scores[0].device}")
+    mesh = None
+    if _sharded.has_dtensor(scores):  # sharded scores: gathered (one collective), then the unsharded path
+        scores, mesh = _sharded.full_scores(names, scores, "select_scores_and_sample_masks")
+    key = _draw_seed(generator) if checked_seed is None else checked_seed
+    if mesh is not None and seed is None:  # every rank must use the same draw: rank 0's
+        key = _sharded.broadcast_seed(key, mesh)
+    if scores[0].device.type == "cuda":
+        dtype = torch.uint8
+    return names, scores, ops.sample_masks(scores, key, dtype, key_by_scores=seed is None)
+
+
 def select_scores_and_sample_masks(
     model: nn.Module,
     initial_model: nn.Module | None,
@@ -389,32 +423,15 @@ def select_scores_and_sample_masks(
     """
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")
-    checked_seed = None if seed is None else _check_seed(seed)  # before any work
     out_dtype = _mask_torch_dtype(mask_dtype)
-    names, scores = masked_score_tensors(model)
-    if not scores:
+    names, scores, flat = sample_flat_masks(model, seed=seed, generator=generator, dtype=out_dtype)
+    if flat is None:
         return [], []
-    for name, s in zip(names, scores):
-        if not s.is_floating_point():
-            raise TypeError(f"layer {name!r}: score dtype {s.dtype} is not floating point")
-        if s.device != scores[0].device:
-            raise ValueError(f"layer {name!r}: on {s.device} but {names[0]!r} is on {scores[0].device}")
-    mesh = None
-    if _sharded.has_dtensor(scores):  # sharded scores: gathered (one collective), then the unsharded path
-        scores, mesh = _sharded.full_scores(names, scores, "select_scores_and_sample_masks")
-    key = _draw_seed(generator) if checked_seed is None else checked_seed
-    if mesh is not None and seed is None:  # every rank must use the same draw: rank 0's
-        key = _sharded.broadcast_seed(key, mesh)
-    by_scores = seed is None
-    if scores[0].device.type == "cuda":
-        # One byte per element on the device, one D2H transfer, widened on the host.
-        flat_u8 = ops.sample_masks(scores, key, torch.uint8, key_by_scores=by_scores)
-        host = torch.empty(flat_u8.numel(), dtype=torch.uint8, pin_memory=True)
-        host.copy_(flat_u8, non_blocking=True)
-        torch.cuda.current_stream(flat_u8.device).synchronize()
+    if flat.device.type == "cuda":  # uint8: one D2H transfer, widened on the host
+        host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        torch.cuda.current_stream(flat.device).synchronize()
         flat = host.to(out_dtype)
-    else:
-        flat = ops.sample_masks(scores, key, out_dtype, key_by_scores=by_scores)
     masks, start = [], 0
     for s in scores:
         masks.append(flat[start : start + s.numel()].view(s.shape).numpy())
