@@ -13,6 +13,13 @@ selection. It is idempotent and ``unpatch()`` restores every binding it changed.
 before ``patch()`` keep what they captured (a ``DynamicLayerExchanger`` holding an old partial):
 patch first, then build. Importing layersel_ext never imports fl4health; this module does so only
 when ``patch()`` is called.
+
+``patch(wire="compact")`` also sends FedPM's masks as bitmaps (``layersel_ext.wire``: one bit per
+element instead of an int64, decoded to exactly fl4health's arrays on the server): the FedPM client
+exchanger samples and packs in one step, and the ``FedPm`` strategy's packer reads the bitmaps and
+sends its probabilities back in the same framing. Client and server must both use it; a peer that
+does not fails in its first round with an error naming the format. The sparse COO flow keeps
+fl4health's format.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 
 from . import parameter_selection_criteria as ours
 from .sparse_coo import select_sparse_parameters
+from .wire import CompactMaskPacker, sample_masks_packed
 
 CRITERIA = (
     "LayerSelectionFunctionConstructor",
@@ -35,8 +43,12 @@ CRITERIA = (
 )
 _CRITERIA_MODULE = "fl4health.parameter_exchange.parameter_selection_criteria"
 _SPARSE_MODULE = "fl4health.parameter_exchange.sparse_coo_parameter_exchanger"
+_FEDPM_EXCHANGER_MODULE = "fl4health.parameter_exchange.fedpm_exchanger"
+_FEDPM_STRATEGY_MODULE = "fl4health.strategies.fedpm"
+WIRES = ("fl4health", "compact")
 
 _patched: list[tuple[Any, str, Any]] = []  # (owner, attribute, original), in the order applied
+_wire: str | None = None  # the wire format of the current patch
 
 
 def _import_fl4health() -> tuple[ModuleType, ModuleType]:
@@ -61,10 +73,47 @@ def is_patched() -> bool:
     return bool(_patched)
 
 
-def patch() -> None:
-    """Make fl4health use layersel_ext's criteria (idempotent)."""
+_INHERITED = object()  # an attribute the class itself did not define: unpatch() deletes it again
+
+
+def _replace(owner: type, attr: str, value: Any) -> None:
+    _patched.append((owner, attr, owner.__dict__.get(attr, _INHERITED)))
+    setattr(owner, attr, value)
+
+
+def _with_compact_packer(init: Any) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self.parameter_packer = CompactMaskPacker()
+
+    return __init__
+
+
+def _packed_masks(self: Any, model: Any, initial_model: Any = None, config: Any = None) -> Any:
+    return sample_masks_packed(model)
+
+
+def _install_compact_wire() -> None:
+    import importlib
+
+    exchanger = importlib.import_module(_FEDPM_EXCHANGER_MODULE).FedPmExchanger
+    strategy = importlib.import_module(_FEDPM_STRATEGY_MODULE).FedPm
+    _replace(exchanger, "__init__", _with_compact_packer(exchanger.__dict__["__init__"]))
+    _replace(exchanger, "push_parameters", _packed_masks)
+    _replace(strategy, "__init__", _with_compact_packer(strategy.__dict__["__init__"]))
+
+
+def patch(wire: str = "fl4health") -> None:
+    """Make fl4health use layersel_ext's criteria (idempotent); ``wire="compact"``: FedPM masks as
+    bitmaps too (see the module docstring). Objects built before the patch keep their packers."""
+    global _wire
+    if wire not in WIRES:
+        raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
     if _patched:
+        if wire != _wire:
+            raise ValueError(f"already patched with wire={_wire!r}; unpatch() first to use wire={wire!r}")
         return
+    _wire = wire
     criteria, sparse = _import_fl4health()
     originals = {id(getattr(criteria, name)): name for name in CRITERIA}
     for module_name, module in list(sys.modules.items()):
@@ -75,23 +124,28 @@ def patch() -> None:
             if name is not None:
                 _patched.append((module, attr, value))
                 setattr(module, attr, getattr(ours, name))
-    cls = sparse.SparseCooParameterExchanger
-    _patched.append((cls, "select_parameters", cls.__dict__["select_parameters"]))
-    cls.select_parameters = _fused_select_parameters
+    _replace(sparse.SparseCooParameterExchanger, "select_parameters", _fused_select_parameters)
+    if wire == "compact":
+        _install_compact_wire()
 
 
 def unpatch() -> None:
     """Restore every binding ``patch()`` changed (a no-op when not patched)."""
+    global _wire
+    _wire = None
     while _patched:
         owner, attr, original = _patched.pop()
-        setattr(owner, attr, original)
+        if original is _INHERITED:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, original)
 
 
 @contextmanager
-def patched() -> Iterator[None]:
+def patched(wire: str = "fl4health") -> Iterator[None]:
     """``with patched(): ...`` runs the block with fl4health using layersel_ext."""
     was_patched = is_patched()
-    patch()
+    patch(wire)
     try:
         yield
     finally:

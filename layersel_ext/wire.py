@@ -1,0 +1,243 @@
+"""A compact, lossless wire format for FedPM masks: one bit per mask element instead of eight bytes.
+
+fl4health's FedPM client sends every mask as an int64 array (``ParameterPackerWithLayerNames``: the
+arrays, then one array of layer names); the server sums them (``FedPm.aggregate_bayesian``). The
+packer here sends the same masks as one bitmap and decodes them to exactly those int64 arrays, so the
+server's aggregation, and every model after every round, stays bit for bit what it was.
+
+Stream (a list of numpy arrays, as Flower's ``Parameters`` carry them), ``FORMAT_VERSION`` 1:
+
+- ``[0]`` header, uint8[8]: ``b"LSXW"``, the version (1), the form (1: bitmap, 2: plain), two zeros.
+- bitmap form, for 0/1 integer arrays (masks): ``[1]`` meta, int64: ``[n, then per array: dtype
+  code, ndim, *shape]``; ``[2]`` bits, uint8: the arrays flattened in order (row-major) and
+  concatenated, element ``i`` at bit ``i % 8`` of byte ``i // 8`` (numpy's ``bitorder="little"``),
+  the unused high bits of the last byte zero.
+- plain form, for anything else (the server's float probabilities going back): ``[1:-2]`` the arrays
+  as they are.
+- both forms end with ``[-2]`` the layer names, UTF-8, each followed by a zero byte (uint8), and
+  ``[-1]`` a one-element unicode array, ``FOREIGN_PEER_HINT``.
+
+A peer that does not speak this format fails in its first round with an error naming it: this
+packer refuses a stream without the header (``ValueError``), and fl4health's own packer, given a
+compact stream, takes the last array as the layer names, so the one "layer" it aggregates is named
+by a sentence saying what to do, which the client's ``load_state_dict(strict=True)`` then reports
+as an unexpected key. Decoding
+checks every length, dtype code, dimension and padding bit before it allocates, so a truncated,
+corrupted or hostile stream gives a ``ValueError``, never a wrong array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+MAGIC = b"LSXW"
+FORMAT_VERSION = 1
+FORM_BITMAP = 1
+FORM_PLAIN = 2
+# What an fl4health packer sees as the first layer name of a compact stream.
+FOREIGN_PEER_HINT = (
+    "<layersel_ext compact wire format v1: this peer must also call layersel_ext.fl4health.patch(wire='compact')>"
+)
+_MAX_NDIM = 64
+# Integer mask dtypes and their codes on the wire (the codes are the format: never renumber).
+_DTYPE_CODES = {
+    np.dtype(np.int64): 1,
+    np.dtype(np.int32): 2,
+    np.dtype(np.int16): 3,
+    np.dtype(np.int8): 4,
+    np.dtype(np.uint8): 5,
+    np.dtype(np.uint16): 6,
+    np.dtype(np.uint32): 7,
+    np.dtype(np.uint64): 8,
+}
+_CODE_DTYPES = {code: dt for dt, code in _DTYPE_CODES.items()}
+_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _header(form: int) -> np.ndarray:
+    return np.frombuffer(MAGIC + bytes([FORMAT_VERSION, form, 0, 0]), dtype=np.uint8).copy()
+
+
+def _names_bytes(names: Sequence[str]) -> np.ndarray:
+    for name in names:
+        if not isinstance(name, str) or "\0" in name:
+            raise ValueError(f"layer name {name!r} cannot be sent: names are strings without NUL characters")
+    return np.frombuffer("".join(n + "\0" for n in names).encode(), dtype=np.uint8).copy()
+
+
+def _trailer(names: Sequence[str]) -> list[np.ndarray]:
+    return [_names_bytes(names), np.array([FOREIGN_PEER_HINT])]
+
+
+def _is_mask(a: np.ndarray) -> bool:
+    if a.dtype not in _DTYPE_CODES:
+        return False
+    if a.size == 0:
+        return True
+    lo, hi = a.min(), a.max()
+    return bool(lo >= 0 and hi <= 1)
+
+
+def _meta(arrays: Sequence[np.ndarray] | Sequence[Tensor], dtype_code: int | None = None) -> np.ndarray:
+    meta = [len(arrays)]
+    for a in arrays:
+        code = dtype_code if dtype_code is not None else _DTYPE_CODES[np.dtype(a.dtype)]
+        meta += [code, len(a.shape), *a.shape]
+    return np.asarray(meta, dtype=np.int64)
+
+
+def pack_bits(flat01: np.ndarray) -> np.ndarray:
+    """0/1 values (any integer dtype, one dimension) as a little-endian bitmap, uint8[ceil(n / 8)]."""
+    return np.packbits(flat01.astype(np.uint8, copy=False), bitorder="little")
+
+
+def pack_bits_torch(flat01: Tensor) -> Tensor:
+    """``pack_bits`` on the tensor's own device (torch ops only): uint8[ceil(n / 8)]."""
+    n = flat01.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=flat01.device)
+    padded[:n] = flat01
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat01.device)
+    # Each row's eight terms are distinct powers of two, so the uint8 sum is exact (no carries).
+    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+class CompactMaskPacker:
+    """Drop-in for fl4health's ``ParameterPackerWithLayerNames`` on the FedPM flow (client and server).
+
+    ``pack_parameters`` sends 0/1 integer arrays as one bitmap (dtype and shape kept) and anything
+    else plainly; ``unpack_parameters`` returns exactly the arrays and names that were packed.
+    """
+
+    def pack_parameters(self, model_weights: Sequence[np.ndarray], weights_names: Sequence[str]) -> list[np.ndarray]:
+        if len(model_weights) != len(weights_names):
+            raise ValueError(f"{len(model_weights)} arrays but {len(weights_names)} names")
+        arrays = [np.asarray(a) for a in model_weights]
+        if arrays and all(_is_mask(a) for a in arrays):
+            flat = np.concatenate([a.ravel() for a in arrays])
+            return [_header(FORM_BITMAP), _meta(arrays), pack_bits(flat), *_trailer(weights_names)]
+        return [_header(FORM_PLAIN), *arrays, *_trailer(weights_names)]
+
+    def unpack_parameters(self, packed_parameters: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
+        return unpack(packed_parameters)
+
+
+def _fail(why: str) -> ValueError:
+    return ValueError(f"layersel_ext compact wire format: {why}")
+
+
+def _read_header(packed: Sequence[np.ndarray]) -> int:
+    if len(packed) < 3:
+        raise _fail(f"a stream has at least a header, the names and the hint, got {len(packed)} array(s)")
+    h = np.asarray(packed[0])
+    if h.dtype != np.uint8 or h.shape != (8,) or h[:4].tobytes() != MAGIC:
+        raise _fail(
+            "the stream has no LSXW header: the peer sent fl4health's own format; both client and server must "
+            "call layersel_ext.fl4health.patch(wire='compact') (or both neither)"
+        )
+    if int(h[4]) != FORMAT_VERSION:
+        raise _fail(f"version {int(h[4])} is not supported (this layersel_ext reads version {FORMAT_VERSION})")
+    form = int(h[5])
+    if form not in (FORM_BITMAP, FORM_PLAIN) or h[6] or h[7]:
+        raise _fail(f"unknown form {form} (header bytes {h.tolist()})")
+    return form
+
+
+def _read_names(names: np.ndarray, hint: np.ndarray) -> list[str]:
+    hint = np.asarray(hint)
+    if hint.shape != (1,) or hint.dtype.kind != "U" or str(hint[0]) != FOREIGN_PEER_HINT:
+        raise _fail(f"the last array must be the one-element format hint, got {hint.dtype} {hint.shape}")
+    names = np.asarray(names)
+    if names.dtype != np.uint8 or names.ndim != 1 or (names.size and names[-1] != 0):
+        raise _fail(f"the layer names must be NUL-terminated UTF-8 bytes, got {names.dtype} {names.shape}")
+    try:
+        text = names.tobytes().decode()
+    except UnicodeDecodeError as exc:
+        raise _fail(f"the layer names are not UTF-8 ({exc})") from None
+    return text.split("\0")[:-1]
+
+
+def _read_meta(meta: np.ndarray) -> list[tuple[np.dtype, tuple[int, ...], int]]:
+    meta = np.asarray(meta)
+    if meta.dtype != np.int64 or meta.ndim != 1 or meta.size < 1:
+        raise _fail(f"meta must be a 1-D int64 array, got {meta.dtype} {meta.shape}")
+    values = meta.tolist()
+    n, pos, out = values[0], 1, []
+    if not 0 <= n <= len(values):
+        raise _fail(f"meta announces {n} arrays in {len(values)} numbers")
+    for i in range(n):
+        if pos + 2 > len(values):
+            raise _fail(f"meta ends inside array #{i}")
+        code, ndim = values[pos], values[pos + 1]
+        if code not in _CODE_DTYPES:
+            raise _fail(f"array #{i}: unknown dtype code {code}")
+        if not 0 <= ndim <= _MAX_NDIM or pos + 2 + ndim > len(values):
+            raise _fail(f"array #{i}: bad number of dimensions {ndim}")
+        shape = tuple(values[pos + 2 : pos + 2 + ndim])
+        if any(d < 0 for d in shape):
+            raise _fail(f"array #{i}: negative dimension in shape {shape}")
+        out.append((_CODE_DTYPES[code], shape, math.prod(shape)))  # Python ints: no overflow
+        pos += 2 + ndim
+    if pos != len(values):
+        raise _fail(f"meta has {len(values) - pos} number(s) after the last array")
+    return out
+
+
+def unpack(packed: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
+    """The arrays and layer names of a compact stream (``ValueError`` naming what is wrong otherwise)."""
+    form = _read_header(packed)
+    names = _read_names(packed[-2], packed[-1])
+    if form == FORM_PLAIN:
+        arrays = [np.asarray(a) for a in packed[1:-2]]
+    else:
+        if len(packed) != 5:
+            raise _fail(f"a bitmap stream has 5 arrays, got {len(packed)}")
+        entries = _read_meta(packed[1])
+        bits = np.asarray(packed[2])
+        total = sum(size for _, _, size in entries)
+        if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-total // 8):
+            raise _fail(f"{total} mask elements need {-(-total // 8)} bitmap bytes, got {bits.dtype} {bits.shape}")
+        if total % 8 and bits[-1] >> (total % 8):
+            raise _fail("padding bits after the last element are not zero")
+        flat = np.unpackbits(bits, count=total, bitorder="little")
+        arrays, start = [], 0
+        for dtype, shape, size in entries:
+            arrays.append(flat[start : start + size].astype(dtype).reshape(shape))
+            start += size
+    if len(arrays) != len(names):
+        raise _fail(f"{len(arrays)} arrays but {len(names)} names")
+    return arrays, names
+
+
+def sample_masks_packed(
+    model: nn.Module,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    mask_dtype: object = np.int64,
+) -> list[np.ndarray]:
+    """FedPM's client message in the compact form, straight from the scores.
+
+    Equal to ``CompactMaskPacker().pack_parameters(*select_scores_and_sample_masks(model, None,
+    seed=seed, generator=generator, mask_dtype=mask_dtype))``, but the masks are sampled as bytes and
+    packed to bits where they are (on the GPU for a CUDA model: one transfer of n / 8 bytes), so the
+    int64 masks never exist on the client.
+    """
+    from .parameter_selection_criteria import _mask_torch_dtype, sample_flat_masks
+
+    np_dtype = np.dtype(torch.empty(0, dtype=_mask_torch_dtype(mask_dtype)).numpy().dtype)
+    if np_dtype not in _DTYPE_CODES:
+        raise TypeError(f"mask_dtype {np_dtype} has no code in the compact wire format")
+    names, scores, flat_u8 = sample_flat_masks(model, seed=seed, generator=generator, dtype=torch.uint8)
+    if flat_u8 is None:
+        bits = np.zeros(0, dtype=np.uint8)
+    elif flat_u8.device.type == "cuda":
+        bits = pack_bits_torch(flat_u8).cpu().numpy()
+    else:
+        bits = pack_bits(flat_u8.numpy())
+    meta = _meta(scores, dtype_code=_DTYPE_CODES[np_dtype])
+    return [_header(FORM_BITMAP), meta, bits, *_trailer(names)]

@@ -1,0 +1,212 @@
+"""layersel_ext.wire: the compact FedPM mask format is lossless, fused, robust, and refuses a foreign peer."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import DEVICES, fl4health_criteria
+from torch import nn
+
+import layersel_ext as L
+import layersel_ext.fl4health as lf
+from layersel_ext import wire
+
+MASK_DTYPES = [np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32, np.uint64]
+# shapes with sizes that are not multiples of 8, 0-d and empty arrays among them
+SHAPES = [(3, 5), (), (0,), (7,), (8,), (2, 0, 3), (4, 3, 3, 3), (1,), (129,)]
+
+
+def masked_model(device: str = "cpu") -> nn.Module:
+    fl4health_criteria()  # the masked layer classes are fl4health's
+    from fl4health.model_bases.masked_layers.masked_conv import MaskedConv2d
+    from fl4health.model_bases.masked_layers.masked_linear import MaskedLinear
+
+    torch.manual_seed(3)
+    model = nn.Sequential(MaskedConv2d(3, 5, 3), nn.Flatten(), MaskedLinear(5, 7), MaskedLinear(7, 3, bias=False))
+    return model.to(device)
+
+
+def random_masks(rng: np.random.Generator, dtype: type) -> list[np.ndarray]:
+    return [rng.integers(0, 2, size=s).astype(dtype) for s in SHAPES]
+
+
+def assert_same_arrays(got: list[np.ndarray], want: list[np.ndarray]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and g.shape == w.shape and np.array_equal(g, w)
+
+
+@pytest.mark.parametrize("dtype", MASK_DTYPES)
+def test_masks_round_trip_as_one_bitmap(dtype):
+    rng = np.random.default_rng(0)
+    masks = random_masks(rng, dtype)
+    names = [f"layer{i}.weight_scores" for i in range(len(masks))]
+    packed = wire.CompactMaskPacker().pack_parameters(masks, names)
+    assert len(packed) == 5 and packed[0][:4].tobytes() == wire.MAGIC and packed[0][5] == wire.FORM_BITMAP
+    total = sum(m.size for m in masks)
+    assert packed[2].dtype == np.uint8 and packed[2].size == -(-total // 8)
+    # the documented bit order: element i at bit i % 8 of byte i // 8
+    flat = np.concatenate([m.ravel() for m in masks])
+    assert all(((packed[2][i // 8] >> (i % 8)) & 1) == flat[i] for i in range(total))
+    arrays, got_names = wire.CompactMaskPacker().unpack_parameters(packed)
+    assert got_names == names
+    assert_same_arrays(arrays, masks)
+
+
+def test_other_arrays_round_trip_plainly():
+    rng = np.random.default_rng(1)
+    arrays = [rng.random((3, 4)), rng.random(5).astype(np.float32), np.array(2.5), np.array([0, 1, 2], np.int64)]
+    names = ["a", "b.é", "c", "d"]
+    packed = wire.CompactMaskPacker().pack_parameters(arrays, names)
+    assert packed[0][5] == wire.FORM_PLAIN
+    got, got_names = wire.unpack(packed)
+    assert got_names == names
+    assert_same_arrays(got, arrays)
+    assert wire.unpack(wire.CompactMaskPacker().pack_parameters([], [])) == ([], [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_dtype", [np.int64, np.uint8, torch.int32])
+def test_fused_sampling_equals_packing_the_reference_masks(device, mask_dtype):
+    model = masked_model(device)
+    masks, names = L.select_scores_and_sample_masks(model, None, seed=11, mask_dtype=mask_dtype)
+    want = wire.CompactMaskPacker().pack_parameters(masks, names)
+    got = wire.sample_masks_packed(model, seed=11, mask_dtype=mask_dtype)
+    assert_same_arrays(got, want)
+    # without a seed: the same draw from the same generator state gives the same stream
+    torch.manual_seed(5)
+    masks, names = L.select_scores_and_sample_masks(model, None)
+    torch.manual_seed(5)
+    assert_same_arrays(wire.sample_masks_packed(model), wire.CompactMaskPacker().pack_parameters(masks, names))
+
+
+def test_at_least_60_times_fewer_bytes_than_int64_masks():
+    fl4health_criteria()
+    from layersel_ext.bench import zoo
+
+    torch.manual_seed(0)
+    model = zoo.fedpm_example()
+    masks, names = L.select_scores_and_sample_masks(model, None, seed=1)
+    from fl4health.parameter_exchange.parameter_packer import ParameterPackerWithLayerNames
+
+    reference = sum(a.nbytes for a in ParameterPackerWithLayerNames().pack_parameters(masks, names))
+    compact = sum(a.nbytes for a in wire.sample_masks_packed(model, seed=1))
+    assert reference / compact >= 60, (reference, compact)
+
+
+def test_fedpm_server_aggregates_compact_masks_bit_for_bit():
+    fl4health_criteria()
+    from fl4health.parameter_exchange.parameter_packer import ParameterPackerWithLayerNames
+    from fl4health.strategies.fedpm import FedPm
+
+    model = masked_model()
+    clients = [L.select_scores_and_sample_masks(model, None, seed=s) for s in (1, 2, 3)]
+    results = {}
+    for name, packer in (("fl4health", ParameterPackerWithLayerNames()), ("compact", wire.CompactMaskPacker())):
+        strategy = FedPm()
+        strategy.parameter_packer = packer
+        sent = [(packer.pack_parameters(masks, names), 10) for masks, names in clients]
+        results[name] = strategy.aggregate_bayesian(sent)
+        back, back_names = packer.unpack_parameters(packer.pack_parameters(list(results[name].values()),
+                                                                           list(results[name])))  # fmt: skip
+        assert back_names == list(results[name])
+        assert_same_arrays(back, list(results[name].values()))
+    assert list(results["fl4health"]) == list(results["compact"])
+    assert_same_arrays(list(results["compact"].values()), list(results["fl4health"].values()))
+
+
+def test_a_peer_in_the_other_format_fails_naming_it():
+    fl4health_criteria()
+    from fl4health.parameter_exchange.parameter_packer import ParameterPackerWithLayerNames
+
+    model = masked_model()
+    masks, names = L.select_scores_and_sample_masks(model, None, seed=4)
+    # fl4health's stream to a compact peer
+    with pytest.raises(ValueError, match="no LSXW header.*patch\\(wire='compact'\\)"):
+        wire.unpack(ParameterPackerWithLayerNames().pack_parameters(masks, names))
+    # a compact stream to fl4health's packer: the one "layer" it sees is named by the hint, which
+    # the client's load_state_dict(strict=True) reports when the server sends it back
+    _, foreign_names = ParameterPackerWithLayerNames().unpack_parameters(wire.sample_masks_packed(model, seed=4))
+    assert foreign_names == [wire.FOREIGN_PEER_HINT]
+    state = model.state_dict()
+    state[foreign_names[0]] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="patch\\(wire='compact'\\)"):
+        copy.deepcopy(model).load_state_dict(state, strict=True)
+
+
+def _mutations(rng: np.random.Generator, packed: list[np.ndarray]):
+    """Streams derived from a valid one: truncated, reordered, retyped, with meta numbers and bytes changed."""
+    yield packed[: rng.integers(0, len(packed))]
+    i = int(rng.integers(0, len(packed)))
+    yield [a for j, a in enumerate(packed) if j != i]
+    yield [packed[j] for j in rng.permutation(len(packed))]
+    a = packed[i]
+    yield packed[:i] + [a[: rng.integers(0, max(a.size, 1))] if a.ndim else a] + packed[i + 1 :]
+    if a.dtype.kind in "iu" and a.size:
+        b = a.copy()
+        k = int(rng.integers(0, b.size))
+        b.flat[k] = np.array(rng.choice([-1, 0, 1, 2, 9, 2**31, 2**62, -(2**62), int(b.flat[k]) + 1])).astype(b.dtype)
+        yield packed[:i] + [b] + packed[i + 1 :]
+        yield packed[:i] + [b.astype(np.float64)] + packed[i + 1 :]
+        yield packed[:i] + [b.reshape(1, -1)] + packed[i + 1 :]
+    yield packed[:i] + [np.array(["x"])] + packed[i + 1 :]
+    yield packed[:i] + [np.frombuffer(rng.bytes(int(rng.integers(0, 64))), np.uint8)] + packed[i + 1 :]
+
+
+def test_fuzzed_streams_give_value_errors_never_anything_else():
+    rng = np.random.default_rng(2026)
+    cases = 0
+    for round_ in range(300):
+        dtype = MASK_DTYPES[round_ % len(MASK_DTYPES)]
+        masks = [rng.integers(0, 2, size=s).astype(dtype) for s in SHAPES[: 1 + round_ % len(SHAPES)]]
+        names = [f"n{i}" for i in range(len(masks))]
+        valid = wire.CompactMaskPacker().pack_parameters(masks, names)
+        for stream in _mutations(rng, valid):
+            cases += 1
+            try:
+                arrays, got_names = wire.unpack(stream)
+            except ValueError:
+                continue
+            # accepted: then it is a well-formed stream whose arrays match its own description
+            assert len(arrays) == len(got_names)
+            if stream[0][5] == wire.FORM_BITMAP:
+                assert all(set(np.unique(a)) <= {0, 1} for a in arrays)
+    assert cases >= 2000
+
+
+def test_patch_compact_wire_installs_the_packers_and_unpatch_restores():
+    fl4health_criteria()
+    from fl4health.parameter_exchange.fedpm_exchanger import FedPmExchanger
+    from fl4health.parameter_exchange.layer_exchanger import DynamicLayerExchanger
+    from fl4health.parameter_exchange.parameter_packer import ParameterPackerWithLayerNames
+    from fl4health.strategies.fedpm import FedPm
+
+    lf.unpatch()
+    init_exchanger, init_strategy = FedPmExchanger.__init__, FedPm.__init__
+    model = masked_model()
+    try:
+        lf.patch(wire="compact")
+        with pytest.raises(ValueError, match="already patched with wire='compact'"):
+            lf.patch()
+        exchanger, strategy = FedPmExchanger(), FedPm()
+        assert isinstance(exchanger.parameter_packer, wire.CompactMaskPacker)
+        assert isinstance(strategy.parameter_packer, wire.CompactMaskPacker)
+        torch.manual_seed(9)
+        pushed = exchanger.push_parameters(model)
+        torch.manual_seed(9)
+        assert_same_arrays(pushed, wire.sample_masks_packed(model))
+        # the server reads it, aggregates, and the client pulls the answer back
+        aggregated = strategy.aggregate_bayesian([(pushed, 1)])
+        back = strategy.parameter_packer.pack_parameters(list(aggregated.values()), list(aggregated))
+        exchanger.pull_parameters(back, model)
+    finally:
+        lf.unpatch()
+    assert FedPmExchanger.__init__ is init_exchanger and FedPm.__init__ is init_strategy
+    assert FedPmExchanger.push_parameters is DynamicLayerExchanger.push_parameters
+    assert isinstance(FedPmExchanger().parameter_packer, ParameterPackerWithLayerNames)
+    with pytest.raises(ValueError, match="wire must be one of"):
+        lf.patch(wire="bits")
+    assert not lf.is_patched()
