@@ -4,6 +4,9 @@ clients, once with fl4health's own selection functions and once with layersel_ex
     python -m examples.federated_rounds            # every mode, fl4health vs patched, a summary
     python -m examples.federated_rounds --mode fedpm_linear_n_1
 
+FedPM modes also run with ``patch(wire="compact")`` (masks as bitmaps, layersel_ext.wire); every
+run reports the bytes of the serialized Flower messages each client sends and the server returns.
+
 Modes: layer_threshold, layer_percentage (DynamicLayerExchanger + FedAvgDynamicLayer),
 sparse (SparseCooParameterExchanger + FedAvgSparseCooTensor), fedpm (masked CNN, FedPmServer +
 FedPm), fedpm_linear_n_1 (a masked Linear(n, 1): fl4health's squeezed masks break it).
@@ -189,17 +192,25 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
     held_scores_finite: dict[str, np.ndarray] = {}
 
     class Recording(strategy_cls):  # type: ignore[misc, valid-type]
+        def decoded(self, packed: list[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
+            """Arrays and names of a message in the strategy's own framing (FedPM: fl4health's layer
+            names last, or layersel_ext's compact wire); COO messages as they arrive."""
+            if fedpm:
+                arrays, names = self.parameter_packer.unpack_parameters(packed)
+                return list(arrays), list(names)
+            return packed[:-1], packed[-1].tolist()
+
         def aggregate_fit(self, server_round: int, results: list, failures: list) -> Any:
             clients = []
             for _, fit_res in results:
-                arrays = parameters_to_ndarrays(fit_res.parameters)
-                names = arrays[-1].tolist()
+                arrays, names = self.decoded(parameters_to_ndarrays(fit_res.parameters))
                 clients.append({
                     "names": names,
-                    "digest": digest(arrays[:-1]),
-                    "dtypes": [str(a.dtype) for a in arrays[:-1]],
-                    "shapes": [list(a.shape) for a in arrays[:-1]],
-                    "arrays": arrays[:-1],
+                    "digest": digest(arrays),
+                    "dtypes": [str(a.dtype) for a in arrays],
+                    "shapes": [list(a.shape) for a in arrays],
+                    "arrays": arrays,
+                    "bytes_sent": sum(len(t) for t in fit_res.parameters.tensors),
                 })  # fmt: skip
             clients.sort(key=lambda c: c["digest"])
             entry: dict[str, Any] = {"round": server_round, "clients": clients, "failures": len(failures)}
@@ -208,8 +219,12 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
             for c in clients:
                 del c["arrays"]
             aggregated = super().aggregate_fit(server_round, results, failures)
+            if aggregated[0] is not None:
+                entry["bytes_to_each_client"] = sum(len(t) for t in aggregated[0].tensors)
             if fedpm and aggregated[0] is not None:
-                entry.update(scores_sent_back(parameters_to_ndarrays(aggregated[0])))
+                thetas, names = self.decoded(parameters_to_ndarrays(aggregated[0]))
+                entry["server_digest"] = digest(thetas)
+                entry.update(scores_sent_back(thetas, names))
             record.append(entry)
             out.write_text(json.dumps(record, indent=1))
             return aggregated
@@ -230,12 +245,11 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
             "masks_agree_fraction_where_sampled": float(equal[sampled].mean()) if sampled.any() else None,
         }
 
-    def scores_sent_back(packed: list[np.ndarray]) -> dict[str, Any]:
+    def scores_sent_back(thetas: list[np.ndarray], names: list[str]) -> dict[str, Any]:
         """What the clients will hold as scores next round: FedPmExchanger.pull_parameters turns the
         aggregated Beta posterior means theta into scores with fl4health's sigmoid_inverse, which is
         -inf / +inf where theta is 0 / 1 (where every client sent the same mask bit, and the priors
         were reset: FedPmServer's default reset_frequency=1)."""
-        thetas, names = packed[:-1], packed[-1].tolist()
         finite = [torch.isfinite(sigmoid_inverse(torch.tensor(t))).numpy() for t in thetas]
         held_scores_finite.clear()
         held_scores_finite.update(zip(names, finite))
@@ -341,6 +355,7 @@ def run_federation(
     mode: str,
     patched: bool,
     rounds: int = 3,
+    wire: str = "fl4health",
     timeout: float = 480.0,
     connect_timeout: float = 180.0,
     grace: float = 45.0,
@@ -358,9 +373,10 @@ def run_federation(
     """
     t_start = time.monotonic()
     deadline = t_start + timeout
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LAYERSEL_PATCH_FL4HEALTH": str(int(patched))}
+    patch = (wire if wire != "fl4health" else "1") if patched else "0"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LAYERSEL_PATCH_FL4HEALTH": patch}
     cmd = [sys.executable, "-m", "examples.federated_rounds"]
-    res: dict[str, Any] = {"mode": mode, "patched": patched, "error": None, "killed": []}
+    res: dict[str, Any] = {"mode": mode, "patched": patched, "wire": wire, "error": None, "killed": []}
     names = ("server", "client0", "client1")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
@@ -458,10 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        if os.environ.get("LAYERSEL_PATCH_FL4HEALTH") == "1":
+        patch = os.environ.get("LAYERSEL_PATCH_FL4HEALTH", "0")
+        if patch != "0":
             import layersel_ext.fl4health
 
-            layersel_ext.fl4health.patch()
+            layersel_ext.fl4health.patch(wire="fl4health" if patch == "1" else patch)
         if args.role == "server":
             run_server(args.mode, args.port, args.rounds, args.out)
         else:
@@ -469,16 +486,23 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = 0
     for mode in [args.mode] if args.mode else MODES:
-        for patched in (False, True):
-            res = run_federation(mode, patched, args.rounds)
+        runs = [(False, "fl4health"), (True, "fl4health")] + ([(True, "compact")] if mode.startswith("fedpm") else [])
+        for patched, wire in runs:
+            res = run_federation(mode, patched, args.rounds, wire=wire)
             rounds = [r["round"] for r in res["record"]]
+            who = ("layersel_ext" + (f" wire={wire}" if wire != "fl4health" else "")) if patched else "fl4health"
             print(
-                f"{mode:<18} {'layersel_ext' if patched else 'fl4health':<13} rounds reached: {rounds} "
+                f"{mode:<18} {who:<13} rounds reached: {rounds} "
                 f"exit codes: {res['returncodes']} ({res['seconds']:.0f} s)"
             )
             for r in res["record"]:
                 for c in r["clients"]:
-                    print(f"    round {r['round']}: {len(c['names'])} arrays {c['names'][:3]}... digest {c['digest']}")
+                    print(
+                        f"    round {r['round']}: {len(c['names'])} arrays {c['names'][:3]}... digest {c['digest']}, "
+                        f"{c['bytes_sent']} bytes sent"
+                    )
+                if "bytes_to_each_client" in r:
+                    print(f"    round {r['round']}: {r['bytes_to_each_client']} bytes sent to each client")
                 if "masks_agree_fraction" in r:
                     where = r["masks_agree_fraction_where_sampled"]
                     print(
