@@ -14,12 +14,14 @@ before ``patch()`` keep what they captured (a ``DynamicLayerExchanger`` holding 
 patch first, then build. Importing layersel_ext never imports fl4health; this module does so only
 when ``patch()`` is called.
 
-``patch(wire="compact")`` also sends FedPM's masks as bitmaps (``layersel_ext.wire``: one bit per
-element instead of an int64, decoded to exactly fl4health's arrays on the server): the FedPM client
-exchanger samples and packs in one step, and the ``FedPm`` strategy's packer reads the bitmaps and
-sends its probabilities back in the same framing. Client and server must both use it; a peer that
-does not fails in its first round with an error naming the format. The sparse COO flow keeps
-fl4health's format.
+``patch(wire="compact")`` also changes what goes over the network, losslessly, in both directions:
+FedPM's masks as bitmaps (``layersel_ext.wire``: one bit per element instead of an int64; the FedPM
+client exchanger samples and packs in one step, the ``FedPm`` strategy reads the bitmaps and sends
+its probabilities back in the same framing), and sparse COO messages with compact positions
+(``layersel_ext.wire_coo``: values in their dtype, positions as the smallest of offsets, gaps or a
+bitmap; ``SparseCooParameterExchanger`` and ``FedAvgSparseCooTensor``, the server's reply included).
+Each side decodes to exactly the arrays fl4health's packers give, so every model is bitwise what it
+was. Client and server must both use it; a peer that does not fails in its first round.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any
 from . import parameter_selection_criteria as ours
 from .sparse_coo import select_sparse_parameters
 from .wire import CompactMaskPacker, sample_masks_packed
+from .wire_coo import CompactCooPacker
 
 CRITERIA = (
     "LayerSelectionFunctionConstructor",
@@ -45,6 +48,7 @@ _CRITERIA_MODULE = "fl4health.parameter_exchange.parameter_selection_criteria"
 _SPARSE_MODULE = "fl4health.parameter_exchange.sparse_coo_parameter_exchanger"
 _FEDPM_EXCHANGER_MODULE = "fl4health.parameter_exchange.fedpm_exchanger"
 _FEDPM_STRATEGY_MODULE = "fl4health.strategies.fedpm"
+_SPARSE_STRATEGY_MODULE = "fl4health.strategies.fedavg_sparse_coo_tensor"
 WIRES = ("fl4health", "compact")
 
 _patched: list[tuple[Any, str, Any]] = []  # (owner, attribute, original), in the order applied
@@ -81,10 +85,10 @@ def _replace(owner: type, attr: str, value: Any) -> None:
     setattr(owner, attr, value)
 
 
-def _with_compact_packer(init: Any) -> Any:
+def _with_packer(init: Any, packer: type) -> Any:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
-        self.parameter_packer = CompactMaskPacker()
+        self.parameter_packer = packer()
 
     return __init__
 
@@ -96,11 +100,15 @@ def _packed_masks(self: Any, model: Any, initial_model: Any = None, config: Any 
 def _install_compact_wire() -> None:
     import importlib
 
-    exchanger = importlib.import_module(_FEDPM_EXCHANGER_MODULE).FedPmExchanger
-    strategy = importlib.import_module(_FEDPM_STRATEGY_MODULE).FedPm
-    _replace(exchanger, "__init__", _with_compact_packer(exchanger.__dict__["__init__"]))
-    _replace(exchanger, "push_parameters", _packed_masks)
-    _replace(strategy, "__init__", _with_compact_packer(strategy.__dict__["__init__"]))
+    fedpm_exchanger = importlib.import_module(_FEDPM_EXCHANGER_MODULE).FedPmExchanger
+    for cls, packer in (
+        (fedpm_exchanger, CompactMaskPacker),
+        (importlib.import_module(_FEDPM_STRATEGY_MODULE).FedPm, CompactMaskPacker),
+        (importlib.import_module(_SPARSE_MODULE).SparseCooParameterExchanger, CompactCooPacker),
+        (importlib.import_module(_SPARSE_STRATEGY_MODULE).FedAvgSparseCooTensor, CompactCooPacker),
+    ):
+        _replace(cls, "__init__", _with_packer(cls.__dict__["__init__"], packer))
+    _replace(fedpm_exchanger, "push_parameters", _packed_masks)
 
 
 def patch(wire: str = "fl4health") -> None:

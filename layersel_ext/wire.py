@@ -39,12 +39,15 @@ MAGIC = b"LSXW"
 FORMAT_VERSION = 1
 FORM_BITMAP = 1
 FORM_PLAIN = 2
+FORM_COO = 3  # wire_coo.py
+FORM_COO_PLAIN = 4
 # What an fl4health packer sees as the first layer name of a compact stream.
 FOREIGN_PEER_HINT = (
     "<layersel_ext compact wire format v1: this peer must also call layersel_ext.fl4health.patch(wire='compact')>"
 )
 _MAX_NDIM = 64
-# Integer mask dtypes and their codes on the wire (the codes are the format: never renumber).
+# Array dtypes and their codes on the wire (the codes are the format: never renumber). Masks use
+# the integer ones; COO values (wire_coo.py) any.
 _DTYPE_CODES = {
     np.dtype(np.int64): 1,
     np.dtype(np.int32): 2,
@@ -54,6 +57,10 @@ _DTYPE_CODES = {
     np.dtype(np.uint16): 6,
     np.dtype(np.uint32): 7,
     np.dtype(np.uint64): 8,
+    np.dtype(np.float16): 9,
+    np.dtype(np.float32): 10,
+    np.dtype(np.float64): 11,
+    np.dtype(np.bool_): 12,
 }
 _CODE_DTYPES = {code: dt for dt, code in _DTYPE_CODES.items()}
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -75,7 +82,7 @@ def _trailer(names: Sequence[str]) -> list[np.ndarray]:
 
 
 def _is_mask(a: np.ndarray) -> bool:
-    if a.dtype not in _DTYPE_CODES:
+    if a.dtype not in _DTYPE_CODES or a.dtype.kind not in "iu":
         return False
     if a.size == 0:
         return True
@@ -142,7 +149,7 @@ def _read_header(packed: Sequence[np.ndarray]) -> int:
     if int(h[4]) != FORMAT_VERSION:
         raise _fail(f"version {int(h[4])} is not supported (this layersel_ext reads version {FORMAT_VERSION})")
     form = int(h[5])
-    if form not in (FORM_BITMAP, FORM_PLAIN) or h[6] or h[7]:
+    if form not in (FORM_BITMAP, FORM_PLAIN, FORM_COO, FORM_COO_PLAIN) or h[6] or h[7]:
         raise _fail(f"unknown form {form} (header bytes {h.tolist()})")
     return form
 
@@ -173,7 +180,7 @@ def _read_meta(meta: np.ndarray) -> list[tuple[np.dtype, tuple[int, ...], int]]:
         if pos + 2 > len(values):
             raise _fail(f"meta ends inside array #{i}")
         code, ndim = values[pos], values[pos + 1]
-        if code not in _CODE_DTYPES:
+        if code not in _CODE_DTYPES or _CODE_DTYPES[code].kind not in "iu":
             raise _fail(f"array #{i}: unknown dtype code {code}")
         if not 0 <= ndim <= _MAX_NDIM or pos + 2 + ndim > len(values):
             raise _fail(f"array #{i}: bad number of dimensions {ndim}")
@@ -190,6 +197,8 @@ def _read_meta(meta: np.ndarray) -> list[tuple[np.dtype, tuple[int, ...], int]]:
 def unpack(packed: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
     """The arrays and layer names of a compact stream (``ValueError`` naming what is wrong otherwise)."""
     form = _read_header(packed)
+    if form not in (FORM_BITMAP, FORM_PLAIN):
+        raise _fail(f"a COO stream (form {form}) where masks or plain arrays were expected")
     names = _read_names(packed[-2], packed[-1])
     if form == FORM_PLAIN:
         arrays = [np.asarray(a) for a in packed[1:-2]]

@@ -1,0 +1,283 @@
+"""A compact, lossless wire format for fl4health's sparse COO messages (both directions).
+
+fl4health's ``SparseCooParameterPacker`` sends, per tensor, the selected values, their ``[nnz, ndim]``
+int64 indices and the shape: 4 + 8 * ndim bytes per float32 value (20 B for a 2-D weight). The
+packer here sends the values in their own dtype and the positions as flat row-major offsets, in the
+smallest of these encodings, chosen per tensor and recorded in the stream:
+
+====  ==========================================================================================
+code  positions
+====  ==========================================================================================
+1     uint32 offsets (numel < 2**32), any order
+2     uint64 offsets, any order
+3-5   strictly increasing offsets as gaps ``offset[i] - offset[i-1] - 1`` (the first: ``offset[0]``)
+      in 1, 2 or 4 bytes each (whichever holds the largest gap)
+6     the same gaps as LEB128 varints (7 bits a byte, low bits first, high bit = more bytes)
+7     strictly increasing offsets as a bitmap over the tensor (numel bits, little bit order)
+====  ==========================================================================================
+
+and decodes to exactly fl4health's ``(values, (indices, shapes, names))``: int64 ``[nnz, ndim]``
+indices (``np.unravel_index`` of the offsets, row-major) and the shapes as fl4health builds them,
+``np.array(list(shape))``. A message that does not have that form (indices of another dtype or out
+of range, a shape array fl4health would not make) is sent in the plain form: fl4health's arrays as
+they are, with the header. So decoding always returns what was packed.
+
+Stream (``wire.py`` has the header, the names and the hint): ``[header, meta, positions, values,
+names, hint]``; meta (int64): ``[n, then per tensor: value dtype code, ndim, *shape, nnz, position
+code, position bytes]``; positions: every tensor's encoded positions, concatenated (uint8); values:
+every tensor's values as raw little-endian bytes, concatenated (uint8). Plain form: ``[header,
+*values, *indices, *shapes, names, hint]``. Both have a multiple of three arrays, so fl4health's own
+packer, given one, stops at once (its ``assert len(packed_parameters) % 3 == 1``); this packer,
+given fl4health's stream, raises a ``ValueError`` naming the format. Decoding checks every length,
+code, offset and padding bit before it allocates.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .wire import _CODE_DTYPES, _DTYPE_CODES, _MAX_NDIM, FORM_COO, FORM_COO_PLAIN, _fail, _header, _read_header
+from .wire import _read_names, _trailer
+
+POS_U32, POS_U64, POS_GAP8, POS_GAP16, POS_GAP32, POS_VARINT, POS_BITMAP = 1, 2, 3, 4, 5, 6, 7
+_GAP_WIDTHS = {POS_GAP8: np.uint8, POS_GAP16: np.uint16, POS_GAP32: np.uint32}
+_MAX_NUMEL = 2**62
+
+CooParts = tuple[list[np.ndarray], tuple[list[np.ndarray], list[np.ndarray], list[str]]]
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+
+def _varint_encode(gaps: np.ndarray) -> np.ndarray:
+    """LEB128 of each uint64 gap, concatenated (vectorised: one column per 7-bit group)."""
+    if gaps.size == 0:
+        return np.zeros(0, np.uint8)
+    nbytes = np.ones(gaps.size, np.int64)
+    for k in range(1, 10):
+        nbytes += gaps >= np.uint64(1) << np.uint64(7 * k)
+    groups = (gaps[:, None] >> (np.arange(10, dtype=np.uint64) * np.uint64(7))) & np.uint64(0x7F)
+    more = np.arange(10)[None, :] < (nbytes[:, None] - 1)
+    table = (groups | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
+    return table[np.arange(10)[None, :] < nbytes[:, None]]
+
+
+def _encode_positions(offsets: np.ndarray, numel: int) -> tuple[int, np.ndarray]:
+    """The smallest encoding of a tensor's flat offsets (uint64, in the message's order)."""
+    candidates = [(POS_U32, offsets.astype("<u4")) if numel < 2**32 else (POS_U64, offsets.astype("<u8"))]
+    if offsets.size == 0 or bool(np.all(offsets[1:] > offsets[:-1])):
+        gaps = np.diff(offsets, prepend=np.uint64(0)) - np.uint64(1)
+        if gaps.size:
+            gaps[0] = offsets[0]
+        top = int(gaps.max()) if gaps.size else 0
+        for code, width in _GAP_WIDTHS.items():
+            if top <= np.iinfo(width).max:
+                candidates.append((code, gaps.astype(np.dtype(width).newbyteorder("<"))))
+                break
+        candidates.append((POS_VARINT, _varint_encode(gaps)))
+        if numel <= 8 * 16 * offsets.size + 64:  # a bitmap can only win when it is dense enough
+            bits = np.zeros(numel, np.uint8)
+            bits[offsets.astype(np.int64)] = 1
+            candidates.append((POS_BITMAP, np.packbits(bits, bitorder="little")))
+    code, payload = min(candidates, key=lambda c: c[1].nbytes)
+    return code, np.frombuffer(np.ascontiguousarray(payload).tobytes(), np.uint8)
+
+
+def _compact_form_fits(values: np.ndarray, indices: np.ndarray, shape: np.ndarray) -> tuple[int, ...] | None:
+    """The tensor's shape when its message has the form decoding rebuilds exactly, else None."""
+    if values.ndim != 1 or values.dtype not in _DTYPE_CODES or shape.ndim != 1:
+        return None
+    dims = tuple(int(d) for d in shape.tolist()) if shape.dtype.kind in "iu" or shape.size == 0 else None
+    if dims is None or any(d < 0 for d in dims) or len(dims) > _MAX_NDIM or math.prod(dims) >= _MAX_NUMEL:
+        return None
+    like_fl4health = np.array(list(dims))
+    if like_fl4health.dtype != shape.dtype or not np.array_equal(like_fl4health, shape):
+        return None
+    if indices.dtype != np.int64 or indices.shape != (values.size, len(dims)):
+        return None
+    if indices.size and (indices.min() < 0 or bool(np.any(indices >= np.array(dims, dtype=np.int64)))):
+        return None
+    if not dims and values.size > 1:
+        return None
+    return dims
+
+
+class CompactCooPacker:
+    """Drop-in for fl4health's ``SparseCooParameterPacker`` (client exchanger and server strategy)."""
+
+    def pack_parameters(
+        self, model_parameters: Sequence[np.ndarray], additional_parameters: tuple[Sequence, Sequence, Sequence[str]]
+    ) -> list[np.ndarray]:
+        indices, shapes, names = additional_parameters
+        values = [np.asarray(v) for v in model_parameters]
+        indices, shapes, names = [np.asarray(i) for i in indices], [np.asarray(s) for s in shapes], list(names)
+        if not len(values) == len(indices) == len(shapes) == len(names):
+            raise ValueError(f"{len(values)} values, {len(indices)} indices, {len(shapes)} shapes, {len(names)} names")
+        dims = [_compact_form_fits(v, i, s) for v, i, s in zip(values, indices, shapes)]
+        if any(d is None for d in dims):
+            return [_header(FORM_COO_PLAIN), *values, *indices, *shapes, *_trailer(names)]
+        meta, positions, raw_values = [len(values)], [], []
+        for v, i, shape in zip(values, indices, dims):
+            numel = math.prod(shape)
+            offsets = (
+                np.ravel_multi_index(tuple(i.T), shape).astype(np.uint64) if shape else np.zeros(v.size, np.uint64)
+            )
+            code, payload = _encode_positions(offsets, numel)
+            meta += [_DTYPE_CODES[v.dtype], len(shape), *shape, v.size, code, payload.size]
+            positions.append(payload)
+            raw_values.append(np.frombuffer(np.ascontiguousarray(v, v.dtype.newbyteorder("<")).tobytes(), np.uint8))
+        return [
+            _header(FORM_COO),
+            np.asarray(meta, np.int64),
+            np.concatenate(positions) if positions else np.zeros(0, np.uint8),
+            np.concatenate(raw_values) if raw_values else np.zeros(0, np.uint8),
+            *_trailer(names),
+        ]
+
+    def unpack_parameters(self, packed_parameters: Sequence[np.ndarray]) -> CooParts:
+        return unpack_coo(packed_parameters)
+
+    @staticmethod
+    def extract_coo_info_from_dense(x: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """fl4health's ``SparseCooParameterPacker.extract_coo_info_from_dense`` (the server's reply)."""
+        selected_parameters = x[torch.nonzero(x, as_tuple=True)].cpu().numpy()
+        selected_indices = torch.nonzero(x, as_tuple=False).cpu().numpy()
+        return selected_parameters, selected_indices, np.array(list(x.shape))
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def _varint_decode(payload: np.ndarray, count: int, what: str) -> np.ndarray:
+    ends = np.flatnonzero(payload < 0x80)
+    if ends.size != count or (payload.size and payload[-1] >= 0x80):
+        raise _fail(f"{what}: {payload.size} varint bytes do not hold {count} gaps")
+    if count == 0:
+        return np.zeros(0, np.uint64)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max() > 10:
+        raise _fail(f"{what}: a varint longer than 10 bytes")
+    position = np.arange(payload.size) - np.repeat(starts, lengths)
+    terms = (payload.astype(np.uint64) & np.uint64(0x7F)) << (position.astype(np.uint64) * np.uint64(7))
+    tenth = payload[ends[lengths == 10]]
+    if tenth.size and tenth.max() > 1:
+        raise _fail(f"{what}: a varint above 2**64 - 1")
+    return np.add.reduceat(terms, starts)
+
+
+def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what: str) -> np.ndarray:
+    if code in (POS_U32, POS_U64):
+        width = 4 if code == POS_U32 else 8
+        if payload.size != width * nnz:
+            raise _fail(f"{what}: {nnz} offsets need {width * nnz} bytes, got {payload.size}")
+        offsets = np.frombuffer(payload.tobytes(), "<u4" if width == 4 else "<u8").astype(np.uint64)
+        if offsets.size and int(offsets.max()) >= numel:
+            raise _fail(f"{what}: an offset is past the tensor's {numel} elements")
+        return offsets
+    if code == POS_BITMAP:
+        if payload.size != -(-numel // 8) or (numel % 8 and payload[-1] >> (numel % 8)):
+            raise _fail(f"{what}: a bitmap of {numel} elements needs {-(-numel // 8)} bytes and zero padding")
+        offsets = np.flatnonzero(np.unpackbits(payload, count=numel, bitorder="little")).astype(np.uint64)
+        if offsets.size != nnz:
+            raise _fail(f"{what}: the bitmap marks {offsets.size} elements, the meta says {nnz}")
+        return offsets
+    if code in _GAP_WIDTHS:
+        width = np.dtype(_GAP_WIDTHS[code]).itemsize
+        if payload.size != width * nnz:
+            raise _fail(f"{what}: {nnz} gaps need {width * nnz} bytes, got {payload.size}")
+        gaps = np.frombuffer(payload.tobytes(), np.dtype(_GAP_WIDTHS[code]).newbyteorder("<")).astype(np.uint64)
+    elif code == POS_VARINT:
+        gaps = _varint_decode(payload, nnz, what)
+    else:
+        raise _fail(f"{what}: unknown position code {code}")
+    if gaps.size == 0:
+        return gaps
+    # offsets = cumsum(gaps + 1) - 1. Each gap < numel < 2**62, so a sum that wrapped around 2**64
+    # would show as a decrease: strictly increasing and the last < numel means none did.
+    if int(gaps.max()) >= numel:
+        raise _fail(f"{what}: a gap is past the tensor's {numel} elements")
+    offsets = np.cumsum(gaps + np.uint64(1)) - np.uint64(1)
+    if int(offsets[-1]) >= numel or bool(np.any(offsets[1:] <= offsets[:-1])):
+        raise _fail(f"{what}: the gaps run past the tensor's {numel} elements")
+    return offsets
+
+
+def _read_coo_meta(meta: np.ndarray) -> list[tuple[np.dtype, tuple[int, ...], int, int, int]]:
+    meta = np.asarray(meta)
+    if meta.dtype != np.int64 or meta.ndim != 1 or meta.size < 1:
+        raise _fail(f"meta must be a 1-D int64 array, got {meta.dtype} {meta.shape}")
+    values = meta.tolist()
+    n, pos, out = values[0], 1, []
+    if not 0 <= n <= len(values):
+        raise _fail(f"meta announces {n} tensors in {len(values)} numbers")
+    for t in range(n):
+        if pos + 2 > len(values):
+            raise _fail(f"meta ends inside tensor #{t}")
+        code, ndim = values[pos], values[pos + 1]
+        if code not in _CODE_DTYPES:
+            raise _fail(f"tensor #{t}: unknown value dtype code {code}")
+        if not 0 <= ndim <= _MAX_NDIM or pos + 5 + ndim > len(values):
+            raise _fail(f"tensor #{t}: bad number of dimensions {ndim}")
+        shape = tuple(values[pos + 2 : pos + 2 + ndim])
+        nnz, pcode, pbytes = values[pos + 2 + ndim : pos + 5 + ndim]
+        if any(d < 0 for d in shape) or math.prod(shape) >= _MAX_NUMEL:
+            raise _fail(f"tensor #{t}: bad shape {shape}")
+        if not 0 <= nnz <= math.prod(shape) or pbytes < 0:
+            raise _fail(f"tensor #{t}: {nnz} entries in a tensor of {math.prod(shape)} elements ({pbytes} bytes)")
+        out.append((_CODE_DTYPES[code], shape, nnz, pcode, pbytes))
+        pos += 5 + ndim
+    if pos != len(values):
+        raise _fail(f"meta has {len(values) - pos} number(s) after the last tensor")
+    return out
+
+
+def _bytes(a: np.ndarray, what: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype != np.uint8 or a.ndim != 1:
+        raise _fail(f"{what} must be a 1-D uint8 array, got {a.dtype} {a.shape}")
+    return a
+
+
+def unpack_coo(packed: Sequence[np.ndarray]) -> CooParts:
+    """fl4health's ``(values, (indices, shapes, names))`` from a compact COO stream (``ValueError`` otherwise)."""
+    form = _read_header(packed)
+    if form not in (FORM_COO, FORM_COO_PLAIN):
+        raise _fail(f"a mask stream (form {form}) where a sparse COO stream was expected")
+    names = _read_names(packed[-2], packed[-1])
+    if form == FORM_COO_PLAIN:
+        body = [np.asarray(a) for a in packed[1:-2]]
+        if len(body) != 3 * len(names):
+            raise _fail(f"a plain COO stream of {len(names)} tensors has {3 * len(names)} arrays, got {len(body)}")
+        k = len(names)
+        return body[:k], (body[k : 2 * k], body[2 * k :], names)
+    if len(packed) != 6:
+        raise _fail(f"a COO stream has 6 arrays, got {len(packed)}")
+    entries = _read_coo_meta(packed[1])
+    positions, raw = _bytes(packed[2], "positions"), _bytes(packed[3], "values")
+    if len(entries) != len(names):
+        raise _fail(f"{len(entries)} tensors but {len(names)} names")
+    if sum(e[4] for e in entries) != positions.size:
+        raise _fail(f"the meta's position bytes add up to {sum(e[4] for e in entries)}, got {positions.size}")
+    if sum(e[2] * e[0].itemsize for e in entries) != raw.size:
+        raise _fail(f"the values need {sum(e[2] * e[0].itemsize for e in entries)} bytes, got {raw.size}")
+    values, indices, shapes = [], [], []
+    p = r = 0
+    for t, (dtype, shape, nnz, pcode, pbytes) in enumerate(entries):
+        what = f"tensor #{t} ({names[t]!r})"
+        offsets = _decode_positions(pcode, positions[p : p + pbytes], nnz, math.prod(shape), what)
+        p += pbytes
+        values.append(np.frombuffer(raw[r : r + nnz * dtype.itemsize].tobytes(), dtype.newbyteorder("<")).astype(dtype))
+        r += nnz * dtype.itemsize
+        if shape:
+            idx = np.stack(np.unravel_index(offsets.astype(np.int64), shape), axis=1).astype(np.int64)
+        else:
+            idx = np.zeros((nnz, 0), np.int64)
+        indices.append(idx.reshape(nnz, len(shape)))
+        shapes.append(np.array(list(shape)))
+    return values, (indices, shapes, names)

@@ -1,0 +1,215 @@
+"""layersel_ext.wire_coo: the compact sparse COO format is lossless, small, robust, and refuses a foreign peer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import fl4health_criteria
+from test_wire import assert_same_arrays
+
+from layersel_ext import wire, wire_coo
+from layersel_ext.wire_coo import CompactCooPacker
+
+# (fl4health's extract_coo_info_from_dense fails on a 0-d tensor, so its messages never hold one;
+# a hand-made 0-d entry is in test_zero_dim_entry_round_trips)
+SHAPES = [(3, 5), (7,), (2, 3, 4, 5), (0,), (2, 0, 3), (1,), (300, 200), (40, 40, 3, 3)]
+
+
+def coo_of(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return CompactCooPacker.extract_coo_info_from_dense(x)
+
+
+def random_message(rng: np.random.Generator, density: float, dtype=torch.float32):
+    values, indices, shapes, names = [], [], [], []
+    for i, shape in enumerate(SHAPES):
+        x = torch.from_numpy(np.asarray(rng.standard_normal(shape) * 10)).to(dtype)
+        x[torch.from_numpy(np.asarray(rng.random(shape) >= density))] = 0
+        v, idx, s = coo_of(x)
+        values.append(v), indices.append(idx), shapes.append(s), names.append(f"t{i}.weight")
+    return values, (indices, shapes, names)
+
+
+def assert_same_message(got, want) -> None:
+    (gv, (gi, gs, gn)), (wv, (wi, ws, wn)) = got, want
+    assert gn == wn
+    assert_same_arrays(gv, wv)
+    assert_same_arrays(gi, wi)
+    assert_same_arrays(gs, ws)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.01, 0.1, 0.4, 0.9, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64])
+def test_round_trip_equals_fl4health_message(density, dtype):
+    rng = np.random.default_rng(int(density * 1000) + 7)
+    message = random_message(rng, density, dtype)
+    packed = CompactCooPacker().pack_parameters(message[0], message[1])
+    assert packed[0][5] == wire.FORM_COO and len(packed) == 6
+    assert_same_message(CompactCooPacker().unpack_parameters(packed), message)
+
+
+def test_every_position_encoding_round_trips():
+    cases = {
+        wire_coo.POS_BITMAP: np.arange(0, 1000, 2),  # dense: a bitmap
+        wire_coo.POS_GAP8: np.arange(0, 100000, 97),  # gaps < 256
+        wire_coo.POS_GAP16: np.arange(16384, 10**7, 20000),  # gaps of 3 varint bytes, 2 fixed
+        wire_coo.POS_U32: np.array([9, 3, 7, 3]),  # not increasing: offsets as they are
+    }
+    for code, offsets in cases.items():
+        numel = int(offsets.max()) + 1 if code != wire_coo.POS_BITMAP else 1000
+        got_code, payload = wire_coo._encode_positions(offsets.astype(np.uint64), numel)
+        assert got_code == code
+        back = wire_coo._decode_positions(got_code, payload, offsets.size, numel, "t")
+        assert np.array_equal(back, offsets.astype(np.uint64))
+    rng = np.random.default_rng(3)
+    gaps = np.concatenate([rng.integers(0, 2**20, 500), [2**40, 0, 2**62 - 2**41]]).astype(np.uint64)
+    payload = wire_coo._varint_encode(gaps)
+    assert np.array_equal(wire_coo._varint_decode(payload, gaps.size, "t"), gaps)
+    offsets = np.cumsum(gaps + np.uint64(1)) - np.uint64(1)
+    code, payload = wire_coo._encode_positions(offsets, 2**62 - 1)
+    assert code == wire_coo.POS_VARINT
+    assert np.array_equal(wire_coo._decode_positions(code, payload, offsets.size, 2**62 - 1, "t"), offsets)
+
+
+def test_zero_dim_entry_round_trips():
+    message = ([np.array([2.5], np.float32)], ([np.zeros((1, 0), np.int64)], [np.array(list(()))], ["s"]))
+    packed = CompactCooPacker().pack_parameters(*message)
+    assert packed[0][5] == wire.FORM_COO
+    assert_same_message(CompactCooPacker().unpack_parameters(packed), message)
+
+
+def test_unusual_messages_go_plain_and_still_round_trip():
+    v, i, s = coo_of(torch.tensor([[0.0, 2.0], [3.0, 0.0]]))
+    for message in (
+        ([v], ([i.astype(np.int32)], [s], ["a"])),  # int32 indices
+        ([v], ([i], [s.astype(np.int32)], ["a"])),  # a shape array fl4health would not build
+        ([v], ([i[::-1] + 5], [s], ["a"])),  # out of range
+    ):
+        packed = CompactCooPacker().pack_parameters(*message)
+        assert packed[0][5] == wire.FORM_COO_PLAIN and len(packed) % 3 == 0
+        assert_same_message(CompactCooPacker().unpack_parameters(packed), message)
+
+
+def test_bytes_at_fl4health_sparsity_levels():
+    # bert-like 2-D weights: fl4health sends 4 + 16 bytes per selected fp32 value
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.standard_normal((768, 3072)).astype(np.float32))
+    for density, want_ratio in ((0.01, 2.5), (0.1, 2.5), (0.4, 1.0)):
+        y = x.clone()
+        y[torch.from_numpy(rng.random(y.shape) >= density)] = 0
+        v, i, s = coo_of(y)
+        reference = v.nbytes + i.nbytes + s.nbytes
+        compact = sum(a.nbytes for a in CompactCooPacker().pack_parameters([v], ([i], [s], ["w"])))
+        assert reference / compact >= want_ratio, (density, reference / compact)
+        assert compact <= y.numel() * 4 + 256, (density, compact)  # never more than the dense tensor
+
+
+def test_a_peer_in_the_other_format_fails():
+    fl4health_criteria()
+    from fl4health.parameter_exchange.parameter_packer import SparseCooParameterPacker
+
+    message = random_message(np.random.default_rng(1), 0.1)
+    with pytest.raises(ValueError, match="no LSXW header"):
+        CompactCooPacker().unpack_parameters(SparseCooParameterPacker().pack_parameters(*message))
+    with pytest.raises(AssertionError):  # fl4health's packer stops at once on a compact stream
+        SparseCooParameterPacker().unpack_parameters(CompactCooPacker().pack_parameters(*message))
+    masks = wire.CompactMaskPacker().pack_parameters([np.ones(3, np.int64)], ["m"])
+    with pytest.raises(ValueError, match="mask stream"):
+        CompactCooPacker().unpack_parameters(masks)
+    with pytest.raises(ValueError, match="COO stream"):
+        wire.unpack(CompactCooPacker().pack_parameters(*message))
+
+
+def test_fl4health_server_aggregation_is_bitwise_unchanged():
+    fl4health_criteria()
+    from fl4health.parameter_exchange.parameter_packer import SparseCooParameterPacker
+    from fl4health.strategies.fedavg_sparse_coo_tensor import FedAvgSparseCooTensor
+
+    messages = [random_message(np.random.default_rng(s), 0.1) for s in (1, 2)]
+    out = {}
+    for name, packer in (("fl4health", SparseCooParameterPacker()), ("compact", CompactCooPacker())):
+        strategy = FedAvgSparseCooTensor()
+        strategy.parameter_packer = packer
+        out[name] = strategy.aggregate([(packer.pack_parameters(*m), 10 + k) for k, m in enumerate(messages)])
+    assert list(out["fl4health"]) == list(out["compact"])
+    for key in out["fl4health"]:
+        a, b = out["fl4health"][key], out["compact"][key]
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def _mutations(rng: np.random.Generator, packed: list[np.ndarray]):
+    i = int(rng.integers(0, len(packed)))
+    a = packed[i]
+    yield packed[: rng.integers(0, len(packed))]
+    yield [packed[j] for j in rng.permutation(len(packed))]
+    yield packed[:i] + [a[: rng.integers(0, max(a.size, 1))] if a.ndim else a] + packed[i + 1 :]
+    if a.dtype.kind in "iu" and a.size:
+        for _ in range(3):
+            b = a.copy()
+            k = int(rng.integers(0, b.size))
+            new = rng.choice([-1, 0, 1, 2, 7, 255, 2**31, 2**62, -(2**62), int(b.flat[k]) + 1, int(b.flat[k]) ^ 0x80])
+            b.flat[k] = np.array(new).astype(b.dtype)
+            yield packed[:i] + [b] + packed[i + 1 :]
+        yield packed[:i] + [a.astype(np.float32)] + packed[i + 1 :]
+    yield packed[:i] + [np.frombuffer(rng.bytes(int(rng.integers(0, 64))), np.uint8)] + packed[i + 1 :]
+
+
+def test_fuzzed_streams_give_value_errors_never_anything_else():
+    rng = np.random.default_rng(2027)
+    cases = 0
+    for round_ in range(240):
+        density = [0.0, 0.01, 0.2, 0.7, 1.0][round_ % 5]
+        message = random_message(rng, density)
+        k = 1 + round_ % len(message[0])
+        message = (message[0][:k], (message[1][0][:k], message[1][1][:k], message[1][2][:k]))
+        valid = CompactCooPacker().pack_parameters(*message)
+        for stream in _mutations(rng, valid):
+            cases += 1
+            try:
+                values, (indices, shapes, names) = wire_coo.unpack_coo(stream)
+            except ValueError:
+                continue
+            for v, i, s in zip(values, indices, shapes):  # accepted: self-consistent and in range
+                assert i.shape == (v.size, s.size)
+                if i.size:
+                    assert i.min() >= 0 and np.all(i < s.astype(np.int64))
+    assert cases >= 1500
+
+
+def test_patch_compact_wire_installs_the_coo_packers_and_unpatch_restores():
+    fl4health_criteria()
+    from fl4health.parameter_exchange.parameter_packer import SparseCooParameterPacker
+    from fl4health.parameter_exchange.sparse_coo_parameter_exchanger import SparseCooParameterExchanger
+    from fl4health.strategies.fedavg_sparse_coo_tensor import FedAvgSparseCooTensor
+
+    import layersel_ext as L
+    import layersel_ext.fl4health as lf
+
+    lf.unpatch()
+    torch.manual_seed(0)
+    model, initial = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 2)), None
+    initial = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    try:
+        lf.patch(wire="compact")
+        exchanger = SparseCooParameterExchanger(0.3, L.largest_magnitude_change_scores)
+        strategy = FedAvgSparseCooTensor()
+        assert isinstance(exchanger.parameter_packer, CompactCooPacker)
+        assert isinstance(strategy.parameter_packer, CompactCooPacker)
+        pushed = exchanger.push_parameters(model, initial)
+        assert pushed[0][:4].tobytes() == wire.MAGIC
+        want = exchanger.select_parameters(model, initial)
+        assert_same_message(CompactCooPacker().unpack_parameters(pushed), want)
+        aggregated = strategy.aggregate([(pushed, 1)])
+        reply = [strategy.parameter_packer.extract_coo_info_from_dense(t) for t in aggregated.values()]
+        packed = strategy.parameter_packer.pack_parameters(
+            [r[0] for r in reply], ([r[1] for r in reply], [r[2] for r in reply], list(aggregated))
+        )
+        exchanger.pull_parameters(packed, initial)
+    finally:
+        lf.unpatch()
+    assert isinstance(SparseCooParameterExchanger(0.3, L.largest_magnitude_change_scores).parameter_packer,
+                      SparseCooParameterPacker)  # fmt: skip
+    assert isinstance(FedAvgSparseCooTensor().parameter_packer, SparseCooParameterPacker)
