@@ -4,7 +4,7 @@ clients, once with fl4health's own selection functions and once with layersel_ex
     python -m examples.federated_rounds            # every mode, fl4health vs patched, a summary
     python -m examples.federated_rounds --mode fedpm_linear_n_1
 
-FedPM modes also run with ``patch(wire="compact")`` (masks as bitmaps, layersel_ext.wire); every
+FedPM and sparse modes also run with ``patch(wire="compact")`` (layersel_ext.wire / wire_coo); every
 run reports the bytes of the serialized Flower messages each client sends and the server returns.
 
 Modes: layer_threshold, layer_percentage (DynamicLayerExchanger + FedAvgDynamicLayer),
@@ -193,11 +193,15 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
 
     class Recording(strategy_cls):  # type: ignore[misc, valid-type]
         def decoded(self, packed: list[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
-            """Arrays and names of a message in the strategy's own framing (FedPM: fl4health's layer
-            names last, or layersel_ext's compact wire); COO messages as they arrive."""
-            if fedpm:
-                arrays, names = self.parameter_packer.unpack_parameters(packed)
-                return list(arrays), list(names)
+            """Arrays and names of a message, as fl4health's framing lists them (COO: the values, the
+            indices and the shapes, then the names), whether it came in that framing or in
+            layersel_ext's compact wire (decoded by the strategy's packer)."""
+            if packed and packed[0].dtype == np.uint8 and packed[0][:4].tobytes() == b"LSXW":
+                arrays, extra = self.parameter_packer.unpack_parameters(packed)
+                if isinstance(extra, tuple):  # COO: (values, (indices, shapes, names))
+                    indices, shapes, names = extra
+                    return [*arrays, *indices, *shapes], list(names)
+                return list(arrays), list(extra)
             return packed[:-1], packed[-1].tolist()
 
         def aggregate_fit(self, server_round: int, results: list, failures: list) -> Any:
@@ -486,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = 0
     for mode in [args.mode] if args.mode else MODES:
-        runs = [(False, "fl4health"), (True, "fl4health")] + ([(True, "compact")] if mode.startswith("fedpm") else [])
+        compact = mode.startswith("fedpm") or mode == "sparse"
+        runs = [(False, "fl4health"), (True, "fl4health")] + ([(True, "compact")] if compact else [])
         for patched, wire in runs:
             res = run_federation(mode, patched, args.rounds, wire=wire)
             rounds = [r["round"] for r in res["record"]]
