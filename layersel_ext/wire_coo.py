@@ -41,8 +41,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .wire import _CODE_DTYPES, _DTYPE_CODES, _MAX_NDIM, FORM_COO, FORM_COO_PLAIN, _fail, _header, _read_header
-from .wire import _read_names, _trailer
+from .wire import (
+    _CODE_DTYPES,
+    _DTYPE_CODES,
+    _MAX_NDIM,
+    FORM_COO,
+    FORM_COO_PLAIN,
+    _fail,
+    _header,
+    _read_header,
+    _read_names,
+    _trailer,
+)
 
 POS_U32, POS_U64, POS_GAP8, POS_GAP16, POS_GAP32, POS_VARINT, POS_BITMAP = 1, 2, 3, 4, 5, 6, 7
 _GAP_WIDTHS = {POS_GAP8: np.uint8, POS_GAP16: np.uint16, POS_GAP32: np.uint32}

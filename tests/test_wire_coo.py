@@ -72,7 +72,10 @@ def test_every_position_encoding_round_trips():
 
 
 def test_zero_dim_entry_round_trips():
-    message = ([np.array([2.5], np.float32)], ([np.zeros((1, 0), np.int64)], [np.array(list(()))], ["s"]))
+    message = (
+        [np.array([2.5], np.float32)],
+        ([np.zeros((1, 0), np.int64)], [np.array([])], ["s"]),
+    )  # fl4health: np.array(list(x.shape))
     packed = CompactCooPacker().pack_parameters(*message)
     assert packed[0][5] == wire.FORM_COO
     assert_same_message(CompactCooPacker().unpack_parameters(packed), message)
@@ -166,7 +169,7 @@ def test_fuzzed_streams_give_value_errors_never_anything_else():
         for stream in _mutations(rng, valid):
             cases += 1
             try:
-                values, (indices, shapes, names) = wire_coo.unpack_coo(stream)
+                values, (indices, shapes, _) = wire_coo.unpack_coo(stream)
             except ValueError:
                 continue
             for v, i, s in zip(values, indices, shapes):  # accepted: self-consistent and in range
