@@ -64,57 +64,87 @@ CooParts = tuple[list[np.ndarray], tuple[list[np.ndarray], list[np.ndarray], lis
 # ------------------------------------------------------------------------------------------ encoding
 
 
-def _varint_encode(gaps: np.ndarray) -> np.ndarray:
-    """LEB128 of each uint64 gap, concatenated (vectorised: one column per 7-bit group)."""
-    if gaps.size == 0:
-        return np.zeros(0, np.uint8)
-    nbytes = np.ones(gaps.size, np.int64)
+def _varint_lengths(gaps: np.ndarray) -> np.ndarray:
+    """Bytes of each gap's LEB128 form (1..10)."""
+    lengths = np.ones(gaps.size, np.int64)
+    top = int(gaps.max()) if gaps.size else 0
     for k in range(1, 10):
-        nbytes += gaps >= np.uint64(1) << np.uint64(7 * k)
-    groups = (gaps[:, None] >> (np.arange(10, dtype=np.uint64) * np.uint64(7))) & np.uint64(0x7F)
-    more = np.arange(10)[None, :] < (nbytes[:, None] - 1)
-    table = (groups | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
-    return table[np.arange(10)[None, :] < nbytes[:, None]]
+        if top < 1 << (7 * k):
+            break
+        lengths += gaps >= np.uint64(1 << (7 * k))
+    return lengths
+
+
+def _varint_encode(gaps: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    """LEB128 of each uint64 gap, concatenated: byte k of every gap long enough, in one pass per k."""
+    lengths = _varint_lengths(gaps) if lengths is None else lengths
+    starts = np.cumsum(lengths) - lengths
+    out = np.empty(int(lengths.sum()), np.uint8)
+    for k in range(int(lengths.max()) if lengths.size else 0):
+        rows = slice(None) if k == 0 else np.flatnonzero(lengths > k)
+        group = ((gaps[rows] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
+        out[starts[rows] + k] = group | ((lengths[rows] > k + 1).astype(np.uint8) << 7)
+    return out
 
 
 def _encode_positions(offsets: np.ndarray, numel: int) -> tuple[int, np.ndarray]:
-    """The smallest encoding of a tensor's flat offsets (uint64, in the message's order)."""
-    candidates = [(POS_U32, offsets.astype("<u4")) if numel < 2**32 else (POS_U64, offsets.astype("<u8"))]
-    if offsets.size == 0 or bool(np.all(offsets[1:] > offsets[:-1])):
+    """The smallest encoding of a tensor's flat offsets (uint64, in the message's order): every
+    candidate's size is computed first, only the winner is built."""
+    nnz = offsets.size
+    sizes = {POS_U32 if numel < 2**32 else POS_U64: (4 if numel < 2**32 else 8) * nnz}
+    gaps = lengths = None
+    if nnz == 0 or bool(np.all(offsets[1:] > offsets[:-1])):
         gaps = np.diff(offsets, prepend=np.uint64(0)) - np.uint64(1)
-        if gaps.size:
+        if nnz:
             gaps[0] = offsets[0]
-        top = int(gaps.max()) if gaps.size else 0
+        top = int(gaps.max()) if nnz else 0
         for code, width in _GAP_WIDTHS.items():
             if top <= np.iinfo(width).max:
-                candidates.append((code, gaps.astype(np.dtype(width).newbyteorder("<"))))
+                sizes[code] = np.dtype(width).itemsize * nnz
                 break
-        candidates.append((POS_VARINT, _varint_encode(gaps)))
-        if numel <= 8 * 16 * offsets.size + 64:  # a bitmap can only win when it is dense enough
-            bits = np.zeros(numel, np.uint8)
-            bits[offsets.astype(np.int64)] = 1
-            candidates.append((POS_BITMAP, np.packbits(bits, bitorder="little")))
-    code, payload = min(candidates, key=lambda c: c[1].nbytes)
+        lengths = _varint_lengths(gaps)
+        sizes[POS_VARINT] = int(lengths.sum())
+        sizes[POS_BITMAP] = -(-numel // 8)
+    code = min(sizes, key=lambda c: (sizes[c], c))
+    if code == POS_U32:
+        payload = offsets.astype("<u4")
+    elif code == POS_U64:
+        payload = offsets.astype("<u8")
+    elif code in _GAP_WIDTHS:
+        payload = gaps.astype(np.dtype(_GAP_WIDTHS[code]).newbyteorder("<"))
+    elif code == POS_VARINT:
+        payload = _varint_encode(gaps, lengths)
+    else:
+        bits = np.zeros(numel, np.uint8)
+        bits[offsets.astype(np.int64)] = 1
+        payload = np.packbits(bits, bitorder="little")
     return code, np.frombuffer(np.ascontiguousarray(payload).tobytes(), np.uint8)
 
 
-def _compact_form_fits(values: np.ndarray, indices: np.ndarray, shape: np.ndarray) -> tuple[int, ...] | None:
-    """The tensor's shape when its message has the form decoding rebuilds exactly, else None."""
+def _flat_offsets(
+    values: np.ndarray, indices: np.ndarray, shape: np.ndarray
+) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """The tensor's shape and its entries' flat row-major offsets (uint64) when its message has the
+    form decoding rebuilds exactly (int64 [nnz, ndim] indices in range, the shape array fl4health
+    builds), else None."""
     if values.ndim != 1 or values.dtype not in _DTYPE_CODES or shape.ndim != 1:
         return None
-    dims = tuple(int(d) for d in shape.tolist()) if shape.dtype.kind in "iu" or shape.size == 0 else None
-    if dims is None or any(d < 0 for d in dims) or len(dims) > _MAX_NDIM or math.prod(dims) >= _MAX_NUMEL:
+    if shape.size and shape.dtype.kind not in "iu":
+        return None
+    dims = tuple(int(d) for d in shape.tolist())
+    if any(d < 0 for d in dims) or len(dims) > _MAX_NDIM or math.prod(dims) >= _MAX_NUMEL:
         return None
     like_fl4health = np.array(list(dims))
     if like_fl4health.dtype != shape.dtype or not np.array_equal(like_fl4health, shape):
         return None
     if indices.dtype != np.int64 or indices.shape != (values.size, len(dims)):
         return None
-    if indices.size and (indices.min() < 0 or bool(np.any(indices >= np.array(dims, dtype=np.int64)))):
+    if not dims:  # a 0-d tensor: at most its one element, at offset 0
+        return (dims, np.zeros(values.size, np.uint64)) if values.size <= 1 else None
+    try:  # raises on a negative or out-of-range index
+        return dims, np.ravel_multi_index(tuple(indices.T), dims).astype(np.uint64)
+    except ValueError:
         return None
-    if not dims and values.size > 1:
-        return None
-    return dims
 
 
 class CompactCooPacker:
@@ -128,15 +158,12 @@ class CompactCooPacker:
         indices, shapes, names = [np.asarray(i) for i in indices], [np.asarray(s) for s in shapes], list(names)
         if not len(values) == len(indices) == len(shapes) == len(names):
             raise ValueError(f"{len(values)} values, {len(indices)} indices, {len(shapes)} shapes, {len(names)} names")
-        dims = [_compact_form_fits(v, i, s) for v, i, s in zip(values, indices, shapes)]
-        if any(d is None for d in dims):
+        flat = [_flat_offsets(v, i, s) for v, i, s in zip(values, indices, shapes)]
+        if any(f is None for f in flat):
             return [_header(FORM_COO_PLAIN), *values, *indices, *shapes, *_trailer(names)]
         meta, positions, raw_values = [len(values)], [], []
-        for v, i, shape in zip(values, indices, dims):
+        for v, (shape, offsets) in zip(values, flat):  # type: ignore[misc]
             numel = math.prod(shape)
-            offsets = (
-                np.ravel_multi_index(tuple(i.T), shape).astype(np.uint64) if shape else np.zeros(v.size, np.uint64)
-            )
             code, payload = _encode_positions(offsets, numel)
             meta += [_DTYPE_CODES[v.dtype], len(shape), *shape, v.size, code, payload.size]
             positions.append(payload)
