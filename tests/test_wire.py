@@ -210,3 +210,10 @@ def test_patch_compact_wire_installs_the_packers_and_unpatch_restores():
     with pytest.raises(ValueError, match="wire must be one of"):
         lf.patch(wire="bits")
     assert not lf.is_patched()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 65537])
+def test_device_packer_equals_numpy_packbits(n):
+    # pack_bits_torch is what a CUDA model's masks go through; torch ops, so the CPU proves its bits
+    flat = torch.randint(0, 2, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    assert np.array_equal(wire.pack_bits_torch(flat).numpy(), wire.pack_bits(flat.numpy()))
