@@ -46,6 +46,7 @@ FOREIGN_PEER_HINT = (
     "<layersel_ext compact wire format v1: this peer must also call layersel_ext.fl4health.patch(wire='compact')>"
 )
 _MAX_NDIM = 64
+_MAX_NUMEL = 2**62
 # Array dtypes and their codes on the wire (the codes are the format: never renumber). Masks use
 # the integer ones; COO values (wire_coo.py) any.
 _DTYPE_CODES = {
@@ -168,29 +169,33 @@ def _read_names(names: np.ndarray, hint: np.ndarray) -> list[str]:
     return text.split("\0")[:-1]
 
 
-def _read_meta(meta: np.ndarray) -> list[tuple[np.dtype, tuple[int, ...], int]]:
+def _read_meta(
+    meta: np.ndarray, trailing: int = 0, kinds: str = "iu"
+) -> list[tuple[np.dtype, tuple[int, ...], list[int]]]:
+    """Entries of a meta array ``[n, then per entry: dtype code, ndim, *shape, *trailing numbers]``
+    (dtype codes of ``kinds`` only, shapes of fewer than 2**62 elements), checked number by number."""
     meta = np.asarray(meta)
     if meta.dtype != np.int64 or meta.ndim != 1 or meta.size < 1:
         raise _fail(f"meta must be a 1-D int64 array, got {meta.dtype} {meta.shape}")
     values = meta.tolist()
     n, pos, out = values[0], 1, []
     if not 0 <= n <= len(values):
-        raise _fail(f"meta announces {n} arrays in {len(values)} numbers")
+        raise _fail(f"meta announces {n} entries in {len(values)} numbers")
     for i in range(n):
         if pos + 2 > len(values):
-            raise _fail(f"meta ends inside array #{i}")
+            raise _fail(f"meta ends inside entry #{i}")
         code, ndim = values[pos], values[pos + 1]
-        if code not in _CODE_DTYPES or _CODE_DTYPES[code].kind not in "iu":
-            raise _fail(f"array #{i}: unknown dtype code {code}")
-        if not 0 <= ndim <= _MAX_NDIM or pos + 2 + ndim > len(values):
-            raise _fail(f"array #{i}: bad number of dimensions {ndim}")
+        if code not in _CODE_DTYPES or _CODE_DTYPES[code].kind not in kinds:
+            raise _fail(f"entry #{i}: unknown dtype code {code}")
+        if not 0 <= ndim <= _MAX_NDIM or pos + 2 + ndim + trailing > len(values):
+            raise _fail(f"entry #{i}: bad number of dimensions {ndim}")
         shape = tuple(values[pos + 2 : pos + 2 + ndim])
-        if any(d < 0 for d in shape):
-            raise _fail(f"array #{i}: negative dimension in shape {shape}")
-        out.append((_CODE_DTYPES[code], shape, math.prod(shape)))  # Python ints: no overflow
-        pos += 2 + ndim
+        if any(d < 0 for d in shape) or math.prod(shape) >= _MAX_NUMEL:  # Python ints: no overflow
+            raise _fail(f"entry #{i}: bad shape {shape}")
+        out.append((_CODE_DTYPES[code], shape, values[pos + 2 + ndim : pos + 2 + ndim + trailing]))
+        pos += 2 + ndim + trailing
     if pos != len(values):
-        raise _fail(f"meta has {len(values) - pos} number(s) after the last array")
+        raise _fail(f"meta has {len(values) - pos} number(s) after the last entry")
     return out
 
 
@@ -207,14 +212,15 @@ def unpack(packed: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
             raise _fail(f"a bitmap stream has 5 arrays, got {len(packed)}")
         entries = _read_meta(packed[1])
         bits = np.asarray(packed[2])
-        total = sum(size for _, _, size in entries)
+        total = sum(math.prod(shape) for _, shape, _ in entries)
         if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-total // 8):
             raise _fail(f"{total} mask elements need {-(-total // 8)} bitmap bytes, got {bits.dtype} {bits.shape}")
         if total % 8 and bits[-1] >> (total % 8):
             raise _fail("padding bits after the last element are not zero")
         flat = np.unpackbits(bits, count=total, bitorder="little")
         arrays, start = [], 0
-        for dtype, shape, size in entries:
+        for dtype, shape, _ in entries:
+            size = math.prod(shape)
             arrays.append(flat[start : start + size].astype(dtype).reshape(shape))
             start += size
     if len(arrays) != len(names):

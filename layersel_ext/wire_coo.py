@@ -42,21 +42,21 @@ import torch
 from torch import Tensor
 
 from .wire import (
-    _CODE_DTYPES,
     _DTYPE_CODES,
     _MAX_NDIM,
+    _MAX_NUMEL,
     FORM_COO,
     FORM_COO_PLAIN,
     _fail,
     _header,
     _read_header,
+    _read_meta,
     _read_names,
     _trailer,
 )
 
 POS_U32, POS_U64, POS_GAP8, POS_GAP16, POS_GAP32, POS_VARINT, POS_BITMAP = 1, 2, 3, 4, 5, 6, 7
 _GAP_WIDTHS = {POS_GAP8: np.uint8, POS_GAP16: np.uint16, POS_GAP32: np.uint32}
-_MAX_NUMEL = 2**62
 
 CooParts = tuple[list[np.ndarray], tuple[list[np.ndarray], list[np.ndarray], list[str]]]
 
@@ -246,31 +246,11 @@ def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what
 
 
 def _read_coo_meta(meta: np.ndarray) -> list[tuple[np.dtype, tuple[int, ...], int, int, int]]:
-    meta = np.asarray(meta)
-    if meta.dtype != np.int64 or meta.ndim != 1 or meta.size < 1:
-        raise _fail(f"meta must be a 1-D int64 array, got {meta.dtype} {meta.shape}")
-    values = meta.tolist()
-    n, pos, out = values[0], 1, []
-    if not 0 <= n <= len(values):
-        raise _fail(f"meta announces {n} tensors in {len(values)} numbers")
-    for t in range(n):
-        if pos + 2 > len(values):
-            raise _fail(f"meta ends inside tensor #{t}")
-        code, ndim = values[pos], values[pos + 1]
-        if code not in _CODE_DTYPES:
-            raise _fail(f"tensor #{t}: unknown value dtype code {code}")
-        if not 0 <= ndim <= _MAX_NDIM or pos + 5 + ndim > len(values):
-            raise _fail(f"tensor #{t}: bad number of dimensions {ndim}")
-        shape = tuple(values[pos + 2 : pos + 2 + ndim])
-        nnz, pcode, pbytes = values[pos + 2 + ndim : pos + 5 + ndim]
-        if any(d < 0 for d in shape) or math.prod(shape) >= _MAX_NUMEL:
-            raise _fail(f"tensor #{t}: bad shape {shape}")
+    out = []
+    for t, (dtype, shape, (nnz, pcode, pbytes)) in enumerate(_read_meta(meta, trailing=3, kinds="iufb")):
         if not 0 <= nnz <= math.prod(shape) or pbytes < 0:
             raise _fail(f"tensor #{t}: {nnz} entries in a tensor of {math.prod(shape)} elements ({pbytes} bytes)")
-        out.append((_CODE_DTYPES[code], shape, nnz, pcode, pbytes))
-        pos += 5 + ndim
-    if pos != len(values):
-        raise _fail(f"meta has {len(values) - pos} number(s) after the last tensor")
+        out.append((dtype, shape, nnz, pcode, pbytes))
     return out
 
 

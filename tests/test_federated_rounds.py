@@ -128,30 +128,22 @@ def test_masked_linear_n_1_survives_rounds_only_with_layersel_ext():
     assert all(c["shapes"] == [[1, 8], [1]] for r in ours["record"] for c in r["clients"]), explain(ours)
 
 
-def test_fedpm_compact_wire_sends_fewer_bytes_and_changes_no_model():
+@pytest.mark.parametrize("mode", ["fedpm", "sparse"])
+def test_compact_wire_sends_fewer_bytes_and_changes_no_model(mode):
     # The same clients (same seeds, same training) with fl4health's framing and with the compact
-    # wire: every client's masks (decoded on the server) and every aggregated model the server sends
-    # back are bitwise identical, round by round. The example's model has only 1,490 mask elements,
-    # so the fixed framing (five arrays, their .npy headers, the hint) caps the ratio near 9x here;
-    # on fl4health's FedPM example model it is >= 60x (tests/test_wire.py).
-    plain, compact = run("fedpm", patched=True), run("fedpm", patched=True, wire="compact")
+    # wire: every client's arrays (decoded on the server) are bitwise identical round by round, so
+    # every model trained from the server's decoded replies is too; FedPM also compares the
+    # aggregated model the server sends back. The FedPM example here has only 1,490 mask elements,
+    # so the fixed framing (five arrays, their .npy headers, the hint) caps its ratio near 9x; on
+    # fl4health's FedPM example model it is >= 60x (tests/test_wire.py). The sparse server's reply
+    # (COO of the averaged tensors) shrinks too; FedPM's (float probabilities) is sent as it is.
+    plain, compact = run(mode, patched=True), run(mode, patched=True, wire="compact")
     assert_completed(plain)
     assert_completed(compact)
     for p, c in zip(plain["record"], compact["record"]):
         assert [x["digest"] for x in p["clients"]] == [x["digest"] for x in c["clients"]], explain(compact)
-        assert p["server_digest"] == c["server_digest"], explain(compact)
+        assert p.get("server_digest") == c.get("server_digest"), explain(compact)
         ratio = min(x["bytes_sent"] for x in p["clients"]) / max(x["bytes_sent"] for x in c["clients"])
-        assert ratio >= 8, (p["round"], ratio)
-
-
-def test_sparse_compact_wire_sends_fewer_bytes_both_ways_and_changes_no_model():
-    # Sparse COO at sparsity 0.1 with fl4health's framing and with the compact wire: the same
-    # arrays reach the server every round (decoded), the server's replies are smaller too, and the
-    # clients' next messages (trained from the decoded replies) stay identical: no model changed.
-    plain, compact = run("sparse", patched=True), run("sparse", patched=True, wire="compact")
-    assert_completed(plain)
-    assert_completed(compact)
-    for p, c in zip(plain["record"], compact["record"]):
-        assert [x["digest"] for x in p["clients"]] == [x["digest"] for x in c["clients"]], explain(compact)
-        assert max(x["bytes_sent"] for x in c["clients"]) < min(x["bytes_sent"] for x in p["clients"])
-        assert c["bytes_to_each_client"] < p["bytes_to_each_client"]
+        assert ratio >= (8 if mode == "fedpm" else 2), (p["round"], ratio)
+        if mode == "sparse":
+            assert c["bytes_to_each_client"] < p["bytes_to_each_client"]
