@@ -213,7 +213,7 @@ def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what
         width = 4 if code == POS_U32 else 8
         if payload.size != width * nnz:
             raise _fail(f"{what}: {nnz} offsets need {width * nnz} bytes, got {payload.size}")
-        offsets = np.frombuffer(payload.tobytes(), "<u4" if width == 4 else "<u8").astype(np.uint64)
+        offsets = payload.view("<u4" if width == 4 else "<u8").astype(np.uint64)
         if offsets.size and int(offsets.max()) >= numel:
             raise _fail(f"{what}: an offset is past the tensor's {numel} elements")
         return offsets
@@ -228,7 +228,7 @@ def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what
         width = np.dtype(_GAP_WIDTHS[code]).itemsize
         if payload.size != width * nnz:
             raise _fail(f"{what}: {nnz} gaps need {width * nnz} bytes, got {payload.size}")
-        gaps = np.frombuffer(payload.tobytes(), np.dtype(_GAP_WIDTHS[code]).newbyteorder("<")).astype(np.uint64)
+        gaps = payload.view(np.dtype(_GAP_WIDTHS[code]).newbyteorder("<")).astype(np.uint64)
     elif code == POS_VARINT:
         gaps = _varint_decode(payload, nnz, what)
     else:
@@ -254,11 +254,23 @@ def _read_coo_meta(meta: np.ndarray) -> list[tuple[np.dtype, tuple[int, ...], in
     return out
 
 
+def _unravel(offsets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """fl4health's int64 ``[nnz, ndim]`` row-major indices of flat offsets, written in place column by
+    column (one divmod per dimension, no temporaries the size of the result)."""
+    idx = np.empty((offsets.size, len(shape)), np.int64)
+    if shape:
+        rest = offsets.astype(np.int64)
+        for d in range(len(shape) - 1, 0, -1):
+            np.divmod(rest, shape[d], out=(rest, idx[:, d]))
+        idx[:, 0] = rest
+    return idx
+
+
 def _bytes(a: np.ndarray, what: str) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype != np.uint8 or a.ndim != 1:
         raise _fail(f"{what} must be a 1-D uint8 array, got {a.dtype} {a.shape}")
-    return a
+    return np.ascontiguousarray(a)
 
 
 def unpack_coo(packed: Sequence[np.ndarray]) -> CooParts:
@@ -289,12 +301,8 @@ def unpack_coo(packed: Sequence[np.ndarray]) -> CooParts:
         what = f"tensor #{t} ({names[t]!r})"
         offsets = _decode_positions(pcode, positions[p : p + pbytes], nnz, math.prod(shape), what)
         p += pbytes
-        values.append(np.frombuffer(raw[r : r + nnz * dtype.itemsize].tobytes(), dtype.newbyteorder("<")).astype(dtype))
+        values.append(raw[r : r + nnz * dtype.itemsize].view(dtype.newbyteorder("<")).astype(dtype))
         r += nnz * dtype.itemsize
-        if shape:
-            idx = np.stack(np.unravel_index(offsets.astype(np.int64), shape), axis=1).astype(np.int64)
-        else:
-            idx = np.zeros((nnz, 0), np.int64)
-        indices.append(idx.reshape(nnz, len(shape)))
+        indices.append(_unravel(offsets, shape))
         shapes.append(np.array(list(shape)))
     return values, (indices, shapes, names)
