@@ -279,14 +279,19 @@ _KEY_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float
 
 
 def signed_keys(v: Tensor) -> Tensor:
-    """int64 keys ordered as torch.sort orders the values (every NaN first when descending)."""
+    """Keys ordered as torch.sort orders the values (every NaN first when descending): signed integers
+    of the values' width (int16 / int32 / int64; integer values: int64), a few elementwise ops."""
     if not v.is_floating_point():
         return v.to(torch.int64)
-    bits = v.view(_KEY_VIEW[v.dtype]).to(torch.int64)
-    nbits = v.element_size() * 8
-    magnitude = (1 << (nbits - 1)) - 1
-    keys = torch.where(bits < 0, bits ^ magnitude, bits)
-    return torch.where(torch.isnan(v), torch.full_like(keys, magnitude), keys)
+    bits = v.view(_KEY_VIEW[v.dtype])
+    magnitude = (1 << (v.element_size() * 8 - 1)) - 1
+    keys = bits ^ ((bits >> (v.element_size() * 8 - 1)) & magnitude)  # negative values: magnitude bits flipped
+    return keys.masked_fill_(torch.isnan(v), magnitude)
+
+
+def key_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``signed_keys`` gives for values of ``dtype``."""
+    return _KEY_VIEW[dtype] if dtype.is_floating_point else torch.int64
 
 
 def key_to_value(key: int, dtype: torch.dtype) -> Tensor:
@@ -325,8 +330,9 @@ def radix_select(
         shift = nbits - consumed - width
         counts: Tensor | None = None
         for chunk in keys(prefix, consumed):
+            high = (chunk >> shift).to(torch.int32) if chunk.element_size() < 4 else chunk >> shift
             # The first digit carries the sign: offset so that it orders as an unsigned bin.
-            digits = (chunk >> shift) + (1 << (width - 1)) if p == 0 else (chunk >> shift) & ((1 << width) - 1)
+            digits = high + (1 << (width - 1)) if p == 0 else high & ((1 << width) - 1)
             part = torch.bincount(digits, minlength=1 << width)
             counts = part if counts is None else counts + part
         if counts is None:
