@@ -264,11 +264,9 @@ class ShardedState:
 
         xs = self.counted(self.local_x)
         ys = self.counted(self.local_y) if self.local_y is not None else None
-        if kind == ScoreKind.GIVEN:
-            scores = ys
-        else:
+        if kind != ScoreKind.GIVEN:  # the kernel's checks of every entry, on every rank (none may skip a collective)
             try:
-                scores = ops.scores(xs, ys, kind)
+                ops.scores([_empty_like(x) for x in xs], None if ys is None else [_empty_like(y) for y in ys], kind)
             except (RuntimeError, ValueError, TypeError) as exc:
                 explain_failure(exc, self.names, xs, ys, self.what)
         key_dtype = score_dtype if score_dtype.is_floating_point else torch.int64
@@ -281,7 +279,7 @@ class ShardedState:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.mesh.group)
             return counts.to(torch.int64)
 
-        keys = _LocalKeys(scores, key_dtype, nbits)  # type: ignore[arg-type]
+        keys = _LocalKeys(xs, ys, kind, key_dtype, nbits)
         key = _torch_ops.radix_select(keys, k, nbits, _digit_widths(nbits), all_reduce)
         return _torch_ops.key_to_value(key, key_dtype).to(score_dtype)
 
@@ -342,16 +340,28 @@ def _digit_widths(nbits: int) -> tuple[int, ...]:
 
 
 class _LocalKeys:
-    """This rank's keys for ``_torch_ops.radix_select``, made from the scores chunk by chunk. The first
-    pass also keeps each score's first digit (int16, 2 bytes a score), so that later passes key only
-    the scores under the chosen first digit; those keys are kept (when they fit) and only they are
-    read by the passes after."""
+    """This rank's keys for ``_torch_ops.radix_select``, made from the scores of ``_CHUNK`` elements at a
+    time (scores are never materialised whole). The first pass also keeps each score's first digit
+    (int16, 2 bytes a score), so that later passes key only the scores under the chosen first digit;
+    those keys are kept (when they fit) and only they are read by the passes after."""
 
-    def __init__(self, scores: Sequence[Tensor], key_dtype: torch.dtype, nbits: int) -> None:
-        self.chunks = [s.reshape(-1)[lo : lo + _CHUNK] for s in scores for lo in range(0, s.numel(), _CHUNK)]
-        self.key_dtype, self.nbits = key_dtype, nbits
+    def __init__(
+        self, xs: Sequence[Tensor], ys: Sequence[Tensor] | None, kind: int, key_dtype: torch.dtype, nbits: int
+    ) -> None:
+        self.kind, self.key_dtype, self.nbits = kind, key_dtype, nbits
+        self.chunks = [
+            (x.reshape(-1)[lo : lo + _CHUNK], None if ys is None else ys[i].reshape(-1)[lo : lo + _CHUNK])
+            for i, x in enumerate(xs)
+            for lo in range(0, x.numel(), _CHUNK)
+        ]
         self.first: list[Tensor] = []  # per chunk, the top _FIRST_DIGIT_BITS of each key
         self.kept: Tensor | None = None
+
+    def _scores(self, chunk: tuple[Tensor, Tensor | None]) -> Tensor:
+        x, y = chunk
+        if self.kind == ScoreKind.GIVEN:
+            return y  # type: ignore[return-value]
+        return ops.scores([x], None if y is None else [y], self.kind)[0]
 
     def __call__(self, prefix: int, consumed: int) -> Iterator[Tensor]:
         if self.kept is not None:
@@ -360,7 +370,7 @@ class _LocalKeys:
             return
         if consumed == 0:
             for chunk in self.chunks:
-                keys = _torch_ops.signed_keys(chunk.to(self.key_dtype))
+                keys = _torch_ops.signed_keys(self._scores(chunk).to(self.key_dtype))
                 if self.nbits > _FIRST_DIGIT_BITS:
                     self.first.append((keys >> (self.nbits - _FIRST_DIGIT_BITS)).to(torch.int16))
                 yield keys
@@ -369,7 +379,7 @@ class _LocalKeys:
         found: list[Tensor] | None = []
         size = 0
         for chunk, first in zip(self.chunks, self.first):
-            keys = _torch_ops.signed_keys(chunk[first == first_digit].to(self.key_dtype))
+            keys = _torch_ops.signed_keys(self._scores(chunk)[first == first_digit].to(self.key_dtype))
             keys = _torch_ops.keys_matching(keys, prefix, consumed, self.nbits)
             if found is not None:
                 size += keys.numel()
