@@ -332,7 +332,7 @@ class ShardedState:
 _FIRST_DIGIT_BITS = 16  # 65,536 bins (256 KB of int32 counts): sign, exponent, 7 bits of a float32
 _DIGIT_BITS = 8  # the later digits, over the few candidate keys left: 1 KB a digit
 _CHUNK = 1 << 20  # keys made 1M scores at a time (bounded temporaries)
-_MAX_CANDIDATES = 1 << 22  # candidate keys kept after the first digit (32 MB); more: later passes recompute
+_MAX_CANDIDATES = 1 << 22  # candidate keys kept after the first digit (16 or 32 MB); more: passes recompute
 
 
 def _digit_widths(nbits: int) -> tuple[int, ...]:
