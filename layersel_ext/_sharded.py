@@ -11,7 +11,12 @@ The kernels only ever see local tensors:
   split DTensor and FSDP2 use, so uneven shards are rebuilt exactly);
 * scores: elementwise on the local shard, rewrapped with ``DTensor.from_local`` (no communication);
 * masks: the scores are gathered (one all-gather) and the unsharded path runs; an unseeded draw is
-  broadcast from mesh rank 0.
+  broadcast from mesh rank 0;
+* sparse COO: the k-th largest score by a radix select whose digit histograms (of the local scores'
+  order-preserving keys, every element counted once) are all-reduced, one digit a collective; then
+  each rank extracts its local entries with global indices (``offset``), and one all-gather of the
+  per-entry counts and one of the values and flat indices give every rank the unsharded arrays.
+  The scores never travel.
 
 ``torch.distributed.tensor`` is never imported here: a DTensor can only exist once it is, so
 ``has_dtensor`` looks it up in ``sys.modules`` (a dictionary lookup when nothing is sharded).
@@ -21,15 +26,16 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _torch_ops, ops
 from ._model_state import explain_failure
+from ._score_kinds import ScoreKind, uses_initial
 
 _ALIGN = 64  # bytes: each packed piece starts aligned for any dtype view
 
@@ -60,18 +66,6 @@ def has_dtensor(*lists: Sequence[Tensor] | None) -> bool:
 def _is_dtensor(t: object) -> bool:
     cls = _dtensor_class()
     return cls is not None and isinstance(t, cls)
-
-
-def refuse(names: Sequence[str], lists: Sequence[Sequence[Tensor] | None], what: str) -> None:
-    """Raise a clear NotImplementedError naming the first DTensor entry (for functions without a sharded path)."""
-    for tensors in lists:
-        for name, t in zip(names, tensors or ()):
-            if _is_dtensor(t):
-                raise NotImplementedError(
-                    f"{what}: layer {name!r} is a DTensor (sharded model state); sharded sparse COO selection "
-                    "is not supported yet. Gather the model first (e.g. DTensor.full_tensor() of every entry "
-                    "into an unsharded copy) or use layer selection, scores or masks, which accept sharded state"
-                )
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -110,6 +104,10 @@ class _Mesh:
             raise ValueError(f"{what}: this rank is not in the device mesh of layer {first_name!r}")
         self.rank = int(coordinate[0])
         self.src = int(mesh.mesh.reshape(-1)[0])  # global rank of mesh coordinate 0 (for broadcast)
+        device_type = mesh.device_type
+        self.device = (
+            torch.device("cpu") if device_type == "cpu" else torch.device(device_type, torch.cuda.current_device())
+        )  # where this mesh's collectives take their tensors
 
 
 def _find_mesh(names: Sequence[str], lists: Sequence[Sequence[Tensor] | None], what: str) -> _Mesh:
@@ -144,6 +142,11 @@ def _shard_dim(name: str, t: Any, what: str) -> int | None:
 def _narrow(t: Tensor, dim: int, mesh: _Mesh) -> Tensor:
     size = t.shape[dim]
     return t.narrow(dim, _chunk_start(size, mesh.world, mesh.rank), _chunk_size(size, mesh.world, mesh.rank))
+
+
+def _empty_like(t: Tensor) -> Tensor:
+    """No elements, same dtype, device and number of dimensions (a 0-d tensor becomes 1-D)."""
+    return t.narrow(0, 0, 0) if t.dim() else t.reshape(-1)[:0]
 
 
 def _check_local(name: str, t: Any, local: Tensor, dim: int, mesh: _Mesh, what: str) -> None:
@@ -206,6 +209,20 @@ class ShardedState:
             _check_local(name, t, local, dim, self.mesh, self.what)
         return local
 
+    # ------------------------------------------------------------------------------------------ layout
+
+    def counted(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The local tensors with every entry that all ranks hold in full (Replicate, plain) emptied on
+        ranks other than mesh rank 0: summed over ranks, each element is then counted exactly once."""
+        if self.mesh.rank == 0:
+            return list(tensors)
+        return [t if dim is not None else _empty_like(t) for t, dim in zip(tensors, self.dims)]
+
+    def offset(self, i: int) -> int:
+        """Where this rank's piece of entry ``i`` starts along its sharded dimension (0 when held in full)."""
+        dim = self.dims[i]
+        return 0 if dim is None else _chunk_start(self.xs[i].shape[dim], self.mesh.world, self.mesh.rank)
+
     # ------------------------------------------------------------------------------------------ drift
 
     def drift_sq_norms(self) -> np.ndarray:
@@ -214,10 +231,8 @@ class ShardedState:
 
         assert self.local_y is not None
         lx, ly = [], []
-        for x, a, b, dim in zip(self.xs, self.local_x, self.local_y, self.dims):
-            if dim is None and self.mesh.rank != 0:  # held in full by every rank: counted by rank 0 only
-                a, b = a.reshape(-1)[:0], b.reshape(-1)[:0]
-            elif a.numel() == 1 and x.numel() > 1:
+        for x, a, b in zip(self.xs, self.counted(self.local_x), self.counted(self.local_y)):
+            if a.numel() == 1 and x.numel() > 1:
                 # The op squares a lone element exactly in float64 (torch's norm of one element is |d|);
                 # this element belongs to a larger tensor, whose squares are float32: pad with a zero drift.
                 zero = a.new_zeros(1)
@@ -239,50 +254,194 @@ class ShardedState:
         return gather_full(self.mesh, [self.names[i] for i in indices], [self.xs[i] for i in indices],
                            [self.local_x[i] for i in indices], [self.dims[i] for i in indices])  # fmt: skip
 
+    # ------------------------------------------------------------------------------------------ sparse COO
+
+    def kth_largest_score(self, kind: int, k: int, score_dtype: torch.dtype) -> Tensor:
+        """``ops.kth_largest_score`` of the unsharded tensors, on every rank, without moving any score:
+        a radix select over the order-preserving keys of the local scores (each element counted once),
+        each digit's histogram all-reduced (``_digit_widths``: 256 KB, then 1 KB a digit)."""
+        import torch.distributed as dist
+
+        xs = self.counted(self.local_x)
+        ys = self.counted(self.local_y) if self.local_y is not None else None
+        if kind != ScoreKind.GIVEN:  # the kernel's checks of every entry, on every rank (none may skip a collective)
+            try:
+                ops.scores([_empty_like(x) for x in xs], None if ys is None else [_empty_like(y) for y in ys], kind)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                explain_failure(exc, self.names, xs, ys, self.what)
+        key_dtype = score_dtype if score_dtype.is_floating_point else torch.int64
+        nbits = _torch_ops.key_bits(key_dtype)
+        total = sum(x.numel() for x in self.xs)
+        count_dtype = torch.int32 if total < 2**31 else torch.int64
+
+        def all_reduce(counts: Tensor) -> Tensor:
+            counts = counts.to(device=self.mesh.device, dtype=count_dtype)
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=self.mesh.group)
+            return counts.to(torch.int64)
+
+        keys = _LocalKeys(xs, ys, kind, key_dtype, nbits)
+        key = _torch_ops.radix_select(keys, k, nbits, _digit_widths(nbits), all_reduce)
+        return _torch_ops.key_to_value(key, key_dtype).to(score_dtype)
+
+    def sparse_extract(self, kind: int, thresholds: Sequence[float | int]) -> tuple[list[Tensor], list[Tensor]]:
+        """``ops.sparse_extract`` of the unsharded tensors, on every rank: each rank extracts from its local
+        shards (entries held in full: mesh rank 0 only), shifts the indices by its shard's offset and
+        flattens them (row-major, global shape); ONE all-gather of the per-entry counts, ONE of the
+        values and flat indices; pieces sharded along a dimension other than 0 are put back in row-major
+        order. A 0-d entry gives nothing (the COO exchanger drops it)."""
+        import torch.distributed as dist
+
+        xs = self.counted(self.local_x)
+        ys = self.counted(self.local_y) if self.local_y is not None else None
+        try:
+            values, indices = ops.sparse_extract(xs, ys, kind, thresholds)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            explain_failure(exc, self.names, xs, ys if uses_initial(kind) else None, self.what)
+        flat = []
+        for i, (x, idx) in enumerate(zip(self.xs, indices)):
+            if x.dim() == 0:
+                values[i], idx = values[i][:0], idx.new_zeros((0, 1))
+            shape, dim = list(x.shape), self.dims[i]
+            strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))] or [1]  # row-major, global shape
+            if dim is not None:
+                idx = idx.clone()
+                idx[:, dim] += self.offset(i)
+            flat.append((idx * torch.tensor(strides, dtype=torch.int64, device=idx.device)).sum(1))
+        counts = torch.tensor([v.numel() for v in values], dtype=torch.int64, device=self.mesh.device)
+        every = [torch.empty_like(counts) for _ in range(self.mesh.world)]
+        dist.all_gather(every, counts, group=self.mesh.group)
+        per_rank = [[n for n in row.tolist() for _ in (0, 1)] for row in every]  # values, flat indices per entry
+        pieces = _all_gather_packed(
+            self.mesh, per_rank, [t for pair in zip(values, flat) for t in pair],
+            [dt for x in self.xs for dt in (x.dtype, torch.int64)],
+        )  # fmt: skip
+        out_values, out_indices = [], []
+        for i, x in enumerate(self.xs):
+            vals, where = torch.cat(pieces[2 * i]), torch.cat(pieces[2 * i + 1])
+            if self.dims[i] not in (None, 0):  # each rank's piece is a block of columns: interleave
+                order = torch.argsort(where)
+                vals, where = vals[order], where[order]
+            out_values.append(vals)
+            if x.dim() == 0:
+                out_indices.append(where.view(0, 0))
+            else:
+                out_indices.append(torch.stack(torch.unravel_index(where, tuple(x.shape)), dim=1))
+        return out_values, out_indices
+
+
+_FIRST_DIGIT_BITS = 16  # 65,536 bins (256 KB of int32 counts): sign, exponent, 7 bits of a float32
+_DIGIT_BITS = 8  # the later digits, over the few candidate keys left: 1 KB a digit
+_CHUNK = 1 << 20  # keys made 1M scores at a time (bounded temporaries)
+_MAX_CANDIDATES = 1 << 22  # candidate keys kept after the first digit (16 or 32 MB); more: passes recompute
+
+
+def _digit_widths(nbits: int) -> tuple[int, ...]:
+    return (_FIRST_DIGIT_BITS,) + (_DIGIT_BITS,) * ((nbits - _FIRST_DIGIT_BITS) // _DIGIT_BITS)
+
+
+class _LocalKeys:
+    """This rank's keys for ``_torch_ops.radix_select``, made from the scores of ``_CHUNK`` elements at a
+    time (scores are never materialised whole). The first pass also keeps each score's first digit
+    (int16, 2 bytes a score), so that later passes key only the scores under the chosen first digit;
+    those keys are kept (when they fit) and only they are read by the passes after."""
+
+    def __init__(
+        self, xs: Sequence[Tensor], ys: Sequence[Tensor] | None, kind: int, key_dtype: torch.dtype, nbits: int
+    ) -> None:
+        self.kind, self.key_dtype, self.nbits = kind, key_dtype, nbits
+        self.chunks = [
+            (x.reshape(-1)[lo : lo + _CHUNK], None if ys is None else ys[i].reshape(-1)[lo : lo + _CHUNK])
+            for i, x in enumerate(xs)
+            for lo in range(0, x.numel(), _CHUNK)
+        ]
+        self.first: list[Tensor] = []  # per chunk, the top _FIRST_DIGIT_BITS of each key
+        self.kept: Tensor | None = None
+
+    def _scores(self, chunk: tuple[Tensor, Tensor | None]) -> Tensor:
+        x, y = chunk
+        if self.kind == ScoreKind.GIVEN:
+            return y  # type: ignore[return-value]
+        return ops.scores([x], None if y is None else [y], self.kind)[0]
+
+    def __call__(self, prefix: int, consumed: int) -> Iterator[Tensor]:
+        if self.kept is not None:
+            self.kept = _torch_ops.keys_matching(self.kept, prefix, consumed, self.nbits)
+            yield self.kept
+            return
+        if consumed == 0:
+            for chunk in self.chunks:
+                keys = _torch_ops.signed_keys(self._scores(chunk).to(self.key_dtype))
+                if self.nbits > _FIRST_DIGIT_BITS:
+                    self.first.append((keys >> (self.nbits - _FIRST_DIGIT_BITS)).to(torch.int16))
+                yield keys
+            return
+        first_digit = prefix >> (consumed - _FIRST_DIGIT_BITS)
+        found: list[Tensor] | None = []
+        size = 0
+        for chunk, first in zip(self.chunks, self.first):
+            keys = _torch_ops.signed_keys(self._scores(chunk)[first == first_digit].to(self.key_dtype))
+            keys = _torch_ops.keys_matching(keys, prefix, consumed, self.nbits)
+            if found is not None:
+                size += keys.numel()
+                if size <= _MAX_CANDIDATES:
+                    found.append(keys)
+                else:
+                    found = None
+            yield keys
+        if found is not None:
+            self.first = []
+            self.kept = torch.cat(found) if found else torch.empty(0, dtype=_torch_ops.key_dtype(self.key_dtype))
+
+
+def _all_gather_packed(
+    mesh: _Mesh, counts: Sequence[Sequence[int]], local: Sequence[Tensor], dtypes: Sequence[torch.dtype]
+) -> list[list[Tensor]]:
+    """ONE ``all_gather`` of every rank's pieces: ``counts[r][k]`` elements of ``dtypes[k]`` in rank r's
+    piece k (every rank knows every rank's counts). Each rank packs its pieces' bytes, each 64-byte
+    aligned, into one buffer padded to the largest rank's total. Returns ``out[k][r]``: rank r's piece
+    k, flat, a view of the receive buffers."""
+    import torch.distributed as dist
+
+    sizes = [torch.empty(0, dtype=dt).element_size() for dt in dtypes]
+    offsets = [[0] * len(dtypes) for _ in range(mesh.world)]
+    totals = [0] * mesh.world
+    for r in range(mesh.world):
+        for k, size in enumerate(sizes):
+            offsets[r][k] = totals[r]
+            totals[r] += -(-counts[r][k] * size // _ALIGN) * _ALIGN
+    send = torch.zeros(max(max(totals), _ALIGN), dtype=torch.uint8, device=mesh.device)
+    with torch.no_grad():
+        for k, piece in enumerate(local):
+            o = offsets[mesh.rank][k]
+            if piece.numel():
+                send[o : o + piece.numel() * sizes[k]].view(dtypes[k]).copy_(piece.reshape(-1))
+    received = [torch.empty_like(send) for _ in range(mesh.world)]
+    dist.all_gather(received, send, group=mesh.group)
+    return [
+        [received[r][offsets[r][k] : offsets[r][k] + counts[r][k] * size].view(dtypes[k]) for r in range(mesh.world)]
+        for k, size in enumerate(sizes)
+    ]
+
 
 def gather_full(
     mesh: _Mesh, names: Sequence[str], tensors: Sequence[Tensor], locals_: Sequence[Tensor], dims: Sequence[int | None]
 ) -> list[Tensor]:
-    """Rebuild the full tensors of sharded entries from every rank's piece with ONE ``all_gather``.
-
-    Each rank packs its local pieces' bytes (each 64-byte aligned) into one buffer, padded to the
-    largest rank's total (every rank computes every rank's piece sizes from the global shapes);
+    """Rebuild the full tensors of sharded entries from every rank's piece with ONE ``all_gather``
+    (``_all_gather_packed``; every rank computes every rank's piece sizes from the global shapes);
     entries held in full (dim None) are returned as they are.
     """
-    import torch.distributed as dist
-
     out: list[Tensor | None] = [loc if dim is None else None for loc, dim in zip(locals_, dims)]
     sharded = [j for j, dim in enumerate(dims) if dim is not None]
     if not sharded:
         return out  # type: ignore[return-value]
-    world = mesh.world
-    offsets = [[0] * len(sharded) for _ in range(world)]
-    totals = [0] * world
-    for r in range(world):
-        for k, j in enumerate(sharded):
-            t = tensors[j]
-            nbytes = math.prod(_piece_shape(t.shape, dims[j], world, r)) * t.element_size()  # type: ignore[arg-type]
-            offsets[r][k] = totals[r]
-            totals[r] += -(-nbytes // _ALIGN) * _ALIGN
-    capacity = max(max(totals), _ALIGN)
-    device = locals_[sharded[0]].device
-    send = torch.zeros(capacity, dtype=torch.uint8, device=device)
-    with torch.no_grad():
-        for k, j in enumerate(sharded):
-            local = locals_[j]
-            o = offsets[mesh.rank][k]
-            if local.numel():
-                send[o : o + local.numel() * local.element_size()].view(local.dtype).copy_(local.reshape(-1))
-    received = [torch.empty_like(send) for _ in range(world)]
-    dist.all_gather(received, send, group=mesh.group)
+    shapes = [[_piece_shape(tensors[j].shape, dims[j], mesh.world, r) for j in sharded] for r in range(mesh.world)]  # type: ignore[arg-type]
+    pieces = _all_gather_packed(
+        mesh, [[math.prod(shape) for shape in row] for row in shapes], [locals_[j] for j in sharded],
+        [tensors[j].dtype for j in sharded],
+    )  # fmt: skip
     for k, j in enumerate(sharded):
-        t, dim = tensors[j], dims[j]
-        pieces = []
-        for r in range(world):
-            shape = _piece_shape(t.shape, dim, world, r)  # type: ignore[arg-type]
-            o = offsets[r][k]
-            pieces.append(received[r][o : o + math.prod(shape) * t.element_size()].view(t.dtype).view(shape))
-        out[j] = torch.cat(pieces, dim=dim)  # type: ignore[arg-type]
+        rebuilt = [piece.view(shapes[r][k]) for r, piece in enumerate(pieces[k])]
+        out[j] = torch.cat(rebuilt, dim=dims[j])  # type: ignore[arg-type]
     return out  # type: ignore[return-value]
 
 
@@ -320,8 +479,6 @@ def broadcast_seed(seed: int, mesh: _Mesh) -> int:
     """Mesh rank 0's seed on every rank (an unseeded draw must be the same everywhere)."""
     import torch.distributed as dist
 
-    device_type = mesh.mesh.device_type
-    device = torch.device("cpu") if device_type == "cpu" else torch.device(device_type, torch.cuda.current_device())
-    value = torch.tensor([seed], dtype=torch.int64, device=device)
+    value = torch.tensor([seed], dtype=torch.int64, device=mesh.device)
     dist.broadcast(value, src=mesh.src, group=mesh.group)
     return int(value.item())

@@ -98,15 +98,17 @@ def select_sparse_parameters(
                 raise ValueError(f"layer {n!r}: shape {tuple(x.shape)} in model but its scores have {tuple(sc.shape)}")
         score_dtypes = [sc.dtype for sc in ys]
 
-    if _sharded.has_dtensor(xs, ys):
-        _sharded.refuse(names, [xs, ys], what)
     total = sum(x.numel() for x in xs)
     top = math.ceil(total * sparsity_level)
     if top < 1:
         raise ValueError(f"{what}: no parameter would be selected ({total} scores, sparsity {sparsity_level})")
     promoted = reduce(torch.promote_types, score_dtypes)  # the dtype torch.cat gives the scores
+    # Sharded state (FSDP2, DTensor): the same two steps across ranks (_sharded), every rank gets every array.
+    sharded = _sharded.ShardedState(names, xs, ys, what) if _sharded.has_dtensor(xs, ys) else None
     try:
-        if fused is not None:
+        if sharded is not None:
+            kth = sharded.kth_largest_score(kind, top, promoted)
+        elif fused is not None:
             kth = ops.kth_largest_score(xs, ys, kind, top, promoted)
         else:
             # Custom scores as given; bool ones (fl4health sorts them too) as their 0/1 bytes.
@@ -117,7 +119,10 @@ def select_sparse_parameters(
         if promoted == torch.bool:
             threshold = bool(threshold)
         thresholds = [_comparison_threshold(threshold, dt) for dt in score_dtypes]
-        values, indices = ops.sparse_extract(xs, ys, kind, thresholds)
+        if sharded is not None:
+            values, indices = sharded.sparse_extract(kind, thresholds)
+        else:
+            values, indices = ops.sparse_extract(xs, ys, kind, thresholds)
     except (RuntimeError, ValueError, TypeError) as exc:
         explain_failure(exc, names, xs, ys if fused is not None and uses_initial(kind) else None, what)
     kept = [i for i, x in enumerate(xs) if x.dim() > 0 and values[i].numel() > 0]
