@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from ._model_state import explain_failure
+from ._checks import explain_failure
 
 _ALIGN = 64  # bytes: each packed piece starts aligned for any dtype view
 

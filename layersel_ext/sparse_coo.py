@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from . import _sharded, ops
 from . import parameter_selection_criteria as psc
-from ._model_state import explain_failure, paired_state, single_state, state_items
+from ._checks import explain_failure
+from ._model_state import paired_state, single_state, state_items
 from ._score_kinds import ScoreKind, uses_initial
 
 NDArrays = list[NDArray[Any]]
