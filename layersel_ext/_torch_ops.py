@@ -39,11 +39,19 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
     return torch.stack(sums)
 
 
+# The "smallest" formulas: the negation of the "largest" one before them.
+_NEGATED_KINDS = (
+    ScoreKind.SMALLEST_FINAL_MAGNITUDE,
+    ScoreKind.SMALLEST_MAGNITUDE_CHANGE,
+    ScoreKind.SMALLEST_INCREASE_IN_MAGNITUDE,
+)
+
+
 def score_into(kind: int, x: Tensor, y: Tensor | None, out: Tensor) -> None:
     """Write fl4health's score formula ``kind`` of (x, y) into ``out`` (same shape and dtype)."""
-    if kind in (0, 1):
+    if kind in (ScoreKind.LARGEST_FINAL_MAGNITUDE, ScoreKind.SMALLEST_FINAL_MAGNITUDE):
         torch.abs(x, out=out)
-    elif kind in (2, 3):
+    elif kind in (ScoreKind.LARGEST_MAGNITUDE_CHANGE, ScoreKind.SMALLEST_MAGNITUDE_CHANGE):
         assert y is not None
         torch.sub(x, y, out=out)
         out.abs_()
@@ -51,7 +59,7 @@ def score_into(kind: int, x: Tensor, y: Tensor | None, out: Tensor) -> None:
         assert y is not None
         torch.abs(x, out=out)
         out.sub_(torch.abs(y))
-    if kind % 2 == 1:
+    if kind in _NEGATED_KINDS:
         out.neg_()
 
 

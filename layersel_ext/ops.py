@@ -60,7 +60,7 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
 
 
 def scores(model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int) -> list[Tensor]:
-    """Score formula ``kind`` (0..5, fl4health's order) of every tensor, shaped like it.
+    """Score formula ``kind`` (a ``ScoreKind`` below GIVEN, fl4health's order) of every tensor, shaped like it.
 
     The results are views into one buffer per dtype (one allocation per dtype, not per tensor).
     """

@@ -203,3 +203,10 @@ def test_python_dtype_list_equals_the_kernels_table():
     table = {c10_names[n] for n in _loader.COMPILED.build_info()["dtypes"]}
     assert table == set(_checks.SUPPORTED_DTYPES)
 
+
+def test_score_function_names_follow_the_score_kinds():
+    """SCORE_FUNCTION_NAMES[kind] is the function of ScoreKind `kind` (sparse_coo.fused_kind relies on it)."""
+    from layersel_ext._score_kinds import ScoreKind
+
+    formulas = [k for k in ScoreKind if k != ScoreKind.GIVEN]
+    assert L.SCORE_FUNCTION_NAMES == tuple(f"{k.name.lower()}_scores" for k in formulas)
