@@ -301,6 +301,21 @@ def _case_sparse_refused(rank: int, world: int, mesh) -> None:
             call()
 
 
+def _case_shape_mismatch(rank: int, world: int, mesh) -> None:
+    import layersel_ext.parameter_selection_criteria as L
+
+    torch.manual_seed(6)
+    wider = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3), nn.Linear(3, 1), nn.Linear(3, 1))
+    sharded, sharded_wider = _fsdp_pair(_mlp(), wider, mesh)
+    mismatch = r"layer '0\.weight': shape \(5, 7\) in model but \(6, 7\) in initial_model"  # global shapes
+    for call in (
+        lambda: L.layer_drift_norms(sharded, sharded_wider),
+        lambda: L.largest_magnitude_change_scores(sharded, sharded_wider),
+    ):
+        with pytest.raises(ValueError, match=mismatch):
+            call()
+
+
 def _case_collective_counts(rank: int, world: int, mesh) -> None:
     import layersel_ext.parameter_selection_criteria as L
 
@@ -334,6 +349,7 @@ CASES = {
     "distribute_tensor": _case_distribute_tensor,
     "masks": _case_masks,
     "sparse_refused": _case_sparse_refused,
+    "shape_mismatch": _case_shape_mismatch,
     "collective_counts": _case_collective_counts,
 }
 
