@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import platform
-import site
 import sys
 import sysconfig
 from pathlib import Path
@@ -38,18 +37,6 @@ DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 def log(msg: str) -> None:
     print(f"[layersel_ext setup] {msg}", file=sys.stderr, flush=True)
-
-
-def nvidia_include_dirs() -> list[str]:
-    """CUDA library headers shipped by the nvidia-* pip packages (cusparse.h, curand_kernel.h, ...)."""
-    roots = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
-    found: list[str] = []
-    for root in dict.fromkeys(roots):
-        for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
-            for d in sorted(glob.glob(os.path.join(root, pattern))):
-                if os.path.isdir(d) and d not in found:
-                    found.append(d)
-    return found
 
 
 def import_cpp_extension():
@@ -119,7 +106,6 @@ def extension_modules():
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
         arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
-        include_dirs += nvidia_include_dirs()
         cxx_flags.append("-DLAYERSEL_WITH_CUDA")
         nvcc_flags.append("-DLAYERSEL_WITH_CUDA")
     cxx_flags.append(f'-DLAYERSEL_CUDA_ARCH_LIST="{arch_list}"')
@@ -129,7 +115,6 @@ def extension_modules():
         log(f"GPUs visible: {gpus}; CUDA_HOME: {cuda_home or 'none'}")
     if with_cuda:
         log(f"CUDA arch list: {arch_list}")
-        log(f"extra include dirs: {include_dirs[1:] or 'none'}")
     log(f"sources: {' '.join(sources)}")
     log(f"cxx flags: {' '.join(cxx_flags)}")
     link_args = ["-fopenmp", *libstdcxx.libstdcxx_link_args()]

@@ -5,8 +5,9 @@
 TORCH_LIBRARY(layersel, m) {
   // Per-tensor sum over elements of float(model - initial)^2, as float64 [n].
   m.def("drift_sq_norms(Tensor[] model, Tensor[] initial) -> Tensor");
-  // fl4health's score formula `kind` (0..5) for every tensor; returns one flat
-  // buffer per dtype, in order of first appearance.
+  // fl4health's score formula `kind` (a ScoreKind below kGiven,
+  // csrc/common/scores.h) for every tensor; returns one flat buffer per dtype,
+  // in order of first appearance.
   m.def("scores(Tensor[] model, Tensor[] initial, int kind) -> Tensor[]");
   // Bernoulli(sigmoid(score)) masks of all tensors, flat, in `dtype`;
   // Philox4x32-10 keyed by `seed` and the global element index. With
@@ -14,8 +15,8 @@ TORCH_LIBRARY(layersel, m) {
   // (csrc/common/fingerprint.h): clients with different scores draw
   // independent streams even when their seeds are equal.
   m.def("sample_masks(Tensor[] scores, int seed, ScalarType dtype, bool key_by_scores=False) -> Tensor");
-  // The k-th largest (1-based) of all scores of formula `kind` (6: the scores
-  // are `initial`), each converted to `score_dtype` as torch.cat would: a 0-d
+  // The k-th largest (1-based) of all scores of formula `kind` (kGiven: the
+  // scores are `initial`), each converted to `score_dtype` as torch.cat would: a 0-d
   // CPU tensor. Radix select, never a sort.
   m.def("kth_largest_score(Tensor[] model, Tensor[] initial, int kind, int k, ScalarType score_dtype) -> Tensor");
   // For each tensor t: the values of model[t] whose score passes thresholds[t]

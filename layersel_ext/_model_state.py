@@ -1,4 +1,4 @@
-"""Reading a model's state_dict entries, and checking two models against each other.
+"""Reading a model's state_dict entries, and matching two models' entries by name.
 
 ``state_items`` returns exactly what ``model.state_dict().items()`` would (names, order, detached
 tensors on the same storage), without building the OrderedDict and running the state_dict machinery:
@@ -11,12 +11,7 @@ overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through t
 
 from __future__ import annotations
 
-from typing import NoReturn
-
-import torch
 from torch import Tensor, nn
-
-from ._torch_ops import SUPPORTED_DTYPES
 
 _BASE_STATE_DICT = nn.Module.state_dict
 _BASE_SAVE = nn.Module._save_to_state_dict
@@ -69,60 +64,14 @@ def state_items(model: nn.Module) -> list[tuple[str, Tensor]]:
     return items
 
 
-def explain_entry(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, i: int, what: str) -> None:
-    """Raise the error that names entry ``i`` and what was found there, if anything is wrong with it."""
-    name, x = names[i], xs[i]
-    if x.layout != torch.strided:
-        raise TypeError(
-            f"{what}: layer {name!r} is a {x.layout} tensor; layersel_ext handles dense (strided) tensors only "
-            "(convert it with .to_dense(), or keep it out of the state_dict)"
-        )
-    if x.dtype == torch.bool:
-        raise TypeError(f"{what}: layer {name!r}: dtype torch.bool has no drift or score (fl4health fails on it too)")
-    if x.dtype.is_complex:
-        raise TypeError(
-            f"{what}: layer {name!r}: dtype {x.dtype} is not supported by layersel_ext (fl4health takes the real "
-            "part of complex drifts and |z| as their scores); keep complex entries out of the selection"
-        )
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{what}: layer {name!r}: dtype {x.dtype} is not supported (float32/64, float16, bfloat16, "
-            "uint8, int8, int16, int32, int64)"
-        )
-    if x.device != xs[0].device:
-        raise ValueError(
-            f"{what}: layer {name!r} is on {x.device} but layer {names[0]!r} is on {xs[0].device} "
-            "(one device per model)"
-        )
-    if ys is not None:
-        y = ys[i]
-        if x.shape != y.shape:
-            raise ValueError(f"layer {name!r}: shape {tuple(x.shape)} in model but {tuple(y.shape)} in initial_model")
-        if x.dtype != y.dtype:
-            raise TypeError(f"layer {name!r}: dtype {x.dtype} in model but {y.dtype} in initial_model")
-        if x.device != y.device:
-            raise ValueError(f"layer {name!r}: device {x.device} in model but {y.device} in initial_model")
-        if y.layout != torch.strided:
-            raise TypeError(f"{what}: layer {name!r} is a {y.layout} tensor in initial_model; dense tensors only")
-
-
-def explain_failure(exc: Exception, names: list[str], xs: list[Tensor], ys: list[Tensor] | None, what: str) -> NoReturn:
-    """A kernel (or its twin) refused the call: find the entry it refused by checking each one in Python
-    (only on this error path, so the kernels check once, in C++) and raise the error naming its layer;
-    re-raise the kernel's own error when no entry explains it. Never returns."""
-    for i in range(len(names)):
-        explain_entry(names, xs, ys, i, what)
-    raise exc
-
-
 def paired_state(
     model: nn.Module, initial_model: nn.Module | None, what: str
 ) -> tuple[list[str], list[Tensor], list[Tensor]]:
     """Names and tensors of both models, matched by name (KeyError naming the first missing one).
 
     Shapes, dtypes and devices are checked by the kernels themselves (one pass in C++, not three
-    Python walks over 2,000 tensors); ``explain_failure`` turns their refusal into an error naming
-    the layer.
+    Python walks over 2,000 tensors); ``_checks.explain_failure`` turns their refusal into an error
+    naming the layer.
     """
     if initial_model is None:
         raise ValueError(f"{what} needs initial_model (the model at the start of the round), got None")

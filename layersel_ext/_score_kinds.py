@@ -17,7 +17,7 @@ class ScoreKind(IntEnum):
     GIVEN = 6  # sparse selection only: the scores are the `initial` tensors (custom score functions)
 
 
-NUM_FORMULAS = 6  # kinds 0..5 are formulas of (model, initial)
+NUM_FORMULAS = int(ScoreKind.GIVEN)  # the kinds below GIVEN are formulas of (model, initial); C++: kNumFormulaKinds
 
 
 def uses_initial(kind: int) -> bool:

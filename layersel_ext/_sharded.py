@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import _torch_ops, ops
-from ._model_state import explain_failure
+from ._checks import explain_failure, layer_error
 from ._score_kinds import ScoreKind, uses_initial
 
 _ALIGN = 64  # bytes: each packed piece starts aligned for any dtype view
@@ -177,10 +177,8 @@ class ShardedState:
         self.local_y: list[Tensor] | None = [] if ys is not None else None
         for i, (name, x) in enumerate(zip(names, xs)):
             y = ys[i] if ys is not None else None
-            if y is not None and x.shape != y.shape:
-                raise ValueError(
-                    f"layer {name!r}: shape {tuple(x.shape)} in model but {tuple(y.shape)} in initial_model"
-                )
+            if y is not None and x.shape != y.shape:  # global shapes: the local shards may differ anyway
+                raise layer_error(what, names, xs, i, "shape mismatch", y)
             x_is, y_is = _is_dtensor(x), y is not None and _is_dtensor(y)
             if x_is and y_is and tuple(y.placements) != tuple(x.placements):  # type: ignore[union-attr]
                 y = y.redistribute(x.device_mesh, x.placements)  # type: ignore[union-attr]  # a collective, rare

@@ -13,52 +13,22 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from . import _checks
 from ._score_kinds import NUM_FORMULAS, ScoreKind, uses_initial
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
-SUPPORTED_DTYPES = {
-    torch.float32, torch.float64, torch.float16, torch.bfloat16,
-    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
-}  # fmt: skip
-
-
-def _check_dtype(t: Tensor, op: str, index: int) -> None:
-    if t.layout != torch.strided:
-        raise TypeError(f"layersel::{op}: tensor #{index} has layout {t.layout}; only dense (strided) tensors")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"layersel::{op}: tensor #{index} has dtype {t.dtype}, which is not supported "
-            "(expected a floating or integer dtype)"
-        )
-
-
-def _check_pair(x: Tensor, y: Tensor, first: Tensor, op: str, i: int) -> None:
-    """The kernels' argument checks (csrc/common/work_table.h), with the same messages."""
-    _check_dtype(x, op, i)
-    if x.device != first.device:
-        raise ValueError(f"layersel::{op}: tensor #{i} is on {x.device} but tensor #0 is on {first.device}")
-    if y.device != x.device:
-        raise ValueError(f"layersel::{op}: initial tensor #{i} is on {y.device} but the model tensor is on {x.device}")
-    if y.dtype != x.dtype:
-        raise TypeError(f"layersel::{op}: tensor #{i} has dtype {x.dtype} but its initial tensor has {y.dtype}")
-    if y.shape != x.shape:
-        raise ValueError(
-            f"layersel::{op}: tensor #{i} has shape {list(x.shape)} but its initial tensor has {list(y.shape)}"
-        )
 
 
 def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor:
     """Per-tensor sum of ``float(model - initial)**2``, float64 [n]: the difference in the tensors' dtype,
     each square in float32 (as fl4health's float32 norm squares), the squares summed in float64
     (``drift_square`` in csrc/common/scores.h); a one-element tensor's exact square in float64."""
-    if len(model) != len(initial):
-        raise ValueError(f"layersel::drift_sq_norms: got {len(model)} model tensors but {len(initial)} initial tensors")
+    _checks.check_tensors("drift_sq_norms", model, initial)
     device = model[0].device if len(model) else torch.device("cpu")
     sums = []
-    for i, (a, b) in enumerate(zip(model, initial)):
-        _check_pair(a, b, model[0], "drift_sq_norms", i)
+    for a, b in zip(model, initial):
         d = (a - b).float().reshape(-1)
         if d.numel() == 1:  # one element: the exact square (its root is |d|, as torch's norm of one element)
             sums.append(torch.sum(d.double() * d.double()))
@@ -69,11 +39,19 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
     return torch.stack(sums)
 
 
+# The "smallest" formulas: the negation of the "largest" one before them.
+_NEGATED_KINDS = (
+    ScoreKind.SMALLEST_FINAL_MAGNITUDE,
+    ScoreKind.SMALLEST_MAGNITUDE_CHANGE,
+    ScoreKind.SMALLEST_INCREASE_IN_MAGNITUDE,
+)
+
+
 def score_into(kind: int, x: Tensor, y: Tensor | None, out: Tensor) -> None:
     """Write fl4health's score formula ``kind`` of (x, y) into ``out`` (same shape and dtype)."""
-    if kind in (0, 1):
+    if kind in (ScoreKind.LARGEST_FINAL_MAGNITUDE, ScoreKind.SMALLEST_FINAL_MAGNITUDE):
         torch.abs(x, out=out)
-    elif kind in (2, 3):
+    elif kind in (ScoreKind.LARGEST_MAGNITUDE_CHANGE, ScoreKind.SMALLEST_MAGNITUDE_CHANGE):
         assert y is not None
         torch.sub(x, y, out=out)
         out.abs_()
@@ -81,7 +59,7 @@ def score_into(kind: int, x: Tensor, y: Tensor | None, out: Tensor) -> None:
         assert y is not None
         torch.abs(x, out=out)
         out.sub_(torch.abs(y))
-    if kind % 2 == 1:
+    if kind in _NEGATED_KINDS:
         out.neg_()
 
 
@@ -91,21 +69,15 @@ def _group_dtypes(tensors: Sequence[Tensor]) -> list[torch.dtype]:
 
 def scores(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int) -> list[Tensor]:
     """Score formula ``kind`` for every tensor; one flat buffer per dtype, in order of first appearance."""
-    if not 0 <= kind < NUM_FORMULAS:
-        raise ValueError(f"layersel::scores: kind must be in [0, {NUM_FORMULAS}), got {kind}")
+    _checks.check_formula_kind("scores", kind, NUM_FORMULAS)
     needs_y = uses_initial(kind)
-    if needs_y and len(model) != len(initial):
-        raise ValueError(f"layersel::scores: got {len(model)} model tensors but {len(initial)} initial tensors")
+    _checks.check_tensors("scores", model, initial if needs_y else None)
     device = model[0].device if len(model) else torch.device("cpu")
     dtypes = _group_dtypes(model)
     sizes = {dt: sum(t.numel() for t in model if t.dtype == dt) for dt in dtypes}
     buffers = {dt: torch.empty(sizes[dt], dtype=dt, device=device) for dt in dtypes}
     fill = dict.fromkeys(dtypes, 0)
     for i, x in enumerate(model):
-        if needs_y:
-            _check_pair(x, initial[i], model[0], "scores", i)
-        else:
-            _check_dtype(x, "scores", i)
         out = buffers[x.dtype][fill[x.dtype] : fill[x.dtype] + x.numel()].view(x.shape)
         fill[x.dtype] += x.numel()
         score_into(kind, x, initial[i] if needs_y else None, out)
@@ -214,17 +186,10 @@ def key_from_scores(seed: int, fingerprint: int, total_numel: int) -> int:
 
 def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype, key_by_scores: bool = False) -> Tensor:
     """Bernoulli(sigmoid(score)) masks of all tensors, flat, in ``dtype``; bit-equal to the compiled kernels."""
-    if dtype == torch.bool:
-        raise TypeError("layersel::sample_masks: bool masks are refused (the server sums masks)")
-    if dtype.is_floating_point or dtype.is_complex:
-        raise TypeError(f"layersel::sample_masks: mask dtype must be an integer dtype, got {dtype}")
+    _checks.check_mask_dtype(dtype)
+    _checks.check_tensors("sample_masks", scores, None)
+    _checks.check_floating_scores(scores)
     device = scores[0].device if len(scores) else torch.device("cpu")
-    for i, s in enumerate(scores):
-        _check_dtype(s, "sample_masks", i)
-        if not s.is_floating_point():
-            raise TypeError(
-                f"layersel::sample_masks: score tensor #{i} has dtype {s.dtype}; scores must be floating point"
-            )
     total = sum(s.numel() for s in scores)
     if key_by_scores:
         seed = key_from_scores(seed, score_fingerprint(scores), total)
@@ -245,24 +210,10 @@ def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype, key_by
 
 
 def _check_inputs(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int, op: str) -> None:
-    """The kernels' table checks (a meta-device initial tensor must not pass as zeros)."""
-    if uses_initial(kind):
-        if len(model) != len(initial):
-            raise ValueError(f"layersel::{op}: got {len(model)} model tensors but {len(initial)} initial tensors")
-        for i, (x, y) in enumerate(zip(model, initial)):
-            if kind == ScoreKind.GIVEN:  # the scores may have another dtype than their tensor (bool too)
-                if y.dtype != torch.bool:
-                    _check_dtype(y, op, i)
-                if y.device != x.device:
-                    raise ValueError(
-                        f"layersel::{op}: initial tensor #{i} is on {y.device} but the model tensor is on {x.device}"
-                    )
-            else:
-                _check_pair(x, y, model[0], op, i)
-    for i, x in enumerate(model):
-        _check_dtype(x, op, i)
-        if x.device != model[0].device:
-            raise ValueError(f"layersel::{op}: tensor #{i} is on {x.device} but tensor #0 is on {model[0].device}")
+    """The kernels' table checks (a meta-device initial tensor must not pass as zeros); given scores
+    (ScoreKind.GIVEN) may have another dtype than their tensor, bool too."""
+    needs_y = uses_initial(kind)
+    _checks.check_tensors(op, model, initial if needs_y else None, given=kind == ScoreKind.GIVEN)
 
 
 def sparse_score(kind: int, x: Tensor, y: Tensor | None) -> Tensor:
@@ -359,9 +310,7 @@ def kth_largest_score(
         # 8/16/32-bit integer scores: the same k-th largest value among the int64 values.
         return kth_largest_score(model, initial, kind, k, torch.int64).to(score_dtype)
     _check_inputs(model, initial, kind, "kth_largest_score")
-    total = sum(t.numel() for t in model)
-    if not 1 <= k <= total:
-        raise ValueError(f"layersel::kth_largest_score: k must be in [1, {total}], got {k}")
+    _checks.check_rank("kth_largest_score", k, sum(t.numel() for t in model))
     nbits = key_bits(score_dtype)
 
     def keys(prefix: int, consumed: int) -> Iterator[Tensor]:

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import _loader, _torch_ops
+from . import _checks, _loader, _torch_ops
 from ._loader import COMPILED
 from ._score_kinds import ScoreKind
 
@@ -60,7 +60,7 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
 
 
 def scores(model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int) -> list[Tensor]:
-    """Score formula ``kind`` (0..5, fl4health's order) of every tensor, shaped like it.
+    """Score formula ``kind`` (a ``ScoreKind`` below GIVEN, fl4health's order) of every tensor, shaped like it.
 
     The results are views into one buffer per dtype (one allocation per dtype, not per tensor).
     """
@@ -151,26 +151,17 @@ def sparse_extract(
         return _torch_ops.sparse_extract(model, ys, kind, thresholds)
 
 
-def _check_one_device(op: str, model: Sequence[Tensor], initial: Sequence[Tensor] = ()) -> None:
-    # A list mixing devices can be dispatched here (Meta outranks CPU): refuse it as the kernels do.
-    device = model[0].device
-    for label, tensors in (("tensor", model), ("initial tensor", initial)):
-        for i, t in enumerate(tensors):
-            if t.device != device:
-                raise ValueError(f"layersel::{op}: {label} #{i} is on {t.device} but tensor #0 is on {device}")
-
-
 if COMPILED is not None:
 
     @torch.library.register_fake("layersel::drift_sq_norms")
     def _drift_sq_norms_fake(model: list[Tensor], initial: list[Tensor]) -> Tensor:
         torch._check(len(model) == len(initial))
-        _check_one_device("drift_sq_norms", model, initial)
+        _checks.check_devices("drift_sq_norms", model, initial)
         return model[0].new_empty((len(model),), dtype=torch.float64)
 
     @torch.library.register_fake("layersel::scores")
     def _scores_fake(model: list[Tensor], initial: list[Tensor], kind: int) -> list[Tensor]:
-        _check_one_device("scores", model, initial)
+        _checks.check_devices("scores", model, initial)
         dtypes = list(dict.fromkeys(t.dtype for t in model))
         return [model[0].new_empty((sum(t.numel() for t in model if t.dtype == dt),), dtype=dt) for dt in dtypes]
 
@@ -178,14 +169,14 @@ if COMPILED is not None:
     def _kth_largest_score_fake(
         model: list[Tensor], initial: list[Tensor], kind: int, k: int, score_dtype: torch.dtype
     ) -> Tensor:
-        _check_one_device("kth_largest_score", model, initial)
+        _checks.check_devices("kth_largest_score", model, initial)
         return torch.empty((), dtype=score_dtype, device="cpu")
 
     @torch.library.register_fake("layersel::sparse_extract")
     def _sparse_extract_fake(
         model: list[Tensor], initial: list[Tensor], kind: int, thresholds: list[float]
     ) -> tuple[list[Tensor], list[Tensor]]:
-        _check_one_device("sparse_extract", model, initial)
+        _checks.check_devices("sparse_extract", model, initial)
         ctx = torch.library.get_ctx()
         sizes = [ctx.new_dynamic_size() for _ in model]
         return (
@@ -195,5 +186,5 @@ if COMPILED is not None:
 
     @torch.library.register_fake("layersel::sample_masks")
     def _sample_masks_fake(scores: list[Tensor], seed: int, dtype: torch.dtype, key_by_scores: bool = False) -> Tensor:
-        _check_one_device("sample_masks", scores)
+        _checks.check_devices("sample_masks", scores)
         return scores[0].new_empty((sum(t.numel() for t in scores),), dtype=dtype)

@@ -18,7 +18,8 @@ from numpy.typing import NDArray
 from torch import Tensor, nn
 
 from . import _sharded, ops
-from ._model_state import explain_failure, paired_state, single_state
+from ._checks import explain_failure
+from ._model_state import paired_state, single_state
 from ._score_kinds import ScoreKind, uses_initial
 
 NDArrays = list[NDArray[Any]]

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from . import _sharded, ops
 from . import parameter_selection_criteria as psc
-from ._model_state import explain_failure, paired_state, single_state, state_items
+from ._checks import explain_failure
+from ._model_state import paired_state, single_state, state_items
 from ._score_kinds import ScoreKind, uses_initial
 
 NDArrays = list[NDArray[Any]]
@@ -31,12 +32,12 @@ SparseSelection = tuple[NDArrays, tuple[NDArrays, NDArrays, list[str]]]
 _FL4HEALTH_MODULE = "fl4health.parameter_exchange.parameter_selection_criteria"
 
 
-def fused_kind(score_gen_function: Callable[..., Any]) -> int | None:
-    """The score formula (0..5) when the function is one of the six (ours or fl4health's), else None."""
+def fused_kind(score_gen_function: Callable[..., Any]) -> ScoreKind | None:
+    """The score formula when the function is one of the six (ours or fl4health's), else None."""
     name = getattr(score_gen_function, "__name__", None)
     if name not in psc.SCORE_FUNCTION_NAMES:
         return None
-    kind = psc.SCORE_FUNCTION_NAMES.index(name)
+    kind = ScoreKind(psc.SCORE_FUNCTION_NAMES.index(name))
     if score_gen_function is getattr(psc, name) or getattr(score_gen_function, "__module__", "") == _FL4HEALTH_MODULE:
         return kind
     return None

@@ -192,8 +192,8 @@ def test_library_does_not_import_fl4health():
 
 
 def test_python_dtype_list_equals_the_kernels_table():
-    """The torch twin's SUPPORTED_DTYPES and the kernels' one dtype table (csrc/common/dtypes.h) agree."""
-    from layersel_ext import _loader, _torch_ops
+    """The Python checks' SUPPORTED_DTYPES and the kernels' one dtype table (csrc/common/dtypes.h) agree."""
+    from layersel_ext import _checks, _loader
 
     if _loader.COMPILED is None:
         pytest.skip("compiled module not loaded")
@@ -201,4 +201,12 @@ def test_python_dtype_list_equals_the_kernels_table():
                  "Byte": torch.uint8, "Char": torch.int8, "Short": torch.int16, "Int": torch.int32,
                  "Long": torch.int64}  # fmt: skip
     table = {c10_names[n] for n in _loader.COMPILED.build_info()["dtypes"]}
-    assert table == set(_torch_ops.SUPPORTED_DTYPES)
+    assert table == set(_checks.SUPPORTED_DTYPES)
+
+
+def test_score_function_names_follow_the_score_kinds():
+    """SCORE_FUNCTION_NAMES[kind] is the function of ScoreKind `kind` (sparse_coo.fused_kind relies on it)."""
+    from layersel_ext._score_kinds import ScoreKind
+
+    formulas = [k for k in ScoreKind if k != ScoreKind.GIVEN]
+    assert L.SCORE_FUNCTION_NAMES == tuple(f"{k.name.lower()}_scores" for k in formulas)

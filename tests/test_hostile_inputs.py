@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from torch import nn
 
 import layersel_ext as L
 from layersel_ext import _torch_ops, ops
+from layersel_ext._score_kinds import ScoreKind
 from layersel_ext.sparse_coo import select_sparse_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -377,10 +379,10 @@ def test_ops_wrappers_compile_with_fullgraph():
     def body(xs, ys):
         return (
             ops.drift_sq_norms(xs, ys),
-            ops.scores(xs, ys, 2),
+            ops.scores(xs, ys, ScoreKind.LARGEST_MAGNITUDE_CHANGE),
             ops.sample_masks(xs, 5, torch.int64),
             ops.sample_masks(xs, 5, torch.int64, key_by_scores=True),
-            ops.kth_largest_score(xs, ys, 3, 10, torch.float32),
+            ops.kth_largest_score(xs, ys, ScoreKind.SMALLEST_MAGNITUDE_CHANGE, 10, torch.float32),
         )
 
     eager = body(xs, ys)
@@ -390,3 +392,52 @@ def test_ops_wrappers_compile_with_fullgraph():
     assert all(torch.equal(a, b) for a, b in zip(compiled[1], eager[1]))
     assert torch.equal(compiled[2], eager[2]) and torch.equal(compiled[3], eager[3])
     assert torch.equal(compiled[4], eager[4])
+
+
+# Each torch.ops.layersel op called directly (not through the wrappers) in a fullgraph trace: its
+# fake kernel must describe it (sparse_extract's outputs have data-dependent sizes).
+_DIRECT_OPS = {
+    "drift_sq_norms": lambda xs, ys: torch.ops.layersel.drift_sq_norms(xs, ys),
+    "scores": lambda xs, ys: torch.ops.layersel.scores(xs, ys, ScoreKind.LARGEST_INCREASE_IN_MAGNITUDE),
+    "sample_masks": lambda xs, ys: torch.ops.layersel.sample_masks(xs, 7, torch.uint8, True),
+    "kth_largest_score": lambda xs, ys: torch.ops.layersel.kth_largest_score(
+        xs, ys, ScoreKind.SMALLEST_FINAL_MAGNITUDE, 5, torch.float32
+    ),
+    "sparse_extract": lambda xs, ys: torch.ops.layersel.sparse_extract(
+        xs, ys, ScoreKind.LARGEST_MAGNITUDE_CHANGE, [0.5, 0.5]
+    ),
+}
+
+
+def test_direct_ops_cover_every_registered_op():
+    from layersel_ext import _loader
+
+    assert set(_DIRECT_OPS) == set(_loader.OPS)
+
+
+def _flatten(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for part in out for t in _flatten(part)]
+
+
+@pytest.mark.parametrize("op", sorted(_DIRECT_OPS))
+def test_each_op_compiles_with_fullgraph(op):
+    if ops.backend() != "compiled" or (op, "CPU") not in ops._KERNELS:
+        pytest.skip("no compiled CPU kernel")
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available")
+    try:
+        dynamo = importlib.import_module("torch._dynamo")
+    except (ImportError, RuntimeError) as exc:  # e.g. a Python that this torch's dynamo does not support
+        pytest.skip(f"torch.compile is not available: {exc}")
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(100, generator=g), torch.randn(3, 7, generator=g)]
+    ys = [torch.randn(100, generator=g), torch.randn(3, 7, generator=g)]
+    fn = _DIRECT_OPS[op]
+    eager = _flatten(fn(xs, ys))
+    dynamo.reset()
+    with dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        compiled = _flatten(torch.compile(fn, fullgraph=True, backend="eager")(xs, ys))
+    assert len(compiled) == len(eager)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, eager))

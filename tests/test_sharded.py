@@ -474,6 +474,21 @@ def _case_sparse_collectives(rank: int, world: int, mesh) -> None:
         assert sent <= 2**20 + selected + 128 * entries + 64, f"{sparsity}: {sent} bytes for {selected}: {dict(counts)}"
 
 
+def _case_shape_mismatch(rank: int, world: int, mesh) -> None:
+    import layersel_ext.parameter_selection_criteria as L
+
+    torch.manual_seed(6)
+    wider = nn.Sequential(nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3), nn.Linear(3, 1), nn.Linear(3, 1))
+    sharded, sharded_wider = _fsdp_pair(_mlp(), wider, mesh)
+    mismatch = r"layer '0\.weight': shape \(5, 7\) in model but \(6, 7\) in initial_model"  # global shapes
+    for call in (
+        lambda: L.layer_drift_norms(sharded, sharded_wider),
+        lambda: L.largest_magnitude_change_scores(sharded, sharded_wider),
+    ):
+        with pytest.raises(ValueError, match=mismatch):
+            call()
+
+
 def _case_collective_counts(rank: int, world: int, mesh) -> None:
     import layersel_ext.parameter_selection_criteria as L
 
@@ -508,6 +523,7 @@ CASES = {
     "distribute_tensor": _case_distribute_tensor,
     "transformer": _case_transformer,
     "masks": _case_masks,
+    "shape_mismatch": _case_shape_mismatch,
     "collective_counts": _case_collective_counts,
 }
 SPARSE_CASES = {

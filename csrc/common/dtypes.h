@@ -32,7 +32,7 @@
 namespace layersel {
 
 #define LS_DTYPE_ENUM_(code, type, scalar, ...) code,
-enum DtypeCode : int32_t { LS_DTYPES(LS_DTYPE_ENUM_, ~) kNumDtypeCodes };
+enum DtypeCode : int32_t { LS_DTYPES(LS_DTYPE_ENUM_, ~) };
 #undef LS_DTYPE_ENUM_
 
 LS_HD bool is_floating_code(int32_t code) {

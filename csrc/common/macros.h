@@ -3,12 +3,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define LS_HD __host__ __device__ __forceinline__
-#define LS_DEVICE_CODE 1
 #else
 // always_inline: the CPU hot loops are cloned per ISA (target_clones), and a
 // helper left out of line would run the baseline code and block vectorisation.
 #define LS_HD inline __attribute__((always_inline))
-#define LS_DEVICE_CODE 0
 #endif
 
 // Exactly rounded float arithmetic that no compiler may contract into FMA.

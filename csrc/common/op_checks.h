@@ -1,13 +1,36 @@
-// Argument checks that several kernels make, with one message each (the
-// table-building checks themselves live in work_table.h).
+// Argument checks that the CPU and CUDA kernels make, with one message each
+// (the table-building checks themselves live in work_table.h; the Python twin's
+// copy of both is layersel_ext/_checks.py).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
+#include "scores.h"
 #include "work_table.h"
 
 namespace layersel {
+
+// layersel::scores takes the six formulas; the sparse ops take kGiven too.
+inline void check_formula_kind(int64_t kind) {
+  TORCH_CHECK_VALUE(kind >= 0 && kind < kNumFormulaKinds, "layersel::scores: kind must be in [0, ",
+                    kNumFormulaKinds, "), got ", kind);
+}
+
+inline void check_sparse_kind(int64_t kind, const char* op) {
+  TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::", op, ": kind must be in [0, ", kGivenScore,
+                    "], got ", kind);
+}
+
+// A 1-based rank among `total` scores.
+inline void check_rank(int64_t k, int64_t total) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= total, "layersel::kth_largest_score: k must be in [1, ", total, "], got ", k);
+}
+
+inline void check_threshold_count(size_t thresholds, size_t tensors) {
+  TORCH_CHECK_VALUE(thresholds == tensors, "layersel::sparse_extract: got ", thresholds, " thresholds for ",
+                    tensors, " tensors");
+}
 
 // Masks are summed by the server: an integer dtype, never bool. (uint16/32/64
 // masks are made from uint8 ones by the Python wrapper.)

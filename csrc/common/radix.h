@@ -16,9 +16,7 @@
 
 namespace layersel {
 
-// Kind 6: the score is given (the y tensor holds it), for custom score functions.
-constexpr int64_t kGivenScore = static_cast<int64_t>(ScoreKind::kGiven);
-
+// kGivenScore: the score is given (the y tensor holds it), for custom score functions.
 template <typename T>
 LS_HD T sparse_score(int64_t kind, T x, T y) {
   return kind == kGivenScore ? y : score_value<T>(kind, x, y);

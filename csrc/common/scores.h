@@ -20,10 +20,32 @@ enum class ScoreKind : int64_t {
   kSmallestIncreaseInMagnitude = 5,  // -(|x| - |y|)
   kGiven = 6,  // sparse selection only: the y tensor holds the score (custom score functions)
 };
-constexpr int64_t kNumScoreKinds = 6;
+// Kinds below this are formulas of (x, y) (layersel::scores takes those only).
+constexpr int64_t kNumFormulaKinds = static_cast<int64_t>(ScoreKind::kGiven);
+constexpr int64_t kGivenScore = static_cast<int64_t>(ScoreKind::kGiven);
 
 LS_HD bool score_kind_uses_initial(int64_t kind) {
   return kind >= static_cast<int64_t>(ScoreKind::kLargestMagnitudeChange);
+}
+
+// A score kind as a compile-time constant (an int64_t, as kinds travel).
+template <ScoreKind K>
+using KindConstant = std::integral_constant<int64_t, static_cast<int64_t>(K)>;
+
+// Calls fn(KindConstant<kind>()) for a kind the op has checked: the one switch
+// over kinds, outside the loops, so that each CPU loop is instantiated for one
+// kind and has no per-element branch on it. (Any other value: kGiven.)
+template <typename Fn>
+inline void with_score_kind(int64_t kind, Fn&& fn) {
+  switch (static_cast<ScoreKind>(kind)) {
+    case ScoreKind::kLargestFinalMagnitude: fn(KindConstant<ScoreKind::kLargestFinalMagnitude>()); break;
+    case ScoreKind::kSmallestFinalMagnitude: fn(KindConstant<ScoreKind::kSmallestFinalMagnitude>()); break;
+    case ScoreKind::kLargestMagnitudeChange: fn(KindConstant<ScoreKind::kLargestMagnitudeChange>()); break;
+    case ScoreKind::kSmallestMagnitudeChange: fn(KindConstant<ScoreKind::kSmallestMagnitudeChange>()); break;
+    case ScoreKind::kLargestIncreaseInMagnitude: fn(KindConstant<ScoreKind::kLargestIncreaseInMagnitude>()); break;
+    case ScoreKind::kSmallestIncreaseInMagnitude: fn(KindConstant<ScoreKind::kSmallestIncreaseInMagnitude>()); break;
+    default: fn(KindConstant<ScoreKind::kGiven>()); break;
+  }
 }
 
 // Integer arithmetic wraps like torch's (two's complement), without UB.
@@ -69,15 +91,16 @@ LS_HD T negate_like_torch(T a) {
   }
 }
 
+// Formula `kind` (a formula kind; anything else computes the last formula).
 template <typename T>
 LS_HD T score_value(int64_t kind, T x, T y) {
-  switch (kind) {
-    case 0: return abs_like_torch(x);
-    case 1: return negate_like_torch(abs_like_torch(x));
-    case 2: return abs_like_torch(wrap_sub(x, y));
-    case 3: return negate_like_torch(abs_like_torch(wrap_sub(x, y)));
-    case 4: return wrap_sub(abs_like_torch(x), abs_like_torch(y));
-    default: return negate_like_torch(wrap_sub(abs_like_torch(x), abs_like_torch(y)));
+  switch (static_cast<ScoreKind>(kind)) {
+    case ScoreKind::kLargestFinalMagnitude: return abs_like_torch(x);
+    case ScoreKind::kSmallestFinalMagnitude: return negate_like_torch(abs_like_torch(x));
+    case ScoreKind::kLargestMagnitudeChange: return abs_like_torch(wrap_sub(x, y));
+    case ScoreKind::kSmallestMagnitudeChange: return negate_like_torch(abs_like_torch(wrap_sub(x, y)));
+    case ScoreKind::kLargestIncreaseInMagnitude: return wrap_sub(abs_like_torch(x), abs_like_torch(y));
+    default: return negate_like_torch(wrap_sub(abs_like_torch(x), abs_like_torch(y)));  // kSmallestIncreaseInMagnitude
   }
 }
 

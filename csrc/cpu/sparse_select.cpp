@@ -14,6 +14,7 @@
 #include <tuple>
 #include <type_traits>
 
+#include "../common/op_checks.h"
 #include "../common/radix.h"
 #include "../common/radix_values.h"
 #include "cpu_kernel_utils.h"
@@ -24,21 +25,6 @@ namespace {
 template <typename P>
 constexpr int key_bits() {
   return static_cast<int>(sizeof(P) * 8);
-}
-
-// Calls fn(std::integral_constant<int64_t, kind>) so that the score formula is
-// a compile-time constant in the hot loops.
-template <typename Fn>
-void with_kind(int64_t kind, Fn fn) {
-  switch (kind) {
-    case 0: fn(std::integral_constant<int64_t, 0>()); break;
-    case 1: fn(std::integral_constant<int64_t, 1>()); break;
-    case 2: fn(std::integral_constant<int64_t, 2>()); break;
-    case 3: fn(std::integral_constant<int64_t, 3>()); break;
-    case 4: fn(std::integral_constant<int64_t, 4>()); break;
-    case 5: fn(std::integral_constant<int64_t, 5>()); break;
-    default: fn(std::integral_constant<int64_t, kGivenScore>()); break;
-  }
 }
 
 // The k-th largest key in (at most) two passes over the model:
@@ -102,7 +88,7 @@ uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k) {
       LS_SWITCH_DTYPE(e.dtype, T, {
         const T* x = static_cast<const T*>(e.x) + off;
         const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-        with_kind(kind, [&](auto kc) { body(kc, x, y, len, static_cast<T*>(nullptr)); });
+        with_score_kind(kind, [&](auto kc) { body(kc, x, y, len, static_cast<T*>(nullptr)); });
       });
     });
   };
@@ -178,12 +164,10 @@ uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k) {
 
 at::Tensor kth_largest_score_cpu(at::TensorList model, at::TensorList initial, int64_t kind, int64_t k,
                                  at::ScalarType score_dtype) {
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::kth_largest_score: kind must be in [0, 6], got ",
-                    kind);
+  check_sparse_kind(kind, "kth_largest_score");
   const WorkTable table =
       build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "kth_largest_score");
-  TORCH_CHECK_VALUE(k >= 1 && k <= table.total_numel, "layersel::kth_largest_score: k must be in [1, ",
-                    table.total_numel, "], got ", k);
+  check_rank(k, table.total_numel);
   return kth_value_for_dtype(score_dtype, [&](auto tag) {
     using P = decltype(tag);
     return kth_largest_key<P>(table, kind, k);
@@ -237,16 +221,15 @@ void write_chunk(const T* x, const T* y, int64_t off, int64_t n, double threshol
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(at::TensorList model,
                                                                                 at::TensorList initial, int64_t kind,
                                                                                 at::ArrayRef<double> thresholds) {
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::sparse_extract: kind must be in [0, 6], got ", kind);
-  TORCH_CHECK_VALUE(thresholds.size() == model.size(), "layersel::sparse_extract: got ", thresholds.size(),
-                    " thresholds for ", model.size(), " tensors");
+  check_sparse_kind(kind, "sparse_extract");
+  check_threshold_count(thresholds.size(), model.size());
   const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "sparse_extract");
   std::vector<int64_t> counts(static_cast<size_t>(table.total_chunks()));
   for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t t, int64_t c, int64_t off, int64_t len) {
     LS_SWITCH_DTYPE(e.dtype, T, {
       const T* x = static_cast<const T*>(e.x) + off;
       const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-      with_kind(kind, [&](auto k) { counts[c] = count_chunk<decltype(k)::value, T>(x, y, len, thresholds[t]); });
+      with_score_kind(kind, [&](auto k) { counts[c] = count_chunk<decltype(k)::value, T>(x, y, len, thresholds[t]); });
     });
   });
   const size_t n = table.entries.size();
@@ -274,7 +257,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
       const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
       T* v = values[t].data_ptr<T>() + chunk_offset[c];
       int64_t* ix = indices[t].data_ptr<int64_t>() + chunk_offset[c] * static_cast<int64_t>(sizes[t].size());
-      with_kind(kind, [&](auto k) {
+      with_score_kind(kind, [&](auto k) {
         write_chunk<decltype(k)::value, T>(x, y, off, len, thresholds[t], v, ix, counts[c], sizes[t], strides[t]);
       });
     });

@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "../common/grouped_outputs.h"
+#include "../common/op_checks.h"
 #include "../common/scores.h"
 #include "cuda_utils.cuh"
 
@@ -40,8 +41,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 std::vector<at::Tensor> scores_cuda(at::TensorList model, at::TensorList initial, int64_t kind) {
-  TORCH_CHECK_VALUE(kind >= 0 && kind < kNumScoreKinds, "layersel::scores: kind must be in [0, ",
-                    kNumScoreKinds, "), got ", kind);
+  check_formula_kind(kind);
   WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "scores");
   const c10::Device device = cuda_device_of(model, "scores");
   const c10::cuda::CUDAGuard guard(device);

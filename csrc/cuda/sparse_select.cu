@@ -9,6 +9,7 @@
 
 #include <tuple>
 
+#include "../common/op_checks.h"
 #include "../common/radix.h"
 #include "../common/radix_values.h"
 #include "cuda_utils.cuh"
@@ -74,11 +75,9 @@ uint64_t kth_largest_key(const WorkTable& table, const DeviceTable& dt, int64_t 
 
 at::Tensor kth_largest_score_cuda(at::TensorList model, at::TensorList initial, int64_t kind, int64_t k,
                                   at::ScalarType score_dtype) {
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::kth_largest_score: kind must be in [0, 6], got ",
-                    kind);
+  check_sparse_kind(kind, "kth_largest_score");
   const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "kth_largest_score");
-  TORCH_CHECK_VALUE(k >= 1 && k <= table.total_numel, "layersel::kth_largest_score: k must be in [1, ",
-                    table.total_numel, "], got ", k);
+  check_rank(k, table.total_numel);
   const c10::Device device = cuda_device_of(model, "kth_largest_score");
   const c10::cuda::CUDAGuard guard(device);
   const DeviceTable dt = upload_table(table, device);
@@ -178,9 +177,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cuda
                                                                                  at::TensorList initial,
                                                                                  int64_t kind,
                                                                                  at::ArrayRef<double> thresholds) {
-  TORCH_CHECK_VALUE(kind >= 0 && kind <= kGivenScore, "layersel::sparse_extract: kind must be in [0, 6], got ", kind);
-  TORCH_CHECK_VALUE(thresholds.size() == model.size(), "layersel::sparse_extract: got ", thresholds.size(),
-                    " thresholds for ", model.size(), " tensors");
+  check_sparse_kind(kind, "sparse_extract");
+  check_threshold_count(thresholds.size(), model.size());
   const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "sparse_extract");
   const size_t n = table.entries.size();
   for (size_t t = 0; t < n; ++t)

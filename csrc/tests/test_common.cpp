@@ -111,16 +111,22 @@ static void test_chunk_table() {
 }
 
 static void test_scores() {
+  constexpr int64_t kAbs = KindConstant<ScoreKind::kLargestFinalMagnitude>::value;             //  |x|
+  constexpr int64_t kNegAbs = KindConstant<ScoreKind::kSmallestFinalMagnitude>::value;         // -|x|
+  constexpr int64_t kChange = KindConstant<ScoreKind::kLargestMagnitudeChange>::value;         //  |x - y|
+  constexpr int64_t kNegChange = KindConstant<ScoreKind::kSmallestMagnitudeChange>::value;     // -|x - y|
+  constexpr int64_t kIncrease = KindConstant<ScoreKind::kLargestIncreaseInMagnitude>::value;   //  |x| - |y|
+  constexpr int64_t kDecrease = KindConstant<ScoreKind::kSmallestIncreaseInMagnitude>::value;  // -(|x| - |y|)
   // torch semantics: abs(-0.0) = +0.0, abs(INT_MIN) = INT_MIN, uint8 wraps.
-  LS_CHECK(!std::signbit(score_value<float>(0, -0.0f, 0.0f)));
-  LS_CHECK(std::signbit(score_value<float>(1, 0.0f, 0.0f)));
-  LS_CHECK(score_value<int8_t>(0, -128, 0) == -128);
-  LS_CHECK(score_value<int64_t>(0, std::numeric_limits<int64_t>::min(), 0) == std::numeric_limits<int64_t>::min());
-  LS_CHECK(score_value<uint8_t>(1, 3, 0) == 253);
-  LS_CHECK(score_value<uint8_t>(2, 3, 5) == 254);  // |3 - 5| in uint8: 254
-  LS_CHECK(score_value<int32_t>(4, -7, 3) == 4);
-  LS_CHECK(score_value<int32_t>(5, -7, 3) == -4);
-  LS_CHECK(score_value<double>(3, 1.5, 4.0) == -2.5);
+  LS_CHECK(!std::signbit(score_value<float>(kAbs, -0.0f, 0.0f)));
+  LS_CHECK(std::signbit(score_value<float>(kNegAbs, 0.0f, 0.0f)));
+  LS_CHECK(score_value<int8_t>(kAbs, -128, 0) == -128);
+  LS_CHECK(score_value<int64_t>(kAbs, std::numeric_limits<int64_t>::min(), 0) == std::numeric_limits<int64_t>::min());
+  LS_CHECK(score_value<uint8_t>(kNegAbs, 3, 0) == 253);
+  LS_CHECK(score_value<uint8_t>(kChange, 3, 5) == 254);  // |3 - 5| in uint8: 254
+  LS_CHECK(score_value<int32_t>(kIncrease, -7, 3) == 4);
+  LS_CHECK(score_value<int32_t>(kDecrease, -7, 3) == -4);
+  LS_CHECK(score_value<double>(kNegChange, 1.5, 4.0) == -2.5);
   LS_CHECK(drift_term<uint8_t>(3, 5) == 254.0f);
   LS_CHECK(drift_term<int64_t>(10, 3) == 7.0f);
   const double one_plus = 1.0 + 1e-12;  // the double difference, then rounded once to float
