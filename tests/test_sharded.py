@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -550,7 +551,14 @@ def _worker(rank: int, world: int, port: int, cases: list[str]) -> None:
             try:
                 {**CASES, **SPARSE_CASES}[case](rank, world, mesh)
             except BaseException as exc:
+                # Printed here too: when a peer then aborts first, spawn reports only the peer's signal.
+                print(f"rank {rank}/{world}, case {case!r} failed:", file=sys.stderr, flush=True)
+                traceback.print_exc()
                 raise AssertionError(f"rank {rank}/{world}, case {case!r}: {type(exc).__name__}: {exc}") from exc
+        # Every rank done with every collective before any closes its connections: a rank that tore
+        # the group down while a peer's gloo thread still finished the last transfer aborted that
+        # peer ("terminate called without an active exception", once in a CI run under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
