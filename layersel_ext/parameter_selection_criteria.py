@@ -365,15 +365,17 @@ def sample_flat_masks(
     *,
     seed: int | None = None,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.uint8,
+    dtype: MaskDtype = torch.uint8,
 ) -> tuple[list[str], list[Tensor], Tensor | None]:
     """The masks of every score tensor, flattened and concatenated in fl4health's order, as one
     tensor on the scores' device (``None`` when the model has no scores): ``dtype`` on the CPU,
     uint8 on CUDA (one byte per element on the device; callers widen after the transfer). The sampling
     step that ``select_scores_and_sample_masks`` and the compact wire packer (``wire.py``) share.
-    Checks the arguments and the scores; the key rules are ``select_scores_and_sample_masks``'s."""
+    Checks the arguments (seed and generator, then the mask dtype, then the seed's value) and the
+    scores; the key rules are ``select_scores_and_sample_masks``'s."""
     if seed is not None and generator is not None:
         raise ValueError("give seed or generator, not both")
+    dtype = _mask_torch_dtype(dtype)
     checked_seed = None if seed is None else _check_seed(seed)  # before any work
     names, scores = masked_score_tensors(model)
     if not scores:
@@ -422,17 +424,14 @@ def select_scores_and_sample_masks(
         (tuple[NDArrays, list[str]]): One 0/1 mask per score tensor, with the score's exact shape, and its
         state_dict name.
     """
-    if seed is not None and generator is not None:
-        raise ValueError("give seed or generator, not both")
-    out_dtype = _mask_torch_dtype(mask_dtype)
-    names, scores, flat = sample_flat_masks(model, seed=seed, generator=generator, dtype=out_dtype)
+    names, scores, flat = sample_flat_masks(model, seed=seed, generator=generator, dtype=mask_dtype)
     if flat is None:
         return [], []
     if flat.device.type == "cuda":  # uint8: one D2H transfer, widened on the host
         host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
         host.copy_(flat, non_blocking=True)
         torch.cuda.current_stream(flat.device).synchronize()
-        flat = host.to(out_dtype)
+        flat = host.to(_mask_torch_dtype(mask_dtype))  # checked by sample_flat_masks
     masks, start = [], 0
     for s in scores:
         masks.append(flat[start : start + s.numel()].view(s.shape).numpy())

@@ -133,6 +133,23 @@ def test_mask_dtype_option_and_bool_refused():
             L.select_scores_and_sample_masks(layer, None, mask_dtype=bad)
 
 
+def test_argument_errors_in_their_order():
+    # seed and generator together first, then the mask dtype, then the seed's value; an empty model too
+    from fl4health.model_bases.masked_layers.masked_linear import MaskedLinear
+
+    from layersel_ext import wire
+
+    for model in (MaskedLinear(4, 4), nn.Linear(2, 2)):
+        with pytest.raises(ValueError, match="not both"):
+            L.select_scores_and_sample_masks(model, None, seed=1, generator=torch.Generator(), mask_dtype=bool)
+        with pytest.raises(ValueError, match="not both"):
+            wire.sample_masks_packed(model, seed=1, generator=torch.Generator())
+        with pytest.raises(TypeError, match="bool"):
+            L.select_scores_and_sample_masks(model, None, seed=-1, mask_dtype=bool)
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*64\)"):
+            L.select_scores_and_sample_masks(model, None, seed=-1)
+
+
 class Scores(nn.Module):
     def __init__(self, scores: torch.Tensor) -> None:
         super().__init__()
