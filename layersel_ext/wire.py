@@ -248,9 +248,9 @@ def sample_masks_packed(
     if np_dtype not in _DTYPE_CODES:
         raise TypeError(f"mask_dtype {np_dtype} has no code in the compact wire format")
     names, scores, flat_u8 = sample_flat_masks(model, seed=seed, generator=generator, dtype=torch.uint8)
-    if flat_u8 is None:
-        bits = np.zeros(0, dtype=np.uint8)
-    elif flat_u8.device.type == "cuda":
+    if flat_u8 is None:  # no scores: what the packer sends for no arrays
+        return CompactMaskPacker().pack_parameters([], [])
+    if flat_u8.device.type == "cuda":
         bits = pack_bits_torch(flat_u8).cpu().numpy()
     else:
         bits = pack_bits(flat_u8.numpy())

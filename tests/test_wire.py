@@ -217,3 +217,7 @@ def test_device_packer_equals_numpy_packbits(n):
     # pack_bits_torch is what a CUDA model's masks go through; torch ops, so the CPU proves its bits
     flat = torch.randint(0, 2, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
     assert np.array_equal(wire.pack_bits_torch(flat).numpy(), wire.pack_bits(flat.numpy()))
+
+
+def test_fused_sampling_of_a_model_without_scores_equals_packing_nothing():
+    assert_same_arrays(wire.sample_masks_packed(nn.Linear(2, 2)), wire.CompactMaskPacker().pack_parameters([], []))
