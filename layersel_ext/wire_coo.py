@@ -118,7 +118,12 @@ def _encode_positions(offsets: np.ndarray, numel: int) -> tuple[int, np.ndarray]
         bits = np.zeros(numel, np.uint8)
         bits[offsets.astype(np.int64)] = 1
         payload = np.packbits(bits, bitorder="little")
-    return code, np.frombuffer(np.ascontiguousarray(payload).tobytes(), np.uint8)
+    return code, _raw_bytes(payload)
+
+
+def _raw_bytes(a: np.ndarray) -> np.ndarray:
+    """A 1-D array's little-endian bytes as uint8 (a view when it already is contiguous little-endian)."""
+    return np.ascontiguousarray(a, a.dtype.newbyteorder("<")).view(np.uint8).reshape(-1)
 
 
 def _flat_offsets(
@@ -167,7 +172,7 @@ class CompactCooPacker:
             code, payload = _encode_positions(offsets, numel)
             meta += [_DTYPE_CODES[v.dtype], len(shape), *shape, v.size, code, payload.size]
             positions.append(payload)
-            raw_values.append(np.frombuffer(np.ascontiguousarray(v, v.dtype.newbyteorder("<")).tobytes(), np.uint8))
+            raw_values.append(_raw_bytes(v))
         return [
             _header(FORM_COO),
             np.asarray(meta, np.int64),
@@ -182,9 +187,9 @@ class CompactCooPacker:
     @staticmethod
     def extract_coo_info_from_dense(x: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """fl4health's ``SparseCooParameterPacker.extract_coo_info_from_dense`` (the server's reply)."""
-        selected_parameters = x[torch.nonzero(x, as_tuple=True)].cpu().numpy()
-        selected_indices = torch.nonzero(x, as_tuple=False).cpu().numpy()
-        return selected_parameters, selected_indices, np.array(list(x.shape))
+        selected = torch.nonzero(x, as_tuple=True)  # once (fl4health computes it twice); same errors
+        values = x[selected]
+        return values.cpu().numpy(), torch.stack(selected, dim=1).cpu().numpy(), np.array(list(x.shape))
 
 
 # ------------------------------------------------------------------------------------------ decoding

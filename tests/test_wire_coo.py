@@ -216,3 +216,21 @@ def test_patch_compact_wire_installs_the_coo_packers_and_unpatch_restores():
     assert isinstance(SparseCooParameterExchanger(0.3, L.largest_magnitude_change_scores).parameter_packer,
                       SparseCooParameterPacker)  # fmt: skip
     assert isinstance(FedAvgSparseCooTensor().parameter_packer, SparseCooParameterPacker)
+
+
+def test_server_extraction_equals_fl4health():
+    fl4health_criteria()
+    from fl4health.parameter_exchange.parameter_packer import SparseCooParameterPacker
+
+    torch.manual_seed(1)
+    for x in (torch.randn(5, 4).relu(), torch.zeros(3), torch.zeros(0, 3), torch.randn(2, 3, 4).relu().half(),
+              torch.randint(0, 2, (3, 3))):  # fmt: skip
+        assert_same_arrays(
+            list(CompactCooPacker.extract_coo_info_from_dense(x)),
+            list(SparseCooParameterPacker.extract_coo_info_from_dense(x)),
+        )
+    for x in (torch.tensor(2.0), torch.tensor(0.0)):  # fl4health fails on a 0-d tensor; so does this
+        with pytest.raises(IndexError):
+            SparseCooParameterPacker.extract_coo_info_from_dense(x)
+        with pytest.raises(IndexError):
+            CompactCooPacker.extract_coo_info_from_dense(x)
