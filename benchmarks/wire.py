@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from functools import partial
@@ -27,13 +26,10 @@ import torch
 
 
 def median_ms(fn: Callable[..., Any], *args: Any, reps: int) -> float:
-    fn(*args)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(*args)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+    """The benchmark runner's timing (a warm-up call, then the median of ``reps``), in ms."""
+    from layersel_ext.bench.run import time_it
+
+    return time_it(partial(fn, *args), "cpu", reps)[0] * 1e3
 
 
 def _sample_and_pack(select: Callable[..., Any], pack: Callable[..., Any], model: Any) -> Any:
