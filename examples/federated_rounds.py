@@ -193,16 +193,14 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
 
     class Recording(strategy_cls):  # type: ignore[misc, valid-type]
         def decoded(self, packed: list[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
-            """Arrays and names of a message, as fl4health's framing lists them (COO: the values, the
-            indices and the shapes, then the names), whether it came in that framing or in
-            layersel_ext's compact wire (decoded by the strategy's packer)."""
-            if packed and packed[0].dtype == np.uint8 and packed[0][:4].tobytes() == b"LSXW":
-                arrays, extra = self.parameter_packer.unpack_parameters(packed)
-                if isinstance(extra, tuple):  # COO: (values, (indices, shapes, names))
-                    indices, shapes, names = extra
-                    return [*arrays, *indices, *shapes], list(names)
-                return list(arrays), list(extra)
-            return packed[:-1], packed[-1].tolist()
+            """Arrays and names of a message, decoded by the strategy's own packer (fl4health's, or
+            layersel_ext's compact wire), listed as fl4health's framing lists them (COO: the values,
+            the indices and the shapes, then the names)."""
+            arrays, extra = self.parameter_packer.unpack_parameters(packed)
+            if isinstance(extra, tuple):  # COO: (values, (indices, shapes, names))
+                indices, shapes, names = extra
+                return [*arrays, *indices, *shapes], list(names)
+            return list(arrays), list(extra)
 
         def aggregate_fit(self, server_round: int, results: list, failures: list) -> Any:
             clients = []
@@ -377,7 +375,7 @@ def run_federation(
     """
     t_start = time.monotonic()
     deadline = t_start + timeout
-    patch = (wire if wire != "fl4health" else "1") if patched else "0"
+    patch = wire if patched else ""  # the wire patch() gets in the server and client processes; "": not patched
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "LAYERSEL_PATCH_FL4HEALTH": patch}
     cmd = [sys.executable, "-m", "examples.federated_rounds"]
     res: dict[str, Any] = {"mode": mode, "patched": patched, "wire": wire, "error": None, "killed": []}
@@ -478,11 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        patch = os.environ.get("LAYERSEL_PATCH_FL4HEALTH", "0")
-        if patch != "0":
+        wire = os.environ.get("LAYERSEL_PATCH_FL4HEALTH", "")
+        if wire:
             import layersel_ext.fl4health
 
-            layersel_ext.fl4health.patch(wire="fl4health" if patch == "1" else patch)
+            layersel_ext.fl4health.patch(wire=wire)
         if args.role == "server":
             run_server(args.mode, args.port, args.rounds, args.out)
         else:
