@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICES, fl4health_criteria
+from conftest import DEVICES, fl4health_criteria, fl4health_strategies
 from torch import nn
 
 import layersel_ext as L
@@ -98,7 +98,7 @@ def test_at_least_60_times_fewer_bytes_than_int64_masks():
 
 
 def test_fedpm_server_aggregates_compact_masks_bit_for_bit():
-    fl4health_criteria()
+    fl4health_strategies()
     from fl4health.parameter_exchange.parameter_packer import ParameterPackerWithLayerNames
     from fl4health.strategies.fedpm import FedPm
 
@@ -178,7 +178,7 @@ def test_fuzzed_streams_give_value_errors_never_anything_else():
 
 
 def test_patch_compact_wire_installs_the_packers_and_unpatch_restores():
-    fl4health_criteria()
+    fl4health_strategies()
     from fl4health.parameter_exchange.fedpm_exchanger import FedPmExchanger
     from fl4health.parameter_exchange.layer_exchanger import DynamicLayerExchanger
     from fl4health.parameter_exchange.parameter_packer import ParameterPackerWithLayerNames

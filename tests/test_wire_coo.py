@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import fl4health_criteria
+from conftest import fl4health_criteria, fl4health_strategies
 from test_wire import assert_same_arrays
 
 from layersel_ext import wire, wire_coo
@@ -124,7 +124,7 @@ def test_a_peer_in_the_other_format_fails():
 
 
 def test_fl4health_server_aggregation_is_bitwise_unchanged():
-    fl4health_criteria()
+    fl4health_strategies()
     from fl4health.parameter_exchange.parameter_packer import SparseCooParameterPacker
     from fl4health.strategies.fedavg_sparse_coo_tensor import FedAvgSparseCooTensor
 
@@ -180,7 +180,7 @@ def test_fuzzed_streams_give_value_errors_never_anything_else():
 
 
 def test_patch_compact_wire_installs_the_coo_packers_and_unpatch_restores():
-    fl4health_criteria()
+    fl4health_strategies()
     from fl4health.parameter_exchange.parameter_packer import SparseCooParameterPacker
     from fl4health.parameter_exchange.sparse_coo_parameter_exchanger import SparseCooParameterExchanger
     from fl4health.strategies.fedavg_sparse_coo_tensor import FedAvgSparseCooTensor
