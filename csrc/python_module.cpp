@@ -6,8 +6,10 @@
 
 #include <mutex>
 #include <set>
+#include <vector>
 
 #include "common/dtypes.h"
+#include "common/tensor_headers.h"
 
 namespace {
 
@@ -55,10 +57,59 @@ int64_t cpu_threads_used(int64_t items) {
   return static_cast<int64_t>(ids.size());
 }
 
+// Tensor headers made without the dispatcher (common/tensor_headers.h): a model
+// of 1,000 small tensors otherwise pays a dispatched detach() or slice-and-view
+// per tensor (2-3 us each from Python), more than the kernels themselves.
+
+// t.detach() for each: a new header on the same storage, sharing the version
+// counter, without autograd (what detach() does for a dense tensor). Anything
+// else (a tensor subclass such as DTensor, sparse, nested) takes t.detach().
+std::vector<at::Tensor> detach_all(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    const bool plain = t.layout() == c10::kStrided && !t.is_nested() &&
+                       !impl->key_set().has(c10::DispatchKey::Python) &&
+                       !impl->key_set().has(c10::DispatchKey::PythonTLSSnapshot);
+    if (plain) {
+      out.emplace_back(impl->shallow_copy_and_detach(impl->version_counter(), /*allow_tensor_metadata_change=*/false));
+    } else {
+      out.push_back(t.detach());
+    }
+  }
+  return out;
+}
+
+// Views of flat per-dtype buffers (one per dtype, in any order), one per tensor
+// of `like`, shaped like it, in order: ops.split_grouped's slice-and-view loop.
+std::vector<at::Tensor> views_like(const std::vector<at::Tensor>& buffers, const std::vector<at::Tensor>& like) {
+  std::vector<int64_t> fill(buffers.size(), 0);
+  std::vector<at::Tensor> out;
+  out.reserve(like.size());
+  for (const at::Tensor& t : like) {
+    size_t g = 0;
+    while (g < buffers.size() && buffers[g].scalar_type() != t.scalar_type()) ++g;
+    TORCH_CHECK(g < buffers.size(), "views_like: no buffer of dtype ", t.scalar_type());
+    const at::Tensor& buf = buffers[g];
+    TORCH_CHECK(buf.dim() == 1 && buf.is_contiguous(), "views_like: buffers must be flat and contiguous");
+    TORCH_CHECK(fill[g] + t.numel() <= buf.numel(), "views_like: the ", t.scalar_type(), " buffer is too small");
+    out.push_back(layersel::contiguous_header(buf, t.sizes(), fill[g]));
+    fill[g] += t.numel();
+  }
+  for (size_t g = 0; g < buffers.size(); ++g) {
+    TORCH_CHECK(fill[g] == buffers[g].numel(), "views_like: the ", buffers[g].scalar_type(), " buffer holds ",
+                buffers[g].numel(), " elements, the tensors ", fill[g]);
+  }
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "layersel_ext compiled kernels (ops are registered as torch.ops.layersel.*)";
   m.def("build_info", &build_info, "How this module was compiled");
   m.def("cpu_threads_used", &cpu_threads_used, "Distinct threads used by at::parallel_for over `items`");
+  m.def("detach_all", &detach_all, "t.detach() for each tensor, without a dispatcher call per tensor");
+  m.def("views_like", &views_like, "Views of flat per-dtype buffers shaped like each tensor of `like`");
 }

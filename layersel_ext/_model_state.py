@@ -4,7 +4,8 @@
 tensors on the same storage), without building the OrderedDict and running the state_dict machinery:
 for a model of 2,000 small tensors that is most of fl4health's per-call cost. The tensors are
 detached, as state_dict()'s are: each holds its own reference to the storage, so a kernel keeps
-reading valid memory even if another thread swaps a parameter's storage (``p.data = ...``) meanwhile. A model that customises its state_dict (hooks,
+reading valid memory even if another thread swaps a parameter's storage (``p.data = ...``) meanwhile
+(with the compiled backend, all in one C++ call: ``_C.detach_all``). A model that customises its state_dict (hooks,
 overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through the real
 ``state_dict()``.
 """
@@ -12,6 +13,8 @@ overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through t
 from __future__ import annotations
 
 from torch import Tensor, nn
+
+from . import ops
 
 _BASE_STATE_DICT = nn.Module.state_dict
 _BASE_SAVE = nn.Module._save_to_state_dict
@@ -34,15 +37,22 @@ def _collect(module: nn.Module, prefix: str, out: list[tuple[str, Tensor]]) -> b
         return False
     for name, param in module._parameters.items():
         if param is not None:
-            out.append((prefix + name, param.detach()))
+            out.append((prefix + name, param))
     non_persistent = module._non_persistent_buffers_set
     for name, buf in module._buffers.items():
         if buf is not None and name not in non_persistent:
-            out.append((prefix + name, buf.detach()))
+            out.append((prefix + name, buf))
     for name, child in module._modules.items():
         if child is not None and not _collect(child, prefix + name + ".", out):
             return False
     return True
+
+
+def _detached(items: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+    tensors = [t for _, t in items]
+    helpers = ops.compiled_helpers()
+    detached = helpers.detach_all(tensors) if helpers is not None else [t.detach() for t in tensors]
+    return [(name, t) for (name, _), t in zip(items, detached)]
 
 
 def state_items(model: nn.Module) -> list[tuple[str, Tensor]]:
@@ -52,7 +62,7 @@ def state_items(model: nn.Module) -> list[tuple[str, Tensor]]:
     items: list[tuple[str, Tensor]] = []
     # Defensive: a repeated name (not possible for plain modules) is left to state_dict()'s rules.
     if _collect(model, "", items) and len({n for n, _ in items}) == len(items):
-        return items
+        return _detached(items)
     items = list(model.state_dict().items())
     for name, value in items:
         if not isinstance(value, Tensor):

@@ -45,6 +45,12 @@ def _use_compiled(op: str, device: torch.device) -> bool:
     return _backend == "compiled" and (op, "CUDA" if device.type == "cuda" else "CPU") in _KERNELS
 
 
+def compiled_helpers():
+    """The compiled module when the compiled backend is active (its ``detach_all`` and ``views_like``
+    make tensor headers without the dispatcher), else None: the torch backend stays pure torch."""
+    return COMPILED if _backend == "compiled" else None
+
+
 def _device(tensors: Sequence[Tensor]) -> torch.device:
     return tensors[0].device if len(tensors) else torch.device("cpu")
 
@@ -76,7 +82,14 @@ def scores(model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int)
 
 
 def split_grouped(buffers: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
-    """Views of per-dtype flat buffers, one per tensor of ``like``, with its shape."""
+    """Views of per-dtype flat buffers, one per tensor of ``like``, with its shape.
+
+    With the compiled module the views are made in C++ without the dispatcher (``_C.views_like``:
+    a slice and a view per tensor from Python cost more than the kernel on a model of 1,000 small
+    tensors); under torch.compile and in the pure-torch backend, by the loop below."""
+    helpers = compiled_helpers()
+    if helpers is not None and not torch.compiler.is_compiling():
+        return helpers.views_like(list(buffers), list(like))
     by_dtype = {b.dtype: b for b in buffers}
     fill = dict.fromkeys(by_dtype, 0)
     out = []
