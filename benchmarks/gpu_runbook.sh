@@ -103,6 +103,11 @@ run 180 bench.log "$PY" -m benchmarks.run --device cuda --no-big --reps 5 \
   --only "^(bert_like|many_small|resnet_like|masked_mlp)$" --out "$OUT/results"
 [ "$DRY" = 1 ] || tail -40 "$OUT/bench.log"
 
+# Where the time goes (medians, profiler tables, this machine's D2H and D2D rates): 1 minute.
+step "profile (benchmarks/gpu_profile.py)"
+run 90 profile.txt "$PY" benchmarks/gpu_profile.py
+[ "$DRY" = 1 ] || grep "#####" "$OUT/profile.txt" | tee -a "$OUT/summary.txt"
+
 # CI runs these on every submission; here they only use what is left of the budget, and running
 # out of it is not a failure.
 step "pytest: everything else (what the budget leaves)"
