@@ -286,3 +286,39 @@ def test_all_integer_model_matches_fl4health(backend):
         for sparsity in (0.02, 0.05, 0.3, 1.0):
             ref = reference_exchanger(sparsity, getattr(F, fn)).select_parameters(model, initial)
             assert_same_selection(ref, select_sparse_parameters(model, initial, sparsity, getattr(L, fn)))
+
+
+@compiled_only
+def test_kth_largest_sample_select_path():
+    """The sample select (large models; forced here on small ones with LAYERSEL_SPARSE_SAMPLE_MIN=0):
+    the same k-th largest as a full sort for every rank, dtype and score kind, with ties, NaN, +-0,
+    constant tensors (a crowded bracket) and ranks at both ends (brackets open above or below)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, layersel_ext\n"
+        "from layersel_ext import ops, _torch_ops\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "def model(dt):\n"
+        "    a = torch.randn(150001, generator=g) * 50\n"
+        "    a[::97] = float('nan') if dt.is_floating_point else 0\n"
+        "    a[1::89] = -0.0\n"
+        "    b = torch.full((70000,), 3.0)\n"
+        "    c = torch.randint(-4, 4, (60000,), generator=g).float()\n"
+        "    return [t.to(dt) for t in (a, b, c)]\n"
+        "for dt in (torch.float32, torch.float64, torch.int64, torch.int32):\n"
+        "    xs, ys = model(dt), model(dt)\n"
+        "    n = sum(x.numel() for x in xs)\n"
+        "    sd = dt if dt.is_floating_point else torch.int64  # the op's integer score dtype\n"
+        "    for kind in range(6):\n"
+        "        for k in (1, 2, 137, n // 100, n // 10, n // 2, n - 5000, n - 1, n):\n"
+        "            got = torch.ops.layersel.kth_largest_score(xs, ys, kind, k, sd)\n"
+        "            want = _torch_ops.kth_largest_score(xs, ys, kind, k, sd)\n"
+        "            assert torch.equal(got, want) or (got.isnan() and want.isnan()), (dt, kind, k, got, want)\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "LAYERSEL_SPARSE_SAMPLE_MIN": "0"}
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

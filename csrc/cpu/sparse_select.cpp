@@ -1,5 +1,7 @@
 // CPU: fl4health's sparse COO selection without a sort. The k-th largest score
-// comes from a radix select whose first pass histograms the top 16 key bits
+// comes from a sample select on large models (a sample brackets it, one pass
+// collects the bracket; sampled_kth_largest_key), else (or when the bracket
+// misses) from a radix select whose first pass histograms the top 16 key bits
 // (per-thread tables); the few keys under the chosen digit are then collected
 // and selected in memory (when that digit is crowded, as in a constant model,
 // further full passes with 11-bit digits instead). Scores are computed on the
@@ -10,7 +12,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <functional>
 #include <tuple>
 #include <type_traits>
 
@@ -78,20 +82,157 @@ inline uint64_t pick_digit(const int64_t* counts, int64_t bins, int64_t& remaini
   return 0;
 }
 
+// Every chunk of the table, in parallel: body(kind constant, x, y, len, T* tag).
+template <typename Body>
+void each_score_chunk(const WorkTable& table, int64_t kind, Body body) {
+  for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
+    LS_SWITCH_DTYPE(e.dtype, T, {
+      const T* x = static_cast<const T*>(e.x) + off;
+      const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
+      with_score_kind(kind, [&](auto kc) { body(kc, x, y, len, static_cast<T*>(nullptr)); });
+    });
+  });
+}
+
+// Sample select: the keys of a sample spread over the model bracket the k-th
+// largest; ONE pass then counts the keys above the bracket and collects those
+// inside it, and when the k-th largest is inside (almost always) it is selected
+// among them in memory. One pass over the model instead of the two below (at
+// 1% of bert_like on 2 cores here: 147 -> ~100 ms; the pass itself takes ~70 ms
+// against a 40 ms read, computing and keying every score). The answer is exact either way: a
+// bracket that misses (an unrepresentative sample) or overflows only costs
+// that pass, and the two-pass select runs as before.
+constexpr int64_t kSampleBlocks = 4096;  // 16 consecutive elements each: one cache line of float32
+constexpr int64_t kSampleBlock = 16;
+constexpr int64_t kSample = kSampleBlocks * kSampleBlock;
+
+// Models of at least 4M elements (LAYERSEL_SPARSE_SAMPLE_MIN changes it: the
+// tests force the sample select on small models with 0).
+inline int64_t sample_select_min_numel() {
+  static const int64_t limit = [] {
+    const char* env = std::getenv("LAYERSEL_SPARSE_SAMPLE_MIN");
+    return env ? std::strtoll(env, nullptr, 10) : 64 * kSample;
+  }();
+  return limit;
+}
+
+inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser: block jitter
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+// The keys of m <= kKeyBlock elements into `keys`; adds those above `hi` to
+// `above` and returns how many are in [lo, hi]. Branch-free, so that it
+// vectorises: most blocks hold no key of the bracket and are not read again.
+constexpr int64_t kKeyBlock = 64;
+template <typename P>
+using BlockKey = std::conditional_t<sizeof(P) <= 4, uint32_t, uint64_t>;  // 32-bit lanes where they suffice
+template <int64_t Kind, typename T, typename P>
+LS_CPU_CLONES int64_t bracket_block(const T* x, const T* y, int64_t m, BlockKey<P> lo, BlockKey<P> hi,
+                                    BlockKey<P>* keys, int64_t& above) {
+  using K = BlockKey<P>;
+  int32_t a = 0, in = 0;  // m <= kKeyBlock
+  for (int64_t j = 0; j < m; ++j) {
+    const K key = static_cast<K>(order_key<P>(static_cast<P>(sparse_score<T>(Kind, x[j], y[j]))));
+    keys[j] = key;
+    a += key > hi;
+    in += static_cast<K>(key - lo) <= static_cast<K>(hi - lo);
+  }
+  above += a;
+  return in;
+}
+
+template <typename P>
+bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, uint64_t& result) {
+  const int64_t n = table.total_numel;
+  if (n < sample_select_min_numel() || n < 2 * kSample) return false;  // small models: the passes below are cheap
+  // Bracket half-width in sample ranks: 8 standard deviations of the k-th's
+  // sample rank (as if independent: blocks make it less so, hence the margin),
+  // and at least 64.
+  const double p = static_cast<double>(k) / static_cast<double>(n);
+  const int64_t margin = 64 + static_cast<int64_t>(8.0 * std::sqrt(static_cast<double>(kSample) * p * (1.0 - p)));
+  const int64_t expected = static_cast<int64_t>(static_cast<double>(n) * (2 * margin + 1) / kSample);
+  const int threads = at::get_num_threads();
+  const int64_t cap = max_candidates();
+  if (4 * expected > cap) return false;  // would hold too many keys: the passes below bound memory
+  // The sample: block j starts at a jittered position in the j-th stretch of the model.
+  std::vector<uint64_t> sample(static_cast<size_t>(kSample));
+  const int64_t stretch = n / kSampleBlocks;
+  at::parallel_for(0, kSampleBlocks, 64, [&](int64_t begin, int64_t end) {
+    size_t t = 0;
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t start = j * stretch + static_cast<int64_t>(mix64(static_cast<uint64_t>(j)) %
+                                                                static_cast<uint64_t>(stretch - kSampleBlock));
+      for (int64_t q = 0; q < kSampleBlock; ++q) {
+        const int64_t g = start + q;
+        while (table.entries[t].base + table.entries[t].numel <= g) ++t;
+        const TensorEntry& e = table.entries[t];
+        const int64_t i = g - e.base;
+        LS_SWITCH_DTYPE(e.dtype, T, {
+          const T* x = static_cast<const T*>(e.x);
+          const T* y = e.y ? static_cast<const T*>(e.y) : x;
+          sample[j * kSampleBlock + q] = order_key<P>(static_cast<P>(sparse_score<T>(kind, x[i], y[i])));
+        });
+      }
+    }
+  });
+  std::sort(sample.begin(), sample.end(), std::greater<uint64_t>());
+  const int64_t r = static_cast<int64_t>(p * static_cast<double>(kSample));  // the k-th's expected sample rank
+  const uint64_t hi = r - margin < 0 ? ~uint64_t{0} : sample[r - margin];
+  const uint64_t lo = r + margin >= kSample ? uint64_t{0} : sample[r + margin];
+  // The pass: keys above the bracket counted, keys inside it collected (per
+  // thread, each thread bounded so that a bad bracket cannot exhaust memory).
+  struct alignas(64) Counter {
+    int64_t above = 0;
+    bool overflow = false;
+  };
+  std::vector<Counter> counters(static_cast<size_t>(threads));
+  std::vector<std::vector<uint64_t>> inside(static_cast<size_t>(threads));
+  const size_t per_thread_cap = static_cast<size_t>(cap / threads + 1);
+  each_score_chunk(table, kind, [&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    Counter& mine = counters[static_cast<size_t>(at::get_thread_num())];
+    std::vector<uint64_t>& keys = inside[static_cast<size_t>(at::get_thread_num())];
+    if (mine.overflow) return;
+    using K = BlockKey<P>;
+    K block[kKeyBlock];
+    const K klo = static_cast<K>(lo), khi = static_cast<K>(hi);
+    for (int64_t i = 0; i < len; i += kKeyBlock) {
+      const int64_t m = std::min(kKeyBlock, len - i);
+      const int64_t in = bracket_block<decltype(kc)::value, T, P>(x + i, y + i, m, klo, khi, block, mine.above);
+      if (in == 0) continue;
+      for (int64_t j = 0; j < m; ++j)
+        if (static_cast<K>(block[j] - klo) <= static_cast<K>(khi - klo)) keys.push_back(block[j]);
+    }
+    if (keys.size() > per_thread_cap) mine.overflow = true;
+  });
+  int64_t above = 0, count = 0;
+  for (size_t t = 0; t < counters.size(); ++t) {
+    if (counters[t].overflow) return false;
+    above += counters[t].above;
+    count += static_cast<int64_t>(inside[t].size());
+  }
+  if (!(above < k && k <= above + count)) return false;  // the k-th largest is outside the bracket
+  std::vector<uint64_t> keys;
+  keys.reserve(static_cast<size_t>(count));
+  for (auto& v : inside) keys.insert(keys.end(), v.begin(), v.end());
+  const auto nth = keys.begin() + (k - above - 1);
+  std::nth_element(keys.begin(), nth, keys.end(), std::greater<uint64_t>());
+  result = *nth;
+  return true;
+}
+
 template <typename P>
 uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k) {
   constexpr int bits = key_bits<P>();
   constexpr int64_t bins = int64_t{1} << kTopBits;
   const int threads = at::get_num_threads();
-  auto each_chunk = [&](auto body) {
-    for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
-      LS_SWITCH_DTYPE(e.dtype, T, {
-        const T* x = static_cast<const T*>(e.x) + off;
-        const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-        with_score_kind(kind, [&](auto kc) { body(kc, x, y, len, static_cast<T*>(nullptr)); });
-      });
-    });
-  };
+  if constexpr (bits > kTopBits) {
+    uint64_t sampled = 0;
+    if (sampled_kth_largest_key<P>(table, kind, k, sampled)) return sampled;
+  }
+  auto each_chunk = [&](auto body) { each_score_chunk(table, kind, body); };
   // Pass 1: the top digit.
   std::vector<int64_t> hist(static_cast<size_t>(bins), 0);
   auto top_pass = [&](auto counter_tag) {
