@@ -181,7 +181,7 @@ def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
     with torch.no_grad():
         for dtype, members, offset, nbytes in layout:
             if nbytes:
-                flat = torch._C._nn.flatten_dense_tensors([tensors[i].detach() for i in members])
+                flat = torch._C._nn.flatten_dense_tensors([tensors[i] for i in members])  # no_grad: no detach
                 host[offset : offset + nbytes].view(dtype).copy_(flat, non_blocking=True)
     torch.cuda.current_stream(tensors[0].device).synchronize()
     host_np = host.numpy()

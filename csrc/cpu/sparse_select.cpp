@@ -5,9 +5,9 @@
 // (per-thread tables); the few keys under the chosen digit are then collected
 // and selected in memory (when that digit is crowded, as in a constant model,
 // further full passes with 11-bit digits instead). Scores are computed on the
-// fly from the model tensors. The extraction counts the kept elements per
-// chunk, then writes values and row-major indices at each chunk's offset (the
-// order torch.nonzero gives).
+// fly from the model tensors. The extraction marks the kept elements (a bit
+// each) and counts them per chunk, then writes values and row-major indices at
+// each chunk's offset (the order torch.nonzero gives) from the marks.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -315,47 +315,58 @@ at::Tensor kth_largest_score_cpu(at::TensorList model, at::TensorList initial, i
   });
 }
 
+// The extraction reads the model once: a marking pass computes every score
+// and keeps one bit per element (64 to a word, vectorised), counting them; the
+// outputs are then allocated exactly and a writing pass walks the set bits
+// only, reading the kept values and writing their row-major indices (the order
+// torch.nonzero gives). Before, a counting pass and a writing pass each
+// computed every score again. The bits take n/8 bytes; the values written are
+// those read in the writing pass (another thread updating the weights in
+// place between the passes gives a stale answer, never a memory error).
+constexpr int64_t kWordsPerChunk = kCpuChunk / 64;
+
 template <int64_t Kind, typename T>
-int64_t count_chunk(const T* x, const T* y, int64_t n, double threshold) {
+LS_CPU_CLONES int64_t mark_chunk(const T* x, const T* y, int64_t n, double threshold, uint64_t* words) {
   int64_t count = 0;
-  for (int64_t i = 0; i < n; ++i)
-    count += passes_threshold(sparse_score<T>(Kind, x[i], y[i]), threshold) && is_nonzero(x[i]);
+  for (int64_t w = 0; w * 64 < n; ++w) {
+    const int64_t begin = w * 64, m = std::min<int64_t>(64, n - begin);
+    uint64_t word = 0;
+    for (int64_t b = 0; b < m; ++b) {
+      const int64_t i = begin + b;
+      const bool keep = passes_threshold(sparse_score<T>(Kind, x[i], y[i]), threshold) && is_nonzero(x[i]);
+      word |= static_cast<uint64_t>(keep) << b;
+    }
+    words[w] = word;
+    count += __builtin_popcountll(word);
+  }
   return count;
 }
 
-// Row-major coordinates of the kept elements only (most are not kept); the
-// common 1-D and 2-D cases without a 64-bit division loop. (Measured here: a
-// branch-free compaction with an odometer index was slower at 1% and 10%.)
-//
-// The output has room for exactly `cap` rows (the counting pass's count):
-// writes stop there even if the data changed in between (another thread
-// updating the weights in place), and rows left unfilled are zeroed. The
-// answer may then be stale; memory is never corrupted.
-template <int64_t kind, typename T>
-void write_chunk(const T* x, const T* y, int64_t off, int64_t n, double threshold, T* values, int64_t* indices,
-                 int64_t cap, const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
+// Row-major coordinates of the kept elements only; the common 1-D and 2-D
+// cases without a 64-bit division loop.
+template <typename T>
+void write_chunk(const T* x, int64_t off, int64_t n, const uint64_t* words, T* values, int64_t* indices,
+                 const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
   const size_t ndim = sizes.size();
   const bool small = off + n <= int64_t{UINT32_MAX};
   int64_t w = 0;
-  for (int64_t i = 0; i < n && w < cap; ++i) {
-    if (!(passes_threshold(sparse_score<T>(kind, x[i], y[i]), threshold) && is_nonzero(x[i]))) continue;
-    values[w] = x[i];
-    const int64_t flat = off + i;
-    int64_t* out = indices + w * static_cast<int64_t>(ndim);
-    if (ndim == 1) {
-      out[0] = flat;
-    } else if (ndim == 2 && small) {
-      const uint32_t row = static_cast<uint32_t>(flat) / static_cast<uint32_t>(sizes[1]);
-      out[0] = row;
-      out[1] = flat - static_cast<int64_t>(row) * sizes[1];
-    } else {
-      for (size_t dim = 0; dim < ndim; ++dim) out[dim] = (flat / strides[dim]) % sizes[dim];
+  for (int64_t k = 0; k * 64 < n; ++k) {
+    for (uint64_t word = words[k]; word != 0; word &= word - 1) {
+      const int64_t i = k * 64 + __builtin_ctzll(word);
+      values[w] = x[i];
+      const int64_t flat = off + i;
+      int64_t* out = indices + w * static_cast<int64_t>(ndim);
+      if (ndim == 1) {
+        out[0] = flat;
+      } else if (ndim == 2 && small) {
+        const uint32_t row = static_cast<uint32_t>(flat) / static_cast<uint32_t>(sizes[1]);
+        out[0] = row;
+        out[1] = flat - static_cast<int64_t>(row) * sizes[1];
+      } else {
+        for (size_t dim = 0; dim < ndim; ++dim) out[dim] = (flat / strides[dim]) % sizes[dim];
+      }
+      ++w;
     }
-    ++w;
-  }
-  for (; w < cap; ++w) {
-    values[w] = T(0);
-    std::fill(indices + w * static_cast<int64_t>(ndim), indices + (w + 1) * static_cast<int64_t>(ndim), int64_t{0});
   }
 }
 
@@ -366,11 +377,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
   check_threshold_count(thresholds.size(), model.size());
   const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "sparse_extract");
   std::vector<int64_t> counts(static_cast<size_t>(table.total_chunks()));
+  std::vector<uint64_t> bits(counts.size() * kWordsPerChunk);
   for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t t, int64_t c, int64_t off, int64_t len) {
     LS_SWITCH_DTYPE(e.dtype, T, {
       const T* x = static_cast<const T*>(e.x) + off;
       const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-      with_score_kind(kind, [&](auto k) { counts[c] = count_chunk<decltype(k)::value, T>(x, y, len, thresholds[t]); });
+      uint64_t* words = bits.data() + c * kWordsPerChunk;
+      with_score_kind(kind, [&](auto k) { counts[c] = mark_chunk<decltype(k)::value, T>(x, y, len, thresholds[t], words); });
     });
   });
   const size_t n = table.entries.size();
@@ -394,13 +407,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
   for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t t, int64_t c, int64_t off, int64_t len) {
     if (counts[c] == 0) return;
     LS_SWITCH_DTYPE(e.dtype, T, {
-      const T* x = static_cast<const T*>(e.x) + off;
-      const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
       T* v = values[t].data_ptr<T>() + chunk_offset[c];
       int64_t* ix = indices[t].data_ptr<int64_t>() + chunk_offset[c] * static_cast<int64_t>(sizes[t].size());
-      with_score_kind(kind, [&](auto k) {
-        write_chunk<decltype(k)::value, T>(x, y, off, len, thresholds[t], v, ix, counts[c], sizes[t], strides[t]);
-      });
+      write_chunk<T>(static_cast<const T*>(e.x) + off, off, len, bits.data() + c * kWordsPerChunk, v, ix, sizes[t],
+                     strides[t]);
     });
   });
   return {values, indices};
