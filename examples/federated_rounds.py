@@ -8,7 +8,7 @@ FedPM and sparse modes also run with ``patch(wire="compact")`` (layersel_ext.wir
 run reports the bytes of the serialized Flower messages each client sends and the server returns.
 
 Modes: layer_threshold, layer_percentage (DynamicLayerExchanger + FedAvgDynamicLayer),
-sparse (SparseCooParameterExchanger + FedAvgSparseCooTensor), fedpm (masked CNN, FedPmServer +
+sparse and sparse_0.4 (SparseCooParameterExchanger at sparsity 0.1 / 0.4 + FedAvgSparseCooTensor), fedpm (masked CNN, FedPmServer +
 FedPm), fedpm_linear_n_1 (a masked Linear(n, 1): fl4health's squeezed masks break it).
 Server and clients are separate processes on 127.0.0.1; synthetic data. Each client seeds itself
 as fl4health's examples do (set_all_random_seeds(42), the same on every client). The clients start
@@ -34,7 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("layer_threshold", "layer_percentage", "sparse", "fedpm", "fedpm_linear_n_1")
+MODES = ("layer_threshold", "layer_percentage", "sparse", "sparse_0.4", "fedpm", "fedpm_linear_n_1")
+SPARSITY = {"sparse": 0.1, "sparse_0.4": 0.4}  # 0.4: fl4health's research sweeps on BERT
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -118,8 +119,8 @@ def run_client(mode: str, index: int, port: int) -> None:
 
     class PartialClient(Common, PartialWeightExchangeClient):
         def get_parameter_exchanger(self, config: Any) -> Any:
-            if mode == "sparse":
-                return SparseCooParameterExchanger(0.1, criteria.largest_magnitude_change_scores)
+            if mode in SPARSITY:
+                return SparseCooParameterExchanger(SPARSITY[mode], criteria.largest_magnitude_change_scores)
             ctor = criteria.LayerSelectionFunctionConstructor(2e-4, 0.5, normalize=True, select_drift_more=True)
             fn = ctor.select_by_percentage() if mode == "layer_percentage" else ctor.select_by_threshold()
             return DynamicLayerExchanger(layer_selection_function=fn)
@@ -180,7 +181,7 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
     }
     if mode.startswith("fedpm"):
         strategy_cls: Any = FedPm
-    elif mode == "sparse":
+    elif mode in SPARSITY:
         strategy_cls = FedAvgSparseCooTensor
     else:
         strategy_cls = FedAvgDynamicLayer
@@ -488,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = 0
     for mode in [args.mode] if args.mode else MODES:
-        compact = mode.startswith("fedpm") or mode == "sparse"
+        compact = mode.startswith("fedpm") or mode in SPARSITY
         runs = [(False, "fl4health"), (True, "fl4health")] + ([(True, "compact")] if compact else [])
         for patched, wire in runs:
             res = run_federation(mode, patched, args.rounds, wire=wire)
