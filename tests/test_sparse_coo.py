@@ -246,13 +246,21 @@ def test_cuda_matches_cpu():
             model, initial = model.cpu(), initial.cpu()
 
 
-@compiled_only
-def test_kth_largest_full_pass_path():
-    """With no room for candidates the CPU select takes the full-pass path: same answers."""
+def run_with_env(code: str, **env: str) -> None:
+    """``code`` in a fresh interpreter with ``env`` added (the CPU select reads its knobs once); it
+    must print ok."""
     import os
     import subprocess
     import sys
 
+    full = {**os.environ, **env}
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=full, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@compiled_only
+def test_kth_largest_full_pass_path():
+    """With no room for candidates the CPU select takes the full-pass path: same answers."""
     code = (
         "import torch, layersel_ext\n"
         "g = torch.Generator().manual_seed(2)\n"
@@ -264,9 +272,7 @@ def test_kth_largest_full_pass_path():
         "        assert got.item() == ordered[k - 1].item(), (dt, k)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "LAYERSEL_SPARSE_MAX_CANDIDATES": "0"}
-    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    run_with_env(code, LAYERSEL_SPARSE_MAX_CANDIDATES="0")
 
 
 def test_all_integer_model_matches_fl4health(backend):
@@ -293,10 +299,6 @@ def test_kth_largest_sample_select_path():
     """The sample select (large models; forced here on small ones with LAYERSEL_SPARSE_SAMPLE_MIN=0):
     the same k-th largest as a full sort for every rank, dtype and score kind, with ties, NaN, +-0,
     constant tensors (a crowded bracket) and ranks at both ends (brackets open above or below)."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import torch, layersel_ext\n"
         "from layersel_ext import ops, _torch_ops\n"
@@ -319,6 +321,4 @@ def test_kth_largest_sample_select_path():
         "            assert torch.equal(got, want) or (got.isnan() and want.isnan()), (dt, kind, k, got, want)\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "LAYERSEL_SPARSE_SAMPLE_MIN": "0"}
-    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    run_with_env(code, LAYERSEL_SPARSE_SAMPLE_MIN="0")
