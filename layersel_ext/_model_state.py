@@ -12,6 +12,7 @@ overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through t
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from . import ops
@@ -51,7 +52,10 @@ def _collect(module: nn.Module, prefix: str, out: list[tuple[str, Tensor]]) -> b
 def _detached(items: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
     tensors = [t for _, t in items]
     helpers = ops.compiled_helpers()
-    detached = helpers.detach_all(tensors) if helpers is not None else [t.detach() for t in tensors]
+    if helpers is not None and not torch.compiler.is_compiling():  # dynamo cannot trace into _C
+        detached = helpers.detach_all(tensors)
+    else:
+        detached = [t.detach() for t in tensors]
     return [(name, t) for (name, _), t in zip(items, detached)]
 
 

@@ -441,3 +441,21 @@ def test_each_op_compiles_with_fullgraph(op):
         compiled = _flatten(torch.compile(fn, fullgraph=True, backend="eager")(xs, ys))
     assert len(compiled) == len(eager)
     assert all(torch.equal(a, b) for a, b in zip(compiled, eager))
+
+
+def test_public_score_function_compiles_with_fullgraph():
+    """The state walk traces under torch.compile (the C++ detach is for eager calls only)."""
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available")
+    try:
+        dynamo = importlib.import_module("torch._dynamo")
+    except (ImportError, RuntimeError) as exc:
+        pytest.skip(f"torch.compile is not available: {exc}")
+    m = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+
+    def fn(x):
+        return x + sum(v.float().sum() for v in L.largest_final_magnitude_scores(m, None).values())
+
+    x = torch.ones(2)
+    dynamo.reset()
+    assert torch.equal(torch.compile(fn, fullgraph=True, backend="eager")(x), fn(x))

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <functional>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 
@@ -322,11 +323,9 @@ at::Tensor kth_largest_score_cpu(at::TensorList model, at::TensorList initial, i
 // outputs are then allocated exactly and a writing pass walks the set bits
 // only, reading the kept values and writing their row-major indices (the order
 // torch.nonzero gives). Before, a counting pass and a writing pass each
-// computed every score again. The bits take n/8 bytes; the values written are
+// computed every score again. The bits take about n/8 bytes; the values written are
 // those read in the writing pass (another thread updating the weights in
 // place between the passes gives a stale answer, never a memory error).
-constexpr int64_t kWordsPerChunk = kCpuChunk / 64;
-
 template <int64_t Kind, typename T>
 LS_CPU_CLONES int64_t mark_chunk(const T* x, const T* y, int64_t n, double threshold, uint64_t* words) {
   int64_t count = 0;
@@ -379,12 +378,22 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
   check_threshold_count(thresholds.size(), model.size());
   const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "sparse_extract");
   std::vector<int64_t> counts(static_cast<size_t>(table.total_chunks()));
-  std::vector<uint64_t> bits(counts.size() * kWordsPerChunk);
+  // ceil(len / 64) words per chunk, at a prefix offset (a chunk of a small tensor is short);
+  // left uninitialised: mark_chunk writes every word it owns.
+  std::vector<int64_t> first_word(counts.size() + 1, 0);
+  for (size_t t = 0; t < table.entries.size(); ++t) {
+    const int64_t numel = table.entries[t].numel;
+    for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) {
+      const int64_t len = std::min(kCpuChunk, numel - (c - table.first_chunk[t]) * kCpuChunk);
+      first_word[c + 1] = first_word[c] + (len + 63) / 64;
+    }
+  }
+  std::unique_ptr<uint64_t[]> bits(new uint64_t[static_cast<size_t>(first_word.back()) + 1]);
   for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t t, int64_t c, int64_t off, int64_t len) {
     LS_SWITCH_DTYPE(e.dtype, T, {
       const T* x = static_cast<const T*>(e.x) + off;
       const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-      uint64_t* words = bits.data() + c * kWordsPerChunk;
+      uint64_t* words = bits.get() + first_word[c];
       with_score_kind(kind, [&](auto k) { counts[c] = mark_chunk<decltype(k)::value, T>(x, y, len, thresholds[t], words); });
     });
   });
@@ -411,7 +420,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
     LS_SWITCH_DTYPE(e.dtype, T, {
       T* v = values[t].data_ptr<T>() + chunk_offset[c];
       int64_t* ix = indices[t].data_ptr<int64_t>() + chunk_offset[c] * static_cast<int64_t>(sizes[t].size());
-      write_chunk<T>(static_cast<const T*>(e.x) + off, off, len, bits.data() + c * kWordsPerChunk, v, ix, sizes[t],
+      write_chunk<T>(static_cast<const T*>(e.x) + off, off, len, bits.get() + first_word[c], v, ix, sizes[t],
                      strides[t]);
     });
   });

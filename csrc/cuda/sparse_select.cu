@@ -12,7 +12,6 @@
 #include "../common/op_checks.h"
 #include "../common/radix.h"
 #include "../common/radix_values.h"
-#include "../common/tensor_headers.h"
 #include "cuda_utils.cuh"
 
 namespace layersel {
@@ -209,40 +208,14 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cuda
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const at::Tensor host_counts = counts.cpu();  // the sync: output sizes
   const int64_t* hc = host_counts.data_ptr<int64_t>();
-  // One values buffer per dtype and one index buffer for all tensors; each
-  // tensor's outputs are headers on them (two allocations, not two per tensor:
-  // on a model of hundreds of tensors the per-tensor allocations cost more than
-  // the kernels).
-  std::vector<int64_t> totals(n, 0);
-  std::vector<at::ScalarType> value_dtypes;
-  std::vector<int64_t> value_sizes;
-  int64_t index_size = 0;
-  for (size_t t = 0; t < n; ++t) {
-    for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) totals[t] += hc[c];
-    size_t g = 0;
-    while (g < value_dtypes.size() && value_dtypes[g] != model[t].scalar_type()) ++g;
-    if (g == value_dtypes.size()) {
-      value_dtypes.push_back(model[t].scalar_type());
-      value_sizes.push_back(0);
-    }
-    value_sizes[g] += totals[t];
-    index_size += totals[t] * model[t].dim();
-  }
-  std::vector<at::Tensor> value_buffers;
-  for (size_t g = 0; g < value_dtypes.size(); ++g)
-    value_buffers.push_back(at::empty({value_sizes[g]}, at::TensorOptions().dtype(value_dtypes[g]).device(device)));
-  const at::Tensor index_buffer = at::empty({index_size}, at::TensorOptions().dtype(at::kLong).device(device));
-  std::vector<int64_t> value_fill(value_dtypes.size(), 0);
-  int64_t index_fill = 0;
   std::vector<ExtractTarget> targets(static_cast<size_t>(chunks));
   for (size_t t = 0; t < n; ++t) {
-    const int64_t total = totals[t];
-    size_t g = 0;
-    while (value_dtypes[g] != model[t].scalar_type()) ++g;
-    values[t] = contiguous_header(value_buffers[g], {total}, value_fill[g]);
-    indices[t] = contiguous_header(index_buffer, {total, model[t].dim()}, index_fill);
-    value_fill[g] += total;
-    index_fill += total * model[t].dim();
+    int64_t total = 0;
+    for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) total += hc[c];
+    // Outputs of their own (an allocation each): headers on one shared buffer would make the
+    // op's outputs alias each other, which torch.compile's AOTAutograd refuses for custom ops.
+    values[t] = at::empty({total}, model[t].options());
+    indices[t] = at::empty({total, model[t].dim()}, model[t].options().dtype(at::kLong));
     int64_t running = 0;
     for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) {
       ExtractTarget& g = targets[c];
