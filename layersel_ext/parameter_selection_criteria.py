@@ -168,12 +168,12 @@ def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
     tensors on the device (``flatten_dense_tensors``, DDP's: a batched kernel, not one copy per
     tensor) and one D2H copy of it into its 64-byte aligned slice of one pinned buffer; one sync;
     each array is a numpy view of that buffer (numpy slicing, no torch op per tensor)."""
-    groups: dict[torch.dtype, list[int]] = {}
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}  # one device in practice
     for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
+        groups.setdefault((t.dtype, t.device), []).append(i)
     numels = [t.numel() for t in tensors]
     align, total, layout = 64, 0, []
-    for dtype, members in groups.items():
+    for (dtype, _), members in groups.items():
         nbytes = sum(numels[i] for i in members) * tensors[members[0]].element_size()
         layout.append((dtype, members, total, nbytes))
         total += -(-nbytes // align) * align
@@ -183,7 +183,8 @@ def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
             if nbytes:
                 flat = torch._C._nn.flatten_dense_tensors([tensors[i] for i in members])  # no_grad: no detach
                 host[offset : offset + nbytes].view(dtype).copy_(flat, non_blocking=True)
-    torch.cuda.current_stream(tensors[0].device).synchronize()
+    for device in {device for _, device in groups if device.type == "cuda"}:
+        torch.cuda.current_stream(device).synchronize()
     host_np = host.numpy()
     out: NDArrays = [None] * len(tensors)  # type: ignore[list-item]
     for dtype, members, offset, nbytes in layout:
