@@ -129,6 +129,10 @@ inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser: block jitter
 constexpr int64_t kKeyBlock = 64;
 template <typename P>
 using BlockKey = std::conditional_t<sizeof(P) <= 4, uint32_t, uint64_t>;  // 32-bit lanes where they suffice
+template <typename K>
+inline bool in_bracket(K key, K lo, K hi) {  // lo <= key <= hi, one unsigned comparison
+  return static_cast<K>(key - lo) <= static_cast<K>(hi - lo);
+}
 template <int64_t Kind, typename T, typename P>
 LS_CPU_CLONES int64_t bracket_block(const T* x, const T* y, int64_t m, BlockKey<P> lo, BlockKey<P> hi,
                                     BlockKey<P>* keys, int64_t& above) {
@@ -138,7 +142,7 @@ LS_CPU_CLONES int64_t bracket_block(const T* x, const T* y, int64_t m, BlockKey<
     const K key = static_cast<K>(order_key<P>(static_cast<P>(sparse_score<T>(Kind, x[j], y[j]))));
     keys[j] = key;
     a += key > hi;
-    in += static_cast<K>(key - lo) <= static_cast<K>(hi - lo);
+    in += in_bracket(key, lo, hi);
   }
   above += a;
   return in;
@@ -206,7 +210,7 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
       const int64_t in = bracket_block<decltype(kc)::value, T, P>(x + i, y + i, m, klo, khi, block, mine.above);
       if (in == 0) continue;
       for (int64_t j = 0; j < m; ++j)
-        if (static_cast<K>(block[j] - klo) <= static_cast<K>(khi - klo)) keys.push_back(block[j]);
+        if (in_bracket(block[j], klo, khi)) keys.push_back(block[j]);
     }
     if (keys.size() > per_thread_cap) mine.overflow = true;
   });
