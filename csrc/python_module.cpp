@@ -10,6 +10,7 @@
 
 #include "common/dtypes.h"
 #include "common/tensor_headers.h"
+#include "cpu/wire_coo.h"
 
 namespace {
 
@@ -112,4 +113,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_threads_used", &cpu_threads_used, "Distinct threads used by at::parallel_for over `items`");
   m.def("detach_all", &detach_all, "t.detach() for each tensor, without a dispatcher call per tensor");
   m.def("views_like", &views_like, "Views of flat per-dtype buffers shaped like each tensor of `like`");
+  // The compact COO wire codec (layersel_ext/wire_coo.py), without the GIL.
+  m.def("coo_encode", &layersel::coo_encode, "Compact COO positions and value bytes (cpu/wire_coo.h)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("coo_decode", &layersel::coo_decode, "fl4health's COO indices and value bytes from a compact stream",
+        py::call_guard<py::gil_scoped_release>());
 }

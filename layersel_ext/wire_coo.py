@@ -35,12 +35,14 @@ code, offset and padding bit before it allocates.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .ops import compiled_helpers
 from .wire import (
     _DTYPE_CODES,
     _MAX_NDIM,
@@ -58,6 +60,8 @@ from .wire import (
 POS_U32, POS_U64, POS_GAP8, POS_GAP16, POS_GAP32, POS_VARINT, POS_BITMAP = 1, 2, 3, 4, 5, 6, 7
 _GAP_WIDTHS = {POS_GAP8: np.uint8, POS_GAP16: np.uint16, POS_GAP32: np.uint32}
 
+# One tensor of a COO stream's meta: value dtype, shape, nnz, position code, position bytes.
+_Entry = tuple[np.dtype, tuple[int, ...], int, int, int]
 CooParts = tuple[list[np.ndarray], tuple[list[np.ndarray], list[np.ndarray], list[str]]]
 
 
@@ -126,12 +130,10 @@ def _raw_bytes(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a, a.dtype.newbyteorder("<")).view(np.uint8).reshape(-1)
 
 
-def _flat_offsets(
-    values: np.ndarray, indices: np.ndarray, shape: np.ndarray
-) -> tuple[tuple[int, ...], np.ndarray] | None:
-    """The tensor's shape and its entries' flat row-major offsets (uint64) when its message has the
-    form decoding rebuilds exactly (int64 [nnz, ndim] indices in range, the shape array fl4health
-    builds), else None."""
+def _coo_dims(values: np.ndarray, indices: np.ndarray, shape: np.ndarray) -> tuple[int, ...] | None:
+    """The tensor's shape when its message has the form decoding rebuilds (int64 [nnz, ndim] indices,
+    the shape array fl4health builds, at most one entry in a 0-d tensor), else None; whether every
+    index is inside the shape is the codec's check."""
     if values.ndim != 1 or values.dtype not in _DTYPE_CODES or shape.ndim != 1:
         return None
     if shape.size and shape.dtype.kind not in "iu":
@@ -144,12 +146,63 @@ def _flat_offsets(
         return None
     if indices.dtype != np.int64 or indices.shape != (values.size, len(dims)):
         return None
-    if not dims:  # a 0-d tensor: at most its one element, at offset 0
-        return (dims, np.zeros(values.size, np.uint64)) if values.size <= 1 else None
+    if not dims and values.size > 1:
+        return None
+    return dims
+
+
+def _flat_offsets(indices: np.ndarray, dims: tuple[int, ...]) -> np.ndarray | None:
+    """The entries' flat row-major offsets (uint64), or None when an index is outside the shape."""
+    if not dims:  # a 0-d tensor: its one element, at offset 0
+        return np.zeros(indices.shape[0], np.uint64)
     try:  # raises on a negative or out-of-range index
-        return dims, np.ravel_multi_index(tuple(indices.T), dims).astype(np.uint64)
+        return np.ravel_multi_index(tuple(indices.T), dims).astype(np.uint64)
     except ValueError:
         return None
+
+
+def _from_numpy(a: np.ndarray) -> Tensor:
+    """A CPU tensor on the array's memory (read-only arrays too: the codec only reads them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(a)
+
+
+def _encode_numpy(
+    values: list[np.ndarray], indices: list[np.ndarray], dims: list[tuple[int, ...]]
+) -> tuple[list[int], list[int], np.ndarray, np.ndarray] | None:
+    """(position codes, their byte counts, the payloads and the value bytes, each concatenated), or
+    None when an index is outside its shape: the twin of the compiled ``_C.coo_encode``."""
+    codes, sizes, positions = [], [], []
+    for i, shape in zip(indices, dims):
+        offsets = _flat_offsets(i, shape)
+        if offsets is None:
+            return None
+        code, payload = _encode_positions(offsets, math.prod(shape))
+        codes.append(code)
+        sizes.append(payload.size)
+        positions.append(payload)
+    raw = [_raw_bytes(v) for v in values]
+    return (
+        codes,
+        sizes,
+        np.concatenate(positions) if positions else np.zeros(0, np.uint8),
+        np.concatenate(raw) if raw else np.zeros(0, np.uint8),
+    )
+
+
+def _encode(
+    values: list[np.ndarray], indices: list[np.ndarray], dims: list[tuple[int, ...]]
+) -> tuple[list[int], list[int], np.ndarray, np.ndarray] | None:
+    compiled = compiled_helpers()
+    if compiled is None:
+        return _encode_numpy(values, indices, dims)
+    bad, codes, sizes, positions, raw = compiled.coo_encode(
+        [_from_numpy(np.ascontiguousarray(i)) for i in indices],
+        [list(d) for d in dims],
+        [_from_numpy(_raw_bytes(v)) for v in values],
+    )
+    return None if bad >= 0 else (codes, sizes, positions.numpy(), raw.numpy())
 
 
 class CompactCooPacker:
@@ -163,23 +216,15 @@ class CompactCooPacker:
         indices, shapes, names = [np.asarray(i) for i in indices], [np.asarray(s) for s in shapes], list(names)
         if not len(values) == len(indices) == len(shapes) == len(names):
             raise ValueError(f"{len(values)} values, {len(indices)} indices, {len(shapes)} shapes, {len(names)} names")
-        flat = [_flat_offsets(v, i, s) for v, i, s in zip(values, indices, shapes)]
-        if any(f is None for f in flat):
+        dims = [_coo_dims(v, i, s) for v, i, s in zip(values, indices, shapes)]
+        encoded = None if any(d is None for d in dims) else _encode(values, indices, dims)  # type: ignore[arg-type]
+        if encoded is None:
             return [_header(FORM_COO_PLAIN), *values, *indices, *shapes, *_trailer(names)]
-        meta, positions, raw_values = [len(values)], [], []
-        for v, (shape, offsets) in zip(values, flat):  # type: ignore[misc]
-            numel = math.prod(shape)
-            code, payload = _encode_positions(offsets, numel)
-            meta += [_DTYPE_CODES[v.dtype], len(shape), *shape, v.size, code, payload.size]
-            positions.append(payload)
-            raw_values.append(_raw_bytes(v))
-        return [
-            _header(FORM_COO),
-            np.asarray(meta, np.int64),
-            np.concatenate(positions) if positions else np.zeros(0, np.uint8),
-            np.concatenate(raw_values) if raw_values else np.zeros(0, np.uint8),
-            *_trailer(names),
-        ]
+        codes, sizes, positions, raw = encoded
+        meta = [len(values)]
+        for v, shape, code, size in zip(values, dims, codes, sizes):  # type: ignore[arg-type]
+            meta += [_DTYPE_CODES[v.dtype], len(shape), *shape, v.size, code, size]
+        return [_header(FORM_COO), np.asarray(meta, np.int64), positions, raw, *_trailer(names)]
 
     def unpack_parameters(self, packed_parameters: Sequence[np.ndarray]) -> CooParts:
         return unpack_coo(packed_parameters)
@@ -250,7 +295,7 @@ def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what
     return offsets
 
 
-def _read_coo_meta(meta: np.ndarray) -> list[tuple[np.dtype, tuple[int, ...], int, int, int]]:
+def _read_coo_meta(meta: np.ndarray) -> list[_Entry]:
     out = []
     for t, (dtype, shape, (nnz, pcode, pbytes)) in enumerate(_read_meta(meta, trailing=3, kinds="iufb")):
         if not 0 <= nnz <= math.prod(shape) or pbytes < 0:
@@ -300,7 +345,16 @@ def unpack_coo(packed: Sequence[np.ndarray]) -> CooParts:
         raise _fail(f"the meta's position bytes add up to {sum(e[4] for e in entries)}, got {positions.size}")
     if sum(e[2] * e[0].itemsize for e in entries) != raw.size:
         raise _fail(f"the values need {sum(e[2] * e[0].itemsize for e in entries)} bytes, got {raw.size}")
-    values, indices, shapes = [], [], []
+    values, indices = _decode(entries, names, positions, raw)
+    return values, (indices, [np.array(list(shape)) for _, shape, _, _, _ in entries], names)
+
+
+def _decode_numpy(
+    entries: list[_Entry], names: list[str], positions: np.ndarray, raw: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every tensor's values and int64 [nnz, ndim] indices (``ValueError`` at the first bad tensor):
+    the twin of the compiled ``_C.coo_decode``."""
+    values, indices = [], []
     p = r = 0
     for t, (dtype, shape, nnz, pcode, pbytes) in enumerate(entries):
         what = f"tensor #{t} ({names[t]!r})"
@@ -309,5 +363,27 @@ def unpack_coo(packed: Sequence[np.ndarray]) -> CooParts:
         values.append(raw[r : r + nnz * dtype.itemsize].view(dtype.newbyteorder("<")).astype(dtype))
         r += nnz * dtype.itemsize
         indices.append(_unravel(offsets, shape))
-        shapes.append(np.array(list(shape)))
-    return values, (indices, shapes, names)
+    return values, indices
+
+
+def _decode(
+    entries: list[_Entry], names: list[str], positions: np.ndarray, raw: np.ndarray
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    compiled = compiled_helpers()
+    if compiled is None:
+        return _decode_numpy(entries, names, positions, raw)
+    nbytes = [nnz * dtype.itemsize for dtype, _, nnz, _, _ in entries]
+    bad, why, index_tensors, buffer, starts = compiled.coo_decode(
+        [e[3] for e in entries],
+        [list(e[1]) for e in entries],
+        [e[2] for e in entries],
+        _from_numpy(positions),
+        [e[4] for e in entries],
+        _from_numpy(raw),
+        nbytes,
+    )
+    if bad >= 0:
+        raise _fail(f"tensor #{bad} ({names[bad]!r}): {why}")
+    buffer = buffer.numpy()
+    values = [buffer[s : s + n].view(e[0]) for e, s, n in zip(entries, starts, nbytes)]
+    return values, [t.numpy() for t in index_tensors]

@@ -8,7 +8,7 @@ import torch
 from conftest import fl4health_criteria, fl4health_strategies
 from test_wire import assert_same_arrays
 
-from layersel_ext import wire, wire_coo
+from layersel_ext import ops, wire, wire_coo
 from layersel_ext.wire_coo import CompactCooPacker
 
 # (fl4health's extract_coo_info_from_dense fails on a 0-d tensor, so its messages never hold one;
@@ -157,7 +157,30 @@ def _mutations(rng: np.random.Generator, packed: list[np.ndarray]):
     yield packed[:i] + [np.frombuffer(rng.bytes(int(rng.integers(0, 64))), np.uint8)] + packed[i + 1 :]
 
 
+def _unpack_with(backend: str, stream: list[np.ndarray]):
+    """("error", message) or ("ok", the decoded message), decoded by one codec."""
+    previous = ops.backend()
+    ops.set_backend(backend)
+    try:
+        return "ok", wire_coo.unpack_coo(stream)
+    except ValueError as exc:
+        return "error", str(exc)
+    finally:
+        ops.set_backend(previous)
+
+
+def _arrays(message) -> list[np.ndarray]:
+    values, (indices, shapes, _) = message
+    return [*values, *indices, *shapes]
+
+
+def _codecs() -> list[str]:
+    return ["torch", "compiled"] if ops.COMPILED is not None else ["torch"]
+
+
 def test_fuzzed_streams_give_value_errors_never_anything_else():
+    """Thousands of mutated streams: each codec (numpy; compiled) gives a ValueError or a message
+    that is in range, and both give the same one (the same error text, or the same arrays)."""
     rng = np.random.default_rng(2027)
     cases = 0
     for round_ in range(240):
@@ -168,15 +191,131 @@ def test_fuzzed_streams_give_value_errors_never_anything_else():
         valid = CompactCooPacker().pack_parameters(*message)
         for stream in _mutations(rng, valid):
             cases += 1
-            try:
-                values, (indices, shapes, _) = wire_coo.unpack_coo(stream)
-            except ValueError:
+            outcomes = [_unpack_with(codec, stream) for codec in _codecs()]
+            kind, got = outcomes[0]
+            for other_kind, other in outcomes[1:]:
+                assert other_kind == kind, (got, other)
+                if kind == "error":
+                    assert other == got
+                else:  # byte for byte: a mutated value may be a NaN
+                    flat = [[a.dtype, a.shape, a.tobytes()] for part in (got, other) for a in _arrays(part)]
+                    assert flat[: len(flat) // 2] == flat[len(flat) // 2 :]
+            if kind == "error":
                 continue
+            values, (indices, shapes, _) = got
             for v, i, s in zip(values, indices, shapes):  # accepted: self-consistent and in range
                 assert i.shape == (v.size, s.size)
                 if i.size:
                     assert i.min() >= 0 and np.all(i < s.astype(np.int64))
     assert cases >= 1500
+
+
+def message_of_offsets(rng: np.random.Generator, cases) -> tuple[list[np.ndarray], tuple[list, list, list[str]]]:
+    """An fl4health message with entries at the given flat offsets (in their order) of each shape."""
+    values, indices, shapes, names = [], [], [], []
+    dtypes = [np.float32, np.float16, np.float64, np.int8, np.bool_, np.int64]
+    for t, (offsets, shape) in enumerate(cases):
+        offsets = np.asarray(offsets, np.int64)
+        dtype = dtypes[t % len(dtypes)]
+        values.append((rng.standard_normal(offsets.size) * 50).astype(dtype))
+        idx = np.stack(np.unravel_index(offsets, shape), axis=1) if shape else np.zeros((offsets.size, 0))
+        indices.append(np.ascontiguousarray(idx, np.int64))
+        shapes.append(np.array(list(shape)))
+        names.append(f"t{t}")
+    return values, (indices, shapes, names)
+
+
+def test_compiled_codec_writes_the_numpy_codecs_bytes():
+    """Every position code, tensors of several 65,536-entry ranges (bitmap bytes and varints that
+    straddle two ranges), 1-4-D shapes with size-1 dimensions, offsets past 2**32, odd value dtypes:
+    the compiled codec writes the numpy codec's bytes, and each decodes the other's stream."""
+    if ops.COMPILED is None:
+        pytest.skip("compiled module not loaded")
+    rng = np.random.default_rng(11)
+
+    def increasing(numel: int, gaps: np.ndarray) -> np.ndarray:
+        offsets = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        return offsets[offsets < numel]
+
+    cases = [
+        (np.flatnonzero(rng.random(512 * 1024) < 0.4), (512, 1024)),  # bitmap, 4 ranges
+        (increasing(16_000_000, rng.integers(0, 200, 160_000)), (4000, 4000)),  # gap8, 3 ranges
+        (increasing(2**32, rng.integers(256, 65536, 70_000)), (2**16, 2**16)),  # gap16, 2 ranges
+        (increasing(2**41, rng.integers(2**28, 2**32, 2_000)), (2**31, 2**10)),  # gap32
+        (increasing(2**42, (2.0 ** rng.uniform(0, 25, 100_000)).astype(np.int64)), (2**21, 2**21)),  # varint
+        (rng.permutation(300 * 700)[:100_000], (300, 700)),  # u32: not increasing, 2 ranges
+        (rng.integers(0, 2**33, 1_000), (2**17, 2**16)),  # u64
+        (np.flatnonzero(rng.random(40 * 40 * 9) < 0.3), (40, 40, 3, 3)),
+        (np.flatnonzero(rng.random(7 * 5 * 3) < 0.5), (7, 1, 5, 1, 3)),
+        (np.flatnonzero(rng.random(131_073) < 0.999), (131_073,)),  # almost dense, odd length
+        ([], (0,)),
+        ([], (4, 0, 2)),
+        ([0], ()),
+        ([], (3, 3)),
+    ]
+    message = message_of_offsets(rng, cases)
+    packed = {}
+    for codec in _codecs():
+        previous = ops.backend()
+        ops.set_backend(codec)
+        try:
+            packed[codec] = CompactCooPacker().pack_parameters(*message)
+        finally:
+            ops.set_backend(previous)
+    assert packed["torch"][0][5] == wire.FORM_COO
+    codes = wire_coo._read_coo_meta(packed["torch"][1])
+    assert {e[3] for e in codes} == set(range(1, 8))  # every position code is exercised
+    assert len(packed["compiled"]) == len(packed["torch"])
+    for a, b in zip(packed["compiled"], packed["torch"]):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    for codec in _codecs():
+        kind, got = _unpack_with(codec, packed["torch"])
+        assert kind == "ok", got
+        assert_same_message(got, message)
+
+
+def test_compiled_decoder_refuses_what_the_numpy_decoder_refuses():
+    """Hand-made bad payloads, one per check, with a good tensor before and after the bad one: both
+    codecs name the same tensor and the same fault."""
+    rng = np.random.default_rng(12)
+    good = (np.flatnonzero(rng.random(200_000) < 0.3), (200_000,))
+    message = message_of_offsets(rng, [good, (np.arange(0, 90_000, 20), (300, 300)), good])
+    valid = CompactCooPacker().pack_parameters(*message)
+    meta = valid[1].copy()
+    entries = wire_coo._read_coo_meta(meta)
+    start = entries[0][4]
+    end = start + entries[1][4]
+    assert entries[1][3] == wire_coo.POS_GAP8
+
+    def with_payload(code: int, payload: np.ndarray, nnz: int | None = None) -> list[np.ndarray]:
+        m = meta.copy()
+        # tensor #1's entry: [dtype, ndim, 300, 300, nnz, code, bytes] after tensor #0's seven numbers
+        base = 1 + 5 + 1 + 2
+        m[base + 2], m[base + 3], m[base + 4] = entries[1][2] if nnz is None else nnz, code, payload.size
+        positions = np.concatenate([valid[2][:start], payload, valid[2][end:]])
+        return [valid[0], m, positions, *valid[3:]]
+
+    gaps = valid[2][start:end]
+    u32 = np.arange(0, 90_000, 20, dtype="<u4")
+    bad_streams = [
+        with_payload(wire_coo.POS_U32, np.append(u32[:-1], np.uint32(90_000)).view(np.uint8)),  # offset past
+        with_payload(wire_coo.POS_U32, u32.view(np.uint8)[:-1]),  # short
+        with_payload(wire_coo.POS_GAP8, gaps[:-1]),  # short
+        with_payload(wire_coo.POS_GAP8, np.full(gaps.size, 255, np.uint8)),  # runs past the tensor
+        with_payload(wire_coo.POS_GAP16, np.full(gaps.size, 0xFFFF, "<u2").view(np.uint8)),  # a gap past
+        with_payload(wire_coo.POS_VARINT, np.append(gaps, np.uint8(0x80))),  # unterminated
+        with_payload(wire_coo.POS_VARINT, np.append(gaps, np.uint8(1))),  # one gap too many
+        with_payload(wire_coo.POS_VARINT, np.concatenate([np.full(11, 0x81, np.uint8), gaps[1:]])),  # 12 bytes
+        with_payload(wire_coo.POS_VARINT, np.concatenate([np.full(9, 0x80, np.uint8), [2], gaps[1:]]).astype(np.uint8)),
+        with_payload(wire_coo.POS_BITMAP, np.zeros(90_000 // 8, np.uint8)),  # marks 0, not 4,500
+        with_payload(wire_coo.POS_BITMAP, np.zeros(90_000 // 8 + 1, np.uint8)),  # too long
+        with_payload(9, gaps),  # unknown code
+        with_payload(2**32 + 1, gaps),  # unknown code that truncates to a known one
+    ]
+    for stream in bad_streams:
+        outcomes = [_unpack_with(codec, stream) for codec in _codecs()]
+        assert outcomes[0][0] == "error" and "tensor #1 ('t1')" in outcomes[0][1], outcomes[0]
+        assert all(o == outcomes[0] for o in outcomes), outcomes
 
 
 def test_patch_compact_wire_installs_the_coo_packers_and_unpatch_restores():

@@ -1,0 +1,615 @@
+// The position codec of the compact sparse-COO wire format (the stream and its
+// codes: layersel_ext/wire_coo.py, whose numpy codec is this one's twin and
+// writes the same bytes). A tensor's selected entries travel as flat row-major
+// offsets in one of seven encodings; encoding reads fl4health's int64
+// [nnz, ndim] indices, decoding writes them.
+//
+// Both directions run in two passes over fixed ranges (kRange entries, or
+// kRange payload bytes for the varint and bitmap codes): the first checks and
+// counts, a serial scan gives every range its start, the second writes. Ranges
+// depend only on the sizes, so the bytes never depend on the thread count. No
+// torch here: csrc/cpu/wire_coo.cpp runs the ranges on at::parallel_for, and
+// csrc/tests/test_coo_codec.cpp runs them on one thread under ASan/UBSan.
+//
+// Decoding trusts nothing in the payload: every length, offset, gap and padding
+// bit is checked in the first pass, and the second pass only runs on a payload
+// the first one accepted (and only reads and writes where the first one looked).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "chunks.h"
+
+namespace layersel::coo {
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the wire format is little-endian, as is this host");
+
+enum Code : int { kU32 = 1, kU64 = 2, kGap8 = 3, kGap16 = 4, kGap32 = 5, kVarint = 6, kBitmap = 7 };
+constexpr int kMaxNdim = 64;
+constexpr int64_t kRange = int64_t{1} << 16;
+constexpr uint64_t kNone = ~uint64_t{0};
+// Sums of (gap + 1) saturate here: every gap is below 2**62 once checked, so
+// adding one to a sum below 2**63 never wraps.
+constexpr uint64_t kSaturated = uint64_t{1} << 63;
+
+inline uint64_t gap_width(int64_t code) { return code == kGap8 ? 1 : code == kGap16 ? 2 : 4; }
+inline uint64_t varint_length(uint64_t v) { return (70 - static_cast<uint64_t>(__builtin_clzll(v | 1))) / 7; }
+inline uint64_t saturating_add(uint64_t sum, uint64_t x) { return std::min(sum + std::min(x, kSaturated), kSaturated); }
+
+// A shape (sizes already checked by the caller: ndim <= kMaxNdim, numel < 2**62).
+struct Dims {
+  int ndim = 0;
+  int64_t d[kMaxNdim] = {};
+  uint64_t numel = 1;
+};
+
+// The hot loops are instantiated for 1 and 2 dimensions (biases, weights: the
+// common cases, fully unrolled) and for any number (ND == 0).
+template <int ND>
+inline int ndim_of(const Dims& s) {
+  return ND > 0 ? ND : s.ndim;
+}
+
+// Calls f(std::integral_constant<int, ND>) with the instantiation for s.
+template <class F>
+inline void with_ndim(const Dims& s, F&& f) {
+  if (s.ndim == 1) {
+    f(std::integral_constant<int, 1>());
+  } else if (s.ndim == 2) {
+    f(std::integral_constant<int, 2>());
+  } else {
+    f(std::integral_constant<int, 0>());
+  }
+}
+
+// Row-major offset of one index row; `inside` turns false when an index is
+// outside the shape (the offset is then meaningless). No branch per index.
+template <int ND>
+inline uint64_t flat_offset(const int64_t* row, const Dims& s, bool& inside) {
+  uint64_t off = 0;
+  for (int k = 0; k < ndim_of<ND>(s); ++k) {
+    const uint64_t x = static_cast<uint64_t>(row[k]), size = static_cast<uint64_t>(s.d[k]);
+    inside &= x < size;  // a negative index is a huge unsigned one
+    off = off * size + x;
+  }
+  return off;
+}
+
+// The index row of an offset (< numel); moving forward within the last
+// dimension costs no division, so increasing offsets unravel cheaply.
+template <int ND>
+struct Unravel {
+  const Dims& s;
+  int64_t idx[ND > 0 ? ND : kMaxNdim] = {};
+  uint64_t at = kNone;
+
+  explicit Unravel(const Dims& dims) : s(dims) {}
+  void move_to(uint64_t off) {
+    const int last = ndim_of<ND>(s) - 1;
+    if (last >= 0 && at != kNone && off > at && off - at < static_cast<uint64_t>(s.d[last] - idx[last])) {
+      idx[last] += static_cast<int64_t>(off - at);
+    } else {
+      uint64_t rest = off;
+      for (int k = last; k >= 0; --k) {
+        idx[k] = static_cast<int64_t>(rest % static_cast<uint64_t>(s.d[k]));
+        rest /= static_cast<uint64_t>(s.d[k]);
+      }
+    }
+    at = off;
+  }
+  void write(int64_t* row) const {
+    for (int k = 0; k < ndim_of<ND>(s); ++k) row[k] = idx[k];
+  }
+};
+
+template <class T>
+inline T load_le(const uint8_t* p) {
+  T v;
+  std::memcpy(&v, p, sizeof(T));
+  return v;
+}
+template <class T>
+inline void store_le(uint8_t* p, T v) {
+  std::memcpy(p, &v, sizeof(T));
+}
+inline uint64_t load_gap(const uint8_t* p, int64_t code) {
+  return code == kGap8 ? p[0] : code == kGap16 ? load_le<uint16_t>(p) : load_le<uint32_t>(p);
+}
+
+// Ranges of several tensors as one flat list: range r belongs to tensor
+// tensor_of(r) and covers items [begin, end) of it.
+struct Ranges {
+  std::vector<int64_t> first;  // n + 1 entries
+  explicit Ranges(const std::vector<int64_t>& items) : first(items.size() + 1, 0) {
+    for (size_t t = 0; t < items.size(); ++t) first[t + 1] = first[t] + num_chunks(items[t], kRange);
+  }
+  int64_t total() const { return first.back(); }
+  int32_t tensor_of(int64_t r) const {
+    return tensor_of_chunk(first.data(), static_cast<int32_t>(first.size() - 1), r);
+  }
+};
+
+// ------------------------------------------------------------------ encoding
+
+struct EncodeTensor {
+  const int64_t* indices = nullptr;  // [nnz, ndim], row-major, contiguous
+  int64_t nnz = 0;
+  Dims dims;
+};
+
+struct EncodeStats {
+  bool in_range = true, increasing = true;
+  uint64_t max_gap = 0, varint_bytes = 0;
+};
+
+// Entries [begin, end) of t: all inside the shape? offsets increasing (from the
+// entry before begin)? and the gaps' largest value and varint bytes (only
+// meaningful when increasing). Branch-free per entry.
+template <int ND>
+inline EncodeStats encode_stats_nd(const EncodeTensor& t, int64_t begin, int64_t end) {
+  EncodeStats st;
+  const int nd = ndim_of<ND>(t.dims);
+  bool inside = true, increasing = true, ignored = true;
+  // The smallest offset the next entry may have (the entry before begin: in
+  // range or reported by its own range).
+  uint64_t next = begin == 0 ? 0 : flat_offset<ND>(t.indices + (begin - 1) * nd, t.dims, ignored) + 1;
+  uint64_t max_gap = 0, varint_bytes = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const uint64_t off = flat_offset<ND>(t.indices + i * nd, t.dims, inside);
+    increasing &= off >= next;
+    const uint64_t gap = off - next;
+    max_gap = std::max(max_gap, gap);
+    varint_bytes += varint_length(gap);
+    next = off + 1;
+  }
+  st.in_range = inside;
+  st.increasing = increasing;
+  st.max_gap = max_gap;
+  st.varint_bytes = varint_bytes;
+  return st;
+}
+
+inline EncodeStats encode_stats(const EncodeTensor& t, int64_t begin, int64_t end) {
+  EncodeStats st;
+  with_ndim(t.dims, [&](auto nd) { st = encode_stats_nd<decltype(nd)::value>(t, begin, end); });
+  return st;
+}
+
+// The smallest encoding (ties: the smaller code), as wire_coo._encode_positions.
+inline int choose_code(uint64_t nnz, uint64_t numel, const EncodeStats& st, uint64_t* bytes) {
+  int code = numel < (uint64_t{1} << 32) ? kU32 : kU64;
+  uint64_t size = (code == kU32 ? 4 : 8) * nnz;
+  auto consider = [&](int c, uint64_t s) {
+    if (s < size || (s == size && c < code)) code = c, size = s;
+  };
+  if (st.increasing) {
+    if (st.max_gap <= 0xFF) {
+      consider(kGap8, nnz);
+    } else if (st.max_gap <= 0xFFFF) {
+      consider(kGap16, 2 * nnz);
+    } else if (st.max_gap <= 0xFFFFFFFFu) {
+      consider(kGap32, 4 * nnz);
+    }
+    consider(kVarint, st.varint_bytes);
+    consider(kBitmap, (numel + 7) / 8);
+  }
+  *bytes = size;
+  return code;
+}
+
+// Entries [begin, end) of t into its payload `out` (a bitmap payload zeroed
+// beforehand; varint_at: where this range's first varint starts), in one loop
+// per (dimensions, code).
+template <int ND, int CODE>
+inline void encode_write_nd(const EncodeTensor& t, int64_t begin, int64_t end, uint8_t* out, uint64_t varint_at) {
+  const int nd = ndim_of<ND>(t.dims);
+  bool inside = true;  // checked by the plan
+  uint64_t next = begin == 0 ? 0 : flat_offset<ND>(t.indices + (begin - 1) * nd, t.dims, inside) + 1;
+  int64_t byte = -1, first_byte = -1;  // bitmap: the byte being filled, the range's first byte
+  unsigned bits = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const uint64_t off = flat_offset<ND>(t.indices + i * nd, t.dims, inside);
+    const uint64_t gap = off - next;
+    next = off + 1;
+    if constexpr (CODE == kU32) {
+      store_le(out + 4 * i, static_cast<uint32_t>(off));
+    } else if constexpr (CODE == kU64) {
+      store_le(out + 8 * i, off);
+    } else if constexpr (CODE == kGap8) {
+      out[i] = static_cast<uint8_t>(gap);
+    } else if constexpr (CODE == kGap16) {
+      store_le(out + 2 * i, static_cast<uint16_t>(gap));
+    } else if constexpr (CODE == kGap32) {
+      store_le(out + 4 * i, static_cast<uint32_t>(gap));
+    } else if constexpr (CODE == kVarint) {
+      uint64_t v = gap;
+      if (v < (1u << 14) && i + 1 < end) {  // one or two bytes, without a branch on which
+        const unsigned two = v >= 0x80;
+        out[varint_at] = static_cast<uint8_t>((v & 0x7F) | (two << 7));
+        out[varint_at + 1] = static_cast<uint8_t>(v >> 7);  // a one-byte varint's: the next one overwrites it
+        varint_at += 1 + two;
+        continue;
+      }
+      while (v >= 0x80) {
+        out[varint_at++] = static_cast<uint8_t>(v | 0x80);
+        v >>= 7;
+      }
+      out[varint_at++] = static_cast<uint8_t>(v);
+    } else {  // kBitmap. Only the range's first and last bytes can hold another range's bits.
+      const int64_t b = static_cast<int64_t>(off >> 3);
+      if (b != byte) {
+        if (byte >= 0 && byte == first_byte) {
+          __atomic_fetch_or(&out[byte], static_cast<uint8_t>(bits), __ATOMIC_RELAXED);
+        } else if (byte >= 0) {
+          out[byte] = static_cast<uint8_t>(bits);
+        }
+        if (first_byte < 0) first_byte = b;
+        byte = b, bits = 0;
+      }
+      bits |= 1u << (off & 7);
+    }
+  }
+  if constexpr (CODE == kBitmap) {
+    if (byte >= 0) __atomic_fetch_or(&out[byte], static_cast<uint8_t>(bits), __ATOMIC_RELAXED);
+  }
+}
+
+inline void encode_write(const EncodeTensor& t, int code, int64_t begin, int64_t end, uint8_t* out,
+                         uint64_t varint_at) {
+  with_ndim(t.dims, [&](auto nd) {
+    constexpr int ND = decltype(nd)::value;
+    switch (code) {
+      case kU32: return encode_write_nd<ND, kU32>(t, begin, end, out, varint_at);
+      case kU64: return encode_write_nd<ND, kU64>(t, begin, end, out, varint_at);
+      case kGap8: return encode_write_nd<ND, kGap8>(t, begin, end, out, varint_at);
+      case kGap16: return encode_write_nd<ND, kGap16>(t, begin, end, out, varint_at);
+      case kGap32: return encode_write_nd<ND, kGap32>(t, begin, end, out, varint_at);
+      case kVarint: return encode_write_nd<ND, kVarint>(t, begin, end, out, varint_at);
+      default: return encode_write_nd<ND, kBitmap>(t, begin, end, out, varint_at);
+    }
+  });
+}
+
+struct EncodePlan {
+  int64_t out_of_range = -1;  // the first tensor with an index outside its shape (then nothing else is set)
+  std::vector<int> code;
+  std::vector<uint64_t> bytes, start;  // per tensor: payload bytes and where it starts
+  uint64_t total = 0;
+  std::vector<uint64_t> varint_at;  // per range
+};
+
+// ParallelFor(n, f) calls f(begin, end) over a split of [0, n), possibly concurrently.
+template <class ParallelFor>
+EncodePlan plan_encoding(const std::vector<EncodeTensor>& ts, const Ranges& ranges, ParallelFor&& parallel_for) {
+  std::vector<EncodeStats> st(static_cast<size_t>(ranges.total()));
+  parallel_for(ranges.total(), [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const int32_t t = ranges.tensor_of(r);
+      const int64_t begin = (r - ranges.first[t]) * kRange;
+      st[r] = encode_stats(ts[t], begin, std::min(begin + kRange, ts[t].nnz));
+    }
+  });
+  EncodePlan plan;
+  plan.varint_at.resize(st.size());
+  for (size_t t = 0; t < ts.size(); ++t) {
+    EncodeStats all;
+    for (int64_t r = ranges.first[t]; r < ranges.first[t + 1]; ++r) {
+      plan.varint_at[r] = all.varint_bytes;
+      all.in_range &= st[r].in_range;
+      all.increasing &= st[r].increasing;
+      all.max_gap = std::max(all.max_gap, st[r].max_gap);
+      all.varint_bytes += st[r].varint_bytes;
+    }
+    if (!all.in_range) {
+      plan.out_of_range = static_cast<int64_t>(t);
+      return plan;
+    }
+    uint64_t bytes = 0;
+    plan.code.push_back(choose_code(static_cast<uint64_t>(ts[t].nnz), ts[t].dims.numel, all, &bytes));
+    plan.bytes.push_back(bytes);
+    plan.start.push_back(plan.total);
+    plan.total += bytes;
+  }
+  return plan;
+}
+
+// Every tensor's payload into out[plan.total].
+template <class ParallelFor>
+void write_encoding(const std::vector<EncodeTensor>& ts, const Ranges& ranges, const EncodePlan& plan, uint8_t* out,
+                    ParallelFor&& parallel_for) {
+  for (size_t t = 0; t < ts.size(); ++t) {
+    if (plan.code[t] == kBitmap && plan.bytes[t]) std::memset(out + plan.start[t], 0, plan.bytes[t]);
+  }
+  parallel_for(ranges.total(), [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const int32_t t = ranges.tensor_of(r);
+      const int64_t begin = (r - ranges.first[t]) * kRange;
+      encode_write(ts[t], plan.code[t], begin, std::min(begin + kRange, ts[t].nnz), out + plan.start[t],
+                   plan.varint_at[r]);
+    }
+  });
+}
+
+// ------------------------------------------------------------------ decoding
+
+struct DecodeTensor {
+  int64_t code = 0;  // as the meta says: anything
+  const uint8_t* payload = nullptr;
+  uint64_t size = 0;  // payload bytes
+  int64_t nnz = 0;    // as the meta says (<= numel, checked by the caller)
+  Dims dims;
+  int64_t* indices = nullptr;  // [nnz, ndim] output, written by write_decoding only
+};
+
+// The items a tensor's ranges cover: entries, or payload bytes for varints and bitmaps.
+inline int64_t decode_items(const DecodeTensor& t) {
+  return t.code == kVarint || t.code == kBitmap ? static_cast<int64_t>(t.size) : t.nnz;
+}
+
+// What the first pass finds in one range.
+struct DecodeStats {
+  uint64_t count = 0;  // entries starting in the range
+  uint64_t sum = 0;    // gap codes: sum of (gap + 1), saturating
+  bool offset_past = false, gap_past = false, long_varint = false, huge_varint = false;
+};
+
+// One varint at p (its last byte, < 0x80, is before the payload's end: checked).
+// Gaps of one or two bytes (almost all) take no unpredictable branch.
+inline uint64_t read_varint(const uint8_t* p, uint64_t* length, bool* huge) {
+  const unsigned two = p[0] >> 7;  // p[1] exists when p[0] says more bytes follow
+  const uint8_t second = p[two];   // p[0] again for a one-byte varint
+  if (second < 0x80) {
+    *length = 1 + two;
+    return (p[0] & 0x7Fu) | ((static_cast<uint64_t>(second & 0x7F) << 7) & (0 - static_cast<uint64_t>(two)));
+  }
+  uint64_t v = 0;
+  uint64_t j = 0;
+  for (;; ++j) {
+    const uint8_t b = p[j];
+    if (j < 10) v |= static_cast<uint64_t>(b & 0x7F) << (7 * j);
+    if (j == 9 && b > 1) *huge = true;
+    if (b < 0x80) break;
+  }
+  *length = j + 1;
+  return v;
+}
+
+// The first varint that starts in [begin, end): the payload's varints are
+// found from any byte by skipping to just after a terminator (< 0x80).
+inline int64_t first_varint_at(const uint8_t* payload, int64_t begin, int64_t end) {
+  int64_t p = begin;
+  while (p > 0 && p < end && payload[p - 1] >= 0x80) ++p;
+  return p;
+}
+
+inline DecodeStats decode_stats(const DecodeTensor& t, int64_t begin, int64_t end) {
+  DecodeStats st;
+  const uint64_t numel = t.dims.numel;
+  switch (t.code) {
+    case kU32:
+    case kU64:
+      for (int64_t i = begin; i < end; ++i) {
+        const uint64_t off = t.code == kU32 ? load_le<uint32_t>(t.payload + 4 * i) : load_le<uint64_t>(t.payload + 8 * i);
+        st.offset_past |= off >= numel;
+      }
+      st.count = static_cast<uint64_t>(end - begin);
+      break;
+    case kGap8:
+    case kGap16:
+    case kGap32: {
+      const uint64_t w = gap_width(t.code);
+      for (int64_t i = begin; i < end; ++i) {
+        const uint64_t gap = load_gap(t.payload + w * i, t.code);
+        st.gap_past |= gap >= numel;
+        st.sum = saturating_add(st.sum, gap + 1);
+      }
+      st.count = static_cast<uint64_t>(end - begin);
+      break;
+    }
+    case kVarint:
+      for (int64_t p = first_varint_at(t.payload, begin, end); p < end;) {  // the varints starting here
+        uint64_t length = 0;
+        const uint64_t gap = read_varint(t.payload + p, &length, &st.huge_varint);
+        st.long_varint |= length > 10;
+        st.gap_past |= gap >= numel;
+        st.sum = saturating_add(st.sum, gap + 1);
+        ++st.count;
+        p += static_cast<int64_t>(length);
+      }
+      break;
+    default:  // kBitmap
+      for (int64_t p = begin; p < end; ++p) st.count += static_cast<uint64_t>(__builtin_popcount(t.payload[p]));
+  }
+  return st;
+}
+
+struct DecodeError {
+  int64_t tensor = -1;  // -1: none
+  std::string why;
+};
+
+struct DecodePlan {
+  DecodeError error;
+  std::vector<uint64_t> entry_at, sum_at;  // per range: its first entry, the sum of (gap + 1) before it
+};
+
+// The checks wire_coo._decode_positions makes before the first pass, in its order.
+inline std::string precheck(const DecodeTensor& t) {
+  const uint64_t nnz = static_cast<uint64_t>(t.nnz);
+  switch (t.code) {
+    case kU32:
+    case kU64: {
+      const uint64_t w = t.code == kU32 ? 4 : 8;
+      if (t.size != w * nnz) {
+        return std::to_string(nnz) + " offsets need " + std::to_string(w * nnz) + " bytes, got " + std::to_string(t.size);
+      }
+      return {};
+    }
+    case kBitmap: {
+      const uint64_t need = (t.dims.numel + 7) / 8, tail = t.dims.numel % 8;
+      if (t.size != need || (tail && (t.payload[t.size - 1] >> tail))) {
+        return "a bitmap of " + std::to_string(t.dims.numel) + " elements needs " + std::to_string(need) +
+               " bytes and zero padding";
+      }
+      return {};
+    }
+    case kGap8:
+    case kGap16:
+    case kGap32:
+      if (t.size != gap_width(t.code) * nnz) {
+        return std::to_string(nnz) + " gaps need " + std::to_string(gap_width(t.code) * nnz) + " bytes, got " +
+               std::to_string(t.size);
+      }
+      return {};
+    case kVarint:
+      if (t.size && t.payload[t.size - 1] >= 0x80) {
+        return std::to_string(t.size) + " varint bytes do not hold " + std::to_string(nnz) + " gaps";
+      }
+      return {};
+    default:
+      return "unknown position code " + std::to_string(t.code);
+  }
+}
+
+// The checks after the first pass (merged over the tensor's ranges), in wire_coo's order.
+inline std::string postcheck(const DecodeTensor& t, const DecodeStats& all) {
+  const std::string numel = std::to_string(t.dims.numel);
+  const uint64_t nnz = static_cast<uint64_t>(t.nnz);
+  if (t.code == kU32 || t.code == kU64) {
+    return all.offset_past ? "an offset is past the tensor's " + numel + " elements" : std::string();
+  }
+  if (t.code == kBitmap) {
+    return all.count != nnz ? "the bitmap marks " + std::to_string(all.count) + " elements, the meta says " +
+                                  std::to_string(nnz)
+                            : std::string();
+  }
+  if (t.code == kVarint) {
+    if (all.count != nnz) return std::to_string(t.size) + " varint bytes do not hold " + std::to_string(nnz) + " gaps";
+    if (nnz == 0) return {};
+    if (all.long_varint) return "a varint longer than 10 bytes";
+    if (all.huge_varint) return "a varint above 2**64 - 1";
+  }
+  if (nnz == 0) return {};
+  if (all.gap_past) return "a gap is past the tensor's " + numel + " elements";
+  if (all.sum > t.dims.numel) return "the gaps run past the tensor's " + numel + " elements";
+  return {};
+}
+
+// First pass: checks every tensor in order and stops at the first bad one.
+template <class ParallelFor>
+DecodePlan plan_decoding(const std::vector<DecodeTensor>& ts, ParallelFor&& parallel_for) {
+  DecodePlan plan;
+  size_t good = 0;  // tensors before the first that fails its precheck
+  std::string first_why;
+  for (; good < ts.size(); ++good) {
+    first_why = precheck(ts[good]);
+    if (!first_why.empty()) break;
+  }
+  std::vector<int64_t> items(good);
+  for (size_t t = 0; t < good; ++t) items[t] = decode_items(ts[t]);
+  const Ranges ranges(items);
+  std::vector<DecodeStats> st(static_cast<size_t>(ranges.total()));
+  parallel_for(ranges.total(), [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const int32_t t = ranges.tensor_of(r);
+      const int64_t begin = (r - ranges.first[t]) * kRange;
+      st[r] = decode_stats(ts[t], begin, std::min(begin + kRange, items[t]));
+    }
+  });
+  plan.entry_at.resize(st.size());
+  plan.sum_at.resize(st.size());
+  for (size_t t = 0; t < good; ++t) {
+    DecodeStats all;
+    for (int64_t r = ranges.first[t]; r < ranges.first[t + 1]; ++r) {
+      plan.entry_at[r] = all.count;
+      plan.sum_at[r] = all.sum;
+      all.count += st[r].count;
+      all.sum = saturating_add(all.sum, st[r].sum);
+      all.offset_past |= st[r].offset_past;
+      all.gap_past |= st[r].gap_past;
+      all.long_varint |= st[r].long_varint;
+      all.huge_varint |= st[r].huge_varint;
+    }
+    std::string why = postcheck(ts[t], all);
+    if (!why.empty()) {
+      plan.error = {static_cast<int64_t>(t), why};
+      return plan;
+    }
+  }
+  if (good < ts.size()) plan.error = {static_cast<int64_t>(good), first_why};
+  return plan;
+}
+
+// Entries of range [begin, end) (items as decode_items counts them) into
+// t.indices, in one loop per (dimensions, code family).
+template <int ND>
+inline void decode_write_nd(const DecodeTensor& t, int64_t begin, int64_t end, uint64_t entry, uint64_t sum) {
+  const int nd = ndim_of<ND>(t.dims);
+  Unravel<ND> u(t.dims);
+  auto gaps = [&](auto width) {
+    using G = decltype(width);
+    for (int64_t i = begin; i < end; ++i) {
+      sum += static_cast<uint64_t>(load_le<G>(t.payload + sizeof(G) * i)) + 1;
+      u.move_to(sum - 1);
+      u.write(t.indices + i * nd);
+    }
+  };
+  auto offsets = [&](auto width) {
+    using O = decltype(width);
+    for (int64_t i = begin; i < end; ++i) {
+      u.at = kNone;  // offsets in any order: unravel each from scratch
+      u.move_to(load_le<O>(t.payload + sizeof(O) * i));
+      u.write(t.indices + i * nd);
+    }
+  };
+  switch (t.code) {
+    case kU32: return offsets(uint32_t());
+    case kU64: return offsets(uint64_t());
+    case kGap8: return gaps(uint8_t());
+    case kGap16: return gaps(uint16_t());
+    case kGap32: return gaps(uint32_t());
+    case kVarint:
+      for (int64_t p = first_varint_at(t.payload, begin, end); p < end;) {
+        uint64_t length = 0;
+        bool huge = false;
+        sum += read_varint(t.payload + p, &length, &huge) + 1;
+        p += static_cast<int64_t>(length);
+        u.move_to(sum - 1);
+        u.write(t.indices + static_cast<int64_t>(entry++) * nd);
+      }
+      return;
+    default:  // kBitmap
+      for (int64_t p = begin; p < end; ++p) {
+        for (unsigned b = t.payload[p]; b; b &= b - 1) {
+          u.move_to(static_cast<uint64_t>(p) * 8 + static_cast<uint64_t>(__builtin_ctz(b)));
+          u.write(t.indices + static_cast<int64_t>(entry++) * nd);
+        }
+      }
+  }
+}
+
+inline void decode_write(const DecodeTensor& t, int64_t begin, int64_t end, uint64_t entry, uint64_t sum) {
+  with_ndim(t.dims, [&](auto nd) { decode_write_nd<decltype(nd)::value>(t, begin, end, entry, sum); });
+}
+
+// Second pass, on tensors plan_decoding accepted (plan.error.tensor == -1).
+template <class ParallelFor>
+void write_decoding(const std::vector<DecodeTensor>& ts, const DecodePlan& plan, ParallelFor&& parallel_for) {
+  std::vector<int64_t> items(ts.size());
+  for (size_t t = 0; t < ts.size(); ++t) items[t] = decode_items(ts[t]);
+  const Ranges ranges(items);
+  parallel_for(ranges.total(), [&](int64_t rb, int64_t re) {
+    for (int64_t r = rb; r < re; ++r) {
+      const int32_t t = ranges.tensor_of(r);
+      const int64_t begin = (r - ranges.first[t]) * kRange;
+      decode_write(ts[t], begin, std::min(begin + kRange, items[t]), plan.entry_at[r], plan.sum_at[r]);
+    }
+  });
+}
+
+}  // namespace layersel::coo

@@ -1,0 +1,157 @@
+// The compact COO codec's torch wrapper: the checks a stream's meta gets here
+// too, the two passes of common/coo_codec.h on at::parallel_for, and the value
+// bytes copied in parallel.
+#include "wire_coo.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cstring>
+
+#include "../common/coo_codec.h"
+
+namespace layersel {
+namespace {
+
+constexpr int64_t kCopyPiece = int64_t{1} << 20;  // bytes per parallel memcpy piece
+
+auto on_threads() {
+  return [](int64_t n, auto&& body) {
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { body(begin, end); });
+  };
+}
+
+coo::Dims dims_of(const std::vector<int64_t>& shape, size_t t) {
+  TORCH_CHECK_VALUE(shape.size() <= static_cast<size_t>(coo::kMaxNdim), "tensor #", t, ": ", shape.size(),
+                    " dimensions (at most ", coo::kMaxNdim, ")");
+  coo::Dims d;
+  d.ndim = static_cast<int>(shape.size());
+  for (int k = 0; k < d.ndim; ++k) {
+    TORCH_CHECK_VALUE(shape[k] >= 0, "tensor #", t, ": a negative size ", shape[k]);
+    d.d[k] = shape[k];
+    // numel < 2**62 after every step (no product can overflow).
+    TORCH_CHECK_VALUE(shape[k] == 0 || d.numel < (uint64_t{1} << 62) / static_cast<uint64_t>(shape[k]),
+                      "tensor #", t, ": a shape of 2**62 elements or more");
+    d.numel *= static_cast<uint64_t>(shape[k]);
+  }
+  return d;
+}
+
+const uint8_t* bytes_of(const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kByte && t.dim() == 1 && t.is_contiguous(), what,
+                    " must be a contiguous 1-D uint8 CPU tensor");
+  return t.data_ptr<uint8_t>();
+}
+
+// Copies pieces[i] = (from, to, bytes), split into kCopyPiece parts, in parallel.
+void copy_all(const std::vector<std::tuple<const uint8_t*, uint8_t*, int64_t>>& pieces) {
+  std::vector<int64_t> sizes;
+  for (const auto& p : pieces) sizes.push_back(std::get<2>(p));
+  std::vector<int64_t> first(pieces.size() + 1, 0);
+  for (size_t i = 0; i < pieces.size(); ++i) first[i + 1] = first[i] + num_chunks(sizes[i], kCopyPiece);
+  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int32_t i = tensor_of_chunk(first.data(), static_cast<int32_t>(pieces.size()), c);
+      const int64_t at = (c - first[i]) * kCopyPiece;
+      const auto& [from, to, n] = pieces[i];
+      std::memcpy(to + at, from + at, static_cast<size_t>(std::min(kCopyPiece, n - at)));
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::Tensor> coo_encode(
+    const std::vector<at::Tensor>& indices, const std::vector<std::vector<int64_t>>& shapes,
+    const std::vector<at::Tensor>& value_bytes) {
+  TORCH_CHECK_VALUE(indices.size() == shapes.size() && shapes.size() == value_bytes.size(), "coo_encode: ",
+                    indices.size(), " index arrays, ", shapes.size(), " shapes, ", value_bytes.size(), " value arrays");
+  std::vector<coo::EncodeTensor> ts(indices.size());
+  std::vector<int64_t> nnz(indices.size());
+  for (size_t t = 0; t < indices.size(); ++t) {
+    const at::Tensor& idx = indices[t];
+    ts[t].dims = dims_of(shapes[t], t);
+    TORCH_CHECK_VALUE(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.dim() == 2 &&
+                          idx.size(1) == ts[t].dims.ndim && idx.is_contiguous(),
+                      "tensor #", t, ": indices must be a contiguous int64 [nnz, ", ts[t].dims.ndim, "] CPU tensor");
+    ts[t].indices = idx.data_ptr<int64_t>();
+    ts[t].nnz = nnz[t] = idx.size(0);
+  }
+  const coo::Ranges ranges(nnz);
+  const coo::EncodePlan plan = coo::plan_encoding(ts, ranges, on_threads());
+  if (plan.out_of_range >= 0) return {plan.out_of_range, {}, {}, at::Tensor(), at::Tensor()};
+  at::Tensor positions = at::empty({static_cast<int64_t>(plan.total)}, at::kByte);
+  coo::write_encoding(ts, ranges, plan, positions.data_ptr<uint8_t>(), on_threads());
+
+  int64_t total = 0;
+  for (const at::Tensor& v : value_bytes) {
+    bytes_of(v, "value bytes");
+    total += v.numel();
+  }
+  at::Tensor values = at::empty({total}, at::kByte);
+  std::vector<std::tuple<const uint8_t*, uint8_t*, int64_t>> pieces;
+  int64_t at = 0;
+  for (const at::Tensor& v : value_bytes) {
+    pieces.emplace_back(v.data_ptr<uint8_t>(), values.data_ptr<uint8_t>() + at, v.numel());
+    at += v.numel();
+  }
+  copy_all(pieces);
+  return {-1, std::vector<int64_t>(plan.code.begin(), plan.code.end()),
+          std::vector<int64_t>(plan.bytes.begin(), plan.bytes.end()), positions, values};
+}
+
+std::tuple<int64_t, std::string, std::vector<at::Tensor>, at::Tensor, std::vector<int64_t>> coo_decode(
+    const std::vector<int64_t>& codes, const std::vector<std::vector<int64_t>>& shapes,
+    const std::vector<int64_t>& nnz, const at::Tensor& positions, const std::vector<int64_t>& position_bytes,
+    const at::Tensor& values, const std::vector<int64_t>& value_bytes) {
+  const size_t n = codes.size();
+  TORCH_CHECK_VALUE(shapes.size() == n && nnz.size() == n && position_bytes.size() == n && value_bytes.size() == n,
+                    "coo_decode: the per-tensor lists differ in length");
+  const uint8_t* pos = bytes_of(positions, "positions");
+  const uint8_t* raw = bytes_of(values, "values");
+  std::vector<coo::DecodeTensor> ts(n);
+  int64_t p = 0, r = 0;
+  for (size_t t = 0; t < n; ++t) {
+    ts[t].dims = dims_of(shapes[t], t);
+    TORCH_CHECK_VALUE(nnz[t] >= 0 && static_cast<uint64_t>(nnz[t]) <= ts[t].dims.numel, "tensor #", t, ": ", nnz[t],
+                      " entries in a tensor of ", ts[t].dims.numel, " elements");
+    TORCH_CHECK_VALUE(position_bytes[t] >= 0 && position_bytes[t] <= positions.numel() - p && value_bytes[t] >= 0 &&
+                          value_bytes[t] <= values.numel() - r,
+                      "tensor #", t, ": its bytes run past the stream's arrays");
+    ts[t].code = codes[t];
+    ts[t].payload = pos + p;
+    ts[t].size = static_cast<uint64_t>(position_bytes[t]);
+    ts[t].nnz = nnz[t];
+    p += position_bytes[t];
+    r += value_bytes[t];
+  }
+  TORCH_CHECK_VALUE(p == positions.numel() && r == values.numel(), "coo_decode: ", p, " position bytes and ", r,
+                    " value bytes listed, the arrays hold ", positions.numel(), " and ", values.numel());
+  coo::DecodePlan plan = coo::plan_decoding(ts, on_threads());
+  if (plan.error.tensor >= 0) return {plan.error.tensor, plan.error.why, {}, at::Tensor(), {}};
+
+  std::vector<at::Tensor> indices;
+  for (size_t t = 0; t < n; ++t) {
+    indices.push_back(at::empty({nnz[t], ts[t].dims.ndim}, at::kLong));
+    ts[t].indices = indices.back().data_ptr<int64_t>();
+  }
+  coo::write_decoding(ts, plan, on_threads());
+
+  std::vector<int64_t> starts;
+  int64_t total = 0;
+  for (size_t t = 0; t < n; ++t) {
+    starts.push_back(total);
+    total += (value_bytes[t] + 63) / 64 * 64;
+  }
+  at::Tensor out = at::empty({total}, at::kByte);
+  std::vector<std::tuple<const uint8_t*, uint8_t*, int64_t>> pieces;
+  r = 0;
+  for (size_t t = 0; t < n; ++t) {
+    pieces.emplace_back(raw + r, out.data_ptr<uint8_t>() + starts[t], value_bytes[t]);
+    r += value_bytes[t];
+  }
+  copy_all(pieces);
+  return {-1, std::string(), indices, out, starts};
+}
+
+}  // namespace layersel

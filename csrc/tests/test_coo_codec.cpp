@@ -1,0 +1,224 @@
+// ctest: the compact COO codec (common/coo_codec.h) without torch, built twice:
+// plainly and under AddressSanitizer + UndefinedBehaviorSanitizer (CMakeLists:
+// test_coo_codec_sanitized), so any read or write out of bounds, overflow or
+// misaligned access in the decoder fails the test.
+//   1. known bytes: one small payload per encoding, written out by hand;
+//   2. round trips of random tensors of every encoding, several ranges long, the
+//      ranges run in a scrambled order (no range may depend on another's timing);
+//   3. a seeded mutation fuzz of valid payloads: every accepted stream decodes
+//      into exactly sized outputs, every index inside its shape.
+#include <cstdint>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/coo_codec.h"
+
+using namespace layersel;
+
+static int failures = 0;
+#define LS_CHECK(cond)                                                            \
+  do {                                                                            \
+    if (!(cond)) {                                                                \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                                 \
+    }                                                                             \
+  } while (0)
+
+// Calls body over [0, n) in pieces of one range, last range first.
+static void scrambled_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+  for (int64_t r = n - 1; r >= 0; --r) body(r, r + 1);
+}
+
+static coo::Dims dims(std::vector<int64_t> shape) {
+  coo::Dims d;
+  d.ndim = static_cast<int>(shape.size());
+  for (int k = 0; k < d.ndim; ++k) d.d[k] = shape[k], d.numel *= static_cast<uint64_t>(shape[k]);
+  return d;
+}
+
+static std::vector<int64_t> rows_of(const std::vector<uint64_t>& offsets, const coo::Dims& d) {
+  std::vector<int64_t> rows(offsets.size() * d.ndim);
+  for (size_t i = 0; i < offsets.size(); ++i) {
+    uint64_t rest = offsets[i];
+    for (int k = d.ndim - 1; k >= 0; --k) {
+      rows[i * d.ndim + k] = static_cast<int64_t>(rest % static_cast<uint64_t>(d.d[k]));
+      rest /= static_cast<uint64_t>(d.d[k]);
+    }
+  }
+  return rows;
+}
+
+struct Encoded {
+  int code = 0;
+  std::vector<uint8_t> payload;
+};
+
+static Encoded encode(const std::vector<int64_t>& rows, const coo::Dims& d, int64_t nnz) {
+  std::vector<coo::EncodeTensor> ts(1);
+  ts[0].indices = rows.data();
+  ts[0].nnz = nnz;
+  ts[0].dims = d;
+  const coo::Ranges ranges({ts[0].nnz});
+  const coo::EncodePlan plan = coo::plan_encoding(ts, ranges, scrambled_for);
+  LS_CHECK(plan.out_of_range == -1);
+  Encoded e;
+  e.code = plan.code[0];
+  e.payload.resize(plan.total + 1, 0xEE);  // one guard byte after the payload
+  coo::write_encoding(ts, ranges, plan, e.payload.data(), scrambled_for);
+  LS_CHECK(e.payload.back() == 0xEE);
+  e.payload.pop_back();
+  return e;
+}
+
+// Decodes into a buffer of exactly nnz * ndim entries; returns the error ("" when accepted).
+static std::string decode(int64_t code, const std::vector<uint8_t>& payload, int64_t nnz, const coo::Dims& d,
+                          std::vector<int64_t>* rows) {
+  std::vector<coo::DecodeTensor> ts(1);
+  ts[0].code = code;
+  // A heap copy of exactly the payload's size, so ASan sees any read past it.
+  std::vector<uint8_t> exact(payload);
+  ts[0].payload = exact.data();
+  ts[0].size = exact.size();
+  ts[0].nnz = nnz;
+  ts[0].dims = d;
+  const coo::DecodePlan plan = coo::plan_decoding(ts, scrambled_for);
+  if (plan.error.tensor >= 0) return plan.error.why.empty() ? "(empty reason)" : plan.error.why;
+  rows->assign(static_cast<size_t>(nnz) * d.ndim, -1);
+  ts[0].indices = rows->data();
+  coo::write_decoding(ts, plan, scrambled_for);
+  return {};
+}
+
+static void test_known_bytes() {
+  const coo::Dims d = dims({1000});
+  struct Case {
+    std::vector<uint64_t> offsets;
+    int code;
+    std::vector<uint8_t> payload;
+  };
+  const Case cases[] = {
+      {{0, 5, 300}, coo::kVarint, {0x00, 0x04, 0xA6, 0x02}},  // gaps 0, 4, 294
+      {{3, 1}, coo::kU32, {3, 0, 0, 0, 1, 0, 0, 0}},           // not increasing
+      {{1, 2, 4, 200}, coo::kGap8, {1, 0, 1, 195}},
+      {{}, coo::kU32, {}},
+  };
+  for (const Case& c : cases) {
+    const Encoded e = encode(rows_of(c.offsets, d), d, static_cast<int64_t>(c.offsets.size()));
+    LS_CHECK(e.code == c.code);
+    LS_CHECK(e.payload == c.payload);
+  }
+  std::vector<uint64_t> dense;  // every other element of 20: a bitmap of 3 bytes
+  for (uint64_t i = 0; i < 20; i += 2) dense.push_back(i);
+  const coo::Dims d20 = dims({4, 5});
+  const Encoded e = encode(rows_of(dense, d20), d20, static_cast<int64_t>(dense.size()));
+  LS_CHECK(e.code == coo::kBitmap);
+  LS_CHECK((e.payload == std::vector<uint8_t>{0x55, 0x55, 0x05}));
+}
+
+static std::vector<uint64_t> random_offsets(std::mt19937_64& rng, uint64_t numel, int pattern, int64_t n) {
+  std::vector<uint64_t> out;
+  if (numel == 0) return out;
+  if (pattern == 0 && numel > (1u << 20)) pattern = 1;
+  if (pattern == 0) {  // dense: a bitmap
+    std::bernoulli_distribution keep(0.4);
+    for (uint64_t i = 0; i < numel; ++i)
+      if (keep(rng)) out.push_back(i);
+    return out;
+  }
+  if (pattern == 4) {  // unordered
+    for (int64_t i = 0; i < n; ++i) out.push_back(rng() % numel);
+    return out;
+  }
+  const uint64_t top[] = {0, 200, 60000, 1ull << 31, 1ull << 40};
+  uint64_t at = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t gap = pattern == 3 ? (rng() % 2 ? rng() % 100 : rng() % top[4]) : rng() % top[pattern];
+    if (i) at += 1;
+    if (at + gap >= numel) break;
+    at += gap;
+    out.push_back(at);
+  }
+  return out;
+}
+
+static void test_round_trips() {
+  std::mt19937_64 rng(7);
+  const std::vector<std::vector<int64_t>> shapes = {{300, 700}, {1 << 20, 1 << 12}, {7, 1, 5, 1, 3}, {131073},
+                                                    {0},        {4, 0, 2},          {},              {1 << 30, 1 << 20}};
+  for (const auto& shape : shapes) {
+    const coo::Dims d = dims(shape);
+    for (int pattern = 0; pattern < 5; ++pattern) {
+      const std::vector<uint64_t> offsets = random_offsets(rng, d.numel, pattern, 150000);
+      const std::vector<int64_t> rows = rows_of(offsets, d);
+      const Encoded e = encode(rows, d, static_cast<int64_t>(offsets.size()));
+      std::vector<int64_t> back;
+      const std::string why = decode(e.code, e.payload, static_cast<int64_t>(offsets.size()), d, &back);
+      LS_CHECK(why.empty());
+      LS_CHECK(back == rows);
+    }
+  }
+}
+
+static void test_mutated_payloads() {
+  std::mt19937_64 rng(2027);
+  int accepted = 0, refused = 0;
+  for (int round = 0; round < 4000; ++round) {
+    const std::vector<int64_t> shape = round % 3 == 0 ? std::vector<int64_t>{40, 40, 3}
+                                       : round % 3 == 1 ? std::vector<int64_t>{70000}
+                                                        : std::vector<int64_t>{1 << 16, 1 << 16};
+    const coo::Dims d = dims(shape);
+    const int64_t n = round % 25 == 0 ? 150000 : static_cast<int64_t>(rng() % 3000);  // every 25th: several ranges
+    const std::vector<uint64_t> offsets = random_offsets(rng, d.numel, static_cast<int>(rng() % 5), n);
+    Encoded e = encode(rows_of(offsets, d), d, static_cast<int64_t>(offsets.size()));
+    int64_t code = e.code, nnz = static_cast<int64_t>(offsets.size());
+    std::vector<uint8_t> p = e.payload;
+    switch (rng() % 6) {
+      case 0:
+        if (!p.empty()) p[rng() % p.size()] ^= static_cast<uint8_t>(1u << (rng() % 8));
+        break;
+      case 1:
+        p.resize(rng() % (p.size() + 1));
+        break;
+      case 2:
+        for (int k = static_cast<int>(rng() % 12); k >= 0; --k) p.push_back(static_cast<uint8_t>(rng()));
+        break;
+      case 3:
+        code = static_cast<int64_t>(rng() % 9);
+        break;
+      case 4:
+        nnz = static_cast<int64_t>(rng() % static_cast<uint64_t>(2 * nnz + 2));
+        if (static_cast<uint64_t>(nnz) > d.numel) nnz = static_cast<int64_t>(d.numel);
+        break;
+      default:
+        for (auto& b : p)
+          if (rng() % 64 == 0) b = static_cast<uint8_t>(rng());
+    }
+    std::vector<int64_t> rows;
+    if (decode(code, p, nnz, d, &rows).empty()) {
+      ++accepted;
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const int64_t size = d.d[i % static_cast<size_t>(d.ndim)];
+        LS_CHECK(rows[i] >= 0 && rows[i] < size);
+      }
+    } else {
+      ++refused;
+    }
+  }
+  LS_CHECK(accepted > 100 && refused > 1000);
+  std::printf("fuzz: %d mutated payloads accepted (in range), %d refused\n", accepted, refused);
+}
+
+int main() {
+  test_known_bytes();
+  test_round_trips();
+  test_mutated_payloads();
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("coo codec: all checks passed\n");
+  return 0;
+}
