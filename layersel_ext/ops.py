@@ -104,6 +104,13 @@ def split_grouped(buffers: Sequence[Tensor], like: Sequence[Tensor]) -> list[Ten
 _KERNEL_MASK_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
+def _signed_seed(seed: int) -> int:
+    """A [0, 2**64) seed as the schema's int64, bits kept."""
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
 def sample_masks(
     scores: Sequence[Tensor], seed: int, dtype: torch.dtype = torch.uint8, key_by_scores: bool = False
 ) -> Tensor:
@@ -114,9 +121,7 @@ def sample_masks(
     ``seed``, or with ``key_by_scores`` ``key_from_scores(seed, fingerprint(scores))``
     (csrc/common/fingerprint.h): different scores give independent streams for the same seed.
     """
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    signed_seed = seed - 2**64 if seed >= 2**63 else seed  # the schema's int is int64; bits are kept
+    signed_seed = _signed_seed(seed)
     with torch.no_grad():
         if len(scores) and _use_compiled("sample_masks", _device(scores)):
             if dtype not in _KERNEL_MASK_DTYPES and dtype != torch.bool and not dtype.is_floating_point:
@@ -124,6 +129,17 @@ def sample_masks(
                 return narrow.to(dtype)
             return torch.ops.layersel.sample_masks(list(scores), signed_seed, dtype, key_by_scores)
         return _torch_ops.sample_masks(scores, seed, dtype, key_by_scores)
+
+
+def sample_mask_bits(scores: Sequence[Tensor], seed: int, key_by_scores: bool = False) -> Tensor:
+    """``sample_masks``' masks as a bitmap on the scores' device, uint8[ceil(n / 8)]: element g at
+    bit g % 8 of byte g // 8 (the compact wire format's order), the last byte's unused bits zero. On
+    the CPU one fused kernel (the masks never exist as bytes); elsewhere the mask bytes, packed."""
+    signed_seed = _signed_seed(seed)
+    with torch.no_grad():
+        if len(scores) and _use_compiled("sample_mask_bits", _device(scores)):
+            return torch.ops.layersel.sample_mask_bits(list(scores), signed_seed, key_by_scores)
+        return _torch_ops.pack_bits(sample_masks(scores, seed, torch.uint8, key_by_scores))
 
 
 def kth_largest_score(
@@ -201,3 +217,8 @@ if COMPILED is not None:
     def _sample_masks_fake(scores: list[Tensor], seed: int, dtype: torch.dtype, key_by_scores: bool = False) -> Tensor:
         _checks.check_devices("sample_masks", scores)
         return scores[0].new_empty((sum(t.numel() for t in scores),), dtype=dtype)
+
+    @torch.library.register_fake("layersel::sample_mask_bits")
+    def _sample_mask_bits_fake(scores: list[Tensor], seed: int, key_by_scores: bool = False) -> Tensor:
+        _checks.check_devices("sample_mask_bits", scores)
+        return scores[0].new_empty(((sum(t.numel() for t in scores) + 7) // 8,), dtype=torch.uint8)

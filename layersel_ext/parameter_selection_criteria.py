@@ -380,10 +380,12 @@ def sample_flat_masks(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     dtype: MaskDtype = torch.uint8,
+    packed: bool = False,
 ) -> tuple[list[str], list[Tensor], Tensor | None]:
     """The masks of every score tensor, flattened and concatenated in fl4health's order, as one
     tensor on the scores' device (``None`` when the model has no scores): ``dtype`` on the CPU,
-    uint8 on CUDA (one byte per element on the device; callers widen after the transfer). The sampling
+    uint8 on CUDA (one byte per element on the device; callers widen after the transfer); with
+    ``packed``, as the bitmap ``ops.sample_mask_bits`` writes (``dtype`` is still checked). The sampling
     step that ``select_scores_and_sample_masks`` and the compact wire packer (``wire.py``) share.
     Checks the arguments (seed and generator, then the mask dtype, then the seed's value) and the
     scores; the key rules are ``select_scores_and_sample_masks``'s."""
@@ -405,6 +407,8 @@ def sample_flat_masks(
     key = _draw_seed(generator) if checked_seed is None else checked_seed
     if mesh is not None and seed is None:  # every rank must use the same draw: rank 0's
         key = _sharded.broadcast_seed(key, mesh)
+    if packed:
+        return names, scores, ops.sample_mask_bits(scores, key, key_by_scores=seed is None)
     if scores[0].device.type == "cuda":
         dtype = torch.uint8
     return names, scores, ops.sample_masks(scores, key, dtype, key_by_scores=seed is None)

@@ -64,7 +64,6 @@ _DTYPE_CODES = {
     np.dtype(np.bool_): 12,
 }
 _CODE_DTYPES = {code: dt for dt, code in _DTYPE_CODES.items()}
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def _header(form: int) -> np.ndarray:
@@ -102,16 +101,6 @@ def _meta(arrays: Sequence[np.ndarray] | Sequence[Tensor], dtype_code: int | Non
 def pack_bits(flat01: np.ndarray) -> np.ndarray:
     """0/1 values (any integer dtype, one dimension) as a little-endian bitmap, uint8[ceil(n / 8)]."""
     return np.packbits(flat01.astype(np.uint8, copy=False), bitorder="little")
-
-
-def pack_bits_torch(flat01: Tensor) -> Tensor:
-    """``pack_bits`` on the tensor's own device (torch ops only): uint8[ceil(n / 8)]."""
-    n = flat01.numel()
-    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=flat01.device)
-    padded[:n] = flat01
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat01.device)
-    # Each row's eight terms are distinct powers of two, so the uint8 sum is exact (no carries).
-    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
 
 
 class CompactMaskPacker:
@@ -238,21 +227,18 @@ def sample_masks_packed(
     """FedPM's client message in the compact form, straight from the scores.
 
     Equal to ``CompactMaskPacker().pack_parameters(*select_scores_and_sample_masks(model, None,
-    seed=seed, generator=generator, mask_dtype=mask_dtype))``, but the masks are sampled as bytes and
-    packed to bits where they are (on the GPU for a CUDA model: one transfer of n / 8 bytes), so the
-    int64 masks never exist on the client.
+    seed=seed, generator=generator, mask_dtype=mask_dtype))``, but the masks are sampled straight into
+    the bitmap (``ops.sample_mask_bits``: one fused kernel on the CPU; on the GPU the mask bytes are
+    packed there and one transfer of n / 8 bytes comes back), so the int64 masks never exist on the
+    client.
     """
     from .parameter_selection_criteria import _mask_torch_dtype, sample_flat_masks
 
     np_dtype = np.dtype(torch.empty(0, dtype=_mask_torch_dtype(mask_dtype)).numpy().dtype)
     if np_dtype not in _DTYPE_CODES:
         raise TypeError(f"mask_dtype {np_dtype} has no code in the compact wire format")
-    names, scores, flat_u8 = sample_flat_masks(model, seed=seed, generator=generator, dtype=torch.uint8)
-    if flat_u8 is None:  # no scores: what the packer sends for no arrays
+    names, scores, bits = sample_flat_masks(model, seed=seed, generator=generator, dtype=torch.uint8, packed=True)
+    if bits is None:  # no scores: what the packer sends for no arrays
         return CompactMaskPacker().pack_parameters([], [])
-    if flat_u8.device.type == "cuda":
-        bits = pack_bits_torch(flat_u8).cpu().numpy()
-    else:
-        bits = pack_bits(flat_u8.numpy())
     meta = _meta(scores, dtype_code=_DTYPE_CODES[np_dtype])
-    return [_header(FORM_BITMAP), meta, bits, *_trailer(names)]
+    return [_header(FORM_BITMAP), meta, bits.cpu().numpy(), *_trailer(names)]

@@ -382,6 +382,7 @@ def test_ops_wrappers_compile_with_fullgraph():
             ops.scores(xs, ys, ScoreKind.LARGEST_MAGNITUDE_CHANGE),
             ops.sample_masks(xs, 5, torch.int64),
             ops.sample_masks(xs, 5, torch.int64, key_by_scores=True),
+            ops.sample_mask_bits(xs, 5),
             ops.kth_largest_score(xs, ys, ScoreKind.SMALLEST_MAGNITUDE_CHANGE, 10, torch.float32),
         )
 
@@ -391,7 +392,7 @@ def test_ops_wrappers_compile_with_fullgraph():
     assert torch.equal(compiled[0], eager[0])
     assert all(torch.equal(a, b) for a, b in zip(compiled[1], eager[1]))
     assert torch.equal(compiled[2], eager[2]) and torch.equal(compiled[3], eager[3])
-    assert torch.equal(compiled[4], eager[4])
+    assert torch.equal(compiled[4], eager[4]) and torch.equal(compiled[5], eager[5])
 
 
 # Each torch.ops.layersel op called directly (not through the wrappers) in a fullgraph trace: its
@@ -400,6 +401,7 @@ _DIRECT_OPS = {
     "drift_sq_norms": lambda xs, ys: torch.ops.layersel.drift_sq_norms(xs, ys),
     "scores": lambda xs, ys: torch.ops.layersel.scores(xs, ys, ScoreKind.LARGEST_INCREASE_IN_MAGNITUDE),
     "sample_masks": lambda xs, ys: torch.ops.layersel.sample_masks(xs, 7, torch.uint8, True),
+    "sample_mask_bits": lambda xs, ys: torch.ops.layersel.sample_mask_bits(xs, 7, True),
     "kth_largest_score": lambda xs, ys: torch.ops.layersel.kth_largest_score(
         xs, ys, ScoreKind.SMALLEST_FINAL_MAGNITUDE, 5, torch.float32
     ),

@@ -145,11 +145,13 @@ def test_sample_masks_independent_of_thread_count():
     try:
         torch.set_num_threads(2)
         a = torch.ops.layersel.sample_masks(scores, 11, torch.uint8)
+        a_bits = torch.ops.layersel.sample_mask_bits(scores, 11)
         torch.set_num_threads(1)
         b = torch.ops.layersel.sample_masks(scores, 11, torch.uint8)
+        b_bits = torch.ops.layersel.sample_mask_bits(scores, 11)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(a, b)
+    assert torch.equal(a, b) and torch.equal(a_bits, b_bits)
 
 
 def test_philox_known_answers_through_python():
@@ -171,6 +173,8 @@ def test_sample_masks_refuses_bool_and_integer_scores():
         torch.ops.layersel.sample_masks([torch.zeros(3)], 0, torch.bool)
     with pytest.raises(TypeError, match="floating"):
         torch.ops.layersel.sample_masks([torch.zeros(3, dtype=torch.int64)], 0, torch.int64)
+    with pytest.raises(TypeError, match="floating"):
+        torch.ops.layersel.sample_mask_bits([torch.zeros(3, dtype=torch.int64)], 0)
 
 
 @compiled_only
@@ -182,6 +186,7 @@ def test_opcheck_every_op():
     torch.library.opcheck(
         torch.ops.layersel.sample_masks.default, ([torch.randn(9), torch.randn(2, 3)], 5, torch.int64)
     )
+    torch.library.opcheck(torch.ops.layersel.sample_mask_bits.default, ([torch.randn(9), torch.randn(2, 3)], 5, True))
 
 
 # --------------------------------------------------------------------------- CUDA (skipped without a GPU)
@@ -235,7 +240,7 @@ def test_cuda_opcheck():
 @compiled_only
 @pytest.mark.parametrize("isa", ["portable", "avx2", "best"])
 def test_sample_masks_every_cpu_isa_gives_the_same_bits(isa):
-    """The portable, AVX2 and AVX-512 mask paths are bit-identical to the torch twin."""
+    """The portable, AVX2 and AVX-512 mask paths (bytes and bits) are bit-identical to the torch twin."""
     import os
     import subprocess
     import sys
@@ -249,6 +254,8 @@ def test_sample_masks_every_cpu_isa_gives_the_same_bits(isa):
         "for seed in (0, 77, 2**40 + 1):\n"
         "    a = torch.ops.layersel.sample_masks(s, seed, torch.int64)\n"
         "    assert torch.equal(a, _torch_ops.sample_masks(s, seed, torch.int64)), seed\n"
+        "    bits = torch.ops.layersel.sample_mask_bits(s, seed)\n"
+        "    assert torch.equal(bits, _torch_ops.pack_bits(_torch_ops.sample_masks(s, seed, torch.uint8))), seed\n"
         "print('ok')\n"
     )
     env = {**os.environ, "LAYERSEL_CPU_ISA": isa}

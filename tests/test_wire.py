@@ -12,7 +12,7 @@ from torch import nn
 
 import layersel_ext as L
 import layersel_ext.fl4health as lf
-from layersel_ext import wire
+from layersel_ext import _torch_ops, ops, wire
 
 MASK_DTYPES = [np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32, np.uint64]
 # shapes with sizes that are not multiples of 8, 0-d and empty arrays among them
@@ -214,9 +214,36 @@ def test_patch_compact_wire_installs_the_packers_and_unpatch_restores():
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 65537])
 def test_device_packer_equals_numpy_packbits(n):
-    # pack_bits_torch is what a CUDA model's masks go through; torch ops, so the CPU proves its bits
+    # _torch_ops.pack_bits is what a CUDA model's masks go through; torch ops, so the CPU proves its bits
     flat = torch.randint(0, 2, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
-    assert np.array_equal(wire.pack_bits_torch(flat).numpy(), wire.pack_bits(flat.numpy()))
+    assert np.array_equal(_torch_ops.pack_bits(flat).numpy(), wire.pack_bits(flat.numpy()))
+
+
+BIT_CASES = {
+    "one tensor, several chunks, odd length": [(2 * 65536 + 5,)],
+    "tiny tensors: bytes shared by chunks": [(k % 7 + 1,) for k in range(600)],
+    "mixed": [(3, 70001), (5,), (1,), (64, 1000), (9, 9), (0,), (65536,), (13,)],
+}
+
+
+@pytest.mark.parametrize("case", list(BIT_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("key_by_scores", [False, True])
+def test_sample_mask_bits_are_the_packed_masks(case, dtype, key_by_scores, backend):
+    """The fused CPU kernel (and the torch twin): sample_masks' masks, packed in the wire's bit order,
+    whatever the chunk and byte boundaries; the last byte's spare bits zero."""
+    g = torch.Generator().manual_seed(len(case) + len(BIT_CASES[case]))
+    scores = [(torch.randn(shape, generator=g) * 3).to(dtype) for shape in BIT_CASES[case]]
+    for seed in (0, 77, 2**64 - 5):
+        bits = ops.sample_mask_bits(scores, seed, key_by_scores)
+        masks = ops.sample_masks(scores, seed, torch.uint8, key_by_scores)
+        assert bits.dtype == torch.uint8 and bits.shape == ((masks.numel() + 7) // 8,)
+        assert np.array_equal(bits.numpy(), wire.pack_bits(masks.numpy()))
+
+
+def test_sample_mask_bits_of_nothing():
+    assert ops.sample_mask_bits([], 3).shape == (0,)
+    assert ops.sample_mask_bits([torch.zeros(0)], 3).shape == (0,)
 
 
 def test_fused_sampling_of_a_model_without_scores_equals_packing_nothing():

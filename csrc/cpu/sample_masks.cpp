@@ -3,7 +3,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "../common/bernoulli.h"
@@ -137,23 +139,84 @@ uint64_t fingerprint_cpu(const WorkTable& table) {
   return f;
 }
 
-at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores) {
-  check_mask_dtype(dtype);
-  WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCpuChunk, "sample_masks");
+// The work table and the Philox stream of one call: keyed by `seed`, or by
+// key_from_scores(seed, fingerprint) with key_by_scores.
+struct MaskStream {
+  WorkTable table;
+  PhiloxStream stream;
+};
+
+MaskStream mask_stream(at::TensorList scores, int64_t seed, bool key_by_scores, const char* op) {
+  WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCpuChunk, op);
   check_floating_scores(table, scores);
-  at::Tensor out = empty_cpu_output(table.total_numel, dtype);
   const uint64_t key = key_by_scores ? key_from_scores(static_cast<uint64_t>(seed), fingerprint_cpu(table),
                                                        static_cast<uint64_t>(table.total_numel))
                                      : static_cast<uint64_t>(seed);
-  const PhiloxStream stream(key);
+  return {std::move(table), PhiloxStream(key)};
+}
+
+at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores) {
+  check_mask_dtype(dtype);
+  const MaskStream ms = mask_stream(scores, seed, key_by_scores, "sample_masks");
+  at::Tensor out = empty_cpu_output(ms.table.total_numel, dtype);
   AT_DISPATCH_INTEGRAL_TYPES(dtype, "sample_masks_cpu", [&] {
     using M = scalar_t;
     M* o = out.data_ptr<M>();
-    for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
+    for_each_chunk(ms.table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
       LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
-        sample_chunk<T, M>(stream, static_cast<uint64_t>(e.base + off), static_cast<const T*>(e.x) + off,
+        sample_chunk<T, M>(ms.stream, static_cast<uint64_t>(e.base + off), static_cast<const T*>(e.x) + off,
                            o + e.base + off, len);
       });
+    });
+  });
+  return out;
+}
+
+// Elements per sampling piece of sample_mask_bits: its 0/1 bytes stay in L1
+// before they are packed; pieces start at multiples of kBitsPiece in the
+// global index (so at multiples of 8 and of every SIMD group).
+constexpr int64_t kBitsPiece = 4096;
+
+// 0/1 bytes m[0, n) as bits [g, g + n) of the bitmap (element g at bit g % 8
+// of byte g / 8). Whole bytes are stored; a byte the range shares with a
+// neighbouring chunk (the first or last, when g or g + n is not a multiple of
+// 8) is OR-ed in atomically, onto zeros.
+inline void store_bits(const uint8_t* m, uint64_t g, int64_t n, uint8_t* bits) {
+  int64_t i = 0;
+  auto shared = [&](int64_t from, int64_t to) {  // elements [from, to) of one byte
+    unsigned v = 0;
+    for (int64_t k = from; k < to; ++k) v |= static_cast<unsigned>(m[k]) << ((g + k) & 7u);
+    __atomic_fetch_or(bits + ((g + from) >> 3), static_cast<uint8_t>(v), __ATOMIC_RELAXED);
+  };
+  if (g & 7u) {
+    i = std::min<int64_t>(n, static_cast<int64_t>(8 - (g & 7u)));
+    shared(0, i);
+  }
+  for (; i + 8 <= n; i += 8) {
+    uint64_t x;
+    std::memcpy(&x, m + i, 8);
+    // Byte k (0 or 1) of x lands on bit 56 + k; no two terms meet, so nothing carries.
+    bits[(g + i) >> 3] = static_cast<uint8_t>((x * 0x0102040810204080ull) >> 56);
+  }
+  if (i < n) shared(i, n);
+}
+
+at::Tensor sample_mask_bits_cpu(at::TensorList scores, int64_t seed, bool key_by_scores) {
+  const MaskStream ms = mask_stream(scores, seed, key_by_scores, "sample_mask_bits");
+  at::Tensor out = at::zeros({(ms.table.total_numel + 7) / 8}, at::kByte);
+  uint8_t* bits = out.data_ptr<uint8_t>();
+  for_each_chunk(ms.table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
+    alignas(64) uint8_t piece[kBitsPiece];
+    LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
+      const T* x = static_cast<const T*>(e.x) + off;
+      const uint64_t g0 = static_cast<uint64_t>(e.base + off);
+      for (int64_t i = 0; i < len;) {
+        const uint64_t g = g0 + static_cast<uint64_t>(i);
+        const int64_t n = std::min<int64_t>(len - i, kBitsPiece - static_cast<int64_t>(g % kBitsPiece));
+        sample_chunk<T, uint8_t>(ms.stream, g, x + i, piece, n);
+        store_bits(piece, g, n, bits);
+        i += n;
+      }
     });
   });
   return out;
@@ -162,4 +225,7 @@ at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType 
 }  // namespace
 }  // namespace layersel
 
-TORCH_LIBRARY_IMPL(layersel, CPU, m) { m.impl("sample_masks", &layersel::sample_masks_cpu); }
+TORCH_LIBRARY_IMPL(layersel, CPU, m) {
+  m.impl("sample_masks", &layersel::sample_masks_cpu);
+  m.impl("sample_mask_bits", &layersel::sample_mask_bits_cpu);
+}
