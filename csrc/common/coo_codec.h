@@ -150,7 +150,7 @@ struct EncodeStats {
 // Entries [begin, end) of t: all inside the shape? offsets increasing (from the
 // entry before begin)? and the gaps' largest value and varint bytes (only
 // meaningful when increasing). Branch-free per entry.
-template <int ND>
+template <int ND, bool GAPS>
 inline EncodeStats encode_stats_nd(const EncodeTensor& t, int64_t begin, int64_t end) {
   EncodeStats st;
   const int nd = ndim_of<ND>(t.dims);
@@ -162,9 +162,11 @@ inline EncodeStats encode_stats_nd(const EncodeTensor& t, int64_t begin, int64_t
   for (int64_t i = begin; i < end; ++i) {
     const uint64_t off = flat_offset<ND>(t.indices + i * nd, t.dims, inside);
     increasing &= off >= next;
-    const uint64_t gap = off - next;
-    max_gap = std::max(max_gap, gap);
-    varint_bytes += varint_length(gap);
+    if constexpr (GAPS) {
+      const uint64_t gap = off - next;
+      max_gap = std::max(max_gap, gap);
+      varint_bytes += varint_length(gap);
+    }
     next = off + 1;
   }
   st.in_range = inside;
@@ -174,14 +176,25 @@ inline EncodeStats encode_stats_nd(const EncodeTensor& t, int64_t begin, int64_t
   return st;
 }
 
+// A bitmap is smaller than one byte per entry: increasing offsets then take
+// it whatever their gaps, and the gaps need not be measured.
+inline bool bitmap_wins(const EncodeTensor& t) { return (t.dims.numel + 7) / 8 < static_cast<uint64_t>(t.nnz); }
+
 inline EncodeStats encode_stats(const EncodeTensor& t, int64_t begin, int64_t end) {
   EncodeStats st;
-  with_ndim(t.dims, [&](auto nd) { st = encode_stats_nd<decltype(nd)::value>(t, begin, end); });
+  with_ndim(t.dims, [&](auto nd) {
+    constexpr int ND = decltype(nd)::value;
+    st = bitmap_wins(t) ? encode_stats_nd<ND, false>(t, begin, end) : encode_stats_nd<ND, true>(t, begin, end);
+  });
   return st;
 }
 
 // The smallest encoding (ties: the smaller code), as wire_coo._encode_positions.
 inline int choose_code(uint64_t nnz, uint64_t numel, const EncodeStats& st, uint64_t* bytes) {
+  if (st.increasing && (numel + 7) / 8 < nnz) {  // bitmap_wins: every other code takes >= nnz bytes
+    *bytes = (numel + 7) / 8;
+    return kBitmap;
+  }
   int code = numel < (uint64_t{1} << 32) ? kU32 : kU64;
   uint64_t size = (code == kU32 ? 4 : 8) * nnz;
   auto consider = [&](int c, uint64_t s) {
@@ -202,16 +215,14 @@ inline int choose_code(uint64_t nnz, uint64_t numel, const EncodeStats& st, uint
   return code;
 }
 
-// Entries [begin, end) of t into its payload `out` (a bitmap payload zeroed
-// beforehand; varint_at: where this range's first varint starts), in one loop
-// per (dimensions, code).
+// Entries [begin, end) of t into its payload `out` (varint_at: where this
+// range's first varint starts), in one loop per (dimensions, code); bitmaps:
+// encode_bitmap_nd.
 template <int ND, int CODE>
 inline void encode_write_nd(const EncodeTensor& t, int64_t begin, int64_t end, uint8_t* out, uint64_t varint_at) {
   const int nd = ndim_of<ND>(t.dims);
   bool inside = true;  // checked by the plan
   uint64_t next = begin == 0 ? 0 : flat_offset<ND>(t.indices + (begin - 1) * nd, t.dims, inside) + 1;
-  int64_t byte = -1, first_byte = -1;  // bitmap: the byte being filled, the range's first byte
-  unsigned bits = 0;
   for (int64_t i = begin; i < end; ++i) {
     const uint64_t off = flat_offset<ND>(t.indices + i * nd, t.dims, inside);
     const uint64_t gap = off - next;
@@ -240,27 +251,55 @@ inline void encode_write_nd(const EncodeTensor& t, int64_t begin, int64_t end, u
         v >>= 7;
       }
       out[varint_at++] = static_cast<uint8_t>(v);
-    } else {  // kBitmap. Only the range's first and last bytes can hold another range's bits.
-      const int64_t b = static_cast<int64_t>(off >> 3);
-      if (b != byte) {
-        if (byte >= 0 && byte == first_byte) {
-          __atomic_fetch_or(&out[byte], static_cast<uint8_t>(bits), __ATOMIC_RELAXED);
-        } else if (byte >= 0) {
-          out[byte] = static_cast<uint8_t>(bits);
-        }
-        if (first_byte < 0) first_byte = b;
-        byte = b, bits = 0;
-      }
-      bits |= 1u << (off & 7);
     }
-  }
-  if constexpr (CODE == kBitmap) {
-    if (byte >= 0) __atomic_fetch_or(&out[byte], static_cast<uint8_t>(bits), __ATOMIC_RELAXED);
   }
 }
 
-inline void encode_write(const EncodeTensor& t, int code, int64_t begin, int64_t end, uint8_t* out,
-                         uint64_t varint_at) {
+// Entries [begin, end) of t into its bitmap (`bytes` long, zeroed beforehand),
+// a 64-bit word at a time. Only the words holding the range's first and last
+// entries (and a last word cut short by the payload's end) can hold another
+// range's bits: those are OR-ed in byte by byte, atomically; every word in
+// between is this range's alone and stored whole. Returns whether every entry
+// was inside the shape and after the one before (a tensor written as a bitmap
+// without a plan pass checks here; an entry outside is not written).
+template <int ND>
+inline bool encode_bitmap_nd(const EncodeTensor& t, int64_t begin, int64_t end, uint8_t* out, uint64_t bytes) {
+  const int nd = ndim_of<ND>(t.dims);
+  bool ignored = true, valid = true;
+  const uint64_t first_word = flat_offset<ND>(t.indices + begin * nd, t.dims, ignored) >> 6;
+  const uint64_t last_word = flat_offset<ND>(t.indices + (end - 1) * nd, t.dims, ignored) >> 6;
+  uint64_t next = begin == 0 ? 0 : flat_offset<ND>(t.indices + (begin - 1) * nd, t.dims, ignored) + 1;
+  auto flush = [&](uint64_t w, uint64_t bits) {
+    if (w == first_word || w == last_word || 8 * w + 8 > bytes) {
+      for (uint64_t k = 0; k < 8 && 8 * w + k < bytes; ++k) {
+        const uint8_t b = static_cast<uint8_t>(bits >> (8 * k));
+        if (b) __atomic_fetch_or(&out[8 * w + k], b, __ATOMIC_RELAXED);
+      }
+    } else {
+      store_le(out + 8 * w, bits);
+    }
+  };
+  uint64_t word = first_word, bits = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    bool inside = true;
+    const uint64_t off = flat_offset<ND>(t.indices + i * nd, t.dims, inside);
+    valid &= inside && off >= next;
+    next = off + 1;
+    if (!inside) continue;
+    if ((off >> 6) != word) {
+      flush(word, bits);
+      word = off >> 6, bits = 0;
+    }
+    bits |= uint64_t{1} << (off & 63);
+  }
+  flush(word, bits);
+  return valid;
+}
+
+// Returns false when a bitmap's entries were not all inside and increasing.
+inline bool encode_write(const EncodeTensor& t, int code, int64_t begin, int64_t end, uint8_t* out,
+                         uint64_t varint_at, uint64_t bytes) {
+  bool valid = true;
   with_ndim(t.dims, [&](auto nd) {
     constexpr int ND = decltype(nd)::value;
     switch (code) {
@@ -270,13 +309,15 @@ inline void encode_write(const EncodeTensor& t, int code, int64_t begin, int64_t
       case kGap16: return encode_write_nd<ND, kGap16>(t, begin, end, out, varint_at);
       case kGap32: return encode_write_nd<ND, kGap32>(t, begin, end, out, varint_at);
       case kVarint: return encode_write_nd<ND, kVarint>(t, begin, end, out, varint_at);
-      default: return encode_write_nd<ND, kBitmap>(t, begin, end, out, varint_at);
+      default: valid = encode_bitmap_nd<ND>(t, begin, end, out, bytes);
     }
   });
+  return valid;
 }
 
 struct EncodePlan {
   int64_t out_of_range = -1;  // the first tensor with an index outside its shape (then nothing else is set)
+  bool speculative = false;   // bitmap_wins tensors planned as bitmaps unchecked: write_encoding checks them
   std::vector<int> code;
   std::vector<uint64_t> bytes, start;  // per tensor: payload bytes and where it starts
   uint64_t total = 0;
@@ -284,17 +325,23 @@ struct EncodePlan {
 };
 
 // ParallelFor(n, f) calls f(begin, end) over a split of [0, n), possibly concurrently.
+// speculative: a tensor where bitmap_wins is planned as a bitmap without this
+// pass (its entries are read once, by the write, which checks them); when
+// write_encoding then reports a bad one, plan again without speculation.
 template <class ParallelFor>
-EncodePlan plan_encoding(const std::vector<EncodeTensor>& ts, const Ranges& ranges, ParallelFor&& parallel_for) {
+EncodePlan plan_encoding(const std::vector<EncodeTensor>& ts, const Ranges& ranges, ParallelFor&& parallel_for,
+                         bool speculative = true) {
   std::vector<EncodeStats> st(static_cast<size_t>(ranges.total()));
   parallel_for(ranges.total(), [&](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
       const int32_t t = ranges.tensor_of(r);
+      if (speculative && bitmap_wins(ts[t])) continue;  // stats left as "inside, increasing"
       const int64_t begin = (r - ranges.first[t]) * kRange;
       st[r] = encode_stats(ts[t], begin, std::min(begin + kRange, ts[t].nnz));
     }
   });
   EncodePlan plan;
+  plan.speculative = speculative;
   plan.varint_at.resize(st.size());
   for (size_t t = 0; t < ts.size(); ++t) {
     EncodeStats all;
@@ -318,21 +365,25 @@ EncodePlan plan_encoding(const std::vector<EncodeTensor>& ts, const Ranges& rang
   return plan;
 }
 
-// Every tensor's payload into out[plan.total].
+// Every tensor's payload into out[plan.total]. False when a speculatively
+// planned bitmap held an entry outside its shape or out of order: the bytes
+// are then meaningless, and the caller plans again with speculative = false.
 template <class ParallelFor>
-void write_encoding(const std::vector<EncodeTensor>& ts, const Ranges& ranges, const EncodePlan& plan, uint8_t* out,
+bool write_encoding(const std::vector<EncodeTensor>& ts, const Ranges& ranges, const EncodePlan& plan, uint8_t* out,
                     ParallelFor&& parallel_for) {
   for (size_t t = 0; t < ts.size(); ++t) {
     if (plan.code[t] == kBitmap && plan.bytes[t]) std::memset(out + plan.start[t], 0, plan.bytes[t]);
   }
+  std::vector<char> valid(static_cast<size_t>(ranges.total()), 1);
   parallel_for(ranges.total(), [&](int64_t rb, int64_t re) {
     for (int64_t r = rb; r < re; ++r) {
       const int32_t t = ranges.tensor_of(r);
       const int64_t begin = (r - ranges.first[t]) * kRange;
-      encode_write(ts[t], plan.code[t], begin, std::min(begin + kRange, ts[t].nnz), out + plan.start[t],
-                   plan.varint_at[r]);
+      valid[r] = encode_write(ts[t], plan.code[t], begin, std::min(begin + kRange, ts[t].nnz), out + plan.start[t],
+                              plan.varint_at[r], plan.bytes[t]);
     }
   });
+  return std::all_of(valid.begin(), valid.end(), [](char v) { return v != 0; });
 }
 
 // ------------------------------------------------------------------ decoding

@@ -96,7 +96,7 @@ void sample_chunk(PhiloxStream stream, uint64_t g, const T* x, M* out, int64_t n
 // whole 64-element blocks of the global index in a loop that vectorises
 // (32 x 32 -> 64-bit multiplies), the edges one by one.
 template <typename T>
-uint64_t fingerprint_chunk(const T* x, uint64_t g0, int64_t n) {
+LS_CPU_CLONES uint64_t fingerprint_chunk(const T* x, uint64_t g0, int64_t n) {
   static const auto weights = [] {
     struct {
       uint32_t lo[kFingerprintLanes], hi[kFingerprintLanes];

@@ -78,10 +78,16 @@ std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::
     ts[t].nnz = nnz[t] = idx.size(0);
   }
   const coo::Ranges ranges(nnz);
-  const coo::EncodePlan plan = coo::plan_encoding(ts, ranges, on_threads());
-  if (plan.out_of_range >= 0) return {plan.out_of_range, {}, {}, at::Tensor(), at::Tensor()};
-  at::Tensor positions = at::empty({static_cast<int64_t>(plan.total)}, at::kByte);
-  coo::write_encoding(ts, ranges, plan, positions.data_ptr<uint8_t>(), on_threads());
+  // Dense tensors are written as bitmaps straight away (one read of their
+  // indices); when one turns out not to be in order and in range, again from a full plan.
+  coo::EncodePlan plan = coo::plan_encoding(ts, ranges, on_threads(), /*speculative=*/true);
+  at::Tensor positions;
+  for (bool speculative : {true, false}) {
+    if (!speculative) plan = coo::plan_encoding(ts, ranges, on_threads(), false);
+    if (plan.out_of_range >= 0) return {plan.out_of_range, {}, {}, at::Tensor(), at::Tensor()};
+    positions = at::empty({static_cast<int64_t>(plan.total)}, at::kByte);
+    if (coo::write_encoding(ts, ranges, plan, positions.data_ptr<uint8_t>(), on_threads())) break;
+  }
 
   int64_t total = 0;
   for (const at::Tensor& v : value_bytes) {

@@ -56,20 +56,27 @@ struct Encoded {
   std::vector<uint8_t> payload;
 };
 
+// code -1: an index outside the shape.
 static Encoded encode(const std::vector<int64_t>& rows, const coo::Dims& d, int64_t nnz) {
   std::vector<coo::EncodeTensor> ts(1);
   ts[0].indices = rows.data();
   ts[0].nnz = nnz;
   ts[0].dims = d;
   const coo::Ranges ranges({ts[0].nnz});
-  const coo::EncodePlan plan = coo::plan_encoding(ts, ranges, scrambled_for);
-  LS_CHECK(plan.out_of_range == -1);
   Encoded e;
-  e.code = plan.code[0];
-  e.payload.resize(plan.total + 1, 0xEE);  // one guard byte after the payload
-  coo::write_encoding(ts, ranges, plan, e.payload.data(), scrambled_for);
-  LS_CHECK(e.payload.back() == 0xEE);
-  e.payload.pop_back();
+  // As csrc/cpu/wire_coo.cpp: a dense tensor is written as a bitmap unplanned,
+  // and planned and written again when that write finds it out of order.
+  for (bool speculative : {true, false}) {
+    const coo::EncodePlan plan = coo::plan_encoding(ts, ranges, scrambled_for, speculative);
+    e.code = plan.out_of_range >= 0 ? -1 : plan.code[0];
+    if (plan.out_of_range >= 0) return e;
+    e.payload.assign(plan.total + 1, 0xEE);  // one guard byte after the payload
+    const bool valid = coo::write_encoding(ts, ranges, plan, e.payload.data(), scrambled_for);
+    LS_CHECK(e.payload.back() == 0xEE);
+    e.payload.pop_back();
+    if (valid) return e;
+    LS_CHECK(speculative);  // a full plan is always valid
+  }
   return e;
 }
 
@@ -144,6 +151,25 @@ static std::vector<uint64_t> random_offsets(std::mt19937_64& rng, uint64_t numel
   return out;
 }
 
+// A dense tensor (bitmap_wins) out of order or with an index outside its shape:
+// the unplanned bitmap write notices, and the full plan gives u32 offsets or
+// refuses.
+static void test_dense_but_unordered_or_out_of_range() {
+  const coo::Dims d = dims({10, 10});
+  std::vector<uint64_t> offsets;
+  for (uint64_t i = 0; i < 60; ++i) offsets.push_back(i);
+  std::swap(offsets[10], offsets[50]);
+  Encoded e = encode(rows_of(offsets, d), d, 60);
+  LS_CHECK(e.code == coo::kU32);
+  std::vector<int64_t> back;
+  LS_CHECK(decode(e.code, e.payload, 60, d, &back).empty() && back == rows_of(offsets, d));
+  std::vector<int64_t> rows = rows_of(std::vector<uint64_t>(offsets.begin(), offsets.begin() + 40), d);
+  rows[2 * 30 + 1] = 10;  // column 10 of a 10-column tensor
+  LS_CHECK(encode(rows, d, 40).code == -1);
+  rows[2 * 30 + 1] = -1;
+  LS_CHECK(encode(rows, d, 40).code == -1);
+}
+
 static void test_round_trips() {
   std::mt19937_64 rng(7);
   const std::vector<std::vector<int64_t>> shapes = {{300, 700}, {1 << 20, 1 << 12}, {7, 1, 5, 1, 3}, {131073},
@@ -213,6 +239,7 @@ static void test_mutated_payloads() {
 
 int main() {
   test_known_bytes();
+  test_dense_but_unordered_or_out_of_range();
   test_round_trips();
   test_mutated_payloads();
   if (failures) {
