@@ -43,9 +43,57 @@ void sample_chunk_portable(PhiloxStream stream, uint64_t g, const T* x, M* out, 
   for (; i < n; ++i) sample_one(stream, g + i, x[i], out + i);
 }
 
+// 0/1 bytes m[0, n) as bits [g, g + n) of the bitmap (element g at bit g % 8
+// of byte g / 8). Whole bytes are stored; a byte the range shares with a
+// neighbouring chunk (the first or last, when g or g + n is not a multiple of
+// 8) is OR-ed in atomically, onto zeros.
+inline void store_bits(const uint8_t* m, uint64_t g, int64_t n, uint8_t* bits) {
+  int64_t i = 0;
+  auto shared = [&](int64_t from, int64_t to) {  // elements [from, to) of one byte
+    unsigned v = 0;
+    for (int64_t k = from; k < to; ++k) v |= static_cast<unsigned>(m[k]) << ((g + k) & 7u);
+    __atomic_fetch_or(bits + ((g + from) >> 3), static_cast<uint8_t>(v), __ATOMIC_RELAXED);
+  };
+  if (g & 7u) {
+    i = std::min<int64_t>(n, static_cast<int64_t>(8 - (g & 7u)));
+    shared(0, i);
+  }
+  for (; i + 8 <= n; i += 8) {
+    uint64_t x;
+    std::memcpy(&x, m + i, 8);
+    // Byte k (0 or 1) of x lands on bit 56 + k; no two terms meet, so nothing carries.
+    bits[(g + i) >> 3] = static_cast<uint8_t>((x * 0x0102040810204080ull) >> 56);
+  }
+  if (i < n) shared(i, n);
+}
+
+// Elements [g, g + n) one by one into the bitmap (chunk edges).
+template <typename T>
+void sample_bits_one_by_one(const PhiloxStream& stream, uint64_t g, const T* x, int64_t n, uint8_t* bits) {
+  uint8_t m[64];
+  for (int64_t i = 0; i < n; i += 64) {
+    const int64_t len = std::min<int64_t>(64, n - i);
+    for (int64_t k = 0; k < len; ++k) sample_one(stream, g + i + k, x[i + k], m + k);
+    store_bits(m, g + i, len, bits);
+  }
+}
+
+// The n floats at x, converted into buf unless they are floats already.
+template <typename T>
+inline const float* as_floats(const T* x, float* buf, int64_t n) {
+  if constexpr (std::is_same<T, float>::value) {
+    return x;
+  } else {
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<float>(x[k]);
+    return buf;
+  }
+}
+
 #ifdef LS_HAVE_SIMD_PATH
 // Same elements through a SIMD form of the same math (bit-identical), groups
-// of 4 * kLanes aligned in the global index. One instantiation per ISA.
+// of 4 * kLanes aligned in the global index. One instantiation per ISA. The
+// _bits form writes each group's masks as one 4 * kLanes-bit word of the
+// bitmap (the group's bytes are the chunk's alone), the edges through store_bits.
 #define LS_SAMPLE_CHUNK_SIMD(ISA, TARGET)                                                               \
   template <typename T, typename M>                                                                   \
   __attribute__((target(TARGET))) void sample_chunk_##ISA(PhiloxStream stream, uint64_t g, const T* x, \
@@ -55,15 +103,23 @@ void sample_chunk_portable(PhiloxStream stream, uint64_t g, const T* x, M* out, 
     for (; i < n && ((g + i) % kGroup) != 0; ++i) sample_one(stream, g + i, x[i], out + i);           \
     float xf[kGroup];                                                                                  \
     for (; i + kGroup <= n; i += kGroup) {                                                             \
-      const float* src = xf;                                                                           \
-      if constexpr (std::is_same<T, float>::value) {                                                   \
-        src = x + i;                                                                                   \
-      } else {                                                                                         \
-        for (int k = 0; k < kGroup; ++k) xf[k] = static_cast<float>(x[i + k]);                         \
-      }                                                                                                \
-      ISA::sample_group(stream, (g + i) >> 2, src, out + i);                                           \
+      ISA::sample_group(stream, (g + i) >> 2, as_floats(x + i, xf, kGroup), out + i);                  \
     }                                                                                                  \
     for (; i < n; ++i) sample_one(stream, g + i, x[i], out + i);                                       \
+  }                                                                                                    \
+  template <typename T>                                                                                \
+  __attribute__((target(TARGET))) void sample_bits_chunk_##ISA(PhiloxStream stream, uint64_t g,        \
+                                                               const T* x, int64_t n, uint8_t* bits) {  \
+    constexpr int64_t kGroup = 4 * ISA::kLanes;                                                        \
+    const int64_t head = std::min<int64_t>(n, static_cast<int64_t>((kGroup - g % kGroup) % kGroup));   \
+    sample_bits_one_by_one(stream, g, x, head, bits);                                                  \
+    float xf[kGroup];                                                                                  \
+    int64_t i = head;                                                                                  \
+    for (; i + kGroup <= n; i += kGroup) {                                                             \
+      const uint64_t word = ISA::sample_group_bits(stream, (g + i) >> 2, as_floats(x + i, xf, kGroup)); \
+      std::memcpy(bits + ((g + i) >> 3), &word, kGroup / 8);                                           \
+    }                                                                                                  \
+    sample_bits_one_by_one(stream, g + i, x + i, n - i, bits);                                         \
   }
 LS_SAMPLE_CHUNK_SIMD(avx2, "avx2")
 LS_SAMPLE_CHUNK_SIMD(avx512, "avx512f,avx512dq,avx512bw,avx512vl")
@@ -90,6 +146,23 @@ void sample_chunk(PhiloxStream stream, uint64_t g, const T* x, M* out, int64_t n
   if (isa == 1) return sample_chunk_avx2(stream, g, x, out, n);
 #endif
   sample_chunk_portable(stream, g, x, out, n);
+}
+
+// Elements [g, g + n) into the bitmap (zeroed beforehand).
+template <typename T>
+void sample_bits_chunk(PhiloxStream stream, uint64_t g, const T* x, int64_t n, uint8_t* bits) {
+#ifdef LS_HAVE_SIMD_PATH
+  static const int isa = simd_level();
+  if (isa == 2) return sample_bits_chunk_avx512(stream, g, x, n, bits);
+  if (isa == 1) return sample_bits_chunk_avx2(stream, g, x, n, bits);
+#endif
+  alignas(64) uint8_t piece[4096];  // sampled as bytes (the portable batches), then packed
+  for (int64_t i = 0; i < n;) {
+    const int64_t len = std::min<int64_t>(n - i, 4096);
+    sample_chunk_portable(stream, g + i, x + i, piece, len);
+    store_bits(piece, g + i, len, bits);
+    i += len;
+  }
 }
 
 // Elements [g0, g0 + n) of the fingerprint sum (csrc/common/fingerprint.h):
@@ -172,51 +245,14 @@ at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType 
   return out;
 }
 
-// Elements per sampling piece of sample_mask_bits: its 0/1 bytes stay in L1
-// before they are packed; pieces start at multiples of kBitsPiece in the
-// global index (so at multiples of 8 and of every SIMD group).
-constexpr int64_t kBitsPiece = 4096;
-
-// 0/1 bytes m[0, n) as bits [g, g + n) of the bitmap (element g at bit g % 8
-// of byte g / 8). Whole bytes are stored; a byte the range shares with a
-// neighbouring chunk (the first or last, when g or g + n is not a multiple of
-// 8) is OR-ed in atomically, onto zeros.
-inline void store_bits(const uint8_t* m, uint64_t g, int64_t n, uint8_t* bits) {
-  int64_t i = 0;
-  auto shared = [&](int64_t from, int64_t to) {  // elements [from, to) of one byte
-    unsigned v = 0;
-    for (int64_t k = from; k < to; ++k) v |= static_cast<unsigned>(m[k]) << ((g + k) & 7u);
-    __atomic_fetch_or(bits + ((g + from) >> 3), static_cast<uint8_t>(v), __ATOMIC_RELAXED);
-  };
-  if (g & 7u) {
-    i = std::min<int64_t>(n, static_cast<int64_t>(8 - (g & 7u)));
-    shared(0, i);
-  }
-  for (; i + 8 <= n; i += 8) {
-    uint64_t x;
-    std::memcpy(&x, m + i, 8);
-    // Byte k (0 or 1) of x lands on bit 56 + k; no two terms meet, so nothing carries.
-    bits[(g + i) >> 3] = static_cast<uint8_t>((x * 0x0102040810204080ull) >> 56);
-  }
-  if (i < n) shared(i, n);
-}
-
 at::Tensor sample_mask_bits_cpu(at::TensorList scores, int64_t seed, bool key_by_scores) {
   const MaskStream ms = mask_stream(scores, seed, key_by_scores, "sample_mask_bits");
   at::Tensor out = at::zeros({(ms.table.total_numel + 7) / 8}, at::kByte);
   uint8_t* bits = out.data_ptr<uint8_t>();
   for_each_chunk(ms.table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
-    alignas(64) uint8_t piece[kBitsPiece];
     LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
-      const T* x = static_cast<const T*>(e.x) + off;
-      const uint64_t g0 = static_cast<uint64_t>(e.base + off);
-      for (int64_t i = 0; i < len;) {
-        const uint64_t g = g0 + static_cast<uint64_t>(i);
-        const int64_t n = std::min<int64_t>(len - i, kBitsPiece - static_cast<int64_t>(g % kBitsPiece));
-        sample_chunk<T, uint8_t>(ms.stream, g, x + i, piece, n);
-        store_bits(piece, g, n, bits);
-        i += n;
-      }
+      sample_bits_chunk<T>(ms.stream, static_cast<uint64_t>(e.base + off), static_cast<const T*>(e.x) + off, len,
+                           bits);
     });
   });
   return out;
