@@ -64,6 +64,24 @@ LS_SIMD void to_element_order(VI c0, VI c1, VI c2, VI c3, VI out[4]) {
   out[2] = _mm256_permute2x128_si256(u0, u1, 0x31);
   out[3] = _mm256_permute2x128_si256(u2, u3, 0x31);
 }
+// Lane masks (bit l: lane l) as kLanes 0/1 integers of M's size, one vector store.
+template <typename M>
+LS_SIMD void store_mask(uint32_t bits, M* out) {
+  const VI v = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(bits)), iota()), set1(1u));
+  if constexpr (sizeof(M) == 8) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out) + 1, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  } else if constexpr (sizeof(M) == 4) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v);
+  } else {
+    const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));  // 8 x 16 bits
+    if constexpr (sizeof(M) == 2) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out), w);
+    } else {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(w, w));
+    }
+  }
+}
 #include "bernoulli_simd_body.inc"
 #undef LS_SIMD
 }  // namespace avx2
@@ -116,6 +134,21 @@ LS_SIMD void to_element_order(VI c0, VI c1, VI c2, VI c3, VI out[4]) {
   out[1] = _mm512_shuffle_i32x4(c, d, 0x88);  // 4 5 6 7
   out[2] = _mm512_shuffle_i32x4(a, b, 0xDD);  // 8 9 10 11
   out[3] = _mm512_shuffle_i32x4(c, d, 0xDD);  // 12 13 14 15
+}
+// Lane masks (bit l: lane l) as kLanes 0/1 integers of M's size, vector stores.
+template <typename M>
+LS_SIMD void store_mask(uint32_t bits, M* out) {
+  const __mmask16 m = static_cast<__mmask16>(bits);
+  if constexpr (sizeof(M) == 8) {
+    _mm512_storeu_si512(out, _mm512_maskz_set1_epi64(static_cast<__mmask8>(m), 1));
+    _mm512_storeu_si512(out + 8, _mm512_maskz_set1_epi64(static_cast<__mmask8>(m >> 8), 1));
+  } else if constexpr (sizeof(M) == 4) {
+    _mm512_storeu_si512(out, _mm512_maskz_set1_epi32(m, 1));
+  } else if constexpr (sizeof(M) == 2) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_maskz_set1_epi16(m, 1));
+  } else {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_maskz_set1_epi8(m, 1));
+  }
 }
 #include "bernoulli_simd_body.inc"
 #undef LS_SIMD
