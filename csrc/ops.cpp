@@ -27,5 +27,9 @@ TORCH_LIBRARY(layersel, m) {
   // For each tensor t: the values of model[t] whose score passes thresholds[t]
   // and that are non-zero, and their row-major indices (N x ndim, int64).
   m.def("sparse_extract(Tensor[] model, Tensor[] initial, int kind, float[] thresholds) -> (Tensor[], Tensor[])");
+  // sparse_extract with every threshold the k-th largest score (kth_largest_score
+  // in the tensors' dtype), for tensors of one floating dtype; on the CPU the
+  // sample select's pass also marks (one read of a large model instead of two).
+  m.def("sparse_select(Tensor[] model, Tensor[] initial, int kind, int k) -> (Tensor[], Tensor[])");
 }
 

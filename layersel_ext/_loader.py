@@ -24,7 +24,15 @@ import torch
 _ABI = importlib.machinery.EXTENSION_SUFFIXES[0].rsplit(".", 1)[0]  # .cpython-311-x86_64-linux-gnu
 _RECORD_PATH = Path(__file__).with_name(f"_build_record{_ABI}.json")
 _LEGACY_RECORD_PATH = Path(__file__).with_name("_build_record.json")
-OPS = ("drift_sq_norms", "scores", "sample_masks", "sample_mask_bits", "kth_largest_score", "sparse_extract")
+OPS = (
+    "drift_sq_norms",
+    "scores",
+    "sample_masks",
+    "sample_mask_bits",
+    "kth_largest_score",
+    "sparse_extract",
+    "sparse_select",
+)
 
 
 def build_record() -> dict[str, Any]:

@@ -180,6 +180,25 @@ def sparse_extract(
         return _torch_ops.sparse_extract(model, ys, kind, thresholds)
 
 
+def sparse_select(
+    model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int, k: int
+) -> tuple[list[Tensor], list[Tensor]] | None:
+    """``sparse_extract`` with every threshold the k-th largest score (``kth_largest_score`` in the
+    tensors' dtype), for a fused score kind and tensors of one floating dtype; None where no kernel
+    does it in one go (other devices, other dtypes, the torch backend): the caller then runs the
+    two ops. The CPU kernel marks while its sample select brackets the k-th largest, so a large
+    model is read once instead of twice."""
+    if kind == ScoreKind.GIVEN or not len(model) or not _use_compiled("sparse_select", _device(model)):
+        return None
+    dtype = model[0].dtype
+    if not dtype.is_floating_point or any(x.dtype != dtype for x in model):
+        return None
+    ys = list(initial) if initial is not None else []
+    with torch.no_grad():
+        values, indices = torch.ops.layersel.sparse_select(list(model), ys, kind, k)
+    return list(values), list(indices)
+
+
 if COMPILED is not None:
 
     @torch.library.register_fake("layersel::drift_sq_norms")
@@ -212,6 +231,12 @@ if COMPILED is not None:
             [x.new_empty((n,)) for x, n in zip(model, sizes)],
             [x.new_empty((n, x.dim()), dtype=torch.int64) for x, n in zip(model, sizes)],
         )
+
+    @torch.library.register_fake("layersel::sparse_select")
+    def _sparse_select_fake(
+        model: list[Tensor], initial: list[Tensor], kind: int, k: int
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        return _sparse_extract_fake(model, initial, kind, [0.0] * len(model))
 
     @torch.library.register_fake("layersel::sample_masks")
     def _sample_masks_fake(scores: list[Tensor], seed: int, dtype: torch.dtype, key_by_scores: bool = False) -> Tensor:

@@ -53,6 +53,35 @@ def _comparison_threshold(threshold: float, score_dtype: torch.dtype) -> float |
     return float(torch.tensor(threshold, dtype=torch.float64).to(dtype).item())
 
 
+def _threshold_then_extract(
+    kind: int,
+    top: int,
+    xs: list[Tensor],
+    ys: list[Tensor] | None,
+    sharded: _sharded.ShardedState | None,
+    promoted: torch.dtype,
+    score_dtypes: list[torch.dtype],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The k-th largest score (over every rank's shards when sharded), then the extraction against it,
+    compared in each tensor's score dtype as torch compares."""
+    if sharded is not None:
+        kth = sharded.kth_largest_score(kind, top, promoted)
+    elif kind != ScoreKind.GIVEN:
+        kth = ops.kth_largest_score(xs, ys, kind, top, promoted)
+    else:
+        # Custom scores as given; bool ones (fl4health sorts them too) as their 0/1 bytes.
+        given = [y.view(torch.uint8) if y.dtype == torch.bool else y for y in ys]  # type: ignore[union-attr]
+        kth_dtype = torch.uint8 if promoted == torch.bool else promoted
+        kth = ops.kth_largest_score(given, given, kind, top, kth_dtype)
+    threshold = kth.item()
+    if promoted == torch.bool:
+        threshold = bool(threshold)
+    thresholds = [_comparison_threshold(threshold, dt) for dt in score_dtypes]
+    if sharded is not None:
+        return sharded.sparse_extract(kind, thresholds)
+    return ops.sparse_extract(xs, ys, kind, thresholds)
+
+
 def select_sparse_parameters(
     model: nn.Module,
     initial_model: nn.Module | None,
@@ -107,23 +136,10 @@ def select_sparse_parameters(
     # Sharded state (FSDP2, DTensor): the same two steps across ranks (_sharded), every rank gets every array.
     sharded = _sharded.ShardedState(names, xs, ys, what) if _sharded.has_dtensor(xs, ys) else None
     try:
-        if sharded is not None:
-            kth = sharded.kth_largest_score(kind, top, promoted)
-        elif fused is not None:
-            kth = ops.kth_largest_score(xs, ys, kind, top, promoted)
-        else:
-            # Custom scores as given; bool ones (fl4health sorts them too) as their 0/1 bytes.
-            given = [y.view(torch.uint8) if y.dtype == torch.bool else y for y in ys]  # type: ignore[union-attr]
-            kth_dtype = torch.uint8 if promoted == torch.bool else promoted
-            kth = ops.kth_largest_score(given, given, kind, top, kth_dtype)
-        threshold = kth.item()
-        if promoted == torch.bool:
-            threshold = bool(threshold)
-        thresholds = [_comparison_threshold(threshold, dt) for dt in score_dtypes]
-        if sharded is not None:
-            values, indices = sharded.sparse_extract(kind, thresholds)
-        else:
-            values, indices = ops.sparse_extract(xs, ys, kind, thresholds)
+        # One floating dtype, fused scores, one process: the k-th largest and the extraction in one
+        # kernel where there is one (a large model read once); else in two steps.
+        one_go = ops.sparse_select(xs, ys, kind, top) if fused is not None and sharded is None else None
+        values, indices = one_go or _threshold_then_extract(kind, top, xs, ys, sharded, promoted, score_dtypes)
     except (RuntimeError, ValueError, TypeError) as exc:
         explain_failure(exc, names, xs, ys if fused is not None and uses_initial(kind) else None, what)
     kept = [i for i, x in enumerate(xs) if x.dim() > 0 and values[i].numel() > 0]

@@ -14,7 +14,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <tuple>
 #include <type_traits>
@@ -83,16 +85,49 @@ inline uint64_t pick_digit(const int64_t* counts, int64_t bins, int64_t& remaini
   return 0;
 }
 
-// Every chunk of the table, in parallel: body(kind constant, x, y, len, T* tag).
+// Where a chunk is: its tensor, its id, its offset in the tensor, its global
+// index (the tensor's base + offset).
+struct ChunkAt {
+  int32_t tensor;
+  int64_t chunk, offset, global;
+};
+
+// Every chunk of the table, in parallel: body(kind constant, x, y, len, T* tag, ChunkAt).
 template <typename Body>
 void each_score_chunk(const WorkTable& table, int64_t kind, Body body) {
-  for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
+  for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t t, int64_t c, int64_t off, int64_t len) {
     LS_SWITCH_DTYPE(e.dtype, T, {
       const T* x = static_cast<const T*>(e.x) + off;
       const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-      with_score_kind(kind, [&](auto kc) { body(kc, x, y, len, static_cast<T*>(nullptr)); });
+      const ChunkAt at{t, c, off, e.base + off};
+      with_score_kind(kind, [&](auto kc) { body(kc, x, y, len, static_cast<T*>(nullptr), at); });
     });
   });
+}
+
+// The kept elements of an extraction: one bit per element (64 to a word; a
+// chunk's words start at first_word[c]) and how many are set per chunk.
+struct Marks {
+  std::vector<int64_t> first_word;  // chunks + 1
+  std::unique_ptr<uint64_t[]> bits;
+  std::vector<int64_t> counts;  // per chunk
+};
+
+// ceil(len / 64) words per chunk, at a prefix offset (a chunk of a small tensor
+// is short); left uninitialised: the marking passes write every word they own.
+Marks allocate_marks(const WorkTable& table) {
+  Marks m;
+  m.counts.assign(static_cast<size_t>(table.total_chunks()), 0);
+  m.first_word.assign(m.counts.size() + 1, 0);
+  for (size_t t = 0; t < table.entries.size(); ++t) {
+    const int64_t numel = table.entries[t].numel;
+    for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) {
+      const int64_t len = std::min(kCpuChunk, numel - (c - table.first_chunk[t]) * kCpuChunk);
+      m.first_word[c + 1] = m.first_word[c] + (len + 63) / 64;
+    }
+  }
+  m.bits.reset(new uint64_t[static_cast<size_t>(m.first_word.back()) + 1]);
+  return m;
 }
 
 // Sample select: the keys of a sample spread over the model bracket the k-th
@@ -133,23 +168,62 @@ template <typename K>
 inline bool in_bracket(K key, K lo, K hi) {  // lo <= key <= hi, one unsigned comparison
   return static_cast<K>(key - lo) <= static_cast<K>(hi - lo);
 }
-template <int64_t Kind, typename T, typename P>
+// The largest key of an ordered (non-NaN) score: every NaN key is above it.
+template <typename P>
+uint64_t max_ordered_key() {
+  if constexpr (std::is_integral<P>::value) {
+    return ~uint64_t{0};
+  } else {
+    return order_key<P>(std::numeric_limits<P>::infinity());
+  }
+}
+
+// MARK: also bit j of *word = element j's key is above the bracket, ordered
+// (not NaN) and its value non-zero: kept whatever the k-th largest inside the
+// bracket turns out to be (sparse_select_cpu).
+template <int64_t Kind, bool MARK, typename T, typename P>
 LS_CPU_CLONES int64_t bracket_block(const T* x, const T* y, int64_t m, BlockKey<P> lo, BlockKey<P> hi,
-                                    BlockKey<P>* keys, int64_t& above) {
+                                    BlockKey<P>* keys, int64_t& above, uint64_t* word, BlockKey<P> max_ordered) {
   using K = BlockKey<P>;
   int32_t a = 0, in = 0;  // m <= kKeyBlock
+  uint8_t keep[kKeyBlock];  // MARK: 0/1 per element, packed into *word below
+  if (MARK && m < kKeyBlock) std::memset(keep, 0, sizeof(keep));
   for (int64_t j = 0; j < m; ++j) {
     const K key = static_cast<K>(order_key<P>(static_cast<P>(sparse_score<T>(Kind, x[j], y[j]))));
     keys[j] = key;
     a += key > hi;
     in += in_bracket(key, lo, hi);
+    if constexpr (MARK) keep[j] = (key > hi) & (key <= max_ordered) & is_nonzero(x[j]);
   }
   above += a;
+  if constexpr (MARK) {
+    uint64_t w = 0;
+    for (int b = 0; b < kKeyBlock; b += 8) {  // 8 flags -> 8 bits: byte k of v lands on bit 56 + k
+      uint64_t v;
+      std::memcpy(&v, keep + b, 8);
+      w |= ((v * 0x0102040810204080ull) >> 56) << b;
+    }
+    *word = w;
+  }
   return in;
 }
 
+// The value of key `key` of score dtype P, as a double (exact).
 template <typename P>
-bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, uint64_t& result) {
+double key_value(uint64_t key) {
+  return key_to_value<P>(key, c10::CppTypeToScalarType<P>::value).template item<double>();
+}
+
+// With `marks` (sparse_select_cpu), the pass also marks the elements above the
+// bracket (bracket_block) and notes where the bracket's non-zero elements are;
+// once the k-th largest is known, those at or above it are marked too, and
+// `marks` then holds exactly what sparse_extract would keep with the k-th
+// largest as every tensor's threshold (every tensor's score dtype being P).
+// That needs the threshold to be neither 0 (-0.0 passes ">= 0.0" from below
+// the bracket) nor NaN: then false, as for a bracket that misses.
+template <typename P>
+bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, uint64_t& result,
+                             Marks* marks = nullptr) {
   const int64_t n = table.total_numel;
   if (n < sample_select_min_numel() || n < 2 * kSample) return false;  // small models: the passes below are cheap
   // Bracket half-width in sample ranks: 8 standard deviations of the k-th's
@@ -196,22 +270,38 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
   };
   std::vector<Counter> counters(static_cast<size_t>(threads));
   std::vector<std::vector<uint64_t>> inside(static_cast<size_t>(threads));
+  // With marks: per key of `inside`, (chunk << 16 | index in the chunk), or -1 for a zero value.
+  std::vector<std::vector<int64_t>> where(static_cast<size_t>(threads));
   const size_t per_thread_cap = static_cast<size_t>(cap / threads + 1);
-  each_score_chunk(table, kind, [&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag) {
+  each_score_chunk(table, kind, [&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag, ChunkAt at) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    Counter& mine = counters[static_cast<size_t>(at::get_thread_num())];
-    std::vector<uint64_t>& keys = inside[static_cast<size_t>(at::get_thread_num())];
+    const size_t me = static_cast<size_t>(at::get_thread_num());
+    Counter& mine = counters[me];
+    std::vector<uint64_t>& keys = inside[me];
     if (mine.overflow) return;
     using K = BlockKey<P>;
     K block[kKeyBlock];
-    const K klo = static_cast<K>(lo), khi = static_cast<K>(hi);
+    const K klo = static_cast<K>(lo), khi = static_cast<K>(hi), kmax = static_cast<K>(max_ordered_key<P>());
+    uint64_t* words = marks ? marks->bits.get() + marks->first_word[at.chunk] : nullptr;
+    int64_t marked = 0;
     for (int64_t i = 0; i < len; i += kKeyBlock) {
       const int64_t m = std::min(kKeyBlock, len - i);
-      const int64_t in = bracket_block<decltype(kc)::value, T, P>(x + i, y + i, m, klo, khi, block, mine.above);
+      int64_t in = 0;
+      if (marks) {
+        in = bracket_block<decltype(kc)::value, true, T, P>(x + i, y + i, m, klo, khi, block, mine.above,
+                                                            words + i / kKeyBlock, kmax);
+        marked += __builtin_popcountll(words[i / kKeyBlock]);
+      } else {
+        in = bracket_block<decltype(kc)::value, false, T, P>(x + i, y + i, m, klo, khi, block, mine.above, nullptr, kmax);
+      }
       if (in == 0) continue;
-      for (int64_t j = 0; j < m; ++j)
-        if (in_bracket(block[j], klo, khi)) keys.push_back(block[j]);
+      for (int64_t j = 0; j < m; ++j) {
+        if (!in_bracket(block[j], klo, khi)) continue;
+        keys.push_back(block[j]);
+        if (marks) where[me].push_back(is_nonzero(x[i + j]) ? (at.chunk << 16 | (i + j)) : -1);
+      }
     }
+    if (marks) marks->counts[at.chunk] = marked;
     if (keys.size() > per_thread_cap) mine.overflow = true;
   });
   int64_t above = 0, count = 0;
@@ -227,17 +317,36 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
   const auto nth = keys.begin() + (k - above - 1);
   std::nth_element(keys.begin(), nth, keys.end(), std::greater<uint64_t>());
   result = *nth;
+  if (marks == nullptr) return true;
+  const double v = key_value<P>(result);
+  if (v == 0.0 || v != v) return false;
+  // The bracket's elements at or above the k-th largest (keys order them exactly
+  // apart from -0.0 / +0.0, which a non-zero threshold does not separate).
+  // Each thread marks what it collected: its chunks' words are its own.
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const std::vector<uint64_t>& ks = inside[static_cast<size_t>(t)];
+      const std::vector<int64_t>& ws = where[static_cast<size_t>(t)];
+      for (size_t j = 0; j < ks.size(); ++j) {
+        if (ks[j] < result || ws[j] < 0) continue;
+        const int64_t c = ws[j] >> 16, i = ws[j] & 0xFFFF;
+        marks->bits[static_cast<size_t>(marks->first_word[c] + i / 64)] |= uint64_t{1} << (i % 64);
+        ++marks->counts[c];
+      }
+    }
+  });
   return true;
 }
 
+// try_sample: the sample select first (false: it already ran and missed).
 template <typename P>
-uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k) {
+uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, bool try_sample = true) {
   constexpr int bits = key_bits<P>();
   constexpr int64_t bins = int64_t{1} << kTopBits;
   const int threads = at::get_num_threads();
   if constexpr (bits > kTopBits) {
     uint64_t sampled = 0;
-    if (sampled_kth_largest_key<P>(table, kind, k, sampled)) return sampled;
+    if (try_sample && sampled_kth_largest_key<P>(table, kind, k, sampled)) return sampled;
   }
   auto each_chunk = [&](auto body) { each_score_chunk(table, kind, body); };
   // Pass 1: the top digit.
@@ -245,7 +354,7 @@ uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k) {
   auto top_pass = [&](auto counter_tag) {
     using C = decltype(counter_tag);
     std::vector<C> tables(static_cast<size_t>(threads) * 2 * bins, 0);
-    each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag) {
+    each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag, ChunkAt) {
       using T = std::remove_pointer_t<decltype(tag)>;
       C* mine = tables.data() + static_cast<size_t>(at::get_thread_num()) * 2 * bins;
       top_histogram_chunk<decltype(kc)::value, T, P, C>(x, y, len, mine, mine + bins);
@@ -264,7 +373,7 @@ uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k) {
   // Pass 2: the keys under that digit, when few enough to hold.
   if (hist[top] <= max_candidates()) {
     std::vector<std::vector<uint64_t>> per_thread(static_cast<size_t>(threads));
-    each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag) {
+    each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag, ChunkAt) {
       using T = std::remove_pointer_t<decltype(tag)>;
       collect_chunk<decltype(kc)::value, T, P>(x, y, len, top, per_thread[at::get_thread_num()]);
     });
@@ -294,7 +403,7 @@ uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k) {
     const int width = low_bits < kDigitBits ? low_bits : kDigitBits;
     const int shift = low_bits - width;
     std::fill(h11.begin(), h11.end(), 0);
-    each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag) {
+    each_chunk([&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag, ChunkAt) {
       using T = std::remove_pointer_t<decltype(tag)>;
       int64_t* h = h11.data() + at::get_thread_num() * kDigitBins;
       for (int64_t i = 0; i < len; ++i) {
@@ -375,41 +484,28 @@ void write_chunk(const T* x, int64_t off, int64_t n, const uint64_t* words, T* v
   }
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(at::TensorList model,
-                                                                                at::TensorList initial, int64_t kind,
-                                                                                at::ArrayRef<double> thresholds) {
-  check_sparse_kind(kind, "sparse_extract");
-  check_threshold_count(thresholds.size(), model.size());
-  const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "sparse_extract");
-  std::vector<int64_t> counts(static_cast<size_t>(table.total_chunks()));
-  // ceil(len / 64) words per chunk, at a prefix offset (a chunk of a small tensor is short);
-  // left uninitialised: mark_chunk writes every word it owns.
-  std::vector<int64_t> first_word(counts.size() + 1, 0);
-  for (size_t t = 0; t < table.entries.size(); ++t) {
-    const int64_t numel = table.entries[t].numel;
-    for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) {
-      const int64_t len = std::min(kCpuChunk, numel - (c - table.first_chunk[t]) * kCpuChunk);
-      first_word[c + 1] = first_word[c] + (len + 63) / 64;
-    }
-  }
-  std::unique_ptr<uint64_t[]> bits(new uint64_t[static_cast<size_t>(first_word.back()) + 1]);
-  for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t t, int64_t c, int64_t off, int64_t len) {
-    LS_SWITCH_DTYPE(e.dtype, T, {
-      const T* x = static_cast<const T*>(e.x) + off;
-      const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-      uint64_t* words = bits.get() + first_word[c];
-      with_score_kind(kind, [&](auto k) { counts[c] = mark_chunk<decltype(k)::value, T>(x, y, len, thresholds[t], words); });
-    });
+// The marking pass of an extraction: every score against its tensor's threshold.
+void mark_above_thresholds(const WorkTable& table, int64_t kind, at::ArrayRef<double> thresholds, Marks& marks) {
+  each_score_chunk(table, kind, [&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag, ChunkAt at) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    marks.counts[at.chunk] = mark_chunk<decltype(kc)::value, T>(x, y, len, thresholds[at.tensor],
+                                                                marks.bits.get() + marks.first_word[at.chunk]);
   });
+}
+
+// The writing pass: values and row-major indices of the marked elements, per
+// tensor, each chunk's at its offset among its tensor's (torch.nonzero's order).
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> write_marked(const WorkTable& table,
+                                                                          at::TensorList model, const Marks& marks) {
   const size_t n = table.entries.size();
   std::vector<at::Tensor> values(n), indices(n);
-  std::vector<int64_t> chunk_offset(counts.size());
+  std::vector<int64_t> chunk_offset(marks.counts.size());
   std::vector<std::vector<int64_t>> sizes(n), strides(n);
   for (size_t t = 0; t < n; ++t) {
     int64_t total = 0;
     for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) {
       chunk_offset[c] = total;
-      total += counts[c];
+      total += marks.counts[c];
     }
     const at::Tensor& x = model[t];
     sizes[t] = x.sizes().vec();
@@ -420,15 +516,54 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
     indices[t] = empty_cpu_output(total * x.dim(), at::kLong).view({total, x.dim()});
   }
   for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t t, int64_t c, int64_t off, int64_t len) {
-    if (counts[c] == 0) return;
+    if (marks.counts[c] == 0) return;
     LS_SWITCH_DTYPE(e.dtype, T, {
       T* v = values[t].data_ptr<T>() + chunk_offset[c];
       int64_t* ix = indices[t].data_ptr<int64_t>() + chunk_offset[c] * static_cast<int64_t>(sizes[t].size());
-      write_chunk<T>(static_cast<const T*>(e.x) + off, off, len, bits.get() + first_word[c], v, ix, sizes[t],
-                     strides[t]);
+      write_chunk<T>(static_cast<const T*>(e.x) + off, off, len, marks.bits.get() + marks.first_word[c], v, ix,
+                     sizes[t], strides[t]);
     });
   });
   return {values, indices};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(at::TensorList model,
+                                                                                at::TensorList initial, int64_t kind,
+                                                                                at::ArrayRef<double> thresholds) {
+  check_sparse_kind(kind, "sparse_extract");
+  check_threshold_count(thresholds.size(), model.size());
+  const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "sparse_extract");
+  Marks marks = allocate_marks(table);
+  mark_above_thresholds(table, kind, thresholds, marks);
+  return write_marked(table, model, marks);
+}
+
+// sparse_extract(model, initial, kind, [v] * n) with v = kth_largest_score(model,
+// initial, kind, k, dtype), every tensor of one floating dtype: on large
+// models the sample select's pass marks as it brackets (one read of the model
+// instead of two), else (or when that cannot decide) the two ops' passes.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_select_cpu(at::TensorList model,
+                                                                               at::TensorList initial, int64_t kind,
+                                                                               int64_t k) {
+  check_sparse_kind(kind, "sparse_select");
+  const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "sparse_select");
+  check_rank(k, table.total_numel);
+  const at::ScalarType dtype = model[0].scalar_type();
+  for (size_t t = 0; t < model.size(); ++t) {
+    TORCH_CHECK_TYPE(model[t].scalar_type() == dtype && at::isFloatingType(dtype), "layersel::sparse_select: tensor #",
+                     t, " has dtype ", model[t].scalar_type(), "; every tensor must have one floating dtype (",
+                     dtype, " first)");
+  }
+  Marks marks = allocate_marks(table);
+  LS_SWITCH_FLOAT_DTYPE(table.entries[0].dtype, P, {
+    uint64_t kth = 0;
+    if (!sampled_kth_largest_key<P>(table, kind, k, kth, &marks)) {
+      kth = kth_largest_key<P>(table, kind, k, /*try_sample=*/false);
+      const std::vector<double> thresholds(model.size(), key_value<P>(kth));
+      mark_above_thresholds(table, kind, thresholds, marks);
+    }
+  });
+  return write_marked(table, model, marks);
 }
 
 }  // namespace
@@ -437,4 +572,5 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
 TORCH_LIBRARY_IMPL(layersel, CPU, m) {
   m.impl("kth_largest_score", &layersel::kth_largest_score_cpu);
   m.impl("sparse_extract", &layersel::sparse_extract_cpu);
+  m.impl("sparse_select", &layersel::sparse_select_cpu);
 }
