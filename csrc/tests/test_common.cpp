@@ -12,15 +12,8 @@
 #include "common/philox.h"
 #include "common/radix.h"
 #include "common/scores.h"
+#include "tests/check.h"
 
-static int failures = 0;
-#define LS_CHECK(cond)                                                  \
-  do {                                                               \
-    if (!(cond)) {                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                    \
-    }                                                                \
-  } while (0)
 
 using namespace layersel;
 
@@ -202,10 +195,5 @@ int main() {
   test_bernoulli_math();
   test_chunk_table();
   test_scores();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("all common math checks passed\n");
-  return 0;
+  return report("common math");
 }

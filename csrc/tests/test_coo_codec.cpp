@@ -15,17 +15,10 @@
 #include <vector>
 
 #include "common/coo_codec.h"
+#include "tests/check.h"
 
 using namespace layersel;
 
-static int failures = 0;
-#define LS_CHECK(cond)                                                            \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                 \
-    }                                                                             \
-  } while (0)
 
 // Calls body over [0, n) in pieces of one range, last range first.
 static void scrambled_for(int64_t n, const std::function<void(int64_t, int64_t)>& body) {
@@ -242,10 +235,5 @@ int main() {
   test_dense_but_unordered_or_out_of_range();
   test_round_trips();
   test_mutated_payloads();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("coo codec: all checks passed\n");
-  return 0;
+  return report("coo codec");
 }

@@ -3,14 +3,8 @@
 
 #include <cstdio>
 
-static int failures = 0;
-#define LS_CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                    \
-    }                                                                                \
-  } while (0)
+#include "tests/check.h"
+
 
 static c10::OperatorHandle op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
@@ -47,10 +41,5 @@ int main() {
   const double mean = m1.slice(0, 0, 1000).to(torch::kDouble).mean().item<double>();
   LS_CHECK(mean > 0.4 && mean < 0.6);
 
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("all op checks passed\n");
-  return 0;
+  return report("ops through the dispatcher");
 }
