@@ -188,7 +188,7 @@ def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
     host_np = host.numpy()
     out: NDArrays = [None] * len(tensors)  # type: ignore[list-item]
     for dtype, members, offset, nbytes in layout:
-        group = host_np[offset : offset + nbytes].view(torch.empty(0, dtype=dtype).numpy().dtype)
+        group = host_np[offset : offset + nbytes].view(_numpy_dtype(dtype))
         start = 0
         for i in members:
             out[i] = group[start : start + numels[i]].reshape(tensors[i].shape)
@@ -354,6 +354,11 @@ def _check_seed(seed: object) -> int:
 
 
 MaskDtype = Union[torch.dtype, type, np.dtype, str]
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype (what ``.numpy()`` gives its tensors)."""
+    return torch.empty(0, dtype=dtype).numpy().dtype
 
 
 def _mask_torch_dtype(mask_dtype: MaskDtype) -> torch.dtype:

@@ -232,9 +232,9 @@ def sample_masks_packed(
     packed there and one transfer of n / 8 bytes comes back), so the int64 masks never exist on the
     client.
     """
-    from .parameter_selection_criteria import _mask_torch_dtype, sample_flat_masks
+    from .parameter_selection_criteria import _mask_torch_dtype, _numpy_dtype, sample_flat_masks
 
-    np_dtype = np.dtype(torch.empty(0, dtype=_mask_torch_dtype(mask_dtype)).numpy().dtype)
+    np_dtype = _numpy_dtype(_mask_torch_dtype(mask_dtype))
     if np_dtype not in _DTYPE_CODES:
         raise TypeError(f"mask_dtype {np_dtype} has no code in the compact wire format")
     names, scores, bits = sample_flat_masks(model, seed=seed, generator=generator, dtype=torch.uint8, packed=True)
