@@ -153,7 +153,7 @@ def _coo_dims(values: np.ndarray, indices: np.ndarray, shape: np.ndarray) -> tup
 
 def _flat_offsets(indices: np.ndarray, dims: tuple[int, ...]) -> np.ndarray | None:
     """The entries' flat row-major offsets (uint64), or None when an index is outside the shape."""
-    if not dims:  # a 0-d tensor: its one element, at offset 0
+    if not dims or not indices.shape[0]:  # a 0-d tensor (its one element, at offset 0), or no entries
         return np.zeros(indices.shape[0], np.uint64)
     try:  # raises on a negative or out-of-range index
         return np.ravel_multi_index(tuple(indices.T), dims).astype(np.uint64)

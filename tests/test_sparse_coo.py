@@ -328,20 +328,20 @@ SPARSE_SELECT_CHECK = (
     "import torch, layersel_ext\n"
     "from layersel_ext import _torch_ops\n"
     "g = torch.Generator().manual_seed(6)\n"
-    "def model(dt, shift):\n"
+    "def model(dt, shift, nan_every):\n"
     "    a = torch.randn(150001, generator=g) * 50\n"
-    "    a[::97] = float('nan')\n"
+    "    a[::nan_every] = float('nan')\n"
     "    a[1::89] = -0.0\n"
     "    a[2::61] = 0.0\n"
     "    b = torch.full((70000,), 3.0) + shift\n"
     "    c = torch.randint(-4, 4, (300, 200), generator=g).float()\n"
     "    return [t.to(dt) for t in (a, b, c)]\n"
-    "for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16):\n"
-    "    xs, ys = model(dt, 0.0), model(dt, 1.0)\n"
+    "for dt, nan_every in [(dt, e) for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for e in (97, 20011)]:\n"
+    "    xs, ys = model(dt, 0.0, nan_every), model(dt, 1.0, nan_every)\n"
     "    ys[1] = xs[1].clone()  # a frozen tensor: zero drift\n"
     "    n = sum(x.numel() for x in xs)\n"
     "    for kind in range(6):\n"
-    "        for k in (1, 137, n // 100, n // 10, n // 2, n - 5000, n):\n"
+    "        for k in (1, 3, 41, 137, 300, n // 100, n // 10, n // 2, n - 5000, n):\n"
     "            got_v, got_i = torch.ops.layersel.sparse_select(xs, ys, kind, k)\n"
     "            kth = _torch_ops.kth_largest_score(xs, ys, kind, k, dt).item()\n"
     "            want_v, want_i = _torch_ops.sparse_extract(xs, ys, kind, [kth] * len(xs))\n"
@@ -358,8 +358,8 @@ SPARSE_SELECT_CHECK = (
 def test_sparse_select_equals_kth_then_extract(sample_min):
     """The one-pass op (the sample select's pass marks; LAYERSEL_SPARSE_SAMPLE_MIN=0 forces it on a
     small model) and its fallback (small models, a threshold of 0 or NaN, a missed bracket): what the
-    k-th largest and sparse_extract give, for four float dtypes, every score kind, NaN, +-0, zeros,
-    ties, a frozen tensor, ranks from 1 to n."""
+    k-th largest and sparse_extract give, for four float dtypes, every score kind, NaN (dense, or a
+    few inside the bracket of a small k: never kept), +-0, zeros, ties, a frozen tensor, ranks 1..n."""
     env = {"LAYERSEL_SPARSE_SAMPLE_MIN": "0"} if sample_min == "0" else {}
     run_with_env(SPARSE_SELECT_CHECK, **env)
 

@@ -274,6 +274,29 @@ def test_compiled_codec_writes_the_numpy_codecs_bytes():
         assert_same_message(got, message)
 
 
+def test_both_codecs_agree_on_huge_and_empty_shapes():
+    """Shapes near the 2**62-element bound whose sizes do not divide it, and an empty tensor whose
+    other sizes multiply past it: the same stream from both codecs, decoded exactly."""
+    if ops.COMPILED is None:
+        pytest.skip("compiled module not loaded")
+    cases = [([0, 5, 2**61], (2**61 + 1,)), ([7, 2**61], (3, (2**62 - 1) // 3)), ([], (0, 2**40, 2**40))]
+    message = message_of_offsets(np.random.default_rng(3), cases)
+    packed = {}
+    for codec in _codecs():
+        previous = ops.backend()
+        ops.set_backend(codec)
+        try:
+            packed[codec] = CompactCooPacker().pack_parameters(*message)
+        finally:
+            ops.set_backend(previous)
+    assert packed["torch"][0][5] == wire.FORM_COO
+    assert [a.tobytes() for a in packed["compiled"]] == [a.tobytes() for a in packed["torch"]]
+    for codec in _codecs():
+        kind, got = _unpack_with(codec, packed["torch"])
+        assert kind == "ok", got
+        assert_same_message(got, message)
+
+
 def test_compiled_decoder_refuses_what_the_numpy_decoder_refuses():
     """Hand-made bad payloads, one per check, with a good tensor before and after the bad one: both
     codecs name the same tensor and the same fault."""

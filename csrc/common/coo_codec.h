@@ -270,7 +270,9 @@ inline bool encode_bitmap_nd(const EncodeTensor& t, int64_t begin, int64_t end, 
   const uint64_t last_word = flat_offset<ND>(t.indices + (end - 1) * nd, t.dims, ignored) >> 6;
   uint64_t next = begin == 0 ? 0 : flat_offset<ND>(t.indices + (begin - 1) * nd, t.dims, ignored) + 1;
   auto flush = [&](uint64_t w, uint64_t bits) {
-    if (w == first_word || w == last_word || 8 * w + 8 > bytes) {
+    // Stored whole only strictly between the edge words (entries out of order,
+    // which make the write invalid, can land anywhere: atomically too).
+    if (w <= first_word || w >= last_word || 8 * w + 8 > bytes) {
       for (uint64_t k = 0; k < 8 && 8 * w + k < bytes; ++k) {
         const uint8_t b = static_cast<uint8_t>(bits >> (8 * k));
         if (b) __atomic_fetch_or(&out[8 * w + k], b, __ATOMIC_RELAXED);

@@ -270,7 +270,7 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
   };
   std::vector<Counter> counters(static_cast<size_t>(threads));
   std::vector<std::vector<uint64_t>> inside(static_cast<size_t>(threads));
-  // With marks: per key of `inside`, (chunk << 16 | index in the chunk), or -1 for a zero value.
+  // With marks: per key of `inside`, (chunk << 16 | index in the chunk), or -1 when never kept.
   std::vector<std::vector<int64_t>> where(static_cast<size_t>(threads));
   const size_t per_thread_cap = static_cast<size_t>(cap / threads + 1);
   each_score_chunk(table, kind, [&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag, ChunkAt at) {
@@ -298,7 +298,8 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
       for (int64_t j = 0; j < m; ++j) {
         if (!in_bracket(block[j], klo, khi)) continue;
         keys.push_back(block[j]);
-        if (marks) where[me].push_back(is_nonzero(x[i + j]) ? (at.chunk << 16 | (i + j)) : -1);
+        // -1: never kept (a zero value, or a NaN score, which no threshold passes).
+        if (marks) where[me].push_back(is_nonzero(x[i + j]) && block[j] <= kmax ? (at.chunk << 16 | (i + j)) : -1);
       }
     }
     if (marks) marks->counts[at.chunk] = marked;

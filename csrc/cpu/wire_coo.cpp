@@ -26,14 +26,18 @@ coo::Dims dims_of(const std::vector<int64_t>& shape, size_t t) {
                     " dimensions (at most ", coo::kMaxNdim, ")");
   coo::Dims d;
   d.ndim = static_cast<int>(shape.size());
+  bool empty = false;
   for (int k = 0; k < d.ndim; ++k) {
     TORCH_CHECK_VALUE(shape[k] >= 0, "tensor #", t, ": a negative size ", shape[k]);
     d.d[k] = shape[k];
-    // numel < 2**62 after every step (no product can overflow).
-    TORCH_CHECK_VALUE(shape[k] == 0 || d.numel < (uint64_t{1} << 62) / static_cast<uint64_t>(shape[k]),
-                      "tensor #", t, ": a shape of 2**62 elements or more");
-    d.numel *= static_cast<uint64_t>(shape[k]);
+    empty |= shape[k] == 0;
   }
+  // As wire_coo's math.prod(shape) < 2**62: a zero size makes any shape empty.
+  for (int k = 0; k < d.ndim && !empty; ++k) {
+    const bool overflow = __builtin_mul_overflow(d.numel, static_cast<uint64_t>(shape[k]), &d.numel);
+    TORCH_CHECK_VALUE(!overflow && d.numel < (uint64_t{1} << 62), "tensor #", t, ": a shape of 2**62 elements or more");
+  }
+  if (empty) d.numel = 0;
   return d;
 }
 
@@ -79,12 +83,16 @@ std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::
   }
   const coo::Ranges ranges(nnz);
   // Dense tensors are written as bitmaps straight away (one read of their
-  // indices); when one turns out not to be in order and in range, again from a full plan.
-  coo::EncodePlan plan = coo::plan_encoding(ts, ranges, on_threads(), /*speculative=*/true);
+  // indices); when one turns out not to be in order and in range (or another
+  // tensor is out of range: the first such is reported), again from a full plan.
+  coo::EncodePlan plan;
   at::Tensor positions;
   for (bool speculative : {true, false}) {
-    if (!speculative) plan = coo::plan_encoding(ts, ranges, on_threads(), false);
-    if (plan.out_of_range >= 0) return {plan.out_of_range, {}, {}, at::Tensor(), at::Tensor()};
+    plan = coo::plan_encoding(ts, ranges, on_threads(), speculative);
+    if (plan.out_of_range >= 0) {
+      if (speculative) continue;
+      return {plan.out_of_range, {}, {}, at::Tensor(), at::Tensor()};
+    }
     positions = at::empty({static_cast<int64_t>(plan.total)}, at::kByte);
     if (coo::write_encoding(ts, ranges, plan, positions.data_ptr<uint8_t>(), on_threads())) break;
   }

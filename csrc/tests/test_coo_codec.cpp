@@ -62,6 +62,7 @@ static Encoded encode(const std::vector<int64_t>& rows, const coo::Dims& d, int6
   for (bool speculative : {true, false}) {
     const coo::EncodePlan plan = coo::plan_encoding(ts, ranges, scrambled_for, speculative);
     e.code = plan.out_of_range >= 0 ? -1 : plan.code[0];
+    if (plan.out_of_range >= 0 && speculative) continue;
     if (plan.out_of_range >= 0) return e;
     e.payload.assign(plan.total + 1, 0xEE);  // one guard byte after the payload
     const bool valid = coo::write_encoding(ts, ranges, plan, e.payload.data(), scrambled_for);
