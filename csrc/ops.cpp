@@ -28,8 +28,9 @@ TORCH_LIBRARY(layersel, m) {
   // and that are non-zero, and their row-major indices (N x ndim, int64).
   m.def("sparse_extract(Tensor[] model, Tensor[] initial, int kind, float[] thresholds) -> (Tensor[], Tensor[])");
   // sparse_extract with every threshold the k-th largest score (kth_largest_score
-  // in the tensors' dtype), for tensors of one floating dtype; on the CPU the
-  // sample select's pass also marks (one read of a large model instead of two).
-  m.def("sparse_select(Tensor[] model, Tensor[] initial, int kind, int k) -> (Tensor[], Tensor[])");
+  // in score_dtype), for tensors of that floating dtype (float32 scores: integer
+  // tensors too); on the CPU the sample select's pass also marks (one read of a
+  // large model instead of two).
+  m.def("sparse_select(Tensor[] model, Tensor[] initial, int kind, int k, ScalarType score_dtype) -> (Tensor[], Tensor[])");
 }
 

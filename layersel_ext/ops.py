@@ -183,19 +183,21 @@ def sparse_extract(
 def sparse_select(
     model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int, k: int
 ) -> tuple[list[Tensor], list[Tensor]] | None:
-    """``sparse_extract`` with every threshold the k-th largest score (``kth_largest_score`` in the
-    tensors' dtype), for a fused score kind and tensors of one floating dtype; None where no kernel
-    does it in one go (other devices, other dtypes, the torch backend): the caller then runs the
-    two ops. The CPU kernel marks while its sample select brackets the k-th largest, so a large
-    model is read once instead of twice."""
+    """``sparse_extract`` with every tensor's threshold the k-th largest score, compared as
+    ``sparse_coo`` compares it, for a fused score kind whose scores are all of one floating dtype,
+    or float32 beside integer tensors (a float32 model's int64 buffers: compared with float32(v),
+    the key's own order); None where no kernel does that in one go (other dtypes or devices, the
+    torch backend): the caller then runs the two ops. The CPU kernel marks while its sample select
+    brackets the k-th largest, so a large model is read once instead of twice."""
     if kind == ScoreKind.GIVEN or not len(model) or not _use_compiled("sparse_select", _device(model)):
         return None
-    dtype = model[0].dtype
-    if not dtype.is_floating_point or any(x.dtype != dtype for x in model):
+    floating = {x.dtype for x in model if x.dtype.is_floating_point}
+    integer = [x.dtype for x in model if not x.dtype.is_floating_point]
+    if len(floating) != 1 or torch.bool in integer or (integer and floating != {torch.float32}):
         return None
     ys = list(initial) if initial is not None else []
     with torch.no_grad():
-        values, indices = torch.ops.layersel.sparse_select(list(model), ys, kind, k)
+        values, indices = torch.ops.layersel.sparse_select(list(model), ys, kind, k, floating.pop())
     return list(values), list(indices)
 
 
@@ -234,7 +236,7 @@ if COMPILED is not None:
 
     @torch.library.register_fake("layersel::sparse_select")
     def _sparse_select_fake(
-        model: list[Tensor], initial: list[Tensor], kind: int, k: int
+        model: list[Tensor], initial: list[Tensor], kind: int, k: int, score_dtype: torch.dtype
     ) -> tuple[list[Tensor], list[Tensor]]:
         return _sparse_extract_fake(model, initial, kind, [0.0] * len(model))
 

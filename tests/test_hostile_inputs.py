@@ -408,7 +408,9 @@ _DIRECT_OPS = {
     "sparse_extract": lambda xs, ys: torch.ops.layersel.sparse_extract(
         xs, ys, ScoreKind.LARGEST_MAGNITUDE_CHANGE, [0.5, 0.5]
     ),
-    "sparse_select": lambda xs, ys: torch.ops.layersel.sparse_select(xs, ys, ScoreKind.LARGEST_MAGNITUDE_CHANGE, 9),
+    "sparse_select": lambda xs, ys: torch.ops.layersel.sparse_select(
+        xs, ys, ScoreKind.LARGEST_MAGNITUDE_CHANGE, 9, torch.float32
+    ),
 }
 
 

@@ -309,7 +309,10 @@ def test_kth_largest_sample_select_path():
         "    a[1::89] = -0.0\n"
         "    b = torch.full((70000,), 3.0)\n"
         "    c = torch.randint(-4, 4, (60000,), generator=g).float()\n"
-        "    return [t.to(dt) for t in (a, b, c)]\n"
+        "    out = [t.to(dt) for t in (a, b, c)]\n"
+        "    if dt == torch.float32:  # a float32 model's integer buffers, compared in float32 like the scores\n"
+        "        out += [torch.randint(-30, 30, (5000,), generator=g), torch.tensor(7), torch.randint(0, 3, (9,), generator=g).int()]\n"
+        "    return out\n"
         "for dt in (torch.float32, torch.float64, torch.int64, torch.int32):\n"
         "    xs, ys = model(dt), model(dt)\n"
         "    n = sum(x.numel() for x in xs)\n"
@@ -327,6 +330,7 @@ def test_kth_largest_sample_select_path():
 SPARSE_SELECT_CHECK = (
     "import torch, layersel_ext\n"
     "from layersel_ext import _torch_ops\n"
+    "from layersel_ext.sparse_coo import _comparison_threshold\n"
     "g = torch.Generator().manual_seed(6)\n"
     "def model(dt, shift, nan_every):\n"
     "    a = torch.randn(150001, generator=g) * 50\n"
@@ -335,16 +339,20 @@ SPARSE_SELECT_CHECK = (
     "    a[2::61] = 0.0\n"
     "    b = torch.full((70000,), 3.0) + shift\n"
     "    c = torch.randint(-4, 4, (300, 200), generator=g).float()\n"
-    "    return [t.to(dt) for t in (a, b, c)]\n"
+    "    out = [t.to(dt) for t in (a, b, c)]\n"
+    "    if dt == torch.float32:  # a float32 model's integer buffers, compared in float32 like the scores\n"
+    "        out += [torch.randint(-30, 30, (5000,), generator=g), torch.tensor(7), torch.randint(0, 3, (9,), generator=g).int()]\n"
+    "    return out\n"
     "for dt, nan_every in [(dt, e) for dt in (torch.float32, torch.float64, torch.float16, torch.bfloat16) for e in (97, 20011)]:\n"
     "    xs, ys = model(dt, 0.0, nan_every), model(dt, 1.0, nan_every)\n"
     "    ys[1] = xs[1].clone()  # a frozen tensor: zero drift\n"
     "    n = sum(x.numel() for x in xs)\n"
     "    for kind in range(6):\n"
     "        for k in (1, 3, 41, 137, 300, n // 100, n // 10, n // 2, n - 5000, n):\n"
-    "            got_v, got_i = torch.ops.layersel.sparse_select(xs, ys, kind, k)\n"
+    "            got_v, got_i = torch.ops.layersel.sparse_select(xs, ys, kind, k, dt)\n"
     "            kth = _torch_ops.kth_largest_score(xs, ys, kind, k, dt).item()\n"
-    "            want_v, want_i = _torch_ops.sparse_extract(xs, ys, kind, [kth] * len(xs))\n"
+    "            thresholds = [_comparison_threshold(kth, x.dtype) for x in xs]  # as sparse_coo's two steps\n"
+    "            want_v, want_i = _torch_ops.sparse_extract(xs, ys, kind, thresholds)\n"
     "            for a, b in zip(got_v, want_v):\n"
     "                assert a.dtype == b.dtype and torch.equal(a, b), (dt, kind, k)\n"
     "            for a, b in zip(got_i, want_i):\n"
@@ -365,11 +373,19 @@ def test_sparse_select_equals_kth_then_extract(sample_min):
 
 
 @compiled_only
-def test_sparse_select_refuses_mixed_or_integer_dtypes():
+def test_sparse_select_refuses_what_its_comparison_would_change():
+    """One floating score dtype for every tensor (float32: integer tensors too, compared in float32 as
+    the keys order them); anything else is refused by the op and left to the two ops by the wrapper."""
     xs = [torch.randn(5), torch.randn(3, dtype=torch.float64)]
-    with pytest.raises(TypeError, match="one floating dtype"):
-        torch.ops.layersel.sparse_select(xs, xs, 1, 2)
-    ints = [torch.arange(6)]
-    with pytest.raises(TypeError, match="one floating dtype"):
-        torch.ops.layersel.sparse_select(ints, ints, 1, 2)
-    assert ops.sparse_select(xs, xs, 1, 2) is None  # the wrapper leaves those to the two ops
+    with pytest.raises(TypeError, match="every tensor must be"):
+        torch.ops.layersel.sparse_select(xs, xs, 1, 2, torch.float32)
+    assert ops.sparse_select(xs, xs, 1, 2) is None
+    mixed = [torch.randn(5, dtype=torch.float64), torch.arange(6)]  # float64 scores: ints compare in float32
+    with pytest.raises(TypeError, match="every tensor must be"):
+        torch.ops.layersel.sparse_select(mixed, mixed, 1, 2, torch.float64)
+    assert ops.sparse_select(mixed, mixed, 1, 2) is None
+    with pytest.raises(TypeError, match="not floating point"):
+        torch.ops.layersel.sparse_select([torch.arange(6)], [torch.arange(6)], 1, 2, torch.int64)
+    assert ops.sparse_select([torch.arange(6)], [torch.arange(6)], 1, 2) is None  # integer scores: two ops
+    buffers = [torch.randn(5), torch.arange(6)]  # a float32 model with an int64 buffer: one go
+    assert ops.sparse_select(buffers, [torch.zeros(5), torch.zeros(6, dtype=torch.int64)], 1, 2) is not None

@@ -539,24 +539,29 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
   return write_marked(table, model, marks);
 }
 
-// sparse_extract(model, initial, kind, [v] * n) with v = kth_largest_score(model,
-// initial, kind, k, dtype), every tensor of one floating dtype: on large
-// models the sample select's pass marks as it brackets (one read of the model
-// instead of two), else (or when that cannot decide) the two ops' passes.
+// sparse_extract(model, initial, kind, thresholds) with every threshold the
+// k-th largest score v = kth_largest_score(model, initial, kind, k, score_dtype),
+// where each tensor's dtype is score_dtype (floating) or, with float32 scores,
+// an integer dtype (a float32 model's int64 buffers: sparse_coo compares those
+// with float32(v) = v in float32, the key's own order). On large models the
+// sample select's pass marks as it brackets (one read of the model instead of
+// two), else (or when that cannot decide) the two ops' passes.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_select_cpu(at::TensorList model,
                                                                                at::TensorList initial, int64_t kind,
-                                                                               int64_t k) {
+                                                                               int64_t k, at::ScalarType score_dtype) {
   check_sparse_kind(kind, "sparse_select");
   const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "sparse_select");
   check_rank(k, table.total_numel);
-  const at::ScalarType dtype = model[0].scalar_type();
+  TORCH_CHECK_TYPE(at::isFloatingType(score_dtype), "layersel::sparse_select: score dtype ", score_dtype,
+                   " is not floating point");
   for (size_t t = 0; t < model.size(); ++t) {
-    TORCH_CHECK_TYPE(model[t].scalar_type() == dtype && at::isFloatingType(dtype), "layersel::sparse_select: tensor #",
-                     t, " has dtype ", model[t].scalar_type(), "; every tensor must have one floating dtype (",
-                     dtype, " first)");
+    const at::ScalarType dt = model[t].scalar_type();
+    TORCH_CHECK_TYPE(dt == score_dtype || (score_dtype == at::kFloat && at::isIntegralType(dt, /*includeBool=*/false)),
+                     "layersel::sparse_select: tensor #", t, " has dtype ", dt, "; with ", score_dtype,
+                     " scores every tensor must be ", score_dtype, score_dtype == at::kFloat ? " or an integer dtype" : "");
   }
   Marks marks = allocate_marks(table);
-  LS_SWITCH_FLOAT_DTYPE(table.entries[0].dtype, P, {
+  LS_SWITCH_FLOAT_DTYPE(code_of_scalar_type(score_dtype), P, {
     uint64_t kth = 0;
     if (!sampled_kth_largest_key<P>(table, kind, k, kth, &marks)) {
       kth = kth_largest_key<P>(table, kind, k, /*try_sample=*/false);
