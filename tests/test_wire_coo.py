@@ -169,6 +169,27 @@ def _unpack_with(backend: str, stream: list[np.ndarray]):
         ops.set_backend(previous)
 
 
+def _pack_with(backend: str, message) -> list[np.ndarray]:
+    """The compact stream of a message, packed by one codec."""
+    previous = ops.backend()
+    ops.set_backend(backend)
+    try:
+        return CompactCooPacker().pack_parameters(*message)
+    finally:
+        ops.set_backend(previous)
+
+
+def assert_both_decode(packed: dict[str, list[np.ndarray]], message) -> None:
+    """Both codecs packed the same bytes, and each decodes them to the message."""
+    assert len(packed["compiled"]) == len(packed["torch"])
+    for a, b in zip(packed["compiled"], packed["torch"]):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    for codec in _codecs():
+        kind, got = _unpack_with(codec, packed["torch"])
+        assert kind == "ok", got
+        assert_same_message(got, message)
+
+
 def _arrays(message) -> list[np.ndarray]:
     values, (indices, shapes, _) = message
     return [*values, *indices, *shapes]
@@ -254,24 +275,11 @@ def test_compiled_codec_writes_the_numpy_codecs_bytes():
         ([], (3, 3)),
     ]
     message = message_of_offsets(rng, cases)
-    packed = {}
-    for codec in _codecs():
-        previous = ops.backend()
-        ops.set_backend(codec)
-        try:
-            packed[codec] = CompactCooPacker().pack_parameters(*message)
-        finally:
-            ops.set_backend(previous)
+    packed = {codec: _pack_with(codec, message) for codec in _codecs()}
     assert packed["torch"][0][5] == wire.FORM_COO
     codes = wire_coo._read_coo_meta(packed["torch"][1])
     assert {e[3] for e in codes} == set(range(1, 8))  # every position code is exercised
-    assert len(packed["compiled"]) == len(packed["torch"])
-    for a, b in zip(packed["compiled"], packed["torch"]):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    for codec in _codecs():
-        kind, got = _unpack_with(codec, packed["torch"])
-        assert kind == "ok", got
-        assert_same_message(got, message)
+    assert_both_decode(packed, message)
 
 
 def test_both_codecs_agree_on_huge_and_empty_shapes():
@@ -281,20 +289,9 @@ def test_both_codecs_agree_on_huge_and_empty_shapes():
         pytest.skip("compiled module not loaded")
     cases = [([0, 5, 2**61], (2**61 + 1,)), ([7, 2**61], (3, (2**62 - 1) // 3)), ([], (0, 2**40, 2**40))]
     message = message_of_offsets(np.random.default_rng(3), cases)
-    packed = {}
-    for codec in _codecs():
-        previous = ops.backend()
-        ops.set_backend(codec)
-        try:
-            packed[codec] = CompactCooPacker().pack_parameters(*message)
-        finally:
-            ops.set_backend(previous)
+    packed = {codec: _pack_with(codec, message) for codec in _codecs()}
     assert packed["torch"][0][5] == wire.FORM_COO
-    assert [a.tobytes() for a in packed["compiled"]] == [a.tobytes() for a in packed["torch"]]
-    for codec in _codecs():
-        kind, got = _unpack_with(codec, packed["torch"])
-        assert kind == "ok", got
-        assert_same_message(got, message)
+    assert_both_decode(packed, message)
 
 
 def test_compiled_decoder_refuses_what_the_numpy_decoder_refuses():
