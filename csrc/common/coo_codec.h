@@ -121,16 +121,27 @@ inline uint64_t load_gap(const uint8_t* p, int64_t code) {
   return code == kGap8 ? p[0] : code == kGap16 ? load_le<uint16_t>(p) : load_le<uint32_t>(p);
 }
 
-// Ranges of several tensors as one flat list: range r belongs to tensor
-// tensor_of(r) and covers items [begin, end) of it.
+// Ranges of several tensors as one flat list: tensor t's items[t] items cut
+// into ranges of `per` (the last one shorter); its ranges are [first[t], first[t + 1]).
 struct Ranges {
-  std::vector<int64_t> first;  // n + 1 entries
-  explicit Ranges(const std::vector<int64_t>& items) : first(items.size() + 1, 0) {
-    for (size_t t = 0; t < items.size(); ++t) first[t + 1] = first[t] + num_chunks(items[t], kRange);
+  std::vector<int64_t> items, first;  // first: n + 1 entries
+  int64_t per;
+  explicit Ranges(std::vector<int64_t> counts, int64_t per_range = kRange)
+      : items(std::move(counts)), first(items.size() + 1, 0), per(per_range) {
+    for (size_t t = 0; t < items.size(); ++t) first[t + 1] = first[t] + num_chunks(items[t], per);
   }
   int64_t total() const { return first.back(); }
-  int32_t tensor_of(int64_t r) const {
-    return tensor_of_chunk(first.data(), static_cast<int32_t>(first.size() - 1), r);
+  // body(tensor, range, begin, end) for every range, spread by ParallelFor(n, f)
+  // (f(begin, end) over a split of [0, n), possibly concurrently).
+  template <class ParallelFor, class Body>
+  void each(ParallelFor&& parallel_for, Body&& body) const {
+    parallel_for(total(), [&](int64_t rb, int64_t re) {
+      for (int64_t r = rb; r < re; ++r) {
+        const int32_t t = tensor_of_chunk(first.data(), static_cast<int32_t>(items.size()), r);
+        const int64_t begin = (r - first[t]) * per;
+        body(t, r, begin, std::min(begin + per, items[t]));
+      }
+    });
   }
 };
 
@@ -334,13 +345,9 @@ template <class ParallelFor>
 EncodePlan plan_encoding(const std::vector<EncodeTensor>& ts, const Ranges& ranges, ParallelFor&& parallel_for,
                          bool speculative = true) {
   std::vector<EncodeStats> st(static_cast<size_t>(ranges.total()));
-  parallel_for(ranges.total(), [&](int64_t rb, int64_t re) {
-    for (int64_t r = rb; r < re; ++r) {
-      const int32_t t = ranges.tensor_of(r);
-      if (speculative && bitmap_wins(ts[t])) continue;  // stats left as "inside, increasing"
-      const int64_t begin = (r - ranges.first[t]) * kRange;
-      st[r] = encode_stats(ts[t], begin, std::min(begin + kRange, ts[t].nnz));
-    }
+  ranges.each(parallel_for, [&](int32_t t, int64_t r, int64_t begin, int64_t end) {
+    if (speculative && bitmap_wins(ts[t])) return;  // stats left as "inside, increasing"
+    st[r] = encode_stats(ts[t], begin, end);
   });
   EncodePlan plan;
   plan.speculative = speculative;
@@ -377,13 +384,8 @@ bool write_encoding(const std::vector<EncodeTensor>& ts, const Ranges& ranges, c
     if (plan.code[t] == kBitmap && plan.bytes[t]) std::memset(out + plan.start[t], 0, plan.bytes[t]);
   }
   std::vector<char> valid(static_cast<size_t>(ranges.total()), 1);
-  parallel_for(ranges.total(), [&](int64_t rb, int64_t re) {
-    for (int64_t r = rb; r < re; ++r) {
-      const int32_t t = ranges.tensor_of(r);
-      const int64_t begin = (r - ranges.first[t]) * kRange;
-      valid[r] = encode_write(ts[t], plan.code[t], begin, std::min(begin + kRange, ts[t].nnz), out + plan.start[t],
-                              plan.varint_at[r], plan.bytes[t]);
-    }
+  ranges.each(parallel_for, [&](int32_t t, int64_t r, int64_t begin, int64_t end) {
+    valid[r] = encode_write(ts[t], plan.code[t], begin, end, out + plan.start[t], plan.varint_at[r], plan.bytes[t]);
   });
   return std::all_of(valid.begin(), valid.end(), [](char v) { return v != 0; });
 }
@@ -488,6 +490,7 @@ struct DecodeError {
 
 struct DecodePlan {
   DecodeError error;
+  Ranges ranges{{}};  // over decode_items of every tensor (when there is no error)
   std::vector<uint64_t> entry_at, sum_at;  // per range: its first entry, the sum of (gap + 1) before it
 };
 
@@ -565,14 +568,11 @@ DecodePlan plan_decoding(const std::vector<DecodeTensor>& ts, ParallelFor&& para
   }
   std::vector<int64_t> items(good);
   for (size_t t = 0; t < good; ++t) items[t] = decode_items(ts[t]);
-  const Ranges ranges(items);
+  plan.ranges = Ranges(std::move(items));
+  const Ranges& ranges = plan.ranges;
   std::vector<DecodeStats> st(static_cast<size_t>(ranges.total()));
-  parallel_for(ranges.total(), [&](int64_t rb, int64_t re) {
-    for (int64_t r = rb; r < re; ++r) {
-      const int32_t t = ranges.tensor_of(r);
-      const int64_t begin = (r - ranges.first[t]) * kRange;
-      st[r] = decode_stats(ts[t], begin, std::min(begin + kRange, items[t]));
-    }
+  ranges.each(parallel_for, [&](int32_t t, int64_t r, int64_t begin, int64_t end) {
+    st[r] = decode_stats(ts[t], begin, end);
   });
   plan.entry_at.resize(st.size());
   plan.sum_at.resize(st.size());
@@ -653,15 +653,8 @@ inline void decode_write(const DecodeTensor& t, int64_t begin, int64_t end, uint
 // Second pass, on tensors plan_decoding accepted (plan.error.tensor == -1).
 template <class ParallelFor>
 void write_decoding(const std::vector<DecodeTensor>& ts, const DecodePlan& plan, ParallelFor&& parallel_for) {
-  std::vector<int64_t> items(ts.size());
-  for (size_t t = 0; t < ts.size(); ++t) items[t] = decode_items(ts[t]);
-  const Ranges ranges(items);
-  parallel_for(ranges.total(), [&](int64_t rb, int64_t re) {
-    for (int64_t r = rb; r < re; ++r) {
-      const int32_t t = ranges.tensor_of(r);
-      const int64_t begin = (r - ranges.first[t]) * kRange;
-      decode_write(ts[t], begin, std::min(begin + kRange, items[t]), plan.entry_at[r], plan.sum_at[r]);
-    }
+  plan.ranges.each(parallel_for, [&](int32_t t, int64_t r, int64_t begin, int64_t end) {
+    decode_write(ts[t], begin, end, plan.entry_at[r], plan.sum_at[r]);
   });
 }
 

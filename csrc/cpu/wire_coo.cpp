@@ -51,15 +51,8 @@ const uint8_t* bytes_of(const at::Tensor& t, const char* what) {
 void copy_all(const std::vector<std::tuple<const uint8_t*, uint8_t*, int64_t>>& pieces) {
   std::vector<int64_t> sizes;
   for (const auto& p : pieces) sizes.push_back(std::get<2>(p));
-  std::vector<int64_t> first(pieces.size() + 1, 0);
-  for (size_t i = 0; i < pieces.size(); ++i) first[i + 1] = first[i] + num_chunks(sizes[i], kCopyPiece);
-  at::parallel_for(0, first.back(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      const int32_t i = tensor_of_chunk(first.data(), static_cast<int32_t>(pieces.size()), c);
-      const int64_t at = (c - first[i]) * kCopyPiece;
-      const auto& [from, to, n] = pieces[i];
-      std::memcpy(to + at, from + at, static_cast<size_t>(std::min(kCopyPiece, n - at)));
-    }
+  coo::Ranges(std::move(sizes), kCopyPiece).each(on_threads(), [&](int32_t i, int64_t, int64_t begin, int64_t end) {
+    std::memcpy(std::get<1>(pieces[i]) + begin, std::get<0>(pieces[i]) + begin, static_cast<size_t>(end - begin));
   });
 }
 
