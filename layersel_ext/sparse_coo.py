@@ -136,8 +136,8 @@ def select_sparse_parameters(
     # Sharded state (FSDP2, DTensor): the same two steps across ranks (_sharded), every rank gets every array.
     sharded = _sharded.ShardedState(names, xs, ys, what) if _sharded.has_dtensor(xs, ys) else None
     try:
-        # One floating dtype, fused scores, one process: the k-th largest and the extraction in one
-        # kernel where there is one (a large model read once); else in two steps.
+        # Fused scores of one floating dtype (float32 beside integer buffers too), one process: the k-th
+        # largest and the extraction in one kernel where there is one (a large model read once); else two steps.
         one_go = ops.sparse_select(xs, ys, kind, top) if fused is not None and sharded is None else None
         values, indices = one_go or _threshold_then_extract(kind, top, xs, ys, sharded, promoted, score_dtypes)
     except (RuntimeError, ValueError, TypeError) as exc:

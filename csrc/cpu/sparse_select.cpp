@@ -111,6 +111,7 @@ struct Marks {
   std::vector<int64_t> first_word;  // chunks + 1
   std::unique_ptr<uint64_t[]> bits;
   std::vector<int64_t> counts;  // per chunk
+  bool complete = false;  // set by the pass that wrote every word and count for the final threshold
 };
 
 // ceil(len / 64) words per chunk, at a prefix offset (a chunk of a small tensor
@@ -218,9 +219,9 @@ double key_value(uint64_t key) {
 // bracket (bracket_block) and notes where the bracket's non-zero elements are;
 // once the k-th largest is known, those at or above it are marked too, and
 // `marks` then holds exactly what sparse_extract would keep with the k-th
-// largest as every tensor's threshold (every tensor's score dtype being P).
-// That needs the threshold to be neither 0 (-0.0 passes ">= 0.0" from below
-// the bracket) nor NaN: then false, as for a bracket that misses.
+// largest as every tensor's threshold (marks->complete). That needs the
+// threshold to be neither 0 (-0.0 passes ">= 0.0" from below the bracket) nor
+// NaN: then the k-th largest is still returned, with the marks incomplete.
 template <typename P>
 bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, uint64_t& result,
                              Marks* marks = nullptr) {
@@ -273,6 +274,7 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
   // With marks: per key of `inside`, (chunk << 16 | index in the chunk), or -1 when never kept.
   std::vector<std::vector<int64_t>> where(static_cast<size_t>(threads));
   const size_t per_thread_cap = static_cast<size_t>(cap / threads + 1);
+  const uint64_t max_ordered = max_ordered_key<P>();
   each_score_chunk(table, kind, [&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag, ChunkAt at) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const size_t me = static_cast<size_t>(at::get_thread_num());
@@ -281,7 +283,7 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
     if (mine.overflow) return;
     using K = BlockKey<P>;
     K block[kKeyBlock];
-    const K klo = static_cast<K>(lo), khi = static_cast<K>(hi), kmax = static_cast<K>(max_ordered_key<P>());
+    const K klo = static_cast<K>(lo), khi = static_cast<K>(hi), kmax = static_cast<K>(max_ordered);
     uint64_t* words = marks ? marks->bits.get() + marks->first_word[at.chunk] : nullptr;
     int64_t marked = 0;
     for (int64_t i = 0; i < len; i += kKeyBlock) {
@@ -320,7 +322,7 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
   result = *nth;
   if (marks == nullptr) return true;
   const double v = key_value<P>(result);
-  if (v == 0.0 || v != v) return false;
+  if (v == 0.0 || v != v) return true;  // the marks stay incomplete
   // The bracket's elements at or above the k-th largest (keys order them exactly
   // apart from -0.0 / +0.0, which a non-zero threshold does not separate).
   // Each thread marks what it collected: its chunks' words are its own.
@@ -336,6 +338,7 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
       }
     }
   });
+  marks->complete = true;
   return true;
 }
 
@@ -545,7 +548,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
 // an integer dtype (a float32 model's int64 buffers: sparse_coo compares those
 // with float32(v) = v in float32, the key's own order). On large models the
 // sample select's pass marks as it brackets (one read of the model instead of
-// two), else (or when that cannot decide) the two ops' passes.
+// two); else the k-th largest as kth_largest_score finds it (the sample select's
+// answer, when only the marks could not be completed) and the marking pass.
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_select_cpu(at::TensorList model,
                                                                                at::TensorList initial, int64_t kind,
                                                                                int64_t k, at::ScalarType score_dtype) {
@@ -563,8 +567,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_select_cpu(a
   Marks marks = allocate_marks(table);
   LS_SWITCH_FLOAT_DTYPE(code_of_scalar_type(score_dtype), P, {
     uint64_t kth = 0;
-    if (!sampled_kth_largest_key<P>(table, kind, k, kth, &marks)) {
-      kth = kth_largest_key<P>(table, kind, k, /*try_sample=*/false);
+    if (!sampled_kth_largest_key<P>(table, kind, k, kth, &marks)) kth = kth_largest_key<P>(table, kind, k, false);
+    if (!marks.complete) {  // a threshold of 0 or NaN, a small model, a missed bracket: the marking pass
       const std::vector<double> thresholds(model.size(), key_value<P>(kth));
       mark_above_thresholds(table, kind, thresholds, marks);
     }
