@@ -187,9 +187,14 @@ inline EncodeStats encode_stats_nd(const EncodeTensor& t, int64_t begin, int64_t
   return st;
 }
 
+// Bytes of a bitmap over numel elements.
+inline uint64_t bitmap_bytes(uint64_t numel) { return (numel + 7) / 8; }
+
 // A bitmap is smaller than one byte per entry: increasing offsets then take
-// it whatever their gaps, and the gaps need not be measured.
-inline bool bitmap_wins(const EncodeTensor& t) { return (t.dims.numel + 7) / 8 < static_cast<uint64_t>(t.nnz); }
+// it whatever their gaps (every other code takes >= nnz bytes), and the gaps
+// need not be measured.
+inline bool bitmap_wins(uint64_t nnz, uint64_t numel) { return bitmap_bytes(numel) < nnz; }
+inline bool bitmap_wins(const EncodeTensor& t) { return bitmap_wins(static_cast<uint64_t>(t.nnz), t.dims.numel); }
 
 inline EncodeStats encode_stats(const EncodeTensor& t, int64_t begin, int64_t end) {
   EncodeStats st;
@@ -202,8 +207,8 @@ inline EncodeStats encode_stats(const EncodeTensor& t, int64_t begin, int64_t en
 
 // The smallest encoding (ties: the smaller code), as wire_coo._encode_positions.
 inline int choose_code(uint64_t nnz, uint64_t numel, const EncodeStats& st, uint64_t* bytes) {
-  if (st.increasing && (numel + 7) / 8 < nnz) {  // bitmap_wins: every other code takes >= nnz bytes
-    *bytes = (numel + 7) / 8;
+  if (st.increasing && bitmap_wins(nnz, numel)) {
+    *bytes = bitmap_bytes(numel);
     return kBitmap;
   }
   int code = numel < (uint64_t{1} << 32) ? kU32 : kU64;
@@ -220,7 +225,7 @@ inline int choose_code(uint64_t nnz, uint64_t numel, const EncodeStats& st, uint
       consider(kGap32, 4 * nnz);
     }
     consider(kVarint, st.varint_bytes);
-    consider(kBitmap, (numel + 7) / 8);
+    consider(kBitmap, bitmap_bytes(numel));
   }
   *bytes = size;
   return code;
@@ -507,7 +512,7 @@ inline std::string precheck(const DecodeTensor& t) {
       return {};
     }
     case kBitmap: {
-      const uint64_t need = (t.dims.numel + 7) / 8, tail = t.dims.numel % 8;
+      const uint64_t need = bitmap_bytes(t.dims.numel), tail = t.dims.numel % 8;
       if (t.size != need || (tail && (t.payload[t.size - 1] >> tail))) {
         return "a bitmap of " + std::to_string(t.dims.numel) + " elements needs " + std::to_string(need) +
                " bytes and zero padding";
