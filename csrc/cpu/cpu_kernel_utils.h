@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "../common/work_table.h"
 #include "output_block_cache.h"
@@ -22,6 +24,15 @@
 #endif
 
 namespace layersel {
+
+// Eight 0/1 bytes as the eight bits of one byte (byte k -> bit k): byte k of
+// the word lands on bit 56 + k of the product, and no two terms meet, so
+// nothing carries.
+inline uint8_t pack_flags8(const uint8_t* flags) {
+  uint64_t v;
+  std::memcpy(&v, flags, 8);
+  return static_cast<uint8_t>((v * 0x0102040810204080ull) >> 56);
+}
 
 // Calls fn(entry, tensor_index, chunk_id, offset, length) for every chunk of
 // every tensor, the chunks spread over the intra-op threads.

@@ -58,12 +58,7 @@ inline void store_bits(const uint8_t* m, uint64_t g, int64_t n, uint8_t* bits) {
     i = std::min<int64_t>(n, static_cast<int64_t>(8 - (g & 7u)));
     shared(0, i);
   }
-  for (; i + 8 <= n; i += 8) {
-    uint64_t x;
-    std::memcpy(&x, m + i, 8);
-    // Byte k (0 or 1) of x lands on bit 56 + k; no two terms meet, so nothing carries.
-    bits[(g + i) >> 3] = static_cast<uint8_t>((x * 0x0102040810204080ull) >> 56);
-  }
+  for (; i + 8 <= n; i += 8) bits[(g + i) >> 3] = pack_flags8(m + i);
   if (i < n) shared(i, n);
 }
 

@@ -199,11 +199,7 @@ LS_CPU_CLONES int64_t bracket_block(const T* x, const T* y, int64_t m, BlockKey<
   above += a;
   if constexpr (MARK) {
     uint64_t w = 0;
-    for (int b = 0; b < kKeyBlock; b += 8) {  // 8 flags -> 8 bits: byte k of v lands on bit 56 + k
-      uint64_t v;
-      std::memcpy(&v, keep + b, 8);
-      w |= ((v * 0x0102040810204080ull) >> 56) << b;
-    }
+    for (int b = 0; b < kKeyBlock; b += 8) w |= static_cast<uint64_t>(pack_flags8(keep + b)) << b;
     *word = w;
   }
   return in;
