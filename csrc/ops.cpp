@@ -13,8 +13,15 @@ TORCH_LIBRARY(layersel, m) {
   // Philox4x32-10 keyed by `seed` and the global element index. With
   // key_by_scores, the key is key_from_scores(seed, fingerprint of the scores)
   // (csrc/common/fingerprint.h): clients with different scores draw
-  // independent streams even when their seeds are equal.
-  m.def("sample_masks(Tensor[] scores, int seed, ScalarType dtype, bool key_by_scores=False) -> Tensor");
+  // independent streams even when their seeds are equal. With `counters`,
+  // tensor i's elements take stream (and fingerprint) indices counters[i]..
+  // instead of their place in the concatenation: a shard samples the masks
+  // of the unsharded tensor it is part of (layersel_ext/_sharded.py).
+  m.def("sample_masks(Tensor[] scores, int seed, ScalarType dtype, bool key_by_scores=False, int[]? counters=None) -> Tensor");
+  // The scores' fingerprint (csrc/common/fingerprint.h) as int64[1] on their
+  // device (the sum mod 2^64, its bits), indices as sample_masks' `counters`
+  // say: a shard's partial sums add up (mod 2^64) to the unsharded model's.
+  m.def("score_fingerprint(Tensor[] scores, int[]? counters=None) -> Tensor");
   // The same masks as a bitmap, uint8[ceil(n / 8)]: element g at bit g % 8 of
   // byte g / 8 (the compact wire format's bit order, layersel_ext/wire.py),
   // the unused high bits of the last byte zero. CPU only; elsewhere

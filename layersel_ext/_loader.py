@@ -29,6 +29,7 @@ OPS = (
     "scores",
     "sample_masks",
     "sample_mask_bits",
+    "score_fingerprint",
     "kth_largest_score",
     "sparse_extract",
     "sparse_select",

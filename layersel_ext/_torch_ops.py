@@ -149,13 +149,30 @@ def _fingerprint_weights(device: torch.device) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
-def score_fingerprint(scores: Sequence[Tensor]) -> int:
+def _stream_bases(scores: Sequence[Tensor], counters: Sequence[int] | None, op: str) -> list[int]:
+    """Each tensor's first stream index: its place in the concatenation, or ``counters[i]``."""
+    if counters is None:
+        bases, base = [], 0
+        for s in scores:
+            bases.append(base)
+            base += s.numel()
+        return bases
+    if len(counters) != len(scores):
+        raise ValueError(f"layersel::{op}: got {len(counters)} counters for {len(scores)} tensors")
+    for i, (c, s) in enumerate(zip(counters, scores)):
+        if not 0 <= c <= 2**62 - s.numel():
+            raise ValueError(f"layersel::{op}: counter #{i} is {c} (expected 0 <= counter and counter + numel <= 2^62)")
+    return [int(c) for c in counters]
+
+
+def score_fingerprint(scores: Sequence[Tensor], counters: Sequence[int] | None = None) -> int:
     """The 64-bit fingerprint of csrc/common/fingerprint.h: sum over elements g of the concatenation of
-    (lo32(bits) * W_lo[g % 64] + hi32(bits) * W_hi[g % 64]) * (2 * (g // 64) + 1), mod 2**64.
+    (lo32(bits) * W_lo[g % 64] + hi32(bits) * W_hi[g % 64]) * (2 * (g // 64) + 1), mod 2**64
+    (with ``counters``, tensor i's element j is g = counters[i] + j).
     int64 tensor arithmetic wraps mod 2**64, which is what the definition asks for."""
-    total, base = 0, 0
+    total = 0
     step = 1 << 20  # bounded temporaries
-    for s in scores:
+    for s, base in zip(scores, _stream_bases(scores, counters, "score_fingerprint")):
         flat = s.detach().reshape(-1)
         size = flat.element_size()
         w_lo, w_hi = _fingerprint_weights(flat.device)
@@ -168,7 +185,6 @@ def score_fingerprint(scores: Sequence[Tensor]) -> int:
             else:
                 term = (part & ((1 << (8 * size)) - 1)) * w_lo[lane]
             total += int((term * (2 * (g >> 6) + 1)).sum())
-        base += flat.numel()
     return total & _MASK64
 
 
@@ -184,25 +200,32 @@ def key_from_scores(seed: int, fingerprint: int, total_numel: int) -> int:
     return _mix64((seed & _MASK64) ^ _mix64(fingerprint + _mix64(total_numel)))
 
 
-def sample_masks(scores: Sequence[Tensor], seed: int, dtype: torch.dtype, key_by_scores: bool = False) -> Tensor:
+def sample_masks(
+    scores: Sequence[Tensor],
+    seed: int,
+    dtype: torch.dtype,
+    key_by_scores: bool = False,
+    counters: Sequence[int] | None = None,
+) -> Tensor:
     """Bernoulli(sigmoid(score)) masks of all tensors, flat, in ``dtype``; bit-equal to the compiled kernels."""
     _checks.check_mask_dtype(dtype)
     _checks.check_tensors("sample_masks", scores, None)
     _checks.check_floating_scores(scores)
     device = scores[0].device if len(scores) else torch.device("cpu")
     total = sum(s.numel() for s in scores)
+    bases = _stream_bases(scores, counters, "sample_masks")
     if key_by_scores:
-        seed = key_from_scores(seed, score_fingerprint(scores), total)
+        seed = key_from_scores(seed, score_fingerprint(scores, counters), total)
     out = torch.empty(total, dtype=dtype, device=device)
-    flat = [s.reshape(-1) for s in scores]
     step = 1 << 20  # bounded temporaries
-    base = 0
-    for s in flat:
+    at = 0  # place in the output
+    for s, base in zip(scores, bases):
+        s = s.reshape(-1)
         for lo in range(0, s.numel(), step):
             part = s[lo : lo + step]
             u = word_to_uniform(_philox_words(seed, base + lo, part.numel(), device))
-            out[base + lo : base + lo + part.numel()] = (u < bernoulli_probability(part)).to(dtype)
-        base += s.numel()
+            out[at + lo : at + lo + part.numel()] = (u < bernoulli_probability(part)).to(dtype)
+        at += s.numel()
     return out
 
 

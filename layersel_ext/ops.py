@@ -55,6 +55,16 @@ def _device(tensors: Sequence[Tensor]) -> torch.device:
     return tensors[0].device if len(tensors) else torch.device("cpu")
 
 
+def enable_dtensor_ops() -> bool:
+    """Let ``torch.ops.layersel.*`` take DTensors (``_dtensor_ops``): done by itself at import of
+    layersel_ext when ``torch.distributed.tensor`` is imported already, or when a public function
+    first meets a DTensor; call this when ops are called directly on DTensors before either.
+    Returns whether the handlers are in place (False without DTensor or the compiled ops)."""
+    from . import _dtensor_ops
+
+    return _dtensor_ops.install()
+
+
 def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor:
     """float64 [n]: for each pair, the sum over elements of ``float(model[i] - initial[i]) ** 2``."""
     if not len(model):
@@ -112,7 +122,11 @@ def _signed_seed(seed: int) -> int:
 
 
 def sample_masks(
-    scores: Sequence[Tensor], seed: int, dtype: torch.dtype = torch.uint8, key_by_scores: bool = False
+    scores: Sequence[Tensor],
+    seed: int,
+    dtype: torch.dtype = torch.uint8,
+    key_by_scores: bool = False,
+    counters: Sequence[int] | None = None,
 ) -> Tensor:
     """Flat Bernoulli(sigmoid(score)) masks of all tensors in ``dtype``, on the scores' device.
 
@@ -120,15 +134,33 @@ def sample_masks(
     sigmoid(score): the same bits on CPU and CUDA, for any thread or block count. The key is
     ``seed``, or with ``key_by_scores`` ``key_from_scores(seed, fingerprint(scores))``
     (csrc/common/fingerprint.h): different scores give independent streams for the same seed.
+    With ``counters``, tensor i's elements take stream indices ``counters[i] + j`` instead of their
+    place in the concatenation (a shard keeps its unsharded indices; the output is still the
+    concatenation of the given tensors).
     """
     signed_seed = _signed_seed(seed)
+    counters = None if counters is None else [int(c) for c in counters]
     with torch.no_grad():
         if len(scores) and _use_compiled("sample_masks", _device(scores)):
             if dtype not in _KERNEL_MASK_DTYPES and dtype != torch.bool and not dtype.is_floating_point:
-                narrow = torch.ops.layersel.sample_masks(list(scores), signed_seed, torch.uint8, key_by_scores)
+                narrow = torch.ops.layersel.sample_masks(
+                    list(scores), signed_seed, torch.uint8, key_by_scores, counters
+                )
                 return narrow.to(dtype)
-            return torch.ops.layersel.sample_masks(list(scores), signed_seed, dtype, key_by_scores)
-        return _torch_ops.sample_masks(scores, seed, dtype, key_by_scores)
+            return torch.ops.layersel.sample_masks(list(scores), signed_seed, dtype, key_by_scores, counters)
+        return _torch_ops.sample_masks(scores, seed, dtype, key_by_scores, counters)
+
+
+def score_fingerprint(scores: Sequence[Tensor], counters: Sequence[int] | None = None) -> Tensor:
+    """The scores' 64-bit fingerprint (csrc/common/fingerprint.h) as int64[1] on their device (its
+    bits; no host sync on CUDA), with stream indices as ``sample_masks``' ``counters`` say. The sum is
+    mod 2**64 over elements, so the fingerprints of disjoint shards add up to the whole model's."""
+    counters = None if counters is None else [int(c) for c in counters]
+    with torch.no_grad():
+        if len(scores) and _use_compiled("score_fingerprint", _device(scores)):
+            return torch.ops.layersel.score_fingerprint(list(scores), counters)
+        f = _torch_ops.score_fingerprint(scores, counters)
+        return torch.tensor([f - 2**64 if f >= 2**63 else f], dtype=torch.int64, device=_device(scores))
 
 
 def sample_mask_bits(scores: Sequence[Tensor], seed: int, key_by_scores: bool = False) -> Tensor:
@@ -241,9 +273,20 @@ if COMPILED is not None:
         return _sparse_extract_fake(model, initial, kind, [0.0] * len(model))
 
     @torch.library.register_fake("layersel::sample_masks")
-    def _sample_masks_fake(scores: list[Tensor], seed: int, dtype: torch.dtype, key_by_scores: bool = False) -> Tensor:
+    def _sample_masks_fake(
+        scores: list[Tensor],
+        seed: int,
+        dtype: torch.dtype,
+        key_by_scores: bool = False,
+        counters: list[int] | None = None,
+    ) -> Tensor:
         _checks.check_devices("sample_masks", scores)
         return scores[0].new_empty((sum(t.numel() for t in scores),), dtype=dtype)
+
+    @torch.library.register_fake("layersel::score_fingerprint")
+    def _score_fingerprint_fake(scores: list[Tensor], counters: list[int] | None = None) -> Tensor:
+        _checks.check_devices("score_fingerprint", scores)
+        return scores[0].new_empty((1,), dtype=torch.int64)
 
     @torch.library.register_fake("layersel::sample_mask_bits")
     def _sample_mask_bits_fake(scores: list[Tensor], seed: int, key_by_scores: bool = False) -> Tensor:

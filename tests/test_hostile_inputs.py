@@ -402,6 +402,7 @@ _DIRECT_OPS = {
     "scores": lambda xs, ys: torch.ops.layersel.scores(xs, ys, ScoreKind.LARGEST_INCREASE_IN_MAGNITUDE),
     "sample_masks": lambda xs, ys: torch.ops.layersel.sample_masks(xs, 7, torch.uint8, True),
     "sample_mask_bits": lambda xs, ys: torch.ops.layersel.sample_mask_bits(xs, 7, True),
+    "score_fingerprint": lambda xs, ys: torch.ops.layersel.score_fingerprint(xs),
     "kth_largest_score": lambda xs, ys: torch.ops.layersel.kth_largest_score(
         xs, ys, ScoreKind.SMALLEST_FINAL_MAGNITUDE, 5, torch.float32
     ),

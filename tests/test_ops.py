@@ -187,6 +187,54 @@ def test_opcheck_every_op():
         torch.ops.layersel.sample_masks.default, ([torch.randn(9), torch.randn(2, 3)], 5, torch.int64)
     )
     torch.library.opcheck(torch.ops.layersel.sample_mask_bits.default, ([torch.randn(9), torch.randn(2, 3)], 5, True))
+    torch.library.opcheck(
+        torch.ops.layersel.sample_masks.default, ([torch.randn(9), torch.randn(2, 3)], 5, torch.uint8, True, [40, 3])
+    )
+    torch.library.opcheck(torch.ops.layersel.score_fingerprint.default, ([torch.randn(9), torch.randn(2, 3)], [40, 3]))
+
+
+def _shard_pieces(full: list[torch.Tensor], cuts: list[tuple[int, int, int]]):
+    """Pieces of the flat concatenation of ``full`` (tensor, start, stop) with their stream counters."""
+    bases = np.cumsum([0] + [t.numel() for t in full])
+    return [full[t].reshape(-1)[a:b] for t, a, b in cuts], [int(bases[t]) + a for t, a, b in cuts]
+
+
+# Pieces that cut Philox blocks (4), SIMD groups (32 / 64) and chunks (65,536) anywhere, out of order.
+_CUTS = [(2, 5, 70001), (0, 0, 1), (2, 70001, 3 * CHUNK + 7), (1, 3, 33333), (0, 1, 3), (2, 0, 5), (1, 0, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_sample_masks_counters_give_the_unsharded_masks(dtype, backend):
+    """Pieces of a model sampled with their unsharded stream indices (``counters``) give exactly the
+    unsharded masks, in any order and wherever they are cut; their fingerprints add up (mod 2**64)."""
+    gen = torch.Generator().manual_seed(9)
+    full = [(torch.randn(n, generator=gen) * 3).to(dtype) for n in (3, 33333, 3 * CHUNK + 7)]
+    pieces, counters = _shard_pieces(full, _CUTS)
+    flat = torch.cat([t.reshape(-1) for t in full])
+    for seed in (0, 77, 2**63 + 5):
+        want = ops.sample_masks(full, seed, torch.uint8)
+        got = ops.sample_masks(pieces, seed, torch.uint8, counters=counters)
+        assert torch.equal(got, torch.cat([want[c : c + p.numel()] for p, c in zip(pieces, counters)])), seed
+    assert torch.equal(
+        ops.sample_masks(full, 5, torch.int32, counters=[0, 3, 33336]), ops.sample_masks(full, 5, torch.int32)
+    )
+    whole = int(ops.score_fingerprint(full)) % 2**64
+    assert whole == _torch_ops.score_fingerprint(full)
+    assert sum(int(ops.score_fingerprint([p], [c])) for p, c in zip(pieces, counters)) % 2**64 == whole
+    # key_by_scores with counters: the key of the pieces' own fingerprint and count.
+    key = _torch_ops.key_from_scores(3, int(ops.score_fingerprint(pieces, counters)) % 2**64, flat.numel())
+    assert torch.equal(ops.sample_masks(pieces, 3, torch.uint8, True, counters),
+                       ops.sample_masks(pieces, key, torch.uint8, counters=counters))  # fmt: skip
+
+
+def test_sample_masks_bad_counters_are_refused(backend):
+    scores = [torch.randn(4), torch.randn(3)]
+    with pytest.raises(ValueError, match="2 tensors"):
+        ops.sample_masks(scores, 1, torch.uint8, counters=[0])
+    with pytest.raises(ValueError, match="counter #1 is -1"):
+        ops.sample_masks(scores, 1, torch.uint8, counters=[0, -1])
+    with pytest.raises(ValueError, match="counter #0 is"):
+        ops.score_fingerprint(scores, counters=[2**62 - 3, 0])
 
 
 # --------------------------------------------------------------------------- CUDA (skipped without a GPU)
@@ -225,6 +273,25 @@ def test_cuda_masks_bit_equal_to_cpu(dtype):
         cpu = torch.ops.layersel.sample_masks(scores, seed, torch.uint8)
         cuda = torch.ops.layersel.sample_masks([s.cuda() for s in scores], seed, torch.uint8)
         assert torch.equal(cpu, cuda.cpu()), seed
+
+
+@requires_cuda
+@compiled_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cuda_masks_with_counters_equal_cpu(dtype):
+    gen = torch.Generator().manual_seed(9)
+    full = [(torch.randn(n, generator=gen) * 3).to(dtype) for n in (3, 33333, 3 * CHUNK + 7)]
+    pieces, counters = _shard_pieces(full, _CUTS)
+    for key_by_scores in (False, True):
+        cpu = torch.ops.layersel.sample_masks(pieces, 41, torch.uint8, key_by_scores, counters)
+        cuda = torch.ops.layersel.sample_masks([p.cuda() for p in pieces], 41, torch.uint8, key_by_scores, counters)
+        assert torch.equal(cpu, cuda.cpu()), key_by_scores
+    cpu_fp = torch.ops.layersel.score_fingerprint(pieces, counters)
+    cuda_fp = torch.ops.layersel.score_fingerprint([p.cuda() for p in pieces], counters)
+    assert cuda_fp.device.type == "cuda" and torch.equal(cpu_fp, cuda_fp.cpu())
+    assert torch.equal(
+        torch.ops.layersel.score_fingerprint([torch.zeros(0, device="cuda")]).cpu(), torch.zeros(1, dtype=torch.int64)
+    )
 
 
 @requires_cuda

@@ -4,7 +4,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 #include <cstdint>
 #include <cstring>
@@ -30,7 +32,8 @@ struct TensorEntry {
   const void* y;     // initial-model tensor (or nullptr)
   void* out;         // output (scores / masks), or nullptr
   int64_t numel;
-  int64_t base;      // global element index of element 0 (mask streams, output offsets)
+  int64_t base;      // index of element 0 in the concatenation (output offsets)
+  int64_t counter;   // index of element 0 in the mask stream and fingerprint (default: base)
   int32_t dtype;
   int32_t pad;
 };
@@ -69,6 +72,7 @@ inline WorkTable build_work_table(at::TensorList x, at::TensorList y, bool needs
     e.dtype = dtype_code(xi, op, i);
     e.numel = xi.numel();
     e.base = table.total_numel;
+    e.counter = e.base;
     e.x = contiguous_or_keep(xi, table).data_ptr();
     if (needs_y) {
       const at::Tensor& yi = y[i];
@@ -85,6 +89,22 @@ inline WorkTable build_work_table(at::TensorList x, at::TensorList y, bool needs
     table.first_chunk.push_back(table.first_chunk.back() + num_chunks(e.numel, chunk));
   }
   return table;
+}
+
+// Entry i's elements take the mask stream's and the fingerprint's indices
+// [counters[i], counters[i] + numel) instead of their place in the
+// concatenation: a shard of a larger tensor keeps the indices it has in the
+// unsharded model (layersel_ext/_sharded.py), so its masks are that model's.
+inline void set_counters(WorkTable& table, const c10::optional<at::IntArrayRef>& counters, const char* op) {
+  if (!counters.has_value()) return;
+  TORCH_CHECK_VALUE(counters->size() == table.entries.size(), "layersel::", op, ": got ", counters->size(),
+                    " counters for ", table.entries.size(), " tensors");
+  for (size_t i = 0; i < table.entries.size(); ++i) {
+    const int64_t c = (*counters)[i];
+    TORCH_CHECK_VALUE(c >= 0 && c <= (int64_t{1} << 62) - table.entries[i].numel, "layersel::", op, ": counter #",
+                      i, " is ", c, " (expected 0 <= counter and counter + numel <= 2^62)");
+    table.entries[i].counter = c;
+  }
 }
 
 }  // namespace layersel

@@ -199,7 +199,7 @@ uint64_t fingerprint_cpu(const WorkTable& table) {
   std::vector<uint64_t> partial(static_cast<size_t>(table.total_chunks()), 0);
   for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t c, int64_t off, int64_t len) {
     LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
-      partial[c] = fingerprint_chunk(static_cast<const T*>(e.x) + off, static_cast<uint64_t>(e.base + off), len);
+      partial[c] = fingerprint_chunk(static_cast<const T*>(e.x) + off, static_cast<uint64_t>(e.counter + off), len);
     });
   });
   uint64_t f = 0;
@@ -214,25 +214,28 @@ struct MaskStream {
   PhiloxStream stream;
 };
 
-MaskStream mask_stream(at::TensorList scores, int64_t seed, bool key_by_scores, const char* op) {
+MaskStream mask_stream(at::TensorList scores, int64_t seed, bool key_by_scores,
+                       const c10::optional<at::IntArrayRef>& counters, const char* op) {
   WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCpuChunk, op);
   check_floating_scores(table, scores);
+  set_counters(table, counters, op);
   const uint64_t key = key_by_scores ? key_from_scores(static_cast<uint64_t>(seed), fingerprint_cpu(table),
                                                        static_cast<uint64_t>(table.total_numel))
                                      : static_cast<uint64_t>(seed);
   return {std::move(table), PhiloxStream(key)};
 }
 
-at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores) {
+at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores,
+                            c10::optional<at::IntArrayRef> counters) {
   check_mask_dtype(dtype);
-  const MaskStream ms = mask_stream(scores, seed, key_by_scores, "sample_masks");
+  const MaskStream ms = mask_stream(scores, seed, key_by_scores, counters, "sample_masks");
   at::Tensor out = empty_cpu_output(ms.table.total_numel, dtype);
   AT_DISPATCH_INTEGRAL_TYPES(dtype, "sample_masks_cpu", [&] {
     using M = scalar_t;
     M* o = out.data_ptr<M>();
     for_each_chunk(ms.table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
       LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
-        sample_chunk<T, M>(ms.stream, static_cast<uint64_t>(e.base + off), static_cast<const T*>(e.x) + off,
+        sample_chunk<T, M>(ms.stream, static_cast<uint64_t>(e.counter + off), static_cast<const T*>(e.x) + off,
                            o + e.base + off, len);
       });
     });
@@ -241,7 +244,8 @@ at::Tensor sample_masks_cpu(at::TensorList scores, int64_t seed, at::ScalarType 
 }
 
 at::Tensor sample_mask_bits_cpu(at::TensorList scores, int64_t seed, bool key_by_scores) {
-  const MaskStream ms = mask_stream(scores, seed, key_by_scores, "sample_mask_bits");
+  // Bit g of the bitmap is stream index g: no counters here.
+  const MaskStream ms = mask_stream(scores, seed, key_by_scores, c10::nullopt, "sample_mask_bits");
   at::Tensor out = at::zeros({(ms.table.total_numel + 7) / 8}, at::kByte);
   uint8_t* bits = out.data_ptr<uint8_t>();
   for_each_chunk(ms.table, kCpuChunk, [&](const TensorEntry& e, int32_t, int64_t, int64_t off, int64_t len) {
@@ -253,10 +257,21 @@ at::Tensor sample_mask_bits_cpu(at::TensorList scores, int64_t seed, bool key_by
   return out;
 }
 
+at::Tensor score_fingerprint_cpu(at::TensorList scores, c10::optional<at::IntArrayRef> counters) {
+  WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCpuChunk, "score_fingerprint");
+  check_floating_scores(table, scores);
+  set_counters(table, counters, "score_fingerprint");
+  at::Tensor out = at::empty({1}, at::kLong);
+  const uint64_t f = fingerprint_cpu(table);
+  std::memcpy(out.data_ptr<int64_t>(), &f, sizeof(f));
+  return out;
+}
+
 }  // namespace
 }  // namespace layersel
 
 TORCH_LIBRARY_IMPL(layersel, CPU, m) {
   m.impl("sample_masks", &layersel::sample_masks_cpu);
   m.impl("sample_mask_bits", &layersel::sample_mask_bits_cpu);
+  m.impl("score_fingerprint", &layersel::score_fingerprint_cpu);
 }

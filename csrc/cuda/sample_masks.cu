@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(kThreads) fingerprint_kernel(const TensorEntry
                                                                int32_t n, unsigned long long* out) {
   const int64_t c = blockIdx.x;
   const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
-  const uint64_t g0 = static_cast<uint64_t>(e.base + off);
+  const uint64_t g0 = static_cast<uint64_t>(e.counter + off);
   uint64_t f = 0;
   LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
     const T* x = static_cast<const T*>(e.x) + off;
@@ -33,16 +33,19 @@ __global__ void __launch_bounds__(kThreads) fingerprint_kernel(const TensorEntry
   if (threadIdx.x == 0) atomicAdd(out, static_cast<unsigned long long>(f));
 }
 
-// One element: the shared math (the dtype switch stays outside the loops).
+// The four elements of Philox block b that lie in stream indices [g0, g1):
+// the shared math (the dtype switch stays outside the loops). Stream index g
+// is element g - counter of the tensor x and of its output out.
 template <typename T, typename M>
 __device__ __forceinline__ void sample_block(const PhiloxStream& stream, uint64_t b, uint64_t g0, uint64_t g1,
-                                             const T* x, int64_t base, M* out) {
+                                             const T* x, uint64_t counter, M* out) {
   const Philox4x32Out r = stream.block(b);
 #pragma unroll
   for (int lane = 0; lane < 4; ++lane) {
     const uint64_t g = 4 * b + lane;
     if (g >= g0 && g < g1) {
-      out[g] = static_cast<M>(bernoulli_sample(static_cast<float>(x[static_cast<int64_t>(g) - base]), r.v[lane]));
+      const uint64_t j = g - counter;
+      out[j] = static_cast<M>(bernoulli_sample(static_cast<float>(x[j]), r.v[lane]));
     }
   }
 }
@@ -55,22 +58,35 @@ __global__ void __launch_bounds__(kThreads) sample_masks_kernel(const TensorEntr
                                                                 uint64_t total, M* out) {
   const int64_t c = blockIdx.x;
   const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
-  const uint64_t g0 = static_cast<uint64_t>(e.base + off);
-  const uint64_t g1 = g0 + static_cast<uint64_t>(len);  // exclusive
+  const uint64_t g0 = static_cast<uint64_t>(e.counter + off);  // stream indices of the chunk
+  const uint64_t g1 = g0 + static_cast<uint64_t>(len);          // exclusive
   const PhiloxStream stream(fingerprint ? key_from_scores(seed, *fingerprint, total) : seed);
   // Each thread takes whole Philox blocks; edge blocks are shared with the
   // neighbouring chunk or tensor, each writing only its own elements.
   LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
     const T* x = static_cast<const T*>(e.x);
     for (uint64_t b = (g0 >> 2) + threadIdx.x; b <= ((g1 - 1) >> 2); b += blockDim.x)
-      sample_block<T, M>(stream, b, g0, g1, x, e.base, out);
+      sample_block<T, M>(stream, b, g0, g1, x, static_cast<uint64_t>(e.counter), out + e.base);
   });
 }
 
-at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores) {
+// The fingerprint of the table's tensors, as int64[1] on the device.
+at::Tensor fingerprint_on_device(const DeviceTable& dt, int64_t chunks, c10::Device device, cudaStream_t stream) {
+  at::Tensor fingerprint = at::empty({1}, at::TensorOptions().dtype(at::kLong).device(device));
+  C10_CUDA_CHECK(cudaMemsetAsync(fingerprint.data_ptr<int64_t>(), 0, sizeof(int64_t), stream));
+  if (chunks == 0) return fingerprint;
+  fingerprint_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+      dt.entries, dt.first_chunk, dt.n, reinterpret_cast<unsigned long long*>(fingerprint.data_ptr<int64_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return fingerprint;
+}
+
+at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores,
+                             c10::optional<at::IntArrayRef> counters) {
   check_mask_dtype(dtype);  // before the empty-input return: the CPU kernel refuses the same dtypes
   WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCudaChunk, "sample_masks");
   check_floating_scores(table, scores);
+  set_counters(table, counters, "sample_masks");
   const c10::Device device = cuda_device_of(scores, "sample_masks");
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor out = at::empty({table.total_numel}, at::TensorOptions().dtype(dtype).device(device));
@@ -78,14 +94,8 @@ at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType
   if (chunks == 0) return out;
   DeviceTable dt = upload_table(table, device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor fingerprint;
-  if (key_by_scores) {  // computed and used on the device: no host sync
-    fingerprint = at::empty({1}, at::TensorOptions().dtype(at::kLong).device(device));
-    C10_CUDA_CHECK(cudaMemsetAsync(fingerprint.data_ptr<int64_t>(), 0, sizeof(int64_t), stream));
-    fingerprint_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
-        dt.entries, dt.first_chunk, dt.n, reinterpret_cast<unsigned long long*>(fingerprint.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  // Computed and used on the device: no host sync.
+  const at::Tensor fingerprint = key_by_scores ? fingerprint_on_device(dt, chunks, device, stream) : at::Tensor();
   const auto* fp =
       key_by_scores ? reinterpret_cast<const unsigned long long*>(fingerprint.data_ptr<int64_t>()) : nullptr;
   AT_DISPATCH_INTEGRAL_TYPES(dtype, "sample_masks_cuda", [&] {
@@ -97,7 +107,22 @@ at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType
   return out;
 }
 
+at::Tensor score_fingerprint_cuda(at::TensorList scores, c10::optional<at::IntArrayRef> counters) {
+  WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCudaChunk, "score_fingerprint");
+  check_floating_scores(table, scores);
+  set_counters(table, counters, "score_fingerprint");
+  const c10::Device device = cuda_device_of(scores, "score_fingerprint");
+  const c10::cuda::CUDAGuard guard(device);
+  const int64_t chunks = table.total_chunks();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (chunks == 0) return fingerprint_on_device(DeviceTable{}, 0, device, stream);
+  return fingerprint_on_device(upload_table(table, device), chunks, device, stream);
+}
+
 }  // namespace
 }  // namespace layersel
 
-TORCH_LIBRARY_IMPL(layersel, CUDA, m) { m.impl("sample_masks", &layersel::sample_masks_cuda); }
+TORCH_LIBRARY_IMPL(layersel, CUDA, m) {
+  m.impl("sample_masks", &layersel::sample_masks_cuda);
+  m.impl("score_fingerprint", &layersel::score_fingerprint_cuda);
+}
