@@ -71,6 +71,14 @@ step "build (sm_${ARCH/./} only)"
 if ! run 200 build.log "$PY" setup.py build_ext --inplace; then
   echo "BUILD FAILED (see build.log)" | tee -a "$OUT/summary.txt"; tail -30 "$OUT/build.log"; exit 1
 fi
+# Each compile job's seconds, slowest first (ninja's log: start and end in ms), so that a slow build
+# says which file made it slow.
+if [ "$DRY" = 0 ]; then
+  for f in build/temp*/.ninja_log; do
+    [ -f "$f" ] && awk -F'\t' 'NR > 1 { printf "%7.1f s  %s\n", ($2 - $1) / 1000, $4 }' "$f" | sort -rn | head -12
+  done > "$OUT/build-times.txt" 2>&1
+  head -4 "$OUT/build-times.txt" | tee -a "$OUT/summary.txt"
+fi
 run 60 info.txt "$PY" -m layersel_ext info
 [ "$DRY" = 1 ] || cat "$OUT/info.txt"
 

@@ -26,6 +26,11 @@ from .sparse_coo import SparseCooParameterExchanger, select_sparse_parameters
 
 __version__ = "0.1.0"
 
+if "torch.distributed.tensor" in __import__("sys").modules:  # DTensor exists: its handlers for our ops
+    from . import _dtensor_ops
+
+    _dtensor_ops.install()
+
 __all__ = [
     "LOAD_REASON",
     "SCORE_FUNCTION_NAMES",

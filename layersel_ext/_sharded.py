@@ -10,8 +10,10 @@ The kernels only ever see local tensors:
   of their local bytes packed into a padded buffer (pieces follow ``torch.chunk``'s split, the
   split DTensor and FSDP2 use, so uneven shards are rebuilt exactly);
 * scores: elementwise on the local shard, rewrapped with ``DTensor.from_local`` (no communication);
-* masks: the scores are gathered (one all-gather) and the unsharded path runs; an unseeded draw is
-  broadcast from mesh rank 0;
+* masks: each rank samples its own pieces, every element keyed by its index in the unsharded model
+  (the kernel's ``counters``), so the masks are the unsharded model's; an unseeded key takes mesh
+  rank 0's draw and the fingerprints of all pieces (one all-reduce); one all-gather of the mask
+  bytes (never the scores) gives every rank the full masks;
 * sparse COO: the k-th largest score by a radix select whose digit histograms (of the local scores'
   order-preserving keys, every element counted once) are all-reduced, one digit a collective; then
   each rank extracts its local entries with global indices (``offset``), and one all-gather of the
@@ -42,7 +44,22 @@ _ALIGN = 64  # bytes: each packed piece starts aligned for any dtype view
 
 def _dtensor_class() -> Any:
     module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
+    if module is None:
+        return None
+    if not _dtensor_ops_installed:
+        _install_dtensor_ops()
+    return getattr(module, "DTensor", None)
+
+
+_dtensor_ops_installed = False
+
+
+def _install_dtensor_ops() -> None:
+    """The ops' DTensor handlers (``_dtensor_ops``), once DTensor exists."""
+    global _dtensor_ops_installed
+    from . import _dtensor_ops
+
+    _dtensor_ops_installed = _dtensor_ops.install()
 
 
 def has_dtensor(*lists: Sequence[Tensor] | None) -> bool:
@@ -467,16 +484,101 @@ def scores(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, kind: in
 # ---------------------------------------------------------------------------------------------- masks
 
 
-def full_scores(names: list[str], tensors: list[Tensor], what: str) -> tuple[list[Tensor], _Mesh]:
-    """Every score tensor at full size on every rank (one all-gather), and the mesh."""
-    state = ShardedState(names, tensors, None, what, layout="model")
-    return state.full_model_tensors(range(len(names))), state.mesh
+def _stream_pieces(local: Tensor, shape: Sequence[int], dim: int | None, offset: int, base: int):
+    """(piece, first stream index) pairs covering this rank's ``local`` part of an entry whose elements
+    take stream indices ``base`` .. in the unsharded model (row-major): the whole tensor when held in
+    full, one piece for a shard whose elements are consecutive there (dim 0, or leading dims of size
+    1), else one piece per index of the dimensions before ``dim``."""
+    if dim is None:
+        return [(local.reshape(-1), base)]
+    if local.numel() == 0:
+        return []
+    inner = math.prod(shape[dim + 1 :])
+    outer = math.prod(shape[:dim])
+    start = base + offset * inner
+    if outer == 1:
+        return [(local.reshape(-1), start)]
+    rows = local.reshape(outer, -1)
+    stride = shape[dim] * inner
+    return [(rows[o], start + o * stride) for o in range(outer)]
 
 
-def broadcast_seed(seed: int, mesh: _Mesh) -> int:
-    """Mesh rank 0's seed on every rank (an unseeded draw must be the same everywhere)."""
-    import torch.distributed as dist
+class _StreamLayout:
+    """The pieces of sharded score state that this rank samples, each with its first stream index in
+    the unsharded model (``ops.sample_masks``' ``counters``), in entry order; ``counted`` marks the
+    pieces that enter this rank's fingerprint (entries held in full: mesh rank 0 only)."""
 
-    value = torch.tensor([seed], dtype=torch.int64, device=mesh.device)
-    dist.broadcast(value, src=mesh.src, group=mesh.group)
-    return int(value.item())
+    def __init__(self, state: ShardedState) -> None:
+        self.state = state
+        self.pieces: list[Tensor] = []
+        self.counters: list[int] = []
+        self.counted: list[bool] = []
+        self.per_entry: list[int] = []  # each entry's number of elements in `pieces`
+        self.total = 0  # elements of the unsharded model
+        for i, (x, local, dim) in enumerate(zip(state.xs, state.local_x, state.dims)):
+            found = _stream_pieces(local, x.shape, dim, state.offset(i), self.total)
+            self.pieces += [p for p, _ in found]
+            self.counters += [c for _, c in found]
+            self.counted += [dim is not None or state.mesh.rank == 0] * len(found)
+            self.per_entry.append(sum(p.numel() for p, _ in found))
+            self.total += x.numel()
+
+    def seed_and_fingerprint(self, seed: int) -> tuple[int, int]:
+        """(mesh rank 0's ``seed``, the unsharded model's fingerprint), on every rank: this rank's
+        fingerprint of its counted pieces and rank 0's seed, as four 32-bit halves in ONE int64 SUM
+        all-reduce (the sums of the halves cannot overflow; the fingerprint is a sum mod 2**64)."""
+        import torch.distributed as dist
+
+        mesh = self.state.mesh
+        keep = [(p, c) for p, c, counted in zip(self.pieces, self.counters, self.counted) if counted]
+        if keep:
+            fp = ops.score_fingerprint([p for p, _ in keep], [c for _, c in keep]).to(mesh.device)
+        else:
+            fp = torch.zeros(1, dtype=torch.int64, device=mesh.device)
+        mine = seed if mesh.rank == 0 else 0
+        halves = torch.cat([torch.tensor([mine & 0xFFFFFFFF, mine >> 32], dtype=torch.int64, device=mesh.device),
+                            fp & 0xFFFFFFFF, (fp >> 32) & 0xFFFFFFFF])  # fmt: skip
+        dist.all_reduce(halves, op=dist.ReduceOp.SUM, group=mesh.group)
+        s_lo, s_hi, f_lo, f_hi = (int(v) for v in halves.cpu())
+        return s_lo + (s_hi << 32), (f_lo + (f_hi << 32)) & ((1 << 64) - 1)
+
+
+def sample_masks(names: list[str], scores: list[Tensor], seed: int, key_by_scores: bool, what: str) -> Tensor:
+    """The unsharded model's flat uint8 masks (``ops.sample_masks`` of the full scores, keyed as it
+    would be), on every rank. Each rank samples only its own pieces, each element with its index in
+    the unsharded model as its Philox counter (``_StreamLayout``); entries held in full are sampled
+    by every rank (the same bits everywhere, no communication). With ``key_by_scores`` the key is
+    ``key_from_scores(mesh rank 0's seed, the unsharded fingerprint, the unsharded size)`` (one
+    all-reduce). Then ONE all-gather of the sharded entries' mask bytes (a quarter of float32
+    scores' bytes) rebuilds them at full size."""
+    state = ShardedState(names, scores, None, what, layout="model")
+    layout = _StreamLayout(state)
+    key = seed
+    if key_by_scores:
+        key = _torch_ops.key_from_scores(*layout.seed_and_fingerprint(seed), layout.total)
+    device = state.local_x[0].device
+    try:
+        flat = (ops.sample_masks(layout.pieces, key, torch.uint8, counters=layout.counters) if layout.pieces
+                else torch.empty(0, dtype=torch.uint8, device=device))  # fmt: skip
+    except (RuntimeError, ValueError, TypeError) as exc:
+        explain_failure(exc, names, state.local_x, None, what)
+    local_masks, at = [], 0
+    for local, n in zip(state.local_x, layout.per_entry):
+        local_masks.append(flat[at : at + n].view(local.shape))
+        at += n
+    full = gather_full(state.mesh, names, [_meta_like(x, torch.uint8) for x in state.xs], local_masks, state.dims)
+    return torch.cat([m.reshape(-1) for m in full])
+
+
+def score_fingerprint(names: list[str], scores: list[Tensor], what: str) -> Tensor:
+    """``ops.score_fingerprint`` of the unsharded scores (int64[1], on every rank): one all-reduce."""
+    layout = _StreamLayout(ShardedState(names, scores, None, what, layout="model"))
+    _, fp = layout.seed_and_fingerprint(0)
+    return torch.tensor(
+        [fp - (1 << 64) if fp >= 1 << 63 else fp], dtype=torch.int64, device=layout.state.local_x[0].device
+    )
+
+
+def _meta_like(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A storage-less tensor of ``x``'s global shape in ``dtype``: what ``gather_full`` reads of an entry."""
+    return torch.empty(x.shape, dtype=dtype, device="meta")

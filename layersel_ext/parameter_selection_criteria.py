@@ -17,7 +17,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from . import _sharded, ops
+from . import _sharded, _torch_ops, ops
 from ._checks import explain_failure
 from ._model_state import paired_state, single_state
 from ._score_kinds import ScoreKind, uses_initial
@@ -406,12 +406,13 @@ def sample_flat_masks(
             raise TypeError(f"layer {name!r}: score dtype {s.dtype} is not floating point")
         if s.device != scores[0].device:
             raise ValueError(f"layer {name!r}: on {s.device} but {names[0]!r} is on {scores[0].device}")
-    mesh = None
-    if _sharded.has_dtensor(scores):  # sharded scores: gathered (one collective), then the unsharded path
-        scores, mesh = _sharded.full_scores(names, scores, "select_scores_and_sample_masks")
     key = _draw_seed(generator) if checked_seed is None else checked_seed
-    if mesh is not None and seed is None:  # every rank must use the same draw: rank 0's
-        key = _sharded.broadcast_seed(key, mesh)
+    if _sharded.has_dtensor(scores):  # each rank samples its pieces; the masks are gathered, not the scores
+        what = "select_scores_and_sample_masks"
+        flat = _sharded.sample_masks(names, scores, key, key_by_scores=seed is None, what=what)
+        if packed:
+            return names, scores, _torch_ops.pack_bits(flat)
+        return names, scores, flat if flat.device.type == "cuda" else flat.to(dtype)
     if packed:
         return names, scores, ops.sample_mask_bits(scores, key, key_by_scores=seed is None)
     if scores[0].device.type == "cuda":

@@ -118,9 +118,9 @@ def _convnet() -> nn.Module:
 class _Masked(nn.Module):
     """A FedPM masked layer by structure (owns ``weight_scores``)."""
 
-    def __init__(self, rows: int, cols: int) -> None:
+    def __init__(self, rows: int, *cols: int) -> None:
         super().__init__()
-        self.weight_scores = nn.Parameter(torch.randn(rows, cols))
+        self.weight_scores = nn.Parameter(torch.randn(rows, *cols))
         self.bias_scores = nn.Parameter(torch.randn(rows))
 
 
@@ -278,24 +278,57 @@ def _case_distribute_tensor(rank: int, world: int, mesh) -> None:
 
 
 def _case_masks(rank: int, world: int, mesh) -> None:
-    import layersel_ext.parameter_selection_criteria as L
 
     torch.manual_seed(3)
     full = nn.Sequential(_Masked(5, 7), nn.ReLU(), _Masked(3, 5), _Masked(1, 3))
     sharded = _fully_shard(copy.deepcopy(full), mesh)
-    want = L.select_scores_and_sample_masks(full, None, seed=1234)
-    with _count_collectives() as counts:
-        got = L.select_scores_and_sample_masks(sharded, None, seed=1234)
-    _check_selection(got, want, f"masks seed [{world}]")
-    assert counts["all_gather"] == 1 and counts["broadcast"] == 0, f"masks seeded: {dict(counts)}"
-    # Unseeded, ranks seeded differently: every rank uses rank 0's draw.
+    _check_masks(full, sharded, rank, world, "fsdp")
+
+
+def _check_masks(full: nn.Module, sharded: nn.Module, rank: int, world: int, label: str) -> None:
+    """Seeded and unseeded masks (two dtypes) and the compact wire's packed masks of the sharded model
+    equal the unsharded model's on every rank, with the collectives of per-shard sampling: the mask
+    bytes gathered once (never the scores), and for an unseeded draw one all-reduce (rank 0's seed
+    and the fingerprints)."""
+    import layersel_ext.parameter_selection_criteria as L
+    from layersel_ext import wire
+
+    n = sum(p.numel() for name, p in full.state_dict().items() if name.endswith("_scores"))
+    for dtype in (np.int64, np.int8):
+        want = L.select_scores_and_sample_masks(full, None, seed=1234, mask_dtype=dtype)
+        with _count_collectives() as counts:
+            got = L.select_scores_and_sample_masks(sharded, None, seed=1234, mask_dtype=dtype)
+        _check_selection(got, want, f"{label} masks seed {dtype.__name__} [{world}]")
+        assert counts["all_gather"] == 1 and counts["all_reduce"] == counts["broadcast"] == 0, dict(counts)
+        assert counts["all_gather_bytes"] <= n + 64 * len(got[0]), f"{label}: gathered {dict(counts)} for {n} masks"
+    # Unseeded, ranks seeded differently: every rank uses rank 0's draw (and the whole fingerprint).
     torch.manual_seed(100 + rank)
     with _count_collectives() as counts:
         got = L.select_scores_and_sample_masks(sharded, None)
     torch.manual_seed(100)
     want = L.select_scores_and_sample_masks(full, None)
-    _check_selection(got, want, f"masks unseeded [{world}]")
-    assert counts["all_gather"] == 1 and counts["broadcast"] == 1, f"masks unseeded: {dict(counts)}"
+    _check_selection(got, want, f"{label} masks unseeded [{world}]")
+    assert counts["all_gather"] == 1 and counts["all_reduce"] == 1 and counts["broadcast"] == 0, dict(counts)
+    torch.manual_seed(7 + rank)
+    got_wire = wire.sample_masks_packed(sharded)
+    torch.manual_seed(7)
+    want_wire = wire.sample_masks_packed(full)
+    assert len(got_wire) == len(want_wire), label
+    assert all(_same_array(a, b) for a, b in zip(got_wire, want_wire)), f"{label}: packed masks differ"
+
+
+def _case_masks_distributed(rank: int, world: int, mesh) -> None:
+    """Masks of distribute_tensor entries: Shard(1) and Shard(2) (a shard's elements are not
+    consecutive in the unsharded tensor: one stream piece per leading index), Shard(0), Replicate,
+    and a plain score tensor beside them."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    torch.manual_seed(4)
+    full = nn.Sequential(_Masked(5, 7), _Masked(4, 3, 5), _Masked(4, 3, 5), _Masked(2, 9))
+    placements = {"0.weight_scores": Shard(1), "0.bias_scores": Replicate(), "1.weight_scores": Shard(2),
+                  "1.bias_scores": Shard(0), "2.weight_scores": Shard(1), "3.weight_scores": Replicate()}  # fmt: skip
+    sharded = _distribute(copy.deepcopy(full), mesh, placements)
+    _check_masks(full, sharded, rank, world, "distribute_tensor")
 
 
 def _fl4health_exchanger():
@@ -518,14 +551,79 @@ def _case_collective_counts(rank: int, world: int, mesh) -> None:
     assert not counts, f"scores: {dict(counts)}"
 
 
+def _case_direct_ops(rank: int, world: int, mesh) -> None:
+    """``torch.ops.layersel.*`` called on lists of DTensors (Shard(1), Shard(0), Replicate and plain
+    entries; and an FSDP2 MLP with uneven and empty shards) return on every rank what they return for
+    the unsharded tensors: the same bits (the drift sums up to float64 summation order)."""
+    from layersel_ext import ops
+
+    assert ops.enable_dtensor_ops()
+    L = torch.ops.layersel
+    torch.manual_seed(5)
+    full_mlp, full_mlp0 = _mlp(), _mlp()
+    pairs = [_distributed_pair(mesh), (full_mlp, full_mlp0, *_fsdp_pair(full_mlp, full_mlp0, mesh))]
+    for full, full0, sharded, sharded0 in pairs:
+        fx, fy = list(full.state_dict().values()), list(full0.state_dict().values())
+        sx, sy = list(sharded.state_dict().values()), list(sharded0.state_dict().values())
+        n = sum(t.numel() for t in fx)
+        torch.testing.assert_close(L.drift_sq_norms(sx, sy), L.drift_sq_norms(fx, fy), rtol=1e-13, atol=0)
+        for kind in range(6):
+            got, want = L.scores(sx, sy, kind), L.scores(fx, fy, kind)
+            assert len(got) == len(want) and all(_same_tensor(a, b) for a, b in zip(got, want)), kind
+            for k in (1, n // 3, n):
+                assert _same_tensor(L.kth_largest_score(sx, sy, kind, k, torch.float32),
+                                    L.kth_largest_score(fx, fy, kind, k, torch.float32)), (kind, k)  # fmt: skip
+            gv, gi = L.sparse_select(sx, sy, kind, n // 4, torch.float32)
+            wv, wi = L.sparse_select(fx, fy, kind, n // 4, torch.float32)
+            assert all(map(_same_tensor, gv, wv)) and all(map(_same_tensor, gi, wi)), kind
+            gv, gi = L.sparse_extract(sx, sy, kind, [0.05] * len(sx))
+            wv, wi = L.sparse_extract(fx, fy, kind, [0.05] * len(fx))
+            assert all(map(_same_tensor, gv, wv)) and all(map(_same_tensor, gi, wi)), kind
+        for key_by_scores in (False, True):
+            assert _same_tensor(L.sample_masks(sx, 99, torch.int32, key_by_scores),
+                                L.sample_masks(fx, 99, torch.int32, key_by_scores))  # fmt: skip
+            assert _same_tensor(L.sample_mask_bits(sx, -5, key_by_scores), L.sample_mask_bits(fx, -5, key_by_scores))
+        assert _same_tensor(L.score_fingerprint(sx), L.score_fingerprint(fx))
+        with pytest.raises(NotImplementedError, match="counters"):
+            L.sample_masks(sx, 1, torch.uint8, False, [0] * len(sx))
+
+
+def _case_nccl_smoke(rank: int, world: int, mesh) -> None:
+    """The NCCL path (a CUDA mesh, run where a GPU exists): FSDP2 models on the GPU give the arrays of
+    the same models unsharded on the CPU, for layer selection, sparse COO, masks and a direct op."""
+    import layersel_ext.parameter_selection_criteria as L
+    from layersel_ext import select_sparse_parameters
+
+    torch.manual_seed(11)
+    full0 = _mlp()
+    full = copy.deepcopy(full0)
+    _perturb(full, 12)
+    sharded, sharded0 = _fully_shard(copy.deepcopy(full).cuda(), mesh), _fully_shard(copy.deepcopy(full0).cuda(), mesh)
+    _check_selection(L.select_layers_by_percentage(0.5, True, True, sharded, sharded0),
+                     L.select_layers_by_percentage(0.5, True, True, full, full0), "nccl layers")  # fmt: skip
+    got = select_sparse_parameters(sharded, sharded0, 0.3, L.largest_magnitude_change_scores)
+    want = select_sparse_parameters(full, full0, 0.3, L.largest_magnitude_change_scores)
+    assert all(_same_array(np.asarray(a), np.asarray(b)) for a, b in zip(got[0], want[0])), "nccl sparse values"
+    assert all(_same_array(np.asarray(a), np.asarray(b)) for a, b in zip(got[1][0], want[1][0])), "nccl sparse indices"
+    masked = nn.Sequential(_Masked(5, 7), _Masked(3, 5))
+    masked_sharded = _fully_shard(copy.deepcopy(masked).cuda(), mesh)
+    _check_selection(L.select_scores_and_sample_masks(masked_sharded, None, seed=3),
+                     L.select_scores_and_sample_masks(masked, None, seed=3), "nccl masks")  # fmt: skip
+    xs = list(masked_sharded.state_dict().values())
+    assert torch.equal(torch.ops.layersel.sample_masks(xs, 3, torch.uint8).cpu(),
+                       torch.ops.layersel.sample_masks(list(masked.state_dict().values()), 3, torch.uint8))  # fmt: skip
+
+
 CASES = {
     "fsdp_mlp": _case_fsdp_mlp,
     "fsdp_convnet_bn": _case_fsdp_convnet_bn,
     "distribute_tensor": _case_distribute_tensor,
     "transformer": _case_transformer,
     "masks": _case_masks,
+    "masks_distributed": _case_masks_distributed,
     "shape_mismatch": _case_shape_mismatch,
     "collective_counts": _case_collective_counts,
+    "direct_ops": _case_direct_ops,
 }
 SPARSE_CASES = {
     "sparse_models": _case_sparse_models,
@@ -534,7 +632,7 @@ SPARSE_CASES = {
 }
 
 
-def _worker(rank: int, world: int, port: int, cases: list[str]) -> None:
+def _worker(rank: int, world: int, port: int, cases: list[str], backend: str = "gloo") -> None:
     import logging
 
     import torch.distributed as dist
@@ -544,12 +642,14 @@ def _worker(rank: int, world: int, port: int, cases: list[str]) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)  # fl4health's exchanger logs a warning per constant-score tensor
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=GLOO_TIMEOUT_S))
     try:
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh("cuda" if backend == "nccl" else "cpu", (world,))
         for case in cases:
             try:
-                {**CASES, **SPARSE_CASES}[case](rank, world, mesh)
+                {**CASES, **SPARSE_CASES, "nccl_smoke": _case_nccl_smoke}[case](rank, world, mesh)
             except BaseException as exc:
                 # Printed here too: when a peer then aborts first, spawn reports only the peer's signal.
                 print(f"rank {rank}/{world}, case {case!r} failed:", file=sys.stderr, flush=True)
@@ -563,10 +663,10 @@ def _worker(rank: int, world: int, port: int, cases: list[str]) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, cases: list[str]) -> None:
+def _spawn(world: int, cases: list[str], backend: str = "gloo") -> None:
     import torch.multiprocessing as mp
 
-    context = mp.spawn(_worker, args=(world, _free_port(), cases), nprocs=world, join=False)
+    context = mp.spawn(_worker, args=(world, _free_port(), cases, backend), nprocs=world, join=False)
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not context.join(timeout=max(1.0, deadline - time.monotonic())):
         if time.monotonic() > deadline:
@@ -603,3 +703,13 @@ def test_no_dtensor_import() -> None:
         "assert by_torch or 'torch.distributed.tensor' not in sys.modules, 'imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not torch.distributed.is_nccl_available(), reason="needs a GPU and NCCL"
+)
+def test_sharded_nccl_on_every_gpu() -> None:
+    """The NCCL code path on one rank per visible GPU (one GPU: a 1-rank group, which still runs every
+    collective through NCCL and every tensor on the device)."""
+    _spawn(torch.cuda.device_count(), ["nccl_smoke"], backend="nccl")

@@ -1,0 +1,139 @@
+"""``torch.ops.layersel.*`` called directly on DTensors: each op returns, on every rank, what it returns
+for the unsharded tensors (plain tensors, the same on every rank), computed by the sharded paths of
+``_sharded`` (local kernels and a few small collectives; what each op communicates is in the README).
+
+Why handlers and not sharding strategies: every op takes lists of tensors and returns results that
+mix them (per-dtype concatenations of scores, one flat mask vector, per-entry sums, a k-th largest
+over all tensors). None of these is a DTensor placement of its inputs, so DTensor's sharding
+propagation (``register_sharding``: output placements derived from input placements, then the op
+on local shards) cannot express them; a handler runs the same reductions the public functions run.
+The handlers sit in DTensor's op-dispatcher table (``_custom_op_handlers``, the hook torch's own
+loss-parallel and convolution support use), installed by ``install`` once ``torch.distributed.tensor``
+is imported (layersel_ext never imports it): at import of layersel_ext when it already is, when a
+public function first meets a DTensor, or by ``layersel_ext.ops.enable_dtensor_ops()``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _checks, _sharded, _torch_ops, ops
+
+_installed = False
+
+
+def _names(n: int) -> list[str]:
+    return [f"#{i}" for i in range(n)]
+
+
+def _what(op: str) -> str:
+    return f"layersel::{op} (DTensor)"
+
+
+def _initial(initial: Sequence[Tensor]) -> list[Tensor] | None:
+    return list(initial) if len(initial) else None
+
+
+def _state(op: str, model: Sequence[Tensor], initial: Sequence[Tensor] | None, layout: str = "either"):
+    return _sharded.ShardedState(_names(len(model)), list(model), _initial(initial or []), _what(op), layout)
+
+
+def _refuse_counters(op: str, counters: object) -> None:
+    if counters is not None:
+        raise NotImplementedError(
+            f"layersel::{op}: counters place local tensors in a stream; with DTensors leave them out "
+            "(each shard takes its unsharded indices by itself)"
+        )
+
+
+def drift_sq_norms(model: list[Tensor], initial: list[Tensor]) -> Tensor:
+    state = _state("drift_sq_norms", model, initial)
+    return torch.from_numpy(state.drift_sq_norms()).to(state.local_x[0].device)
+
+
+def scores(model: list[Tensor], initial: list[Tensor], kind: int) -> list[Tensor]:
+    """The unsharded op's per-dtype buffers: local scores, then ONE all-gather of the sharded entries'."""
+    state = _state("scores", model, initial if len(initial) else None, layout="model")
+    local = ops.scores(state.local_x, state.local_y, kind)
+    carriers = [_sharded._meta_like(x, s.dtype) for x, s in zip(state.xs, local)]
+    full = _sharded.gather_full(state.mesh, state.names, carriers, local, state.dims)
+    order = list(dict.fromkeys(s.dtype for s in full))  # dtypes in order of first appearance
+    return [torch.cat([s.reshape(-1) for s in full if s.dtype == dt]) for dt in order]
+
+
+def sample_masks(
+    scores: list[Tensor], seed: int, dtype: torch.dtype, key_by_scores: bool = False, counters: object = None
+) -> Tensor:
+    _refuse_counters("sample_masks", counters)
+    _checks.check_mask_dtype(dtype)
+    flat = _sharded.sample_masks(_names(len(scores)), list(scores), seed % 2**64, key_by_scores, _what("sample_masks"))
+    return flat.to(dtype)
+
+
+def sample_mask_bits(scores: list[Tensor], seed: int, key_by_scores: bool = False) -> Tensor:
+    what = _what("sample_mask_bits")
+    return _torch_ops.pack_bits(
+        _sharded.sample_masks(_names(len(scores)), list(scores), seed % 2**64, key_by_scores, what)
+    )
+
+
+def score_fingerprint(scores: list[Tensor], counters: object = None) -> Tensor:
+    _refuse_counters("score_fingerprint", counters)
+    return _sharded.score_fingerprint(_names(len(scores)), list(scores), _what("score_fingerprint"))
+
+
+def kth_largest_score(
+    model: list[Tensor], initial: list[Tensor], kind: int, k: int, score_dtype: torch.dtype
+) -> Tensor:
+    return _state("kth_largest_score", model, initial).kth_largest_score(kind, k, score_dtype)
+
+
+def sparse_extract(
+    model: list[Tensor], initial: list[Tensor], kind: int, thresholds: list[float]
+) -> tuple[list[Tensor], list[Tensor]]:
+    state = _state("sparse_extract", model, initial)
+    values, indices = state.sparse_extract(kind, thresholds)
+    for i, x in enumerate(state.xs):  # a 0-d entry (held in full): the op's own answer, not the exchanger's
+        if x.dim() == 0:
+            y = [state.local_y[i]] if state.local_y is not None else []
+            (values[i],), (indices[i],) = ops.sparse_extract([state.local_x[i]], y, kind, [thresholds[i]])
+    return values, indices
+
+
+def sparse_select(
+    model: list[Tensor], initial: list[Tensor], kind: int, k: int, score_dtype: torch.dtype
+) -> tuple[list[Tensor], list[Tensor]]:
+    threshold = float(kth_largest_score(model, initial, kind, k, score_dtype))
+    return sparse_extract(model, initial, kind, [threshold] * len(model))
+
+
+_HANDLERS = {
+    "drift_sq_norms": drift_sq_norms,
+    "scores": scores,
+    "sample_masks": sample_masks,
+    "sample_mask_bits": sample_mask_bits,
+    "score_fingerprint": score_fingerprint,
+    "kth_largest_score": kth_largest_score,
+    "sparse_extract": sparse_extract,
+    "sparse_select": sparse_select,
+}
+
+
+def install() -> bool:
+    """Put the handlers in DTensor's op-dispatcher table (once); False while ``torch.distributed.tensor``
+    is not imported or the compiled ops are not loaded (then there is no op to call)."""
+    global _installed
+    if _installed:
+        return True
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None or not hasattr(torch.ops, "layersel") or not hasattr(torch.ops.layersel, "scores"):
+        return False
+    table = module.DTensor._op_dispatcher._custom_op_handlers
+    for name, fn in _HANDLERS.items():
+        table[getattr(torch.ops.layersel, name).default] = lambda op_call, args, kwargs, fn=fn: fn(*args, **kwargs)
+    _installed = True
+    return True
