@@ -205,6 +205,11 @@ LS_CPU_CLONES int64_t bracket_block(const T* x, const T* y, int64_t m, BlockKey<
   return in;
 }
 
+// The (model dtype, score dtype) pairs sparse_select_cpu accepts, the only
+// ones whose marking pass is compiled (a third of the instantiations).
+template <typename T, typename P>
+constexpr bool kMarkable = std::is_same_v<T, P> || (std::is_same_v<P, float> && std::is_integral_v<T>);
+
 // The value of key `key` of score dtype P, as a double (exact).
 template <typename P>
 double key_value(uint64_t key) {
@@ -285,11 +290,16 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
     for (int64_t i = 0; i < len; i += kKeyBlock) {
       const int64_t m = std::min(kKeyBlock, len - i);
       int64_t in = 0;
-      if (marks) {
-        in = bracket_block<decltype(kc)::value, true, T, P>(x + i, y + i, m, klo, khi, block, mine.above,
-                                                            words + i / kKeyBlock, kmax);
-        marked += __builtin_popcountll(words[i / kKeyBlock]);
+      if constexpr (kMarkable<T, P>) {
+        if (marks) {
+          in = bracket_block<decltype(kc)::value, true, T, P>(x + i, y + i, m, klo, khi, block, mine.above,
+                                                              words + i / kKeyBlock, kmax);
+          marked += __builtin_popcountll(words[i / kKeyBlock]);
+        }
       } else {
+        TORCH_INTERNAL_ASSERT(marks == nullptr, "sparse_select: no marking pass for this dtype pair");
+      }
+      if (!marks) {
         in = bracket_block<decltype(kc)::value, false, T, P>(x + i, y + i, m, klo, khi, block, mine.above, nullptr, kmax);
       }
       if (in == 0) continue;
