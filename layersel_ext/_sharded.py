@@ -411,10 +411,12 @@ class _LocalKeys:
 def _all_gather_packed(
     mesh: _Mesh, counts: Sequence[Sequence[int]], local: Sequence[Tensor], dtypes: Sequence[torch.dtype]
 ) -> list[list[Tensor]]:
-    """ONE ``all_gather`` of every rank's pieces: ``counts[r][k]`` elements of ``dtypes[k]`` in rank r's
-    piece k (every rank knows every rank's counts). Each rank packs its pieces' bytes, each 64-byte
-    aligned, into one buffer padded to the largest rank's total. Returns ``out[k][r]``: rank r's piece
-    k, flat, a view of the receive buffers."""
+    """ONE in-place ``all_gather_into_tensor`` of every rank's pieces: ``counts[r][k]`` elements of
+    ``dtypes[k]`` in rank r's piece k (every rank knows every rank's counts). One buffer of world
+    slots, each the largest rank's total; each rank packs its pieces' bytes, each 64-byte aligned,
+    into its own slot, which is the collective's input (no separate send buffer: the only memory
+    beyond the pieces is this buffer, the gathered bytes plus padding). Returns ``out[k][r]``: rank
+    r's piece k, flat, a view of that buffer."""
     import torch.distributed as dist
 
     sizes = [torch.empty(0, dtype=dt).element_size() for dt in dtypes]
@@ -424,18 +426,21 @@ def _all_gather_packed(
         for k, size in enumerate(sizes):
             offsets[r][k] = totals[r]
             totals[r] += -(-counts[r][k] * size // _ALIGN) * _ALIGN
-    send = torch.zeros(max(max(totals), _ALIGN), dtype=torch.uint8, device=mesh.device)
+    slot = max(max(totals), _ALIGN)
+    buffer = torch.empty(mesh.world * slot, dtype=torch.uint8, device=mesh.device)
+    mine = buffer[mesh.rank * slot : (mesh.rank + 1) * slot]
+    mine.zero_()  # the padding too: no uninitialised byte travels
     with torch.no_grad():
         for k, piece in enumerate(local):
             o = offsets[mesh.rank][k]
             if piece.numel():
-                send[o : o + piece.numel() * sizes[k]].view(dtypes[k]).copy_(piece.reshape(-1))
-    received = [torch.empty_like(send) for _ in range(mesh.world)]
-    dist.all_gather(received, send, group=mesh.group)
+                mine[o : o + piece.numel() * sizes[k]].view(dtypes[k]).copy_(piece.reshape(-1))
+    dist.all_gather_into_tensor(buffer, mine, group=mesh.group)
     return [
-        [received[r][offsets[r][k] : offsets[r][k] + counts[r][k] * size].view(dtypes[k]) for r in range(mesh.world)]
+        [buffer[r * slot + offsets[r][k] : r * slot + offsets[r][k] + counts[r][k] * size].view(dtypes[k])
+         for r in range(mesh.world)]
         for k, size in enumerate(sizes)
-    ]
+    ]  # fmt: skip
 
 
 def gather_full(

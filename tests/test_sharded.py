@@ -69,8 +69,9 @@ def _count_collectives() -> Iterator[Counter]:
 
     def shim(name: str, fn: Callable) -> Callable:
         def wrapped(*args, **kwargs):
-            counts[name] += 1
-            if name == "all_gather":
+            # The in-place all_gather_into_tensor the library uses counts as an all_gather.
+            counts["all_gather" if name == "all_gather_into_tensor" else name] += 1
+            if name in ("all_gather", "all_gather_into_tensor"):
                 counts["all_gather_bytes"] += args[1].numel() * args[1].element_size()
             elif name == "all_reduce":
                 counts["all_reduce_bytes"] += args[0].numel() * args[0].element_size()

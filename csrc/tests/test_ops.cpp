@@ -30,13 +30,18 @@ int main() {
   LS_CHECK(s.size() == 3);  // float32, float64, int64 groups
   LS_CHECK(torch::equal(s[0].slice(0, 0, 70000), (a[0] - b[0]).abs()));
 
-  auto masks = op("layersel::sample_masks").typed<at::Tensor(at::TensorList, int64_t, at::ScalarType, bool)>();
+  auto masks = op("layersel::sample_masks")
+                   .typed<at::Tensor(at::TensorList, int64_t, at::ScalarType, bool, c10::optional<at::IntArrayRef>)>();
   std::vector<at::Tensor> sc = {torch::zeros({1000}), torch::full({7}, 50.0)};
-  at::Tensor m1 = masks.call(sc, 7, at::kLong, false), m2 = masks.call(sc, 7, at::kLong, false);
+  at::Tensor m1 = masks.call(sc, 7, at::kLong, false, c10::nullopt), m2 = masks.call(sc, 7, at::kLong, false, c10::nullopt);
   LS_CHECK(torch::equal(m1, m2));
   // Keyed by the scores: reproducible, and another stream than the seed's own.
-  at::Tensor k1 = masks.call(sc, 7, at::kLong, true), k2 = masks.call(sc, 7, at::kLong, true);
+  at::Tensor k1 = masks.call(sc, 7, at::kLong, true, c10::nullopt), k2 = masks.call(sc, 7, at::kLong, true, c10::nullopt);
   LS_CHECK(torch::equal(k1, k2) && !torch::equal(k1, m1));
+  // Counters: the second tensor sampled alone at its place in the stream gives the same masks.
+  const std::vector<int64_t> at_1000 = {1000};
+  at::Tensor alone = masks.call({sc[1]}, 7, at::kLong, false, at::IntArrayRef(at_1000));
+  LS_CHECK(torch::equal(alone, m1.slice(0, 1000)));
   LS_CHECK(m1.slice(0, 1000).sum().item<int64_t>() == 7);
   const double mean = m1.slice(0, 0, 1000).to(torch::kDouble).mean().item<double>();
   LS_CHECK(mean > 0.4 && mean < 0.6);
