@@ -160,13 +160,11 @@ def check_mask_dtype(dtype: torch.dtype) -> None:
         raise TypeError(f"layersel::sample_masks: mask dtype must be an integer dtype, got {dtype}")
 
 
-def check_floating_scores(scores: Sequence[Tensor]) -> None:
+def check_floating_scores(scores: Sequence[Tensor], op: str = "sample_masks") -> None:
     """op_checks.h: check_floating_scores (after the table checks)."""
     for i, s in enumerate(scores):
         if not s.is_floating_point():
-            raise TypeError(
-                f"layersel::sample_masks: score tensor #{i} has dtype {s.dtype}; scores must be floating point"
-            )
+            raise TypeError(f"layersel::{op}: score tensor #{i} has dtype {s.dtype}; scores must be floating point")
 
 
 # ----------------------------------------------------------------------------- in the model's words

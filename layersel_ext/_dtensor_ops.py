@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, _sharded, _torch_ops, ops
+from ._score_kinds import ScoreKind, uses_initial
 
 _installed = False
 
@@ -38,8 +39,12 @@ def _initial(initial: Sequence[Tensor]) -> list[Tensor] | None:
     return list(initial) if len(initial) else None
 
 
-def _state(op: str, model: Sequence[Tensor], initial: Sequence[Tensor] | None, layout: str = "either"):
-    return _sharded.ShardedState(_names(len(model)), list(model), _initial(initial or []), _what(op), layout)
+def _state(op: str, model: Sequence[Tensor], initial: Sequence[Tensor], needs_initial: bool, layout: str = "either"):
+    """The sharded state of an op's lists, after the op's own length checks (the same on every rank,
+    before any collective)."""
+    if needs_initial or len(initial):
+        _checks.check_lengths(op, model, initial)
+    return _sharded.ShardedState(_names(len(model)), list(model), _initial(initial), _what(op), layout)
 
 
 def _refuse_counters(op: str, counters: object) -> None:
@@ -51,13 +56,13 @@ def _refuse_counters(op: str, counters: object) -> None:
 
 
 def drift_sq_norms(model: list[Tensor], initial: list[Tensor]) -> Tensor:
-    state = _state("drift_sq_norms", model, initial)
+    state = _state("drift_sq_norms", model, initial, needs_initial=True)
     return torch.from_numpy(state.drift_sq_norms()).to(state.local_x[0].device)
 
 
 def scores(model: list[Tensor], initial: list[Tensor], kind: int) -> list[Tensor]:
     """The unsharded op's per-dtype buffers: local scores, then ONE all-gather of the sharded entries'."""
-    state = _state("scores", model, initial if len(initial) else None, layout="model")
+    state = _state("scores", model, initial, needs_initial=uses_initial(kind), layout="model")
     local = ops.scores(state.local_x, state.local_y, kind)
     carriers = [_sharded._meta_like(x, s.dtype) for x, s in zip(state.xs, local)]
     full = _sharded.gather_full(state.mesh, state.names, carriers, local, state.dims)
@@ -69,7 +74,8 @@ def sample_masks(
     scores: list[Tensor], seed: int, dtype: torch.dtype, key_by_scores: bool = False, counters: object = None
 ) -> Tensor:
     _refuse_counters("sample_masks", counters)
-    _checks.check_mask_dtype(dtype)
+    if dtype not in ops._KERNEL_MASK_DTYPES:  # the op's own rule (the wrappers widen other dtypes)
+        raise TypeError(f"layersel::sample_masks: mask dtype must be uint8, int8, int16, int32 or int64, got {dtype}")
     flat = _sharded.sample_masks(_names(len(scores)), list(scores), seed % 2**64, key_by_scores, _what("sample_masks"))
     return flat.to(dtype)
 
@@ -89,13 +95,14 @@ def score_fingerprint(scores: list[Tensor], counters: object = None) -> Tensor:
 def kth_largest_score(
     model: list[Tensor], initial: list[Tensor], kind: int, k: int, score_dtype: torch.dtype
 ) -> Tensor:
-    return _state("kth_largest_score", model, initial).kth_largest_score(kind, k, score_dtype)
+    needs = kind == ScoreKind.GIVEN or uses_initial(kind)
+    return _state("kth_largest_score", model, initial, needs).kth_largest_score(kind, k, score_dtype)
 
 
 def sparse_extract(
     model: list[Tensor], initial: list[Tensor], kind: int, thresholds: list[float]
 ) -> tuple[list[Tensor], list[Tensor]]:
-    state = _state("sparse_extract", model, initial)
+    state = _state("sparse_extract", model, initial, needs_initial=uses_initial(kind))
     values, indices = state.sparse_extract(kind, thresholds)
     for i, x in enumerate(state.xs):  # a 0-d entry (held in full): the op's own answer, not the exchanger's
         if x.dim() == 0:
@@ -107,6 +114,16 @@ def sparse_extract(
 def sparse_select(
     model: list[Tensor], initial: list[Tensor], kind: int, k: int, score_dtype: torch.dtype
 ) -> tuple[list[Tensor], list[Tensor]]:
+    if not score_dtype.is_floating_point:  # the op's dtype rules (csrc/cpu/sparse_select.cpp)
+        raise TypeError(f"layersel::sparse_select: score dtype {score_dtype} is not floating point")
+    for t, x in enumerate(model):
+        integer = not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool
+        if x.dtype != score_dtype and not (score_dtype == torch.float32 and integer):
+            also = " or an integer dtype" if score_dtype == torch.float32 else ""
+            raise TypeError(
+                f"layersel::sparse_select: tensor #{t} has dtype {x.dtype}; with {score_dtype} scores every tensor "
+                f"must be {score_dtype}{also}"
+            )
     threshold = float(kth_largest_score(model, initial, kind, k, score_dtype))
     return sparse_extract(model, initial, kind, [threshold] * len(model))
 

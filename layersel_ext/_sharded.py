@@ -277,6 +277,9 @@ class ShardedState:
         each digit's histogram all-reduced (``_digit_widths``: 256 KB, then 1 KB a digit)."""
         import torch.distributed as dist
 
+        from ._checks import check_rank
+
+        check_rank("kth_largest_score", k, sum(x.numel() for x in self.xs))  # every rank, before any collective
         xs = self.counted(self.local_x)
         ys = self.counted(self.local_y) if self.local_y is not None else None
         if kind != ScoreKind.GIVEN:  # the kernel's checks of every entry, on every rank (none may skip a collective)
@@ -461,7 +464,9 @@ def gather_full(
     )  # fmt: skip
     for k, j in enumerate(sharded):
         rebuilt = [piece.view(shapes[r][k]) for r, piece in enumerate(pieces[k])]
-        out[j] = torch.cat(rebuilt, dim=dims[j])  # type: ignore[arg-type]
+        # On the local tensor's device (the gather's buffer is on the mesh's: they differ when FSDP2
+        # offloads the shards to the CPU beside a GPU mesh).
+        out[j] = torch.cat(rebuilt, dim=dims[j]).to(locals_[j].device)  # type: ignore[arg-type]
     return out  # type: ignore[return-value]
 
 
@@ -501,7 +506,7 @@ def _stream_pieces(local: Tensor, shape: Sequence[int], dim: int | None, offset:
     inner = math.prod(shape[dim + 1 :])
     outer = math.prod(shape[:dim])
     start = base + offset * inner
-    if outer == 1:
+    if outer == 1 or local.shape[dim] == shape[dim]:  # consecutive in the unsharded tensor: one run
         return [(local.reshape(-1), start)]
     rows = local.reshape(outer, -1)
     stride = shape[dim] * inner
@@ -557,6 +562,7 @@ def sample_masks(names: list[str], scores: list[Tensor], seed: int, key_by_score
     all-reduce). Then ONE all-gather of the sharded entries' mask bytes (a quarter of float32
     scores' bytes) rebuilds them at full size."""
     state = ShardedState(names, scores, None, what, layout="model")
+    _check_floating(names, state.xs, what)
     layout = _StreamLayout(state)
     key = seed
     if key_by_scores:
@@ -572,16 +578,26 @@ def sample_masks(names: list[str], scores: list[Tensor], seed: int, key_by_score
         local_masks.append(flat[at : at + n].view(local.shape))
         at += n
     full = gather_full(state.mesh, names, [_meta_like(x, torch.uint8) for x in state.xs], local_masks, state.dims)
-    return torch.cat([m.reshape(-1) for m in full])
+    return torch.cat([m.reshape(-1).to(device) for m in full])
 
 
 def score_fingerprint(names: list[str], scores: list[Tensor], what: str) -> Tensor:
     """``ops.score_fingerprint`` of the unsharded scores (int64[1], on every rank): one all-reduce."""
-    layout = _StreamLayout(ShardedState(names, scores, None, what, layout="model"))
+    state = ShardedState(names, scores, None, what, layout="model")
+    _check_floating(names, state.xs, what)
+    layout = _StreamLayout(state)
     _, fp = layout.seed_and_fingerprint(0)
     return torch.tensor(
         [fp - (1 << 64) if fp >= 1 << 63 else fp], dtype=torch.int64, device=layout.state.local_x[0].device
     )
+
+
+def _check_floating(names: Sequence[str], xs: Sequence[Tensor], what: str) -> None:
+    """Every score entry floating, checked on the global entries (the same on every rank) before any
+    collective: a rank whose own piece of a bad entry is empty must not go on alone."""
+    for name, x in zip(names, xs):
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{what}: layer {name!r}: score dtype {x.dtype} is not floating point")
 
 
 def _meta_like(x: Tensor, dtype: torch.dtype) -> Tensor:

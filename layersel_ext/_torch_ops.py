@@ -170,6 +170,8 @@ def score_fingerprint(scores: Sequence[Tensor], counters: Sequence[int] | None =
     (lo32(bits) * W_lo[g % 64] + hi32(bits) * W_hi[g % 64]) * (2 * (g // 64) + 1), mod 2**64
     (with ``counters``, tensor i's element j is g = counters[i] + j).
     int64 tensor arithmetic wraps mod 2**64, which is what the definition asks for."""
+    _checks.check_tensors("score_fingerprint", scores, None)
+    _checks.check_floating_scores(scores, "score_fingerprint")
     total = 0
     step = 1 << 20  # bounded temporaries
     for s, base in zip(scores, _stream_bases(scores, counters, "score_fingerprint")):

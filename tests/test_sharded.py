@@ -587,6 +587,17 @@ def _case_direct_ops(rank: int, world: int, mesh) -> None:
         assert _same_tensor(L.score_fingerprint(sx), L.score_fingerprint(fx))
         with pytest.raises(NotImplementedError, match="counters"):
             L.sample_masks(sx, 1, torch.uint8, False, [0] * len(sx))
+        # The ops' own argument errors, raised on every rank before any collective (no rank left waiting).
+        with pytest.raises(ValueError, match=r"k must be in \[1, "):
+            L.kth_largest_score(sx, sy, 2, n + 1, torch.float32)
+        with pytest.raises(ValueError, match="initial tensors"):
+            L.drift_sq_norms(sx, sy[:-1])
+        with pytest.raises(TypeError, match="mask dtype"):
+            L.sample_masks(sx, 1, torch.uint16)
+        with pytest.raises(TypeError, match="sparse_select"):
+            L.sparse_select(sx, sy, 2, 3, torch.float64)
+        with pytest.raises(TypeError, match="not floating point"):  # a bad entry whose shard may be empty here
+            L.sample_masks([*sx, sx[0].to(torch.int64)], 1, torch.uint8, True)
 
 
 def _case_nccl_smoke(rank: int, world: int, mesh) -> None:

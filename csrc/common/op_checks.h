@@ -41,9 +41,9 @@ inline void check_mask_dtype(at::ScalarType dtype) {
                    "layersel::sample_masks: mask dtype must be uint8, int8, int16, int32 or int64, got ", dtype);
 }
 
-inline void check_floating_scores(const WorkTable& table, at::TensorList scores) {
+inline void check_floating_scores(const WorkTable& table, at::TensorList scores, const char* op) {
   for (size_t i = 0; i < table.entries.size(); ++i)
-    TORCH_CHECK_TYPE(is_floating_code(table.entries[i].dtype), "layersel::sample_masks: score tensor #", i,
+    TORCH_CHECK_TYPE(is_floating_code(table.entries[i].dtype), "layersel::", op, ": score tensor #", i,
                      " has dtype ", scores[i].scalar_type(), "; scores must be floating point");
 }
 
