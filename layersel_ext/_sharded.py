@@ -422,6 +422,8 @@ def _all_gather_packed(
     r's piece k, flat, a view of that buffer."""
     import torch.distributed as dist
 
+    if mesh.world == 1:  # a one-rank mesh: its pieces are all there is (no buffer, no collective)
+        return [[piece.reshape(-1)] for piece in local]
     sizes = [torch.empty(0, dtype=dt).element_size() for dt in dtypes]
     offsets = [[0] * len(dtypes) for _ in range(mesh.world)]
     totals = [0] * mesh.world
@@ -455,6 +457,8 @@ def gather_full(
     """
     out: list[Tensor | None] = [loc if dim is None else None for loc, dim in zip(locals_, dims)]
     sharded = [j for j, dim in enumerate(dims) if dim is not None]
+    if mesh.world == 1:  # one rank: every local piece is the whole tensor (no buffer, no collective)
+        return list(locals_)
     if not sharded:
         return out  # type: ignore[return-value]
     shapes = [[_piece_shape(tensors[j].shape, dims[j], mesh.world, r) for j in sharded] for r in range(mesh.world)]  # type: ignore[arg-type]

@@ -725,3 +725,8 @@ def test_sharded_nccl_on_every_gpu() -> None:
     """The NCCL code path on one rank per visible GPU (one GPU: a 1-rank group, which still runs every
     collective through NCCL and every tensor on the device)."""
     _spawn(torch.cuda.device_count(), ["nccl_smoke"], backend="nccl")
+
+
+def test_sharded_one_rank_matches_unsharded() -> None:
+    """A one-rank mesh (every local piece is the whole tensor: no gather buffer, no all-gather)."""
+    _spawn(1, ["fsdp_mlp", "fsdp_convnet_bn", "distribute_tensor", "transformer", "direct_ops", "sparse_models"])
