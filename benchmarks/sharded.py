@@ -58,22 +58,30 @@ def model_factory() -> nn.Module:
 class CountBytes:
     """Wrap torch.distributed's all_reduce / all_gather / broadcast: calls and bytes sent / received."""
 
-    NAMES = ("all_reduce", "all_gather", "broadcast", "all_gather_into_tensor", "all_gather_object")
+    NAMES = (
+        "all_reduce",
+        "all_gather",
+        "broadcast",
+        "all_gather_into_tensor",
+        "all_gather_single",
+        "all_gather_object",
+    )
 
     def __enter__(self) -> Counter:
         import torch.distributed as dist
 
         self.counts: Counter = Counter()
-        self.saved = {n: getattr(dist, n) for n in self.NAMES}
+        self.saved = {n: getattr(dist, n) for n in self.NAMES if hasattr(dist, n)}
 
         def wrap(name: str, fn: Callable) -> Callable:
             def wrapped(*args: Any, **kwargs: Any) -> Any:
-                # The in-place all_gather_into_tensor the library uses counts as an all_gather.
-                self.counts["all_gather" if name == "all_gather_into_tensor" else name] += 1
+                # The in-place single-tensor all-gather the library uses counts as an all_gather.
+                single = name in ("all_gather_into_tensor", "all_gather_single")
+                self.counts["all_gather" if single else name] += 1
                 if name == "all_gather":
                     self.counts["sent"] += args[1].numel() * args[1].element_size()
                     self.counts["received"] += sum(t.numel() * t.element_size() for t in args[0])
-                elif name == "all_gather_into_tensor":
+                elif single:
                     self.counts["sent"] += args[1].numel() * args[1].element_size()
                     self.counts["received"] += args[0].numel() * args[0].element_size()
                 elif name in ("all_reduce", "broadcast"):

@@ -414,7 +414,7 @@ class _LocalKeys:
 def _all_gather_packed(
     mesh: _Mesh, counts: Sequence[Sequence[int]], local: Sequence[Tensor], dtypes: Sequence[torch.dtype]
 ) -> list[list[Tensor]]:
-    """ONE in-place ``all_gather_into_tensor`` of every rank's pieces: ``counts[r][k]`` elements of
+    """ONE in-place ``all_gather_single`` (``all_gather_into_tensor``) of every rank's pieces: ``counts[r][k]`` elements of
     ``dtypes[k]`` in rank r's piece k (every rank knows every rank's counts). One buffer of world
     slots, each the largest rank's total; each rank packs its pieces' bytes, each 64-byte aligned,
     into its own slot, which is the collective's input (no separate send buffer: the only memory
@@ -440,7 +440,9 @@ def _all_gather_packed(
             o = offsets[mesh.rank][k]
             if piece.numel():
                 mine[o : o + piece.numel() * sizes[k]].view(dtypes[k]).copy_(piece.reshape(-1))
-    dist.all_gather_into_tensor(buffer, mine, group=mesh.group)
+    # all_gather_single where torch has it (2.14 deprecates all_gather_into_tensor, same collective).
+    gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather_single(buffer, mine, group=mesh.group)
     return [
         [buffer[r * slot + offsets[r][k] : r * slot + offsets[r][k] + counts[r][k] * size].view(dtypes[k])
          for r in range(mesh.world)]

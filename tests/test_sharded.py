@@ -61,7 +61,7 @@ def _count_collectives() -> Iterator[Counter]:
     """Count calls to torch.distributed's collectives (the library looks them up at call time)."""
     import torch.distributed as dist
 
-    names = ["all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
+    names = ["all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object", "broadcast",
              "broadcast_object_list", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
              "gather", "scatter", "reduce", "barrier", "send", "recv"]  # fmt: skip
     counts: Counter = Counter()
@@ -69,9 +69,10 @@ def _count_collectives() -> Iterator[Counter]:
 
     def shim(name: str, fn: Callable) -> Callable:
         def wrapped(*args, **kwargs):
-            # The in-place all_gather_into_tensor the library uses counts as an all_gather.
-            counts["all_gather" if name == "all_gather_into_tensor" else name] += 1
-            if name in ("all_gather", "all_gather_into_tensor"):
+            # The in-place single-tensor all-gather the library uses counts as an all_gather.
+            single = name in ("all_gather_into_tensor", "all_gather_single")
+            counts["all_gather" if single else name] += 1
+            if name == "all_gather" or single:
                 counts["all_gather_bytes"] += args[1].numel() * args[1].element_size()
             elif name == "all_reduce":
                 counts["all_reduce_bytes"] += args[0].numel() * args[0].element_size()
