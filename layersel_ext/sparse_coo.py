@@ -135,6 +135,8 @@ def select_sparse_parameters(
     promoted = reduce(torch.promote_types, score_dtypes)  # the dtype torch.cat gives the scores
     # Sharded state (FSDP2, DTensor): the same two steps across ranks (_sharded), every rank gets every array.
     sharded = _sharded.ShardedState(names, xs, ys, what) if _sharded.has_dtensor(xs, ys) else None
+    if sharded is not None and sharded.mesh.world == 1:  # one rank: its local tensors are the whole model
+        xs, ys, sharded = sharded.local_x, sharded.local_y, None
     try:
         # Fused scores of one floating dtype (float32 beside integer buffers too), one process: the k-th
         # largest and the extraction in one kernel where there is one (a large model read once); else two steps.
