@@ -46,20 +46,10 @@ def _dtensor_class() -> Any:
     module = sys.modules.get("torch.distributed.tensor")
     if module is None:
         return None
-    if not _dtensor_ops_installed:
-        _install_dtensor_ops()
+    from . import _dtensor_ops  # (here: it imports this module)
+
+    _dtensor_ops.install()  # the ops' DTensor handlers, once DTensor exists (a flag test after the first)
     return getattr(module, "DTensor", None)
-
-
-_dtensor_ops_installed = False
-
-
-def _install_dtensor_ops() -> None:
-    """The ops' DTensor handlers (``_dtensor_ops``), once DTensor exists."""
-    global _dtensor_ops_installed
-    from . import _dtensor_ops
-
-    _dtensor_ops_installed = _dtensor_ops.install()
 
 
 def has_dtensor(*lists: Sequence[Tensor] | None) -> bool:
@@ -457,10 +447,10 @@ def gather_full(
     (``_all_gather_packed``; every rank computes every rank's piece sizes from the global shapes);
     entries held in full (dim None) are returned as they are.
     """
-    out: list[Tensor | None] = [loc if dim is None else None for loc, dim in zip(locals_, dims)]
-    sharded = [j for j, dim in enumerate(dims) if dim is not None]
     if mesh.world == 1:  # one rank: every local piece is the whole tensor (no buffer, no collective)
         return list(locals_)
+    out: list[Tensor | None] = [loc if dim is None else None for loc, dim in zip(locals_, dims)]
+    sharded = [j for j, dim in enumerate(dims) if dim is not None]
     if not sharded:
         return out  # type: ignore[return-value]
     shapes = [[_piece_shape(tensors[j].shape, dims[j], mesh.world, r) for j in sharded] for r in range(mesh.world)]  # type: ignore[arg-type]
@@ -584,7 +574,7 @@ def sample_masks(names: list[str], scores: list[Tensor], seed: int, key_by_score
         local_masks.append(flat[at : at + n].view(local.shape))
         at += n
     full = gather_full(state.mesh, names, [_meta_like(x, torch.uint8) for x in state.xs], local_masks, state.dims)
-    return torch.cat([m.reshape(-1).to(device) for m in full])
+    return torch.cat([m.reshape(-1) for m in full])  # gather_full: every piece on the local device
 
 
 def score_fingerprint(names: list[str], scores: list[Tensor], what: str) -> Tensor:

@@ -407,16 +407,14 @@ def sample_flat_masks(
         if s.device != scores[0].device:
             raise ValueError(f"layer {name!r}: on {s.device} but {names[0]!r} is on {scores[0].device}")
     key = _draw_seed(generator) if checked_seed is None else checked_seed
+    if scores[0].device.type == "cuda":
+        dtype = torch.uint8
     if _sharded.has_dtensor(scores):  # each rank samples its pieces; the masks are gathered, not the scores
         what = "select_scores_and_sample_masks"
         flat = _sharded.sample_masks(names, scores, key, key_by_scores=seed is None, what=what)
-        if packed:
-            return names, scores, _torch_ops.pack_bits(flat)
-        return names, scores, flat if flat.device.type == "cuda" else flat.to(dtype)
+        return names, scores, _torch_ops.pack_bits(flat) if packed else flat.to(dtype)
     if packed:
         return names, scores, ops.sample_mask_bits(scores, key, key_by_scores=seed is None)
-    if scores[0].device.type == "cuda":
-        dtype = torch.uint8
     return names, scores, ops.sample_masks(scores, key, dtype, key_by_scores=seed is None)
 
 
