@@ -47,4 +47,14 @@ inline void check_floating_scores(const WorkTable& table, at::TensorList scores,
                      " has dtype ", scores[i].scalar_type(), "; scores must be floating point");
 }
 
+// The work table of a list of score tensors (mask sampling, fingerprints):
+// floating scores, each tensor at its stream index (set_counters).
+inline WorkTable score_table(at::TensorList scores, const c10::optional<at::IntArrayRef>& counters, int64_t chunk,
+                             const char* op) {
+  WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, chunk, op);
+  check_floating_scores(table, scores, op);
+  set_counters(table, counters, op);
+  return table;
+}
+
 }  // namespace layersel

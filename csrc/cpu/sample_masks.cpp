@@ -216,9 +216,7 @@ struct MaskStream {
 
 MaskStream mask_stream(at::TensorList scores, int64_t seed, bool key_by_scores,
                        const c10::optional<at::IntArrayRef>& counters, const char* op) {
-  WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCpuChunk, op);
-  check_floating_scores(table, scores, op);
-  set_counters(table, counters, op);
+  WorkTable table = score_table(scores, counters, kCpuChunk, op);
   const uint64_t key = key_by_scores ? key_from_scores(static_cast<uint64_t>(seed), fingerprint_cpu(table),
                                                        static_cast<uint64_t>(table.total_numel))
                                      : static_cast<uint64_t>(seed);
@@ -258,9 +256,7 @@ at::Tensor sample_mask_bits_cpu(at::TensorList scores, int64_t seed, bool key_by
 }
 
 at::Tensor score_fingerprint_cpu(at::TensorList scores, c10::optional<at::IntArrayRef> counters) {
-  WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCpuChunk, "score_fingerprint");
-  check_floating_scores(table, scores, "score_fingerprint");
-  set_counters(table, counters, "score_fingerprint");
+  const WorkTable table = score_table(scores, counters, kCpuChunk, "score_fingerprint");
   at::Tensor out = at::empty({1}, at::kLong);
   const uint64_t f = fingerprint_cpu(table);
   std::memcpy(out.data_ptr<int64_t>(), &f, sizeof(f));

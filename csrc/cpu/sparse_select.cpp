@@ -285,6 +285,9 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
     using K = BlockKey<P>;
     K block[kKeyBlock];
     const K klo = static_cast<K>(lo), khi = static_cast<K>(hi), kmax = static_cast<K>(max_ordered);
+    if constexpr (!kMarkable<T, P>) {
+      TORCH_INTERNAL_ASSERT(marks == nullptr, "sparse_select: no marking pass for this dtype pair");
+    }
     uint64_t* words = marks ? marks->bits.get() + marks->first_word[at.chunk] : nullptr;
     int64_t marked = 0;
     for (int64_t i = 0; i < len; i += kKeyBlock) {
@@ -296,8 +299,6 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
                                                               words + i / kKeyBlock, kmax);
           marked += __builtin_popcountll(words[i / kKeyBlock]);
         }
-      } else {
-        TORCH_INTERNAL_ASSERT(marks == nullptr, "sparse_select: no marking pass for this dtype pair");
       }
       if (!marks) {
         in = bracket_block<decltype(kc)::value, false, T, P>(x + i, y + i, m, klo, khi, block, mine.above, nullptr, kmax);

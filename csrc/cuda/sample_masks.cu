@@ -84,9 +84,7 @@ at::Tensor fingerprint_on_device(const DeviceTable& dt, int64_t chunks, c10::Dev
 at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores,
                              c10::optional<at::IntArrayRef> counters) {
   check_mask_dtype(dtype);  // before the empty-input return: the CPU kernel refuses the same dtypes
-  WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCudaChunk, "sample_masks");
-  check_floating_scores(table, scores, "sample_masks");
-  set_counters(table, counters, "sample_masks");
+  const WorkTable table = score_table(scores, counters, kCudaChunk, "sample_masks");
   const c10::Device device = cuda_device_of(scores, "sample_masks");
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor out = at::empty({table.total_numel}, at::TensorOptions().dtype(dtype).device(device));
@@ -108,9 +106,7 @@ at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType
 }
 
 at::Tensor score_fingerprint_cuda(at::TensorList scores, c10::optional<at::IntArrayRef> counters) {
-  WorkTable table = build_work_table(scores, {}, /*needs_y=*/false, kCudaChunk, "score_fingerprint");
-  check_floating_scores(table, scores, "score_fingerprint");
-  set_counters(table, counters, "score_fingerprint");
+  const WorkTable table = score_table(scores, counters, kCudaChunk, "score_fingerprint");
   const c10::Device device = cuda_device_of(scores, "score_fingerprint");
   const c10::cuda::CUDAGuard guard(device);
   const int64_t chunks = table.total_chunks();
