@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -35,13 +36,23 @@ inline uint8_t pack_flags8(const uint8_t* flags) {
 }
 
 // Calls fn(entry, tensor_index, chunk_id, offset, length) for every chunk of
-// every tensor, the chunks spread over the intra-op threads.
+// every tensor. The intra-op threads take chunks one at a time from a shared
+// counter, not a fixed half each: chunks differ in length (a small tensor's is
+// short) and in cost (a sparse pass collects more keys from some tensors), and
+// with a static split one thread waited for the other (resnet_like's sparse
+// selection here). Every chunk still runs on exactly one thread, so per-chunk
+// outputs, per-thread tables (at::get_thread_num()) and results reduced in
+// chunk order are as before.
 template <typename Fn>
 void for_each_chunk(const WorkTable& table, int64_t chunk, Fn fn) {
   const int32_t n = static_cast<int32_t>(table.entries.size());
   const int64_t* first = table.first_chunk.data();
-  at::parallel_for(0, table.total_chunks(), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
+  const int64_t total = table.total_chunks();
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(total, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < total;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
       const int32_t t = tensor_of_chunk(first, n, c);
       const TensorEntry& e = table.entries[t];
       const int64_t offset = (c - first[t]) * chunk;
