@@ -76,7 +76,9 @@ def _threshold_then_extract(
     threshold = kth.item()
     if promoted == torch.bool:
         threshold = bool(threshold)
-    thresholds = [_comparison_threshold(threshold, dt) for dt in score_dtypes]
+    # Once per distinct dtype (a host round trip through torch each), not once per tensor.
+    by_dtype = {dt: _comparison_threshold(threshold, dt) for dt in set(score_dtypes)}
+    thresholds = [by_dtype[dt] for dt in score_dtypes]
     if sharded is not None:
         return sharded.sparse_extract(kind, thresholds)
     return ops.sparse_extract(xs, ys, kind, thresholds)
