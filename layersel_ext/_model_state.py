@@ -5,7 +5,7 @@ tensors on the same storage), without building the OrderedDict and running the s
 for a model of 2,000 small tensors that is most of fl4health's per-call cost. The tensors are
 detached, as state_dict()'s are: each holds its own reference to the storage, so a kernel keeps
 reading valid memory even if another thread swaps a parameter's storage (``p.data = ...``) meanwhile
-(with the compiled backend, all in one C++ call: ``_C.detach_all``). A model that customises its state_dict (hooks,
+(with the compiled backend, the walk and the detach are one C++ call: ``_C.state_items``). A model that customises its state_dict (hooks,
 overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through the real
 ``state_dict()``.
 """
@@ -59,6 +59,18 @@ def _detached(items: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
     return [(name, t) for (name, _), t in zip(items, detached)]
 
 
+def state_lists(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+    """``state_items`` as (names, tensors). With the compiled backend the walk and the detach are one
+    C++ call (``_C.state_items``, ``_collect``'s twin), which returns None where ``state_dict()`` must run."""
+    helpers = ops.compiled_helpers()
+    if helpers is not None and isinstance(model, nn.Module) and not torch.compiler.is_compiling():
+        walked = helpers.state_items(model, _BASE_STATE_DICT, _BASE_SAVE, _BASE_EXTRA_STATE)
+        if walked is not None:
+            return walked
+    items = state_items(model)
+    return [n for n, _ in items], [t for _, t in items]
+
+
 def state_items(model: nn.Module) -> list[tuple[str, Tensor]]:
     """``list(model.state_dict().items())``, fast, detached; a non-tensor entry is refused by name."""
     if not isinstance(model, nn.Module):
@@ -89,16 +101,13 @@ def paired_state(
     """
     if initial_model is None:
         raise ValueError(f"{what} needs initial_model (the model at the start of the round), got None")
-    items = state_items(model)
-    if not items:
+    names, xs = state_lists(model)
+    if not names:
         raise ValueError(f"{what}: the model has no state_dict entries (an empty model)")
-    names = [n for n, _ in items]
-    xs = [t for _, t in items]
-    initial_items = state_items(initial_model)
-    initial_names = [n for n, _ in initial_items]
+    initial_names, ys = state_lists(initial_model)
     if initial_names == names:  # the usual case: a deep copy, same order
-        return names, xs, [t for _, t in initial_items]
-    initial = dict(initial_items)
+        return names, xs, ys
+    initial = dict(zip(initial_names, ys))
     missing = [n for n in names if n not in initial]
     if missing:
         raise KeyError(f"{what}: layer {missing[0]!r} is in model but not in initial_model ({len(missing)} missing)")
@@ -110,7 +119,7 @@ def paired_state(
 
 
 def single_state(model: nn.Module, what: str) -> tuple[list[str], list[Tensor]]:
-    items = state_items(model)
-    if not items:
+    names, xs = state_lists(model)
+    if not names:
         raise ValueError(f"{what}: the model has no state_dict entries (an empty model)")
-    return [n for n, _ in items], [t for _, t in items]
+    return names, xs

@@ -118,6 +118,63 @@ def test_state_items_hold_their_own_storage():
     assert not before[0].requires_grad
 
 
+def _odd_state_models() -> list[nn.Module]:
+    """Modules whose state_dict walk has corners: None parameters and buffers, non-persistent buffers,
+    empty and nested children, a None child, a hook, an overridden _save_to_state_dict, extra state."""
+
+    class Extra(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def get_extra_state(self):
+            return {"step": 1}
+
+        def set_extra_state(self, state) -> None:
+            pass
+
+    class Saves(nn.Linear):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            destination.pop(prefix + "bias")
+
+    odd = nn.Module()
+    odd.register_parameter("p", None)
+    odd.register_buffer("kept", torch.arange(3))
+    odd.register_buffer("skipped", torch.ones(2), persistent=False)
+    odd.register_buffer("missing", None)
+    odd.add_module("empty", nn.Sequential())
+    odd.add_module("gone", None)
+    odd.add_module("deep", nn.Sequential(nn.Sequential(nn.Linear(3, 1, bias=False), nn.BatchNorm1d(1))))
+    hooked = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    hooked[1]._register_state_dict_hook(lambda module, state, prefix, meta: state.pop(prefix + "bias"))
+    return [odd, hooked, nn.Sequential(nn.Linear(2, 2), Saves(2, 3)), nn.Sequential(Extra()), nn.Module()]
+
+
+@pytest.mark.parametrize("which", range(5))
+def test_state_walk_twins_give_state_dict(which, backend):
+    """The C++ walk (_C.state_items, compiled backend) and the Python one (_collect) give
+    state_dict()'s names and storages, detached; each hands customised modules to state_dict()."""
+    from layersel_ext import _model_state
+
+    model = _odd_state_models()[which]
+    helpers = ops.compiled_helpers()
+    if helpers is not None:  # the hook, _save_to_state_dict and extra state go to state_dict()
+        bases = _model_state._BASE_STATE_DICT, _model_state._BASE_SAVE, _model_state._BASE_EXTRA_STATE
+        assert (helpers.state_items(model, *bases) is None) == (which in (1, 2, 3))
+    expected = list(model.state_dict().items())
+    tensors_only = all(isinstance(v, torch.Tensor) for _, v in expected)
+    if not tensors_only:
+        with pytest.raises(TypeError, match="not a tensor"):
+            _model_state.state_lists(model)
+        return
+    names, tensors = _model_state.state_lists(model)
+    assert names == [n for n, _ in expected]
+    for t, (_, ref) in zip(tensors, expected):
+        assert t.data_ptr() == ref.data_ptr() and t.shape == ref.shape and not t.requires_grad
+    assert [n for n, _ in _model_state.state_items(model)] == names
+
+
 # ------------------------------------------------------------------------------ drift numerics
 
 
