@@ -157,6 +157,11 @@ def _to_numpy(names: list[str], tensors: list[Tensor]) -> NDArrays:
         if t.dtype == torch.bfloat16:
             raise TypeError(f"layer {name!r}: dtype torch.bfloat16 cannot become a numpy array (numpy has no bfloat16)")
     if not tensors or tensors[0].device.type != "cuda":
+        helpers = ops.compiled_helpers()
+        compiled = helpers is not None and not torch.compiler.is_compiling()
+        arrays = helpers.numpy_all(tensors) if compiled else None  # CPU, no grad: one C++ call
+        if arrays is not None:
+            return arrays
         # state_items' tensors are detached already: no second detach (a dispatcher call each,
         # on a model of 1,000 small tensors a good part of the cost); cpu() stays for other devices
         return [(t.detach() if t.requires_grad else t).cpu().numpy() for t in tensors]
