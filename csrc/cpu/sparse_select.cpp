@@ -17,7 +17,6 @@
 #include <cstring>
 #include <functional>
 #include <limits>
-#include <memory>
 #include <tuple>
 #include <type_traits>
 
@@ -109,7 +108,8 @@ void each_score_chunk(const WorkTable& table, int64_t kind, Body body) {
 // chunk's words start at first_word[c]) and how many are set per chunk.
 struct Marks {
   std::vector<int64_t> first_word;  // chunks + 1
-  std::unique_ptr<uint64_t[]> bits;
+  at::Tensor storage;  // the words, from the output block cache: mapped pages on every call after the first
+  uint64_t* bits = nullptr;
   std::vector<int64_t> counts;  // per chunk
   bool complete = false;  // set by the pass that wrote every word and count for the final threshold
 };
@@ -127,7 +127,8 @@ Marks allocate_marks(const WorkTable& table) {
       m.first_word[c + 1] = m.first_word[c] + (len + 63) / 64;
     }
   }
-  m.bits.reset(new uint64_t[static_cast<size_t>(m.first_word.back()) + 1]);
+  m.storage = empty_cpu_output(m.first_word.back() + 1, at::kLong);
+  m.bits = reinterpret_cast<uint64_t*>(m.storage.data_ptr<int64_t>());
   return m;
 }
 
@@ -287,24 +288,32 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
     bool overflow = false;
   };
   std::vector<Counter> counters(static_cast<size_t>(threads));
-  std::vector<std::vector<uint64_t>> inside(static_cast<size_t>(threads));
-  // With marks: per key of `inside`, (chunk << 16 | index in the chunk), or -1 when never kept.
-  std::vector<std::vector<int64_t>> where(static_cast<size_t>(threads));
-  const size_t per_thread_cap = static_cast<size_t>(cap / threads + 1);
+  // Per thread, the keys inside the bracket and (with marks) where each is: (chunk << 16 | index in
+  // the chunk), or -1 when never kept. Fixed regions of one scratch block from the output block
+  // cache (pages mapped on every call after the first; growing vectors faulted ~14 MB of fresh
+  // pages per call on bert_like at 1%): a thread stops past per_thread_cap after a chunk, so its
+  // region holds per_thread_cap + one chunk.
+  const int64_t per_thread_cap = cap / threads + 1, stride = per_thread_cap + kCpuChunk;
+  const at::Tensor scratch = empty_cpu_output(threads * stride * (marks ? 2 : 1), at::kLong);
+  uint64_t* const key_base = reinterpret_cast<uint64_t*>(scratch.data_ptr<int64_t>());
+  int64_t* const where_base = marks ? scratch.data_ptr<int64_t>() + threads * stride : nullptr;
+  std::vector<int64_t> collected(static_cast<size_t>(threads), 0);
   const uint64_t max_ordered = max_ordered_key<P>();
   each_score_chunk(table, kind, [&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag, ChunkAt at) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const size_t me = static_cast<size_t>(at::get_thread_num());
     Counter& mine = counters[me];
-    std::vector<uint64_t>& keys = inside[me];
     if (mine.overflow) return;
+    uint64_t* const keys = key_base + static_cast<int64_t>(me) * stride;
+    int64_t* const where = marks ? where_base + static_cast<int64_t>(me) * stride : nullptr;
+    int64_t size = collected[me];
     using K = BlockKey<P>;
     K block[kKeyBlock];
     const K klo = static_cast<K>(lo), khi = static_cast<K>(hi), kmax = static_cast<K>(max_ordered);
     if constexpr (!kMarkable<T, P>) {
       TORCH_INTERNAL_ASSERT(marks == nullptr, "sparse_select: no marking pass for this dtype pair");
     }
-    uint64_t* words = marks ? marks->bits.get() + marks->first_word[at.chunk] : nullptr;
+    uint64_t* words = marks ? marks->bits + marks->first_word[at.chunk] : nullptr;
     int64_t marked = 0;
     for (int64_t i = 0; i < len; i += kKeyBlock) {
       const int64_t m = std::min(kKeyBlock, len - i);
@@ -321,27 +330,29 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
       }
       for (; in != 0; in &= in - 1) {
         const int64_t j = __builtin_ctzll(in);
-        keys.push_back(block[j]);
+        keys[size] = block[j];
         // -1: never kept (a zero value, or a NaN score, which no threshold passes).
-        if (marks) where[me].push_back(is_nonzero(x[i + j]) && block[j] <= kmax ? (at.chunk << 16 | (i + j)) : -1);
+        if (marks) where[size] = is_nonzero(x[i + j]) && block[j] <= kmax ? (at.chunk << 16 | (i + j)) : -1;
+        ++size;
       }
     }
     if (marks) marks->counts[at.chunk] = marked;
-    if (keys.size() > per_thread_cap) mine.overflow = true;
+    collected[me] = size;
+    if (size > per_thread_cap) mine.overflow = true;
   });
   int64_t above = 0, count = 0;
   for (size_t t = 0; t < counters.size(); ++t) {
     if (counters[t].overflow) return false;
     above += counters[t].above;
-    count += static_cast<int64_t>(inside[t].size());
+    count += collected[t];
   }
   if (!(above < k && k <= above + count)) return false;  // the k-th largest is outside the bracket
-  std::vector<uint64_t> keys;
-  keys.reserve(static_cast<size_t>(count));
-  for (auto& v : inside) keys.insert(keys.end(), v.begin(), v.end());
-  const auto nth = keys.begin() + (k - above - 1);
-  std::nth_element(keys.begin(), nth, keys.end(), std::greater<uint64_t>());
-  result = *nth;
+  const at::Tensor all = empty_cpu_output(count, at::kLong);  // the keys together (selected in place)
+  uint64_t* const keys = reinterpret_cast<uint64_t*>(all.data_ptr<int64_t>());
+  for (int64_t t = 0, filled = 0; t < threads; filled += collected[static_cast<size_t>(t)], ++t)
+    std::copy_n(key_base + t * stride, collected[static_cast<size_t>(t)], keys + filled);
+  std::nth_element(keys, keys + (k - above - 1), keys + count, std::greater<uint64_t>());
+  result = keys[k - above - 1];
   if (marks == nullptr) return true;
   const double v = key_value<P>(result);
   if (v == 0.0 || v != v) return true;  // the marks stay incomplete
@@ -350,9 +361,9 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
   // Each thread marks what it collected: its chunks' words are its own.
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const std::vector<uint64_t>& ks = inside[static_cast<size_t>(t)];
-      const std::vector<int64_t>& ws = where[static_cast<size_t>(t)];
-      for (size_t j = 0; j < ks.size(); ++j) {
+      const uint64_t* ks = key_base + t * stride;
+      const int64_t* ws = where_base + t * stride;
+      for (int64_t j = 0; j < collected[static_cast<size_t>(t)]; ++j) {
         if (ks[j] < result || ws[j] < 0) continue;
         const int64_t c = ws[j] >> 16, i = ws[j] & 0xFFFF;
         marks->bits[static_cast<size_t>(marks->first_word[c] + i / 64)] |= uint64_t{1} << (i % 64);
@@ -515,7 +526,7 @@ void mark_above_thresholds(const WorkTable& table, int64_t kind, at::ArrayRef<do
   each_score_chunk(table, kind, [&](auto kc, const auto* x, const auto* y, int64_t len, auto* tag, ChunkAt at) {
     using T = std::remove_pointer_t<decltype(tag)>;
     marks.counts[at.chunk] = mark_chunk<decltype(kc)::value, T>(x, y, len, thresholds[at.tensor],
-                                                                marks.bits.get() + marks.first_word[at.chunk]);
+                                                                marks.bits + marks.first_word[at.chunk]);
   });
 }
 
@@ -546,7 +557,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> write_marked(const 
     LS_SWITCH_DTYPE(e.dtype, T, {
       T* v = values[t].data_ptr<T>() + chunk_offset[c];
       int64_t* ix = indices[t].data_ptr<int64_t>() + chunk_offset[c] * static_cast<int64_t>(sizes[t].size());
-      write_chunk<T>(static_cast<const T*>(e.x) + off, off, len, marks.bits.get() + marks.first_word[c], v, ix,
+      write_chunk<T>(static_cast<const T*>(e.x) + off, off, len, marks.bits + marks.first_word[c], v, ix,
                      sizes[t], strides[t]);
     });
   });
