@@ -295,10 +295,13 @@ def test_all_integer_model_matches_fl4health(backend):
 
 
 @compiled_only
-def test_kth_largest_sample_select_path():
+@pytest.mark.parametrize("max_candidates", [None, "20000"])
+def test_kth_largest_sample_select_path(max_candidates):
     """The sample select (large models; forced here on small ones with LAYERSEL_SPARSE_SAMPLE_MIN=0):
     the same k-th largest as a full sort for every rank, dtype and score kind, with ties, NaN, +-0,
-    constant tensors (a crowded bracket) and ranks at both ends (brackets open above or below)."""
+    constant tensors (a crowded bracket) and ranks at both ends (brackets open above or below).
+    With room for only 20,000 candidates, a crowded bracket overflows a thread's region and the
+    radix passes answer instead."""
     code = (
         "import torch, layersel_ext\n"
         "from layersel_ext import ops, _torch_ops\n"
@@ -324,7 +327,8 @@ def test_kth_largest_sample_select_path():
         "            assert torch.equal(got, want) or (got.isnan() and want.isnan()), (dt, kind, k, got, want)\n"
         "print('ok')\n"
     )
-    run_with_env(code, LAYERSEL_SPARSE_SAMPLE_MIN="0")
+    env = {"LAYERSEL_SPARSE_MAX_CANDIDATES": max_candidates} if max_candidates else {}
+    run_with_env(code, LAYERSEL_SPARSE_SAMPLE_MIN="0", **env)
 
 
 SPARSE_SELECT_CHECK = (
