@@ -170,8 +170,8 @@ def _to_numpy(names: list[str], tensors: list[Tensor]) -> NDArrays:
 
 def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
     """CUDA tensors as numpy arrays, in one round trip: per dtype, ``torch.cat`` of the flattened
-    tensors on the device (``flatten_dense_tensors``, DDP's: a batched kernel, not one copy per
-    tensor) and one D2H copy of it into its 64-byte aligned slice of one pinned buffer; one sync;
+    tensors on the device (``flatten_dense_tensors``, DDP's, or ``_C.flatten_dense``, its twin
+    without a view per tensor: a batched kernel, not one copy per tensor) and one D2H copy of it into its 64-byte aligned slice of one pinned buffer; one sync;
     each array is a numpy view of that buffer (numpy slicing, no torch op per tensor)."""
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}  # one device in practice
     for i, t in enumerate(tensors):
@@ -183,10 +183,14 @@ def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
         layout.append((dtype, members, total, nbytes))
         total += -(-nbytes // align) * align
     host = torch.empty(max(total, align), dtype=torch.uint8, pin_memory=True)
+    helpers = ops.compiled_helpers()
+    flatten = torch._C._nn.flatten_dense_tensors
+    if helpers is not None and not torch.compiler.is_compiling():
+        flatten = helpers.flatten_dense  # the same cat, without a dispatched view per tensor
     with torch.no_grad():
         for dtype, members, offset, nbytes in layout:
             if nbytes:
-                flat = torch._C._nn.flatten_dense_tensors([tensors[i] for i in members])  # no_grad: no detach
+                flat = flatten([tensors[i] for i in members])  # no_grad: no detach
                 host[offset : offset + nbytes].view(dtype).copy_(flat, non_blocking=True)
     for device in {device for _, device in groups if device.type == "cuda"}:
         torch.cuda.current_stream(device).synchronize()

@@ -1,4 +1,5 @@
-"""The per-tensor fast paths: tensor headers made in C++ (``_C.detach_all``, ``_C.views_like``) and
+"""The per-tensor fast paths: tensor headers made in C++ (``_C.detach_all``, ``_C.views_like``,
+``_C.flatten_dense``) and
 the batched device-to-host transfer of layer selection. Each must give exactly what the slow path
 it replaces gives (detach(); a slice and a view; ``t.cpu().numpy()``)."""
 
@@ -92,6 +93,30 @@ def test_views_like_equals_slice_and_view():
         assert torch.equal(f, s) and torch.equal(f, t)
         if f.numel():
             assert f.data_ptr() == s.data_ptr()  # a view of the buffer, not a copy
+
+
+@needs_compiled
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_flatten_dense_equals_torchs(device):
+    """_C.flatten_dense is torch's flatten_dense_tensors: contiguous tensors (offset views, 0-d,
+    empty) through flat headers, a transposed one and one needing grad through reshape."""
+    base = torch.randn(40, device=device)
+    leaf = torch.randn(3, device=device, requires_grad=True)
+    for dtype in (torch.float32, torch.float64, torch.int64):
+        ts = [
+            t.to(dtype)
+            for t in (
+                torch.randn(3, 4, device=device),
+                torch.tensor(2.0, device=device),
+                torch.zeros(0, 5, device=device),
+                torch.randn(4, 3, device=device).t(),
+            )
+        ] + [base.to(dtype)[7:19].view(3, 4)]
+        want = torch._C._nn.flatten_dense_tensors(ts)
+        got = COMPILED.flatten_dense(ts)
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    with torch.no_grad():
+        assert torch.equal(COMPILED.flatten_dense([leaf, base]), torch.cat([leaf.view(-1), base]))
 
 
 @needs_compiled
