@@ -1,12 +1,15 @@
 // CUDA: fl4health's sparse COO selection without a sort. Radix select: one
 // launch per 11-bit digit, a block per chunk with a shared-memory histogram
-// (integer atomics: exact counts), 2048 counts back to the host per pass.
+// (integer atomics: exact counts); a one-block launch then picks the digit on
+// the device (the prefix and the rank left stay in device memory for the next
+// pass), so the select costs one sync (the final key), not one per digit.
 // Extraction: a counting launch (one count per chunk), then a writing launch
 // in which each block compacts its chunk in order (block-wide scan), so the
 // indices come out row-major as torch.nonzero gives them.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <cub/block/block_scan.cuh>
 #include <tuple>
 
 #include "../common/op_checks.h"
@@ -19,11 +22,13 @@ namespace {
 
 constexpr int kMaxDims = 8;
 
+// state: {prefix, remaining} after pass d - 1 (pick_digit_kernel); pass 0 reads neither.
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
     histogram_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind, int d,
-                     uint64_t prefix, unsigned long long* hist) {
+                     const int64_t* state, unsigned long long* hist) {
   __shared__ unsigned int local[kDigitBins];
+  const uint64_t prefix = d == 0 ? 0 : static_cast<uint64_t>(state[0]);
   for (int b = threadIdx.x; b < kDigitBins; b += blockDim.x) local[b] = 0;
   __syncthreads();
   const int64_t c = blockIdx.x;
@@ -43,34 +48,62 @@ __global__ void __launch_bounds__(kThreads)
     if (local[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(local[b]));
 }
 
+// The digit of pass d holding the `remaining`-th largest key (remaining = k at
+// pass 0), as the host loop over the bins from the top did: each thread sums
+// 8 consecutive bins (thread 0 the top ones), a block scan gives the counts
+// above each thread's bins, and the one thread whose bins hold the rank writes
+// state = {prefix << width | digit, the rank left within that digit}. Every
+// thread reads state before the scan's barriers, one writes it after them.
+__global__ void __launch_bounds__(kThreads)
+    pick_digit_kernel(const unsigned long long* hist, int width, int d, int64_t k, int64_t* state) {
+  static_assert(kDigitBins % kThreads == 0, "bins per thread");
+  constexpr int kPer = kDigitBins / kThreads;
+  using Scan = cub::BlockScan<long long, kThreads>;
+  __shared__ typename Scan::TempStorage temp;
+  const int64_t remaining = d == 0 ? k : state[1];
+  const uint64_t prefix = d == 0 ? 0 : static_cast<uint64_t>(state[0]);
+  const int top = kDigitBins - 1 - static_cast<int>(threadIdx.x) * kPer;  // bins top, top - 1, ..., top - kPer + 1
+  long long counts[kPer];
+  long long sum = 0;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    counts[j] = static_cast<long long>(hist[top - j]);  // bins at or above 1 << width stay 0
+    sum += counts[j];
+  }
+  long long above = 0;
+  Scan(temp).ExclusiveSum(sum, above);
+  if (above < remaining && remaining <= above + sum) {
+    long long left = remaining - above;
+    for (int j = 0; j < kPer; ++j) {
+      if (left <= counts[j]) {
+        state[0] = static_cast<int64_t>((prefix << width) | static_cast<uint64_t>(top - j));
+        state[1] = left;
+        break;
+      }
+      left -= counts[j];
+    }
+  }
+}
+
 template <typename P>
 uint64_t kth_largest_key(const WorkTable& table, const DeviceTable& dt, int64_t kind, int64_t k,
                          c10::Device device) {
   constexpr int bits = static_cast<int>(sizeof(P) * 8);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor hist = at::empty({kDigitBins}, at::TensorOptions().dtype(at::kLong).device(device));
-  uint64_t prefix = 0;
-  int64_t remaining = k;
+  const at::TensorOptions on_device = at::TensorOptions().dtype(at::kLong).device(device);
+  at::Tensor hist = at::empty({kDigitBins}, on_device);
+  at::Tensor state = at::empty({2}, on_device);  // {prefix, remaining}, written by pick_digit_kernel
+  auto* counts = reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>());
   for (int d = 0; d < num_digits(bits); ++d) {
     hist.zero_();
     histogram_kernel<P><<<static_cast<unsigned>(table.total_chunks()), kThreads, 0, stream>>>(
-        dt.entries, dt.first_chunk, dt.n, kind, d, prefix,
-        reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()));
+        dt.entries, dt.first_chunk, dt.n, kind, d, state.data_ptr<int64_t>(), counts);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const at::Tensor h = hist.cpu();  // 16 KB; the one sync of this pass
-    const int64_t* counts = h.data_ptr<int64_t>();
-    const int width = digit_width(bits, d);
-    int chosen = 0;
-    for (int b = (1 << width) - 1; b >= 0; --b) {
-      if (remaining <= counts[b]) {
-        chosen = b;
-        break;
-      }
-      remaining -= counts[b];
-    }
-    prefix = (prefix << width) | static_cast<uint64_t>(chosen);
+    pick_digit_kernel<<<1, kThreads, 0, stream>>>(counts, digit_width(bits, d), d, k, state.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  return prefix;
+  const at::Tensor host = state.cpu();  // the select's one sync
+  return static_cast<uint64_t>(host.data_ptr<int64_t>()[0]);
 }
 
 at::Tensor kth_largest_score_cuda(at::TensorList model, at::TensorList initial, int64_t kind, int64_t k,
