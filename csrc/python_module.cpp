@@ -9,6 +9,7 @@
 #include <mutex>
 #include <set>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "common/dtypes.h"
@@ -93,7 +94,7 @@ std::vector<at::Tensor> detach_all(const std::vector<at::Tensor>& tensors) {
 // Python walk (_model_state._collect) is its twin for the torch backend and
 // under torch.compile. On many_small (2,100 tensors) the Python walk and the
 // detach took ~3 ms per model here; the rules are the same.
-py::str concat(const py::str& a, py::handle b) {  // a + b, b a str (else TypeError, as in Python)
+py::str concat(const py::str& a, const py::handle& b) {  // a + b, b a str (else TypeError, as in Python)
   PyObject* joined = PyUnicode_Concat(a.ptr(), b.ptr());
   if (joined == nullptr) throw py::error_already_set();
   return py::reinterpret_steal<py::str>(joined);
@@ -134,6 +135,22 @@ class StateWalk {
     return cached->second;
   }
 
+  static bool truthy(const py::object& o) {
+    const int r = PyObject_IsTrue(o.ptr());
+    if (r < 0) throw py::error_already_set();
+    return r != 0;
+  }
+
+  // A dict's (key, value) pairs, each held, in order (a snapshot: the walk never sees a change).
+  static std::vector<std::pair<py::object, py::object>> entries(const py::object& dict) {
+    std::vector<std::pair<py::object, py::object>> out;
+    PyObject* k = nullptr;
+    PyObject* v = nullptr;
+    for (Py_ssize_t pos = 0; PyDict_Next(dict.ptr(), &pos, &k, &v);)
+      out.emplace_back(py::reinterpret_borrow<py::object>(k), py::reinterpret_borrow<py::object>(v));
+    return out;
+  }
+
   bool add(const py::str& name, PyObject* value) {
     if (!THPVariable_Check(value)) return false;
     names_.append(name);
@@ -152,30 +169,29 @@ class StateWalk {
       return false;
     }
     const py::object dict = py::reinterpret_steal<py::object>(raw_dict);
-    PyObject* attrs[kAttrs];
-    for (int a = 0; a < kAttrs; ++a) attrs[a] = PyDict_GetItemWithError(dict.ptr(), key(static_cast<Attr>(a)));
-    if (PyErr_Occurred()) throw py::error_already_set();
-    const bool hooks = attrs[kHooks] == nullptr || PyObject_IsTrue(attrs[kHooks]) != 0 ||
-                       (attrs[kPreHooks] != nullptr && PyObject_IsTrue(attrs[kPreHooks]) != 0);
+    // Every object below is held (a strong reference) while in use: a tensor subclass's detach
+    // runs Python code, which could change the module meanwhile.
+    py::object attrs[kAttrs];
+    for (int a = 0; a < kAttrs; ++a) {
+      PyObject* found = PyDict_GetItemWithError(dict.ptr(), key(static_cast<Attr>(a)));
+      if (found == nullptr && PyErr_Occurred()) throw py::error_already_set();
+      attrs[a] = py::reinterpret_borrow<py::object>(found);  // null stays null
+    }
+    if (!attrs[kHooks] || truthy(attrs[kHooks]) || (attrs[kPreHooks] && truthy(attrs[kPreHooks]))) return false;
+    // Exactly dicts: PyDict_Next walks a dict subclass's (an OrderedDict's) storage, not its order.
     for (int a = kParameters; a <= kModules; ++a)
-      if (attrs[a] == nullptr || !PyDict_Check(attrs[a])) return false;
-    if (hooks || attrs[kNonPersistent] == nullptr || !PyAnySet_Check(attrs[kNonPersistent])) return false;
-    PyObject* name = nullptr;
-    PyObject* value = nullptr;
-    for (Py_ssize_t pos = 0; PyDict_Next(attrs[kParameters], &pos, &name, &value);)
-      if (value != Py_None && !add(concat(prefix, name), value)) return false;
-    for (Py_ssize_t pos = 0; PyDict_Next(attrs[kBuffers], &pos, &name, &value);) {
-      if (value == Py_None) continue;
-      const int skip = PySet_Contains(attrs[kNonPersistent], name);
+      if (!attrs[a] || !PyDict_CheckExact(attrs[a].ptr())) return false;
+    if (!attrs[kNonPersistent] || !PyAnySet_Check(attrs[kNonPersistent].ptr())) return false;
+    for (const auto& [name, value] : entries(attrs[kParameters]))
+      if (!value.is_none() && !add(concat(prefix, name), value.ptr())) return false;
+    for (const auto& [name, value] : entries(attrs[kBuffers])) {
+      if (value.is_none()) continue;
+      const int skip = PySet_Contains(attrs[kNonPersistent].ptr(), name.ptr());
       if (skip < 0) throw py::error_already_set();
-      if (!skip && !add(concat(prefix, name), value)) return false;
+      if (!skip && !add(concat(prefix, name), value.ptr())) return false;
     }
-    for (Py_ssize_t pos = 0; PyDict_Next(attrs[kModules], &pos, &name, &value);) {
-      if (value == Py_None) continue;
-      // value is borrowed from the dict: held while its subtree is walked (a hook could mutate it)
-      const py::object child = py::reinterpret_borrow<py::object>(value);
-      if (!visit(child, concat(concat(prefix, name), dot_))) return false;
-    }
+    for (const auto& [name, child] : entries(attrs[kModules]))
+      if (!child.is_none() && !visit(child, concat(concat(prefix, name), dot_))) return false;
     return true;
   }
 
@@ -198,15 +214,19 @@ at::Tensor flatten_dense(const std::vector<at::Tensor>& tensors) {
                        !t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python);
     flat.push_back(plain ? layersel::contiguous_header(t, {t.numel()}, 0) : t.reshape({-1}));
   }
-  return at::cat(flat);
+  return flat.size() == 1 ? flat[0] : at::cat(flat);  // one tensor: a view, as torch's
 }
 
 // t.numpy() for each tensor (zero copy; each array keeps its tensor alive), or
 // None when one is not a CPU tensor free of autograd (the caller's Python path
 // then moves or detaches it): ~1 us per tensor less than t.numpy() from Python.
 py::object numpy_all(const std::vector<at::Tensor>& tensors) {
-  for (const at::Tensor& t : tensors)
-    if (!t.device().is_cpu() || t.requires_grad()) return py::none();
+  for (const at::Tensor& t : tensors) {
+    const c10::DispatchKeySet keys = t.unsafeGetTensorImpl()->key_set();  // a subclass: its own numpy()
+    if (!t.device().is_cpu() || t.requires_grad() || keys.has(c10::DispatchKey::Python) ||
+        keys.has(c10::DispatchKey::PythonTLSSnapshot))
+      return py::none();
+  }
   py::list out(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     PyObject* array = torch::utils::tensor_to_numpy(tensors[i]);

@@ -38,10 +38,14 @@ def _collect(module: nn.Module, prefix: str, out: list[tuple[str, Tensor]]) -> b
         return False
     for name, param in module._parameters.items():
         if param is not None:
+            if not isinstance(param, Tensor):
+                return False  # state_dict() runs, and the entry is refused by name
             out.append((prefix + name, param))
     non_persistent = module._non_persistent_buffers_set
     for name, buf in module._buffers.items():
         if buf is not None and name not in non_persistent:
+            if not isinstance(buf, Tensor):
+                return False
             out.append((prefix + name, buf))
     for name, child in module._modules.items():
         if child is not None and not _collect(child, prefix + name + ".", out):

@@ -117,6 +117,8 @@ def test_flatten_dense_equals_torchs(device):
         assert got.dtype == want.dtype and torch.equal(got, want)
     with torch.no_grad():
         assert torch.equal(COMPILED.flatten_dense([leaf, base]), torch.cat([leaf.view(-1), base]))
+    one = torch.randn(3, 4, device=device)
+    assert COMPILED.flatten_dense([one]).data_ptr() == one.data_ptr()  # one tensor: a view, as torch's
 
 
 @needs_compiled

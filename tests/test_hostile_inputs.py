@@ -175,6 +175,25 @@ def test_state_walk_twins_give_state_dict(which, backend):
     assert [n for n, _ in _model_state.state_items(model)] == names
 
 
+def test_state_walk_follows_an_ordered_dicts_order_and_refuses_non_tensors(backend):
+    """An OrderedDict of parameters (older pickles) iterates in its own order, which state_dict()
+    follows; a non-tensor buffer fails as state_dict() fails on it (both walks hand both to it)."""
+    from collections import OrderedDict
+
+    from layersel_ext import _model_state
+
+    m = nn.Linear(2, 2)
+    m._parameters = OrderedDict(m._parameters)
+    m._parameters.move_to_end("weight")
+    assert _model_state.state_lists(m)[0] == list(m.state_dict()) == ["bias", "weight"]
+    odd = nn.Linear(2, 2)
+    odd._buffers["x"] = 3
+    with pytest.raises(AttributeError, match="'int' object has no attribute 'detach'"):
+        odd.state_dict()  # what fl4health's own call meets
+    with pytest.raises(AttributeError, match="'int' object has no attribute 'detach'"):
+        _model_state.state_lists(odd)
+
+
 # ------------------------------------------------------------------------------ drift numerics
 
 

@@ -384,7 +384,9 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
     count += collected[t];
   }
   if (!(above < k && k <= above + count)) return false;  // the k-th largest is outside the bracket
-  result = rth_largest_collected(key_base, stride, collected, lo, hi, k - above);
+  // hi clamped to the largest key of P (an open-top bracket is ~0: one bin for every key otherwise).
+  const uint64_t top_key = key_bits<P>() == 64 ? ~uint64_t{0} : (uint64_t{1} << key_bits<P>()) - 1;
+  result = rth_largest_collected(key_base, stride, collected, lo, std::min(hi, top_key), k - above);
   if (marks == nullptr) return true;
   const double v = key_value<P>(result);
   if (v == 0.0 || v != v) return true;  // the marks stay incomplete

@@ -62,6 +62,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ typename Scan::TempStorage temp;
   const int64_t remaining = d == 0 ? k : state[1];
   const uint64_t prefix = d == 0 ? 0 : static_cast<uint64_t>(state[0]);
+  __syncthreads();  // every read of state before the write below (cub's barriers order it too)
   const int top = kDigitBins - 1 - static_cast<int>(threadIdx.x) * kPer;  // bins top, top - 1, ..., top - kPer + 1
   long long counts[kPer];
   long long sum = 0;
