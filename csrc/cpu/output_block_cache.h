@@ -1,5 +1,6 @@
-// The allocator of large CPU outputs (scores, masks, sparse values/indices):
-// a bounded cache of idle blocks, with its policy in one place.
+// The allocator of large CPU outputs (scores, masks, sparse values/indices)
+// and of the sparse select's scratch (marks, bracket keys): a bounded cache of
+// idle blocks, with its policy in one place.
 //
 // Why: a client selects every round, and a fresh 200 MB output costs more in
 // first-touch page faults (51 ms measured on the CI machine) than the whole
