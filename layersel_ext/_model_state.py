@@ -12,7 +12,6 @@ overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through t
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from . import ops
@@ -56,7 +55,7 @@ def _collect(module: nn.Module, prefix: str, out: list[tuple[str, Tensor]]) -> b
 def _detached(items: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
     tensors = [t for _, t in items]
     helpers = ops.compiled_helpers()
-    if helpers is not None and not torch.compiler.is_compiling():  # dynamo cannot trace into _C
+    if helpers is not None:
         detached = helpers.detach_all(tensors)
     else:
         detached = [t.detach() for t in tensors]
@@ -67,7 +66,7 @@ def state_lists(model: nn.Module) -> tuple[list[str], list[Tensor]]:
     """``state_items`` as (names, tensors). With the compiled backend the walk and the detach are one
     C++ call (``_C.state_items``, ``_collect``'s twin), which returns None where ``state_dict()`` must run."""
     helpers = ops.compiled_helpers()
-    if helpers is not None and isinstance(model, nn.Module) and not torch.compiler.is_compiling():
+    if helpers is not None and isinstance(model, nn.Module):
         walked = helpers.state_items(model, _BASE_STATE_DICT, _BASE_SAVE, _BASE_EXTRA_STATE)
         if walked is not None:
             return walked

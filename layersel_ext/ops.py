@@ -46,9 +46,11 @@ def _use_compiled(op: str, device: torch.device) -> bool:
 
 
 def compiled_helpers():
-    """The compiled module when the compiled backend is active (its ``detach_all`` and ``views_like``
-    make tensor headers without the dispatcher), else None: the torch backend stays pure torch."""
-    return COMPILED if _backend == "compiled" else None
+    """The compiled module when the compiled backend is active (its ``detach_all``, ``views_like``,
+    ``state_items``... do per-tensor work without the dispatcher), else None: the torch backend stays
+    pure torch, and so does code that torch.compile traces (dynamo cannot trace into _C; each helper
+    has a Python twin that gives the same result)."""
+    return COMPILED if _backend == "compiled" and not torch.compiler.is_compiling() else None
 
 
 def _device(tensors: Sequence[Tensor]) -> torch.device:
@@ -98,7 +100,7 @@ def split_grouped(buffers: Sequence[Tensor], like: Sequence[Tensor]) -> list[Ten
     a slice and a view per tensor from Python cost more than the kernel on a model of 1,000 small
     tensors); under torch.compile and in the pure-torch backend, by the loop below."""
     helpers = compiled_helpers()
-    if helpers is not None and not torch.compiler.is_compiling():
+    if helpers is not None:
         return helpers.views_like(list(buffers), list(like))
     by_dtype = {b.dtype: b for b in buffers}
     fill = dict.fromkeys(by_dtype, 0)

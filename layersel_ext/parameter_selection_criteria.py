@@ -158,8 +158,7 @@ def _to_numpy(names: list[str], tensors: list[Tensor]) -> NDArrays:
             raise TypeError(f"layer {name!r}: dtype torch.bfloat16 cannot become a numpy array (numpy has no bfloat16)")
     if not tensors or tensors[0].device.type != "cuda":
         helpers = ops.compiled_helpers()
-        compiled = helpers is not None and not torch.compiler.is_compiling()
-        arrays = helpers.numpy_all(tensors) if compiled else None  # CPU, no grad: one C++ call
+        arrays = helpers.numpy_all(tensors) if helpers is not None else None  # CPU, no grad: one C++ call
         if arrays is not None:
             return arrays
         # state_items' tensors are detached already: no second detach (a dispatcher call each,
@@ -171,8 +170,9 @@ def _to_numpy(names: list[str], tensors: list[Tensor]) -> NDArrays:
 def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
     """CUDA tensors as numpy arrays, in one round trip: per dtype, ``torch.cat`` of the flattened
     tensors on the device (``flatten_dense_tensors``, DDP's, or ``_C.flatten_dense``, its twin
-    without a view per tensor: a batched kernel, not one copy per tensor) and one D2H copy of it into its 64-byte aligned slice of one pinned buffer; one sync;
-    each array is a numpy view of that buffer (numpy slicing, no torch op per tensor)."""
+    without a view per tensor: a batched kernel, not one copy per tensor) and one D2H copy of it
+    into its 64-byte aligned slice of one pinned buffer; one sync; each array is a numpy view of
+    that buffer (numpy slicing, no torch op per tensor)."""
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}  # one device in practice
     for i, t in enumerate(tensors):
         groups.setdefault((t.dtype, t.device), []).append(i)
@@ -184,9 +184,8 @@ def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
         total += -(-nbytes // align) * align
     host = torch.empty(max(total, align), dtype=torch.uint8, pin_memory=True)
     helpers = ops.compiled_helpers()
-    flatten = torch._C._nn.flatten_dense_tensors
-    if helpers is not None and not torch.compiler.is_compiling():
-        flatten = helpers.flatten_dense  # the same cat, without a dispatched view per tensor
+    # the same cat as torch's, without a dispatched view per tensor
+    flatten = helpers.flatten_dense if helpers is not None else torch._C._nn.flatten_dense_tensors
     with torch.no_grad():
         for dtype, members, offset, nbytes in layout:
             if nbytes:
