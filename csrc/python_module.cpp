@@ -66,15 +66,20 @@ int64_t cpu_threads_used(int64_t items) {
 // of 1,000 small tensors otherwise pays a dispatched detach() or slice-and-view
 // per tensor (2-3 us each from Python), more than the kernels themselves.
 
+// A dense tensor of no Python subclass: the helpers below may make its headers
+// (or arrays) themselves; anything else (a tensor subclass such as DTensor,
+// sparse, nested) goes through its own dispatched method.
+bool plain(const at::Tensor& t) {
+  const c10::DispatchKeySet keys = t.unsafeGetTensorImpl()->key_set();
+  return t.layout() == c10::kStrided && !t.is_nested() && !keys.has(c10::DispatchKey::Python) &&
+         !keys.has(c10::DispatchKey::PythonTLSSnapshot);
+}
+
 // t.detach(): a new header on the same storage, sharing the version counter,
-// without autograd (what detach() does for a dense tensor). Anything else (a
-// tensor subclass such as DTensor, sparse, nested) takes t.detach().
+// without autograd (what detach() does for a dense tensor).
 at::Tensor detached(const at::Tensor& t) {
+  if (!plain(t)) return t.detach();
   c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-  const bool plain = t.layout() == c10::kStrided && !t.is_nested() &&
-                     !impl->key_set().has(c10::DispatchKey::Python) &&
-                     !impl->key_set().has(c10::DispatchKey::PythonTLSSnapshot);
-  if (!plain) return t.detach();
   return at::Tensor(impl->shallow_copy_and_detach(impl->version_counter(), /*allow_tensor_metadata_change=*/false));
 }
 
@@ -210,9 +215,8 @@ at::Tensor flatten_dense(const std::vector<at::Tensor>& tensors) {
   std::vector<at::Tensor> flat;
   flat.reserve(tensors.size());
   for (const at::Tensor& t : tensors) {
-    const bool plain = t.layout() == c10::kStrided && !t.is_nested() && t.is_contiguous() && !t.requires_grad() &&
-                       !t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python);
-    flat.push_back(plain ? layersel::contiguous_header(t, {t.numel()}, 0) : t.reshape({-1}));
+    const bool header = plain(t) && t.is_contiguous() && !t.requires_grad();
+    flat.push_back(header ? layersel::contiguous_header(t, {t.numel()}, 0) : t.reshape({-1}));
   }
   return flat.size() == 1 ? flat[0] : at::cat(flat);  // one tensor: a view, as torch's
 }
@@ -221,12 +225,8 @@ at::Tensor flatten_dense(const std::vector<at::Tensor>& tensors) {
 // None when one is not a CPU tensor free of autograd (the caller's Python path
 // then moves or detaches it): ~1 us per tensor less than t.numpy() from Python.
 py::object numpy_all(const std::vector<at::Tensor>& tensors) {
-  for (const at::Tensor& t : tensors) {
-    const c10::DispatchKeySet keys = t.unsafeGetTensorImpl()->key_set();  // a subclass: its own numpy()
-    if (!t.device().is_cpu() || t.requires_grad() || keys.has(c10::DispatchKey::Python) ||
-        keys.has(c10::DispatchKey::PythonTLSSnapshot))
-      return py::none();
-  }
+  for (const at::Tensor& t : tensors)
+    if (!t.device().is_cpu() || t.requires_grad() || !plain(t)) return py::none();  // a subclass: its own numpy()
   py::list out(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     PyObject* array = torch::utils::tensor_to_numpy(tensors[i]);

@@ -35,6 +35,13 @@ inline uint8_t pack_flags8(const uint8_t* flags) {
   return static_cast<uint8_t>((v * 0x0102040810204080ull) >> 56);
 }
 
+// Sixty-four 0/1 bytes as the bits of one word (byte k -> bit k).
+inline uint64_t pack_flags64(const uint8_t* flags) {
+  uint64_t w = 0;
+  for (int b = 0; b < 64; b += 8) w |= static_cast<uint64_t>(pack_flags8(flags + b)) << b;
+  return w;
+}
+
 // Calls fn(entry, tensor_index, chunk_id, offset, length) for every chunk of
 // every tensor. The intra-op threads take runs of chunks from a shared
 // counter, not a fixed half each: chunks differ in length (a small tensor's is

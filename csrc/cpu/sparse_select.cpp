@@ -164,6 +164,7 @@ inline uint64_t mix64(uint64_t z) {  // splitmix64's finaliser: block jitter
 // `above` and returns how many are in [lo, hi]. Branch-free, so that it
 // vectorises: most blocks hold no key of the bracket and are not read again.
 constexpr int64_t kKeyBlock = 64;
+static_assert(kKeyBlock == 64, "a block's flags are one word (pack_flags64)");
 template <typename P>
 using BlockKey = std::conditional_t<sizeof(P) <= 4, uint32_t, uint64_t>;  // 32-bit lanes where they suffice
 template <typename K>
@@ -207,14 +208,10 @@ LS_CPU_CLONES uint64_t bracket_block(const T* x, const T* y, int64_t m, BlockKey
   }
   above += a;
   if constexpr (MARK) {
-    uint64_t w = 0;
-    for (int b = 0; b < kKeyBlock; b += 8) w |= static_cast<uint64_t>(pack_flags8(keep + b)) << b;
-    *word = w;
-    marked += __builtin_popcountll(w);
+    *word = pack_flags64(keep);
+    marked += __builtin_popcountll(*word);
   }
-  uint64_t in = 0;
-  for (int b = 0; b < kKeyBlock; b += 8) in |= static_cast<uint64_t>(pack_flags8(inside + b)) << b;
-  return in;
+  return pack_flags64(inside);
 }
 
 // The (model dtype, score dtype) pairs sparse_select_cpu accepts, the only
