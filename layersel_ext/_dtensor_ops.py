@@ -114,7 +114,7 @@ def sparse_extract(
 def sparse_select(
     model: list[Tensor], initial: list[Tensor], kind: int, k: int, score_dtype: torch.dtype
 ) -> tuple[list[Tensor], list[Tensor]]:
-    if not score_dtype.is_floating_point:  # the op's dtype rules (csrc/cpu/sparse_select.cpp)
+    if not score_dtype.is_floating_point:  # the op's dtype rules (csrc/common/op_checks.h)
         raise TypeError(f"layersel::sparse_select: score dtype {score_dtype} is not floating point")
     for t, x in enumerate(model):
         integer = not x.dtype.is_floating_point and not x.dtype.is_complex and x.dtype != torch.bool

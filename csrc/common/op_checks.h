@@ -32,6 +32,22 @@ inline void check_threshold_count(size_t thresholds, size_t tensors) {
                     tensors, " tensors");
 }
 
+// sparse_select compares every tensor with the k-th largest score of one
+// floating dtype: tensors of that dtype, or, with float32 scores, integer
+// tensors too (a float32 model's int64 buffers: compared in float32, the
+// keys' own order). Anything else takes kth_largest_score + sparse_extract.
+inline void check_sparse_select_dtypes(at::TensorList model, at::ScalarType score_dtype) {
+  TORCH_CHECK_TYPE(at::isFloatingType(score_dtype), "layersel::sparse_select: score dtype ", score_dtype,
+                   " is not floating point");
+  for (size_t t = 0; t < model.size(); ++t) {
+    const at::ScalarType dt = model[t].scalar_type();
+    const bool integer_beside_float32 = score_dtype == at::kFloat && at::isIntegralType(dt, /*includeBool=*/false);
+    TORCH_CHECK_TYPE(dt == score_dtype || integer_beside_float32, "layersel::sparse_select: tensor #", t,
+                     " has dtype ", dt, "; with ", score_dtype, " scores every tensor must be ", score_dtype,
+                     score_dtype == at::kFloat ? " or an integer dtype" : "");
+  }
+}
+
 // Masks are summed by the server: an integer dtype, never bool. (uint16/32/64
 // masks are made from uint8 ones by the Python wrapper.)
 inline void check_mask_dtype(at::ScalarType dtype) {

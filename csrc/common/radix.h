@@ -49,6 +49,11 @@ LS_HD U bit_cast_to(F f) {
   return u;
 }
 
+// The unsigned integer as wide as score dtype P (its keys' bits).
+template <typename P>
+using KeyUint = typename std::conditional<sizeof(P) == 8, uint64_t,
+                                          typename std::conditional<sizeof(P) == 4, uint32_t, uint16_t>::type>::type;
+
 // Order-preserving unsigned key of a value of the promoted score dtype P.
 // Floating P: flip all bits of negatives, set the sign of positives; NaN -> max.
 // Integer P: flip the sign bit.
@@ -58,8 +63,7 @@ LS_HD uint64_t order_key(P v) {
     using U = typename std::make_unsigned<P>::type;
     return static_cast<uint64_t>(static_cast<U>(static_cast<U>(v) ^ (U(1) << (sizeof(P) * 8 - 1))));
   } else {
-    using U = typename std::conditional<sizeof(P) == 8, uint64_t,
-                                        typename std::conditional<sizeof(P) == 4, uint32_t, uint16_t>::type>::type;
+    using U = KeyUint<P>;
     constexpr U kSign = U(1) << (sizeof(P) * 8 - 1);
     const double value = static_cast<double>(v);
     if (!(value == value)) return static_cast<uint64_t>(static_cast<U>(~U(0)));  // every NaN ranks first
@@ -70,6 +74,37 @@ LS_HD uint64_t order_key(P v) {
       u = bit_cast_to<U>(v);
     }
     return static_cast<uint64_t>(static_cast<U>((u & kSign) ? static_cast<U>(~u) : static_cast<U>(u | kSign)));
+  }
+}
+
+// order_key's inverse: the raw bits of the value of P whose key is `key`
+// (the all-ones key of every NaN gives one NaN).
+template <typename P>
+LS_HD KeyUint<P> key_value_bits(uint64_t key) {
+  using U = KeyUint<P>;
+  constexpr U kSign = U(1) << (sizeof(P) * 8 - 1);
+  const U u = static_cast<U>(key);
+  if constexpr (std::is_integral<P>::value) {
+    return static_cast<U>(u ^ kSign);
+  } else {
+    return (u & kSign) ? static_cast<U>(u ^ kSign) : static_cast<U>(~u);
+  }
+}
+
+// The value of score dtype P whose key is `key`, as a double (exact for the
+// floating dtypes): the threshold every tensor's scores are compared with
+// (passes_threshold).
+template <typename P>
+LS_HD double key_value(uint64_t key) {
+  const KeyUint<P> u = key_value_bits<P>(key);
+  if constexpr (std::is_integral<P>::value) {
+    return static_cast<double>(static_cast<P>(u));
+  } else if constexpr (sizeof(P) == 2) {
+    P v;
+    v.x = u;
+    return static_cast<double>(static_cast<float>(v));
+  } else {
+    return static_cast<double>(bit_cast_to<P>(u));
   }
 }
 

@@ -9,23 +9,17 @@
 #include <cstring>
 #include <type_traits>
 
+#include "radix.h"
+
 namespace layersel {
 
 // The value of score dtype P whose order key (csrc/common/radix.h) is `key`,
 // as a 0-d CPU tensor.
 template <typename P>
 at::Tensor key_to_value(uint64_t key, at::ScalarType dtype) {
-  using U = typename std::conditional<sizeof(P) == 8, uint64_t,
-                                      typename std::conditional<sizeof(P) == 4, uint32_t, uint16_t>::type>::type;
-  constexpr U kSign = U(1) << (sizeof(P) * 8 - 1);
-  U u = static_cast<U>(key);
-  if constexpr (std::is_integral<P>::value) {
-    u ^= kSign;
-  } else {
-    u = (u & kSign) ? static_cast<U>(u ^ kSign) : static_cast<U>(~u);
-  }
+  const KeyUint<P> u = key_value_bits<P>(key);
   at::Tensor out = at::empty({}, at::TensorOptions().dtype(dtype));
-  std::memcpy(out.data_ptr(), &u, sizeof(U));
+  std::memcpy(out.data_ptr(), &u, sizeof(u));
   return out;
 }
 

@@ -219,45 +219,55 @@ LS_CPU_CLONES uint64_t bracket_block(const T* x, const T* y, int64_t m, BlockKey
 template <typename T, typename P>
 constexpr bool kMarkable = std::is_same_v<T, P> || (std::is_same_v<P, float> && std::is_integral_v<T>);
 
-// The value of key `key` of score dtype P, as a double (exact).
-template <typename P>
-double key_value(uint64_t key) {
-  return key_to_value<P>(key, c10::CppTypeToScalarType<P>::value).template item<double>();
-}
+// Keys that one thread collected.
+struct KeySpan {
+  const uint64_t* keys;
+  int64_t size;
+};
 
-// The r-th largest (1-based) of the keys collected per thread (thread t's
-// sizes[t] keys at base + t * stride), all within [lo, hi]: a histogram of the
-// top 16 bits of key - lo, each thread over its own keys, then a selection
-// among the few keys of the chosen bin. Before, the ~0.9M keys of bert_like at
-// 1% were copied together and selected by nth_element on one thread (~3 ms).
-uint64_t rth_largest_collected(const uint64_t* base, int64_t stride, const std::vector<int64_t>& sizes, uint64_t lo,
-                               uint64_t hi, int64_t r) {
+// The r-th largest (1-based) of the keys collected per thread (one span per
+// thread), all within [lo, hi]: a histogram of the top 16 bits of key - lo,
+// then a selection among the few keys of the chosen bin. Serves the sample
+// select's bracket and the exact select's candidates. One histogram per thread
+// where the keys outnumber the tables' bins (bert_like at 1%: ~0.9M keys; before,
+// they were copied together and selected by nth_element on one thread, ~3 ms),
+// else one: zeroing and merging a table per thread would cost more than the
+// count (many threads, few keys).
+uint64_t rth_largest_collected(const std::vector<KeySpan>& spans, uint64_t lo, uint64_t hi, int64_t r) {
   const uint64_t span = hi - lo;
   if (span == 0) return lo;
   const int bits = 64 - __builtin_clzll(span);
   const int shift = bits > kTopBits ? bits - kTopBits : 0;
   const int64_t bins = (span >> shift) + 1;
-  const int64_t threads = static_cast<int64_t>(sizes.size());
-  std::vector<int64_t> hist(static_cast<size_t>(threads * bins), 0);
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      int64_t* h = hist.data() + t * bins;
-      const uint64_t* keys = base + t * stride;
-      for (int64_t j = 0; j < sizes[static_cast<size_t>(t)]; ++j) ++h[(keys[j] - lo) >> shift];
-    }
-  });
-  for (int64_t t = 1; t < threads; ++t)
+  int64_t keys = 0;
+  for (const KeySpan& s : spans) keys += s.size;
+  const int64_t tables = keys >= static_cast<int64_t>(spans.size()) * bins ? static_cast<int64_t>(spans.size()) : 1;
+  std::vector<int64_t> hist(static_cast<size_t>(tables * bins), 0);
+  auto count = [&](int64_t t, int64_t* h) {
+    const KeySpan& s = spans[static_cast<size_t>(t)];
+    for (int64_t j = 0; j < s.size; ++j) ++h[(s.keys[j] - lo) >> shift];
+  };
+  if (tables == 1) {
+    for (size_t t = 0; t < spans.size(); ++t) count(static_cast<int64_t>(t), hist.data());
+  } else {
+    at::parallel_for(0, tables, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) count(t, hist.data() + t * bins);
+    });
+  }
+  for (int64_t t = 1; t < tables; ++t)
     for (int64_t b = 0; b < bins; ++b) hist[static_cast<size_t>(b)] += hist[static_cast<size_t>(t * bins + b)];
   int64_t remaining = r;
   const uint64_t digit = pick_digit(hist.data(), bins, remaining);
   if (shift == 0) return lo + digit;
   std::vector<uint64_t> bin;
   bin.reserve(static_cast<size_t>(hist[digit]));
-  for (int64_t t = 0; t < threads; ++t) {
-    const uint64_t* keys = base + t * stride;
-    for (int64_t j = 0; j < sizes[static_cast<size_t>(t)]; ++j)
-      if (((keys[j] - lo) >> shift) == digit) bin.push_back(keys[j]);
-  }
+  for (const KeySpan& s : spans)
+    for (int64_t j = 0; j < s.size; ++j)
+      if (((s.keys[j] - lo) >> shift) == digit) bin.push_back(s.keys[j]);
+  // r beyond the keys (the weights changed between the pass that counted them and the one that
+  // collected them): a stale answer, never a read past the bin.
+  if (bin.empty()) return lo + (digit << shift);
+  remaining = std::min(remaining, static_cast<int64_t>(bin.size()));
   std::nth_element(bin.begin(), bin.begin() + (remaining - 1), bin.end(), std::greater<uint64_t>());
   return bin[static_cast<size_t>(remaining - 1)];
 }
@@ -383,7 +393,9 @@ bool sampled_kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, ui
   if (!(above < k && k <= above + count)) return false;  // the k-th largest is outside the bracket
   // hi clamped to the largest key of P (an open-top bracket is ~0: one bin for every key otherwise).
   const uint64_t top_key = key_bits<P>() == 64 ? ~uint64_t{0} : (uint64_t{1} << key_bits<P>()) - 1;
-  result = rth_largest_collected(key_base, stride, collected, lo, std::min(hi, top_key), k - above);
+  std::vector<KeySpan> spans;
+  for (size_t t = 0; t < collected.size(); ++t) spans.push_back({key_base + t * stride, collected[t]});
+  result = rth_largest_collected(spans, lo, std::min(hi, top_key), k - above);
   if (marks == nullptr) return true;
   const double v = key_value<P>(result);
   if (v == 0.0 || v != v) return true;  // the marks stay incomplete
@@ -445,23 +457,12 @@ uint64_t kth_largest_key(const WorkTable& table, int64_t kind, int64_t k, bool t
       using T = std::remove_pointer_t<decltype(tag)>;
       collect_chunk<decltype(kc)::value, T, P>(x, y, len, top, per_thread[at::get_thread_num()]);
     });
-    std::vector<uint64_t> keys;
-    keys.reserve(static_cast<size_t>(hist[top]));
-    for (auto& v : per_thread) keys.insert(keys.end(), v.begin(), v.end());
-    // Radix select on the candidates, 16 bits at a time, narrowing in place.
-    uint64_t prefix = top;
-    for (int shift = bits - 2 * kTopBits; shift > -kTopBits; shift -= kTopBits) {
-      const int s = shift < 0 ? 0 : shift;
-      const int width = shift < 0 ? kTopBits + shift : kTopBits;
-      std::vector<int64_t> counts(size_t{1} << width, 0);
-      for (uint64_t key : keys) ++counts[(key >> s) & ((uint64_t{1} << width) - 1)];
-      const uint64_t digit = pick_digit(counts.data(), int64_t{1} << width, remaining);
-      prefix = (prefix << width) | digit;
-      keys.erase(std::remove_if(keys.begin(), keys.end(),
-                                [&](uint64_t key) { return (key >> s) != prefix; }),
-                 keys.end());
-    }
-    return prefix;
+    // The select on the candidates in memory: every key under the top digit.
+    std::vector<KeySpan> spans;
+    for (const auto& v : per_thread) spans.push_back({v.data(), static_cast<int64_t>(v.size())});
+    const int low = bits - kTopBits;
+    const uint64_t lo = top << low;
+    return rth_largest_collected(spans, lo, lo | ((uint64_t{1} << low) - 1), remaining);
   }
   // Crowded digit: 11-bit digits by full passes (csrc/common/radix.h), below the top digit.
   std::vector<int64_t> h11(static_cast<size_t>(threads) * kDigitBins);
@@ -620,14 +621,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_select_cpu(a
   check_sparse_kind(kind, "sparse_select");
   const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "sparse_select");
   check_rank(k, table.total_numel);
-  TORCH_CHECK_TYPE(at::isFloatingType(score_dtype), "layersel::sparse_select: score dtype ", score_dtype,
-                   " is not floating point");
-  for (size_t t = 0; t < model.size(); ++t) {
-    const at::ScalarType dt = model[t].scalar_type();
-    TORCH_CHECK_TYPE(dt == score_dtype || (score_dtype == at::kFloat && at::isIntegralType(dt, /*includeBool=*/false)),
-                     "layersel::sparse_select: tensor #", t, " has dtype ", dt, "; with ", score_dtype,
-                     " scores every tensor must be ", score_dtype, score_dtype == at::kFloat ? " or an integer dtype" : "");
-  }
+  check_sparse_select_dtypes(model, score_dtype);
   Marks marks = allocate_marks(table);
   LS_SWITCH_FLOAT_DTYPE(code_of_scalar_type(score_dtype), P, {
     uint64_t kth = 0;
