@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import fl4health_criteria, requires_cuda
 from models import make_pair, model_zoo
-from torch import nn
+from torch import Tensor, nn
 
 import layersel_ext as L
 from layersel_ext import _loader, _torch_ops, ops
@@ -393,3 +393,59 @@ def test_sparse_select_refuses_what_its_comparison_would_change():
     assert ops.sparse_select([torch.arange(6)], [torch.arange(6)], 1, 2) is None  # integer scores: two ops
     buffers = [torch.randn(5), torch.arange(6)]  # a float32 model with an int64 buffer: one go
     assert ops.sparse_select(buffers, [torch.zeros(5), torch.zeros(6, dtype=torch.int64)], 1, 2) is not None
+
+
+def select_case(dt: torch.dtype, shift: float, seed: int = 6) -> list[Tensor]:
+    """NaN, +-0, zeros, ties (a constant tensor), a 2-d integer-valued tensor, a 4-d one, several
+    chunks (on CUDA 4,096 elements each at this size, chunk_for_bandwidth) and a partial last step
+    (1,024) in a tensor; float32: integer buffers, a 0-d one and an empty one too."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(150001, generator=g) * 50
+    a[::97] = float("nan")
+    a[1::89] = -0.0
+    a[2::61] = 0.0
+    b = torch.full((70000,), 3.0) + shift
+    c = torch.randint(-4, 4, (300, 200), generator=g).float()
+    out = [t.to(dt) for t in (a, b, c, torch.randn(3, 1, 2, 5, generator=g))]
+    if dt == torch.float32:
+        out += [torch.randint(-30, 30, (5000,), generator=g), torch.tensor(7), torch.zeros(0, 4)]
+    return out
+
+
+@requires_cuda
+@compiled_only
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_sparse_select_equals_cpu(dt):
+    """The CUDA one-go op (the threshold from the key on the device) and the two CUDA ops give the
+    CPU op's values and indices (the CPU op equals fl4health: the tests above), every kind, ranks 1..n."""
+    xs, ys = select_case(dt, 0.0), select_case(dt, 1.0)
+    ys[1] = xs[1].clone()  # a frozen tensor: zero drift
+    gx, gy = [x.cuda() for x in xs], [y.cuda() for y in ys]
+    n = sum(x.numel() for x in xs)
+    for kind in range(6):
+        for k in (1, 3, 41, 137, 300, n // 100, n // 10, n // 2, n - 5000, n):
+            want_v, want_i = torch.ops.layersel.sparse_select(xs, ys, kind, k, dt)
+            got_v, got_i = torch.ops.layersel.sparse_select(gx, gy, kind, k, dt)
+            kth = ops.kth_largest_score(gx, gy, kind, k, dt)
+            assert torch.equal(kth, ops.kth_largest_score(xs, ys, kind, k, dt)) or kth.isnan(), (kind, k)
+            two_v, two_i = torch.ops.layersel.sparse_extract(gx, gy, kind, [float(kth)] * len(xs))
+            for w, g, t in zip(want_v, got_v, two_v):
+                assert g.device.type == "cuda" and torch.equal(w, g.cpu()) and torch.equal(w, t.cpu()), (kind, k)
+            for w, g, t in zip(want_i, got_i, two_i):
+                assert torch.equal(w, g.cpu()) and torch.equal(w, t.cpu()), (kind, k)
+
+
+@requires_cuda
+@compiled_only
+def test_cuda_sparse_select_small_case():
+    """A short run of the CUDA one-go op for compute-sanitizer (the GPU runbook): three chunks,
+    a partial step, an integer buffer, ties, against the CPU op."""
+    xs, ys = select_case(torch.float32, 0.0, 3), select_case(torch.float32, 1.0, 3)
+    n = sum(x.numel() for x in xs)
+    for k in (1, n // 100, n):
+        want_v, want_i = torch.ops.layersel.sparse_select(xs, ys, 2, k, torch.float32)
+        got_v, got_i = torch.ops.layersel.sparse_select(
+            [x.cuda() for x in xs], [y.cuda() for y in ys], 2, k, torch.float32
+        )
+        assert all(torch.equal(w, g.cpu()) for w, g in zip(want_v, got_v))
+        assert all(torch.equal(w, g.cpu()) for w, g in zip(want_i, got_i))

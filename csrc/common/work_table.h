@@ -43,6 +43,7 @@ struct WorkTable {
   std::vector<int64_t> first_chunk;  // n + 1 entries
   std::vector<at::Tensor> keep_alive;  // contiguous copies of strided inputs
   int64_t total_numel = 0;
+  int64_t chunk = 0;  // elements per chunk (a tensor's last chunk may be shorter)
   int64_t total_chunks() const { return first_chunk.empty() ? 0 : first_chunk.back(); }
 };
 
@@ -59,6 +60,7 @@ inline WorkTable build_work_table(at::TensorList x, at::TensorList y, bool needs
   TORCH_CHECK_VALUE(!needs_y || x.size() == y.size(), "layersel::", op, ": got ", x.size(),
                     " model tensors but ", y.size(), " initial tensors");
   WorkTable table;
+  table.chunk = chunk;
   table.entries.reserve(x.size());
   table.keep_alive.reserve(2 * x.size());  // no reallocation: references stay valid
   table.first_chunk.reserve(x.size() + 1);

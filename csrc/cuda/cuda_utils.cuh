@@ -15,10 +15,16 @@ namespace layersel {
 
 constexpr int kThreads = 256;
 
-struct DeviceTable {
+// What a kernel needs of the work table, passed by value.
+struct TableRef {
   const TensorEntry* entries = nullptr;
   const int64_t* first_chunk = nullptr;
   int32_t n = 0;
+  int64_t chunk = kCudaChunk;  // elements per chunk (the table's split)
+};
+
+struct DeviceTable {
+  TableRef ref;
   at::Tensor storage;  // keeps the device copy alive until the kernels are queued
 };
 
@@ -36,9 +42,10 @@ inline DeviceTable upload_table(const WorkTable& table, c10::Device device) {
   DeviceTable out;
   out.storage = host.to(device, /*non_blocking=*/true);
   auto* d = static_cast<const uint8_t*>(out.storage.data_ptr());
-  out.entries = reinterpret_cast<const TensorEntry*>(d);
-  out.first_chunk = reinterpret_cast<const int64_t*>(d + entry_bytes);
-  out.n = static_cast<int32_t>(table.entries.size());
+  out.ref.entries = reinterpret_cast<const TensorEntry*>(d);
+  out.ref.first_chunk = reinterpret_cast<const int64_t*>(d + entry_bytes);
+  out.ref.n = static_cast<int32_t>(table.entries.size());
+  out.ref.chunk = table.chunk;
   return out;
 }
 
@@ -63,12 +70,32 @@ struct ChunkRef {
   int64_t len;
 };
 
-__device__ __forceinline__ ChunkRef locate_chunk(const TensorEntry* entries, const int64_t* first_chunk, int32_t n,
-                                                 int64_t c) {
-  const int32_t t = tensor_of_chunk(first_chunk, n, c);
-  const TensorEntry e = entries[t];
-  const int64_t off = (c - first_chunk[t]) * kCudaChunk;
-  return ChunkRef{t, e, off, min(kCudaChunk, e.numel - off)};
+__device__ __forceinline__ ChunkRef locate_chunk(const TableRef& table, int64_t c) {
+  const int32_t t = tensor_of_chunk(table.first_chunk, table.n, c);
+  const TensorEntry e = table.entries[t];
+  const int64_t off = (c - table.first_chunk[t]) * table.chunk;
+  return ChunkRef{t, e, off, min(table.chunk, e.numel - off)};
+}
+
+// Elements per chunk for the launches of one block per chunk whose results do
+// not depend on the split (scores: element-wise; masks: Philox by global
+// index; fingerprints and the sparse counts: exact integer sums; the sparse
+// compaction: in order): kCudaChunk on a large model; on a smaller one,
+// smaller chunks (down to 4,096 elements) so that the grid has at least 4
+// blocks per SM. Little's law: the bytes in flight must cover bandwidth x
+// latency (~2-3 MB on an H100/H200), and a block keeps about 8 KB in flight
+// (256 threads, 32 bytes each); a 5M-parameter model in 65,536-element chunks
+// is 77 blocks, ~0.6 MB. (The drift norms keep kCudaChunk: their float64
+// partials are summed per chunk, so the split would change the bits.)
+inline int64_t chunk_for_bandwidth(at::TensorList model) {
+  if (model.empty() || !model[0].is_cuda()) return kCudaChunk;  // the table's checks report it
+  int64_t total = 0;
+  for (const at::Tensor& t : model) total += t.numel();
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, model[0].get_device()));
+  int64_t chunk = kCudaChunk;
+  while (chunk > 4096 && total / chunk < 4 * static_cast<int64_t>(sms)) chunk /= 2;
+  return chunk;
 }
 
 template <typename V>

@@ -61,9 +61,9 @@ __device__ double chunk_sq_sum(const T* a_in, const T* b_in, int64_t n) {
 }
 
 __global__ void __launch_bounds__(kThreads)
-    drift_chunks_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, double* partial) {
+    drift_chunks_kernel(TableRef table, double* partial) {
   const int64_t c = blockIdx.x;
-  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
+  const auto [t, e, off, len] = locate_chunk(table, c);
   double s = 0.0;
   LS_SWITCH_DTYPE(e.dtype, T, {
     const T* a = static_cast<const T*>(e.x) + off;
@@ -74,11 +74,11 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partial[c] = s;
 }
 
-__global__ void finalize_kernel(const int64_t* first_chunk, int32_t n, const double* partial, double* out) {
+__global__ void finalize_kernel(TableRef table, const double* partial, double* out) {
   const int32_t t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= n) return;
+  if (t >= table.n) return;
   double s = 0.0;
-  for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) s += partial[c];
+  for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) s += partial[c];
   out[t] = s;
 }
 
@@ -93,11 +93,10 @@ at::Tensor drift_sq_norms_cuda(at::TensorList model, at::TensorList initial) {
   DeviceTable dt = upload_table(table, device);
   at::Tensor partial = at::empty({chunks}, out.options());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  drift_chunks_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(dt.entries, dt.first_chunk, dt.n,
-                                                                             partial.data_ptr<double>());
+  drift_chunks_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(dt.ref, partial.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   finalize_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-      dt.first_chunk, dt.n, partial.data_ptr<double>(), out.data_ptr<double>());
+      dt.ref, partial.data_ptr<double>(), out.data_ptr<double>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

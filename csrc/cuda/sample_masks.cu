@@ -16,10 +16,9 @@ namespace {
 
 // Adds each chunk's fingerprint terms to *out (integer atomics: the sum is
 // mod 2^64, so the order does not matter and the bits are always the same).
-__global__ void __launch_bounds__(kThreads) fingerprint_kernel(const TensorEntry* entries, const int64_t* first_chunk,
-                                                               int32_t n, unsigned long long* out) {
+__global__ void __launch_bounds__(kThreads) fingerprint_kernel(TableRef table, unsigned long long* out) {
   const int64_t c = blockIdx.x;
-  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
+  const auto [t, e, off, len] = locate_chunk(table, c);
   const uint64_t g0 = static_cast<uint64_t>(e.counter + off);
   uint64_t f = 0;
   LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
@@ -52,12 +51,11 @@ __device__ __forceinline__ void sample_block(const PhiloxStream& stream, uint64_
 
 // `fingerprint` null: the key is `seed`; else key_from_scores(seed, *fingerprint, total).
 template <typename M>
-__global__ void __launch_bounds__(kThreads) sample_masks_kernel(const TensorEntry* entries,
-                                                                const int64_t* first_chunk, int32_t n,
-                                                                uint64_t seed, const unsigned long long* fingerprint,
-                                                                uint64_t total, M* out) {
+__global__ void __launch_bounds__(kThreads) sample_masks_kernel(TableRef table, uint64_t seed,
+                                                                const unsigned long long* fingerprint, uint64_t total,
+                                                                M* out) {
   const int64_t c = blockIdx.x;
-  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
+  const auto [t, e, off, len] = locate_chunk(table, c);
   const uint64_t g0 = static_cast<uint64_t>(e.counter + off);  // stream indices of the chunk
   const uint64_t g1 = g0 + static_cast<uint64_t>(len);          // exclusive
   const PhiloxStream stream(fingerprint ? key_from_scores(seed, *fingerprint, total) : seed);
@@ -76,7 +74,7 @@ at::Tensor fingerprint_on_device(const DeviceTable& dt, int64_t chunks, c10::Dev
   C10_CUDA_CHECK(cudaMemsetAsync(fingerprint.data_ptr<int64_t>(), 0, sizeof(int64_t), stream));
   if (chunks == 0) return fingerprint;
   fingerprint_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
-      dt.entries, dt.first_chunk, dt.n, reinterpret_cast<unsigned long long*>(fingerprint.data_ptr<int64_t>()));
+      dt.ref, reinterpret_cast<unsigned long long*>(fingerprint.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return fingerprint;
 }
@@ -84,7 +82,7 @@ at::Tensor fingerprint_on_device(const DeviceTable& dt, int64_t chunks, c10::Dev
 at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores,
                              c10::optional<at::IntArrayRef> counters) {
   check_mask_dtype(dtype);  // before the empty-input return: the CPU kernel refuses the same dtypes
-  const WorkTable table = score_table(scores, counters, kCudaChunk, "sample_masks");
+  const WorkTable table = score_table(scores, counters, chunk_for_bandwidth(scores), "sample_masks");
   const c10::Device device = cuda_device_of(scores, "sample_masks");
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor out = at::empty({table.total_numel}, at::TensorOptions().dtype(dtype).device(device));
@@ -98,7 +96,7 @@ at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType
       key_by_scores ? reinterpret_cast<const unsigned long long*>(fingerprint.data_ptr<int64_t>()) : nullptr;
   AT_DISPATCH_INTEGRAL_TYPES(dtype, "sample_masks_cuda", [&] {
     sample_masks_kernel<scalar_t><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
-        dt.entries, dt.first_chunk, dt.n, static_cast<uint64_t>(seed), fp, static_cast<uint64_t>(table.total_numel),
+        dt.ref, static_cast<uint64_t>(seed), fp, static_cast<uint64_t>(table.total_numel),
         out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -106,7 +104,7 @@ at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType
 }
 
 at::Tensor score_fingerprint_cuda(at::TensorList scores, c10::optional<at::IntArrayRef> counters) {
-  const WorkTable table = score_table(scores, counters, kCudaChunk, "score_fingerprint");
+  const WorkTable table = score_table(scores, counters, chunk_for_bandwidth(scores), "score_fingerprint");
   const c10::Device device = cuda_device_of(scores, "score_fingerprint");
   const c10::cuda::CUDAGuard guard(device);
   const int64_t chunks = table.total_chunks();

@@ -30,9 +30,9 @@ __device__ void score_chunk(int64_t kind, const T* x, const T* y, T* out, int64_
 }
 
 __global__ void __launch_bounds__(kThreads)
-    scores_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind) {
+    scores_kernel(TableRef table, int64_t kind) {
   const int64_t c = blockIdx.x;
-  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
+  const auto [t, e, off, len] = locate_chunk(table, c);
   LS_SWITCH_DTYPE(e.dtype, T, {
     const T* x = static_cast<const T*>(e.x) + off;
     const T* y = score_kind_uses_initial(kind) ? static_cast<const T*>(e.y) + off : x;
@@ -42,7 +42,8 @@ __global__ void __launch_bounds__(kThreads)
 
 std::vector<at::Tensor> scores_cuda(at::TensorList model, at::TensorList initial, int64_t kind) {
   check_formula_kind(kind);
-  WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "scores");
+  WorkTable table =
+      build_work_table(model, initial, score_kind_uses_initial(kind), chunk_for_bandwidth(model), "scores");
   const c10::Device device = cuda_device_of(model, "scores");
   const c10::cuda::CUDAGuard guard(device);
   std::vector<at::Tensor> buffers = allocate_grouped_outputs(table, [&](int64_t n, at::ScalarType dtype) {
@@ -52,7 +53,7 @@ std::vector<at::Tensor> scores_cuda(at::TensorList model, at::TensorList initial
   if (chunks == 0) return buffers;
   DeviceTable dt = upload_table(table, device);
   scores_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      dt.entries, dt.first_chunk, dt.n, kind);
+      dt.ref, kind);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return buffers;
 }

@@ -2,10 +2,14 @@
 // launch per 11-bit digit, a block per chunk with a shared-memory histogram
 // (integer atomics: exact counts); a one-block launch then picks the digit on
 // the device (the prefix and the rank left stay in device memory for the next
-// pass), so the select costs one sync (the final key), not one per digit.
-// Extraction: a counting launch (one count per chunk), then a writing launch
-// in which each block compacts its chunk in order (block-wide scan), so the
-// indices come out row-major as torch.nonzero gives them.
+// pass). Extraction: a counting launch (one count per chunk), the counts to
+// the host (they size the outputs), then a writing launch in which each block
+// compacts its chunk tile by tile (ballot + a warp scan of the warps' counts),
+// so the indices come out row-major as torch.nonzero gives them.
+//
+// Blocking syncs: kth_largest_score 1 (the key); sparse_extract 1 (the
+// counts); sparse_select 1 (the counts: the threshold goes from the key to the
+// counting launch on the device).
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -21,28 +25,79 @@ namespace layersel {
 namespace {
 
 constexpr int kMaxDims = 8;
+constexpr int kWarps = kThreads / 32;
+
+// The elements a thread handles per step of the per-chunk loops: item j of
+// thread i is element base + j * kThreads + i, so each of the kItems loads is
+// coalesced across the block, and all kItems are issued before any is used
+// (bytes in flight). A step covers kStep consecutive elements.
+constexpr int kItems = 4;
+constexpr int64_t kStep = kThreads * kItems;
+static_assert(kItems * kWarps == 32, "one warp scans a step's per-(item, warp) counts");
+
+template <typename T>
+struct StepItems {
+  T x[kItems];
+  T y[kItems];
+};
+
+// y null (a kind that reads no initial tensor): s.y = s.x, no second load.
+template <typename T>
+__device__ __forceinline__ StepItems<T> load_step(const T* x, const T* y, int64_t base, int64_t len) {
+  StepItems<T> s;
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int64_t i = base + j * kThreads + threadIdx.x;
+    s.x[j] = i < len ? x[i] : T(0);
+    s.y[j] = i < len && y ? y[i] : s.x[j];
+  }
+  return s;
+}
+
+__device__ __forceinline__ bool in_chunk(int64_t base, int j, int64_t len) {
+  return base + j * kThreads + threadIdx.x < len;
+}
+
+// The chunk's x and y (y null when the kind reads no initial tensor).
+template <typename T>
+struct ChunkData {
+  const T* x;
+  const T* y;
+};
+
+template <typename T>
+__device__ __forceinline__ ChunkData<T> chunk_data(const TensorEntry& e, int64_t off) {
+  return {static_cast<const T*>(e.x) + off, e.y ? static_cast<const T*>(e.y) + off : nullptr};
+}
+
+// (The per-chunk loops live in these templates, not inside LS_SWITCH_DTYPE's
+// macro argument, where nvcc ignores #pragma unroll.)
+template <typename P, typename T>
+__device__ __forceinline__ void histogram_chunk(ChunkData<T> c, int64_t len, int64_t kind, int d, uint64_t prefix,
+                                                unsigned int* local) {
+  constexpr int bits = static_cast<int>(sizeof(P) * 8);
+  for (int64_t base = 0; base < len; base += kStep) {
+    const StepItems<T> s = load_step(c.x, c.y, base, len);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      if (!in_chunk(base, j, len)) break;
+      const P v = static_cast<P>(sparse_score<T>(kind, s.x[j], s.y[j]));
+      const int32_t digit = key_digit(order_key<P>(v), bits, d, prefix);
+      if (digit >= 0) atomicAdd(&local[digit], 1u);
+    }
+  }
+}
 
 // state: {prefix, remaining} after pass d - 1 (pick_digit_kernel); pass 0 reads neither.
 template <typename P>
 __global__ void __launch_bounds__(kThreads)
-    histogram_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind, int d,
-                     const int64_t* state, unsigned long long* hist) {
+    histogram_kernel(TableRef table, int64_t kind, int d, const int64_t* state, unsigned long long* hist) {
   __shared__ unsigned int local[kDigitBins];
   const uint64_t prefix = d == 0 ? 0 : static_cast<uint64_t>(state[0]);
   for (int b = threadIdx.x; b < kDigitBins; b += blockDim.x) local[b] = 0;
   __syncthreads();
-  const int64_t c = blockIdx.x;
-  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
-  constexpr int bits = static_cast<int>(sizeof(P) * 8);
-  LS_SWITCH_DTYPE(e.dtype, T, {
-    const T* x = static_cast<const T*>(e.x) + off;
-    const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-      const P v = static_cast<P>(sparse_score<T>(kind, x[i], y[i]));
-      const int32_t digit = key_digit(order_key<P>(v), bits, d, prefix);
-      if (digit >= 0) atomicAdd(&local[digit], 1u);
-    }
-  });
+  const auto [t, e, off, len] = locate_chunk(table, blockIdx.x);
+  LS_SWITCH_DTYPE(e.dtype, T, { histogram_chunk<P>(chunk_data<T>(e, off), len, kind, d, prefix, local); });
   __syncthreads();
   for (int b = threadIdx.x; b < kDigitBins; b += blockDim.x)
     if (local[b]) atomicAdd(&hist[b], static_cast<unsigned long long>(local[b]));
@@ -86,9 +141,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The radix passes, queued: the returned {prefix, remaining} holds the k-th
+// largest key in [0] once they have run (no sync here).
 template <typename P>
-uint64_t kth_largest_key(const WorkTable& table, const DeviceTable& dt, int64_t kind, int64_t k,
-                         c10::Device device) {
+at::Tensor select_key_on_device(const WorkTable& table, const DeviceTable& dt, int64_t kind, int64_t k,
+                                c10::Device device) {
   constexpr int bits = static_cast<int>(sizeof(P) * 8);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::TensorOptions on_device = at::TensorOptions().dtype(at::kLong).device(device);
@@ -98,19 +155,26 @@ uint64_t kth_largest_key(const WorkTable& table, const DeviceTable& dt, int64_t 
   for (int d = 0; d < num_digits(bits); ++d) {
     hist.zero_();
     histogram_kernel<P><<<static_cast<unsigned>(table.total_chunks()), kThreads, 0, stream>>>(
-        dt.entries, dt.first_chunk, dt.n, kind, d, state.data_ptr<int64_t>(), counts);
+        dt.ref, kind, d, state.data_ptr<int64_t>(), counts);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     pick_digit_kernel<<<1, kThreads, 0, stream>>>(counts, digit_width(bits, d), d, k, state.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const at::Tensor host = state.cpu();  // the select's one sync
+  return state;
+}
+
+template <typename P>
+uint64_t kth_largest_key(const WorkTable& table, const DeviceTable& dt, int64_t kind, int64_t k,
+                         c10::Device device) {
+  const at::Tensor host = select_key_on_device<P>(table, dt, kind, k, device).cpu();  // the select's one sync
   return static_cast<uint64_t>(host.data_ptr<int64_t>()[0]);
 }
 
 at::Tensor kth_largest_score_cuda(at::TensorList model, at::TensorList initial, int64_t kind, int64_t k,
                                   at::ScalarType score_dtype) {
   check_sparse_kind(kind, "kth_largest_score");
-  const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "kth_largest_score");
+  const WorkTable table =
+      build_work_table(model, initial, score_kind_uses_initial(kind), chunk_for_bandwidth(model), "kth_largest_score");
   check_rank(k, table.total_numel);
   const c10::Device device = cuda_device_of(model, "kth_largest_score");
   const c10::cuda::CUDAGuard guard(device);
@@ -126,121 +190,153 @@ struct ExtractTarget {
   int64_t* indices; // this chunk's first output index row
   int64_t sizes[kMaxDims];
   int32_t ndim;
-  double threshold;
+};
+
+// Tensor t is compared with thresholds[t * stride]: stride 1, a threshold per
+// tensor (sparse_extract); stride 0, one for all (sparse_select's k-th largest).
+struct Thresholds {
+  const double* values;
+  int32_t stride;
+  __device__ __forceinline__ double of(int32_t t) const { return values[t * stride]; }
 };
 
 template <typename T>
-__device__ __forceinline__ bool keep(int64_t kind, const T* x, const T* y, int64_t i, double threshold) {
-  return passes_threshold(sparse_score<T>(kind, x[i], y[i]), threshold) && is_nonzero(x[i]);
+__device__ __forceinline__ bool keep(int64_t kind, T x, T y, double threshold) {
+  return passes_threshold(sparse_score<T>(kind, x, y), threshold) && is_nonzero(x);
+}
+
+template <typename T>
+__device__ __forceinline__ uint64_t count_chunk(ChunkData<T> c, int64_t len, int64_t kind, double threshold) {
+  uint64_t count = 0;
+  for (int64_t base = 0; base < len; base += kStep) {
+    const StepItems<T> s = load_step(c.x, c.y, base, len);
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) count += in_chunk(base, j, len) && keep(kind, s.x[j], s.y[j], threshold);
+  }
+  return count;
 }
 
 __global__ void __launch_bounds__(kThreads)
-    count_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind,
-                 const double* thresholds, int64_t* counts) {
-  const int64_t c = blockIdx.x;
-  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
-  double count = 0;
-  LS_SWITCH_DTYPE(e.dtype, T, {
-    const T* x = static_cast<const T*>(e.x) + off;
-    const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) count += keep(kind, x, y, i, thresholds[t]);
-  });
-  count = block_sum(count);  // exact: counts are small integers
-  if (threadIdx.x == 0) counts[c] = static_cast<int64_t>(count);
+    count_kernel(TableRef table, int64_t kind, Thresholds thresholds, int64_t* counts) {
+  const auto [t, e, off, len] = locate_chunk(table, blockIdx.x);
+  uint64_t count = 0;
+  LS_SWITCH_DTYPE(e.dtype, T, { count = count_chunk(chunk_data<T>(e, off), len, kind, thresholds.of(t)); });
+  count = block_sum(count);
+  if (threadIdx.x == 0) counts[blockIdx.x] = static_cast<int64_t>(count);
+}
+
+// Stream compaction of one chunk, a step (kStep consecutive elements) at a
+// time: each warp ballots its kept items, one warp scans the step's 32
+// (item, warp) counts in element order, and every kept element is written at
+// the rows before this step + its (item, warp)'s offset + the kept lanes below
+// it. Ordered (row-major indices, as torch.nonzero), coalesced, the data read
+// once. Returns the rows the data filled (possibly more than cap, whose rows
+// only are written).
+template <typename T>
+__device__ __forceinline__ int64_t compact_chunk(ChunkData<T> c, int64_t off, int64_t len, int64_t kind,
+                                                 double threshold, const ExtractTarget& target, int64_t cap) {
+  __shared__ int offsets[kItems * kWarps];  // per (item j, warp w) at j * kWarps + w: kept before it in the step
+  __shared__ int step_total;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  T* values = static_cast<T*>(target.values);
+  int64_t written = 0;  // rows of the steps before this one (the same in every thread)
+  for (int64_t base = 0; base < len && written < cap; base += kStep) {
+    const StepItems<T> s = load_step(c.x, c.y, base, len);
+    bool kept[kItems];
+    unsigned ballots[kItems];
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      kept[j] = in_chunk(base, j, len) && keep(kind, s.x[j], s.y[j], threshold);
+      ballots[j] = __ballot_sync(0xffffffffu, kept[j]);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) offsets[j * kWarps + warp] = __popc(ballots[j]);
+    }
+    __syncthreads();
+    if (warp == 0) {  // exclusive scan of the 32 counts, in element order
+      const int mine = offsets[lane];
+      int inclusive = mine;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int other = __shfl_up_sync(0xffffffffu, inclusive, o);
+        if (lane >= o) inclusive += other;
+      }
+      offsets[lane] = inclusive - mine;
+      if (lane == 31) step_total = inclusive;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) {
+      if (!kept[j]) continue;
+      const int64_t w = written + offsets[j * kWarps + warp] + __popc(ballots[j] & lanes_below);
+      if (w >= cap) continue;
+      values[w] = s.x[j];
+      int64_t flat = off + base + j * kThreads + threadIdx.x;
+      int64_t* row = target.indices + w * target.ndim;
+      for (int dim = target.ndim - 1; dim > 0; --dim) {
+        row[dim] = flat % target.sizes[dim];
+        flat /= target.sizes[dim];
+      }
+      if (target.ndim > 0) row[0] = flat;
+    }
+    written += step_total;
+    __syncthreads();  // every read of offsets and step_total before the next step writes them
+  }
+  return written;
+}
+
+template <typename T>
+__device__ __forceinline__ void zero_rows(const ExtractTarget& target, int64_t from, int64_t cap) {
+  T* values = static_cast<T*>(target.values);
+  for (int64_t w = from + threadIdx.x; w < cap; w += blockDim.x) {
+    values[w] = T(0);
+    for (int dim = 0; dim < target.ndim; ++dim) target.indices[w * target.ndim + dim] = 0;
+  }
 }
 
 __global__ void __launch_bounds__(kThreads)
-    write_kernel(const TensorEntry* entries, const int64_t* first_chunk, int32_t n, int64_t kind,
-                 const ExtractTarget* targets, const int64_t* counts) {
-  __shared__ int64_t scan[kThreads];
-  __shared__ int64_t found;
-  const int64_t c = blockIdx.x;
+    write_kernel(TableRef table, int64_t kind, Thresholds thresholds, const ExtractTarget* targets,
+                 const int64_t* counts) {
   // The output holds exactly counts[c] rows for this chunk (the counting
   // pass). Writes stop there even if the data changed in between (another
   // thread updating the weights in place): the answer may be stale, memory is
   // never corrupted; rows the data no longer fills are zeroed.
-  const int64_t cap = counts[c];
+  const int64_t cap = counts[blockIdx.x];
   if (cap == 0) return;
-  const auto [t, e, off, len] = locate_chunk(entries, first_chunk, n, c);
-  const ExtractTarget target = targets[c];
-  // Each thread owns a contiguous run of the chunk, so a block-wide exclusive
-  // scan of the per-thread counts keeps the row-major order.
-  const int64_t per = (len + blockDim.x - 1) / blockDim.x;
-  const int64_t begin = min(len, per * threadIdx.x), end = min(len, begin + per);
+  const auto [t, e, off, len] = locate_chunk(table, blockIdx.x);
+  const ExtractTarget& target = targets[blockIdx.x];  // read where used (a copy would sit in local memory)
   LS_SWITCH_DTYPE(e.dtype, T, {
-    const T* x = static_cast<const T*>(e.x) + off;
-    const T* y = e.y ? static_cast<const T*>(e.y) + off : x;
-    int64_t mine = 0;
-    for (int64_t i = begin; i < end; ++i) mine += keep(kind, x, y, i, target.threshold);
-    scan[threadIdx.x] = mine;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int64_t running = 0;
-      for (int j = 0; j < static_cast<int>(blockDim.x); ++j) {
-        const int64_t v = scan[j];
-        scan[j] = running;
-        running += v;
-      }
-      found = min(running, cap);
-    }
-    __syncthreads();
-    int64_t w = scan[threadIdx.x];
-    T* values = static_cast<T*>(target.values);
-    for (int64_t i = begin; i < end && w < cap; ++i) {
-      if (!keep(kind, x, y, i, target.threshold)) continue;
-      values[w] = x[i];
-      int64_t flat = off + i;
-      for (int dim = target.ndim - 1; dim >= 0; --dim) {
-        target.indices[w * target.ndim + dim] = flat % target.sizes[dim];
-        flat /= target.sizes[dim];
-      }
-      ++w;
-    }
-  });
-  __syncthreads();
-  for (int64_t w = found + threadIdx.x; w < cap; w += blockDim.x) {
-    for (int dim = 0; dim < target.ndim; ++dim) target.indices[w * target.ndim + dim] = 0;
-  }
-  LS_SWITCH_DTYPE(e.dtype, T, {
-    T* values = static_cast<T*>(target.values);
-    for (int64_t w = found + threadIdx.x; w < cap; w += blockDim.x) values[w] = T(0);
+    const int64_t written = compact_chunk(chunk_data<T>(e, off), off, len, kind, thresholds.of(t), target, cap);
+    zero_rows<T>(target, min(written, cap), cap);
   });
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cuda(at::TensorList model,
-                                                                                 at::TensorList initial,
-                                                                                 int64_t kind,
-                                                                                 at::ArrayRef<double> thresholds) {
-  check_sparse_kind(kind, "sparse_extract");
-  check_threshold_count(thresholds.size(), model.size());
-  const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCudaChunk, "sparse_extract");
-  const size_t n = table.entries.size();
-  for (size_t t = 0; t < n; ++t)
-    TORCH_CHECK_VALUE(model[t].dim() <= kMaxDims, "layersel::sparse_extract: tensor #", t, " has ", model[t].dim(),
+void check_dims(at::TensorList model, const char* op) {
+  for (size_t t = 0; t < model.size(); ++t)
+    TORCH_CHECK_VALUE(model[t].dim() <= kMaxDims, "layersel::", op, ": tensor #", t, " has ", model[t].dim(),
                       " dimensions; the CUDA kernel handles up to ", kMaxDims);
-  const c10::Device device = cuda_device_of(model, "sparse_extract");
-  const c10::cuda::CUDAGuard guard(device);
+}
+
+// The extraction once the thresholds are on the device (queued before it on
+// the current stream): the counting launch, the counts to the host (the one
+// sync: they size the outputs), the outputs, the writing launch.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> extract(at::TensorList model, const WorkTable& table,
+                                                                     const DeviceTable& dt, int64_t kind,
+                                                                     Thresholds thresholds, c10::Device device) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const size_t n = table.entries.size();
   const int64_t chunks = table.total_chunks();
   std::vector<at::Tensor> values(n), indices(n);
-  if (chunks == 0) {
-    for (size_t t = 0; t < n; ++t) {
-      values[t] = at::empty({0}, model[t].options());
-      indices[t] = at::empty({0, model[t].dim()}, model[t].options().dtype(at::kLong));
-    }
-    return {values, indices};
-  }
-  const DeviceTable dt = upload_table(table, device);
-  // Pinned host memory and an async copy: from pageable memory the copy would wait for the stream.
-  at::Tensor thr = at::empty({static_cast<int64_t>(n)}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
-  std::memcpy(thr.data_ptr<double>(), thresholds.data(), n * sizeof(double));
-  thr = thr.to(device, /*non_blocking=*/true);
   at::Tensor counts = at::empty({chunks}, at::TensorOptions().dtype(at::kLong).device(device));
-  count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(dt.entries, dt.first_chunk, dt.n, kind,
-                                                                      thr.data_ptr<double>(),
-                                                                      counts.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const at::Tensor host_counts = counts.cpu();  // the sync: output sizes
+  if (chunks > 0) {
+    count_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+        dt.ref, kind, thresholds, counts.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  // The sync: the counts size the outputs (none when every tensor is empty).
+  const at::Tensor host_counts = chunks > 0 ? counts.cpu() : at::empty({0}, at::kLong);
   const int64_t* hc = host_counts.data_ptr<int64_t>();
   std::vector<ExtractTarget> targets(static_cast<size_t>(chunks));
   for (size_t t = 0; t < n; ++t) {
@@ -257,19 +353,72 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cuda
       g.indices = indices[t].data_ptr<int64_t>() + running * model[t].dim();
       g.ndim = static_cast<int32_t>(model[t].dim());
       for (int dim = 0; dim < g.ndim; ++dim) g.sizes[dim] = model[t].size(dim);
-      g.threshold = thresholds[t];
       running += hc[c];
     }
   }
+  if (chunks == 0) return {values, indices};
   at::Tensor host_targets = at::empty({static_cast<int64_t>(targets.size() * sizeof(ExtractTarget))},
                                       at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host_targets.data_ptr(), targets.data(), targets.size() * sizeof(ExtractTarget));
   const at::Tensor device_targets = host_targets.to(device, /*non_blocking=*/true);
   write_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
-      dt.entries, dt.first_chunk, dt.n, kind, reinterpret_cast<const ExtractTarget*>(device_targets.data_ptr()),
-      counts.data_ptr<int64_t>());
+      dt.ref, kind, thresholds,
+      reinterpret_cast<const ExtractTarget*>(device_targets.data_ptr()), counts.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {values, indices};
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cuda(at::TensorList model,
+                                                                                 at::TensorList initial,
+                                                                                 int64_t kind,
+                                                                                 at::ArrayRef<double> thresholds) {
+  check_sparse_kind(kind, "sparse_extract");
+  check_threshold_count(thresholds.size(), model.size());
+  const WorkTable table =
+      build_work_table(model, initial, score_kind_uses_initial(kind), chunk_for_bandwidth(model), "sparse_extract");
+  check_dims(model, "sparse_extract");
+  const c10::Device device = cuda_device_of(model, "sparse_extract");
+  const c10::cuda::CUDAGuard guard(device);
+  const DeviceTable dt = upload_table(table, device);
+  // Pinned host memory and an async copy: from pageable memory the copy would wait for the stream.
+  const int64_t n = static_cast<int64_t>(model.size());
+  at::Tensor thr = at::empty({n}, at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+  std::memcpy(thr.data_ptr<double>(), thresholds.data(), n * sizeof(double));
+  thr = thr.to(device, /*non_blocking=*/true);
+  return extract(model, table, dt, kind, Thresholds{thr.data_ptr<double>(), 1}, device);
+}
+
+// The k-th largest key (pick_digit_kernel's state[0]) as the double every
+// tensor is compared with, as sparse_select_cpu's key_value.
+template <typename P>
+__global__ void key_threshold_kernel(const int64_t* state, double* threshold) {
+  *threshold = key_value<P>(static_cast<uint64_t>(state[0]));
+}
+
+// sparse_extract with every threshold the k-th largest score in score_dtype
+// (the dtype rules of check_sparse_select_dtypes), the key never leaving the
+// device: one sync (the counts) instead of kth_largest_score's and
+// sparse_extract's two.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_select_cuda(at::TensorList model,
+                                                                                at::TensorList initial, int64_t kind,
+                                                                                int64_t k, at::ScalarType score_dtype) {
+  check_sparse_kind(kind, "sparse_select");
+  const WorkTable table =
+      build_work_table(model, initial, score_kind_uses_initial(kind), chunk_for_bandwidth(model), "sparse_select");
+  check_rank(k, table.total_numel);
+  check_sparse_select_dtypes(model, score_dtype);
+  check_dims(model, "sparse_select");
+  const c10::Device device = cuda_device_of(model, "sparse_select");
+  const c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const DeviceTable dt = upload_table(table, device);
+  at::Tensor threshold = at::empty({1}, at::TensorOptions().dtype(at::kDouble).device(device));
+  LS_SWITCH_FLOAT_DTYPE(code_of_scalar_type(score_dtype), P, {
+    const at::Tensor state = select_key_on_device<P>(table, dt, kind, k, device);
+    key_threshold_kernel<P><<<1, 1, 0, stream>>>(state.data_ptr<int64_t>(), threshold.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return extract(model, table, dt, kind, Thresholds{threshold.data_ptr<double>(), 0}, device);
 }
 
 }  // namespace
@@ -278,4 +427,5 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cuda
 TORCH_LIBRARY_IMPL(layersel, CUDA, m) {
   m.impl("kth_largest_score", &layersel::kth_largest_score_cuda);
   m.impl("sparse_extract", &layersel::sparse_extract_cuda);
+  m.impl("sparse_select", &layersel::sparse_select_cuda);
 }
