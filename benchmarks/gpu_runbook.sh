@@ -92,9 +92,9 @@ run 120 pytest-cuda.log "$PY" -m pytest -q -rfEs $XDIST -m cuda tests
 [ "$DRY" = 1 ] || tail -3 "$OUT/pytest-cuda.log" | tee -a "$OUT/summary.txt"
 
 # One float32 case of each kernel (drift incl. misaligned views and extremes, scores, masks seeded
-# and unseeded, the radix select and extraction, the one-go sparse select, the argument errors):
-# 12 tests, small inputs.
-SANITIZER_TESTS="tests/test_ops.py tests/test_sparse_coo.py -m cuda -k '(misaligned and dtype0) or (unseeded and dtype0) or (integer_sparse and 2-dtype4) or empty_lists or (scores_match_cpu and dtype0-2) or (masks_bit_equal and dtype0) or (drift_matches_cpu and dtype0) or large_differences or sparse_select_small'"
+# and unseeded, the mask bitmap, the radix select and extraction, the one-go sparse select, the
+# argument errors): 13 tests, small inputs.
+SANITIZER_TESTS="tests/test_ops.py tests/test_sparse_coo.py -m cuda -k '(misaligned and dtype0) or (unseeded and dtype0) or (integer_sparse and 2-dtype4) or empty_lists or (scores_match_cpu and dtype0-2) or (masks_bit_equal and dtype0) or (drift_matches_cpu and dtype0) or large_differences or sparse_select_small or (mask_bits_equal and dtype0)'"
 if [ "$DRY" = 1 ] || command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck synccheck initcheck; do
     step "compute-sanitizer --tool $tool"

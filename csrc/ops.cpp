@@ -24,8 +24,8 @@ TORCH_LIBRARY(layersel, m) {
   m.def("score_fingerprint(Tensor[] scores, int[]? counters=None) -> Tensor");
   // The same masks as a bitmap, uint8[ceil(n / 8)]: element g at bit g % 8 of
   // byte g / 8 (the compact wire format's bit order, layersel_ext/wire.py),
-  // the unused high bits of the last byte zero. CPU only; elsewhere
-  // ops.sample_mask_bits packs sample_masks' bytes.
+  // the unused high bits of the last byte zero (CPU and CUDA kernels; the
+  // torch backend packs sample_masks' bytes).
   m.def("sample_mask_bits(Tensor[] scores, int seed, bool key_by_scores=False) -> Tensor");
   // The k-th largest (1-based) of all scores of formula `kind` (kGiven: the
   // scores are `initial`), each converted to `score_dtype` as torch.cat would: a 0-d

@@ -167,8 +167,9 @@ def score_fingerprint(scores: Sequence[Tensor], counters: Sequence[int] | None =
 
 def sample_mask_bits(scores: Sequence[Tensor], seed: int, key_by_scores: bool = False) -> Tensor:
     """``sample_masks``' masks as a bitmap on the scores' device, uint8[ceil(n / 8)]: element g at
-    bit g % 8 of byte g // 8 (the compact wire format's order), the last byte's unused bits zero. On
-    the CPU one fused kernel (the masks never exist as bytes); elsewhere the mask bytes, packed."""
+    bit g % 8 of byte g // 8 (the compact wire format's order), the last byte's unused bits zero. One
+    fused kernel on the CPU and on CUDA (the masks never exist as bytes); the torch backend packs the
+    mask bytes."""
     signed_seed = _signed_seed(seed)
     with torch.no_grad():
         if len(scores) and _use_compiled("sample_mask_bits", _device(scores)):

@@ -228,9 +228,8 @@ def sample_masks_packed(
 
     Equal to ``CompactMaskPacker().pack_parameters(*select_scores_and_sample_masks(model, None,
     seed=seed, generator=generator, mask_dtype=mask_dtype))``, but the masks are sampled straight into
-    the bitmap (``ops.sample_mask_bits``: one fused kernel on the CPU; on the GPU the mask bytes are
-    packed there and one transfer of n / 8 bytes comes back), so the int64 masks never exist on the
-    client.
+    the bitmap (``ops.sample_mask_bits``: one fused kernel, on the CPU or the GPU, whence one transfer
+    of n / 8 bytes comes back), so the int64 masks never exist on the client.
     """
     from .parameter_selection_criteria import _mask_torch_dtype, _numpy_dtype, sample_flat_masks
 

@@ -390,6 +390,25 @@ def test_cuda_unseeded_masks_equal_cpu(dtype):
 
 @requires_cuda
 @compiled_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_cuda_mask_bits_equal_cpu(dtype):
+    """The CUDA bitmap kernel: the CPU kernel's bits and the CUDA mask bytes packed, for tensors that
+    start and end inside 32-bit words and 128-element warp groups, empty ones, several chunks, totals
+    whose last word is partial (the tail launch) or whole, seeded and keyed by the scores."""
+    gen = torch.Generator().manual_seed(9)
+    for sizes in (EDGE_SIZES, [5, 0, 3 * CHUNK + 27, 0, 1], [32], [100], [64 * 1024 + 31, 9], [7, 0]):
+        scores = [(torch.randn(n, generator=gen) * 3).to(dtype) for n in sizes]
+        on_gpu = [s.cuda() for s in scores]
+        for seed, key_by_scores in ((5, False), (-3, True)):
+            cpu = torch.ops.layersel.sample_mask_bits(scores, seed, key_by_scores)
+            cuda = torch.ops.layersel.sample_mask_bits(on_gpu, seed, key_by_scores)
+            packed = _torch_ops.pack_bits(torch.ops.layersel.sample_masks(on_gpu, seed, torch.uint8, key_by_scores))
+            assert cuda.device.type == "cuda" and cuda.shape == cpu.shape, sizes
+            assert torch.equal(cpu, cuda.cpu()) and torch.equal(packed, cuda), (sizes, seed)
+
+
+@requires_cuda
+@compiled_only
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
 @pytest.mark.parametrize("kind", range(6))
 def test_cuda_integer_sparse_selection_matches_cpu(dtype, kind):

@@ -3,6 +3,7 @@
 // same stream and comparison as the CPU kernel (csrc/common/), so a seed gives
 // the same masks on both.
 #include <ATen/Dispatch.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "../common/bernoulli.h"
@@ -68,6 +69,92 @@ __global__ void __launch_bounds__(kThreads) sample_masks_kernel(TableRef table, 
   });
 }
 
+// Bit g of the bitmap is element g of the concatenation (stream index g), the
+// draw of sample_masks_kernel. A lane draws one Philox block (4 elements), so a
+// warp covers 128 consecutive bits, and 8 lanes' nibbles OR together into one
+// 32-bit word: bit g % 32 of word g / 32, which little-endian is bit g % 8 of
+// byte g / 8. Words wholly inside the chunk are stored; a word shared with a
+// neighbouring chunk or tensor is OR-ed in (the output starts zeroed). Words
+// from `full_words` on (the last one, when the bytes end inside it) are left
+// to tail_bits_kernel: a 32-bit store there would pass the end of the output.
+template <typename T>
+__device__ __forceinline__ void sample_bits_chunk(const PhiloxStream& stream, const T* x, uint64_t base, uint64_t g0,
+                                                  uint64_t g1, uint64_t full_words, uint32_t* words) {
+  const int lane = threadIdx.x & 31;
+  for (uint64_t group = (g0 & ~uint64_t{127}) + (threadIdx.x >> 5) * 128; group < g1; group += kThreads / 32 * 128) {
+    const uint64_t b = group / 4 + lane;  // elements 4b .. 4b + 3
+    const Philox4x32Out r = stream.block(b);
+    uint32_t nibble = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint64_t g = 4 * b + i;
+      if (g >= g0 && g < g1) {
+        nibble |= static_cast<uint32_t>(bernoulli_sample(static_cast<float>(x[g - base]), r.v[i])) << i;
+      }
+    }
+    uint32_t word = nibble << (4 * (lane & 7));
+    word |= __shfl_xor_sync(0xffffffffu, word, 1);
+    word |= __shfl_xor_sync(0xffffffffu, word, 2);
+    word |= __shfl_xor_sync(0xffffffffu, word, 4);
+    const uint64_t w = group / 32 + lane / 8;
+    if ((lane & 7) != 0 || w >= full_words) continue;
+    if (32 * w >= g0 && 32 * w + 32 <= g1) {
+      words[w] = word;
+    } else if (word != 0) {
+      atomicOr(&words[w], word);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ bool sample_bit(const PhiloxStream& stream, const T* x, uint64_t g) {
+  return bernoulli_sample(static_cast<float>(x[0]), stream.block(g / 4).v[g % 4]);
+}
+
+// `fingerprint` null: the key is `seed`; else key_from_scores(seed, *fingerprint, total).
+__global__ void __launch_bounds__(kThreads) sample_bits_kernel(TableRef table, uint64_t seed,
+                                                               const unsigned long long* fingerprint, uint64_t total,
+                                                               uint64_t full_words, uint32_t* words) {
+  const auto [t, e, off, len] = locate_chunk(table, blockIdx.x);
+  const uint64_t base = static_cast<uint64_t>(e.base), g0 = base + static_cast<uint64_t>(off);
+  const PhiloxStream stream(fingerprint ? key_from_scores(seed, *fingerprint, total) : seed);
+  LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
+    sample_bits_chunk<T>(stream, static_cast<const T*>(e.x), base, g0, g0 + static_cast<uint64_t>(len), full_words,
+                         words);
+  });
+}
+
+// The bits from 32 * full_words to total (fewer than 32), one lane each, into
+// the output's last 1..3 bytes: lane i finds its element's tensor (the last
+// entry whose base is at or below it: an empty tensor shares its base with the
+// next one) and draws it; lane 0 stores the bytes.
+__global__ void tail_bits_kernel(TableRef table, uint64_t seed, const unsigned long long* fingerprint, uint64_t total,
+                                 uint64_t full_words, uint8_t* bytes) {
+  const int lane = threadIdx.x;
+  const uint64_t g = 32 * full_words + lane;
+  const PhiloxStream stream(fingerprint ? key_from_scores(seed, *fingerprint, total) : seed);
+  bool bit = false;
+  if (g < total) {
+    int32_t lo = 0, hi = table.n - 1;
+    while (lo < hi) {
+      const int32_t mid = lo + (hi - lo + 1) / 2;
+      if (static_cast<uint64_t>(table.entries[mid].base) <= g) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    const TensorEntry& e = table.entries[lo];
+    const uint64_t j = g - static_cast<uint64_t>(e.base);
+    LS_SWITCH_FLOAT_DTYPE(e.dtype, T, { bit = sample_bit(stream, static_cast<const T*>(e.x) + j, g); });
+  }
+  const uint32_t word = __ballot_sync(0xffffffffu, bit);
+  if (lane == 0) {
+    for (uint64_t byte = 4 * full_words; byte < (total + 7) / 8; ++byte)
+      bytes[byte] = static_cast<uint8_t>(word >> (8 * (byte - 4 * full_words)));
+  }
+}
+
 // The fingerprint of the table's tensors, as int64[1] on the device.
 at::Tensor fingerprint_on_device(const DeviceTable& dt, int64_t chunks, c10::Device device, cudaStream_t stream) {
   at::Tensor fingerprint = at::empty({1}, at::TensorOptions().dtype(at::kLong).device(device));
@@ -103,6 +190,36 @@ at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType
   return out;
 }
 
+// sample_masks as a bitmap (csrc/ops.cpp), without the mask bytes: one launch
+// writes the bits, a one-warp launch the last partial word.
+at::Tensor sample_mask_bits_cuda(at::TensorList scores, int64_t seed, bool key_by_scores) {
+  // Bit g of the bitmap is stream index g: no counters here.
+  const WorkTable table = score_table(scores, c10::nullopt, chunk_for_bandwidth(scores), "sample_mask_bits");
+  const c10::Device device = cuda_device_of(scores, "sample_mask_bits");
+  const c10::cuda::CUDAGuard guard(device);
+  const uint64_t total = static_cast<uint64_t>(table.total_numel);
+  const int64_t nbytes = static_cast<int64_t>((total + 7) / 8);
+  at::Tensor out = at::zeros({nbytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  const int64_t chunks = table.total_chunks();
+  if (chunks == 0) return out;
+  DeviceTable dt = upload_table(table, device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor fingerprint = key_by_scores ? fingerprint_on_device(dt, chunks, device, stream) : at::Tensor();
+  const auto* fp =
+      key_by_scores ? reinterpret_cast<const unsigned long long*>(fingerprint.data_ptr<int64_t>()) : nullptr;
+  const uint64_t full_words = static_cast<uint64_t>(nbytes) / 4;  // 32-bit words wholly inside the output
+  // The allocation is 512-byte aligned (the caching allocator), so the words are 4-byte aligned.
+  sample_bits_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+      dt.ref, static_cast<uint64_t>(seed), fp, total, full_words, reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (32 * full_words < total) {
+    tail_bits_kernel<<<1, 32, 0, stream>>>(dt.ref, static_cast<uint64_t>(seed), fp, total, full_words,
+                                           out.data_ptr<uint8_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
 at::Tensor score_fingerprint_cuda(at::TensorList scores, c10::optional<at::IntArrayRef> counters) {
   const WorkTable table = score_table(scores, counters, chunk_for_bandwidth(scores), "score_fingerprint");
   const c10::Device device = cuda_device_of(scores, "score_fingerprint");
@@ -119,4 +236,5 @@ at::Tensor score_fingerprint_cuda(at::TensorList scores, c10::optional<at::IntAr
 TORCH_LIBRARY_IMPL(layersel, CUDA, m) {
   m.impl("sample_masks", &layersel::sample_masks_cuda);
   m.impl("score_fingerprint", &layersel::score_fingerprint_cuda);
+  m.impl("sample_mask_bits", &layersel::sample_mask_bits_cuda);
 }
