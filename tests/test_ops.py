@@ -396,7 +396,11 @@ def test_cuda_mask_bits_equal_cpu(dtype):
     start and end inside 32-bit words and 128-element warp groups, empty ones, several chunks, totals
     whose last word is partial (the tail launch) or whole, seeded and keyed by the scores."""
     gen = torch.Generator().manual_seed(9)
-    for sizes in (EDGE_SIZES, [5, 0, 3 * CHUNK + 27, 0, 1], [32], [100], [64 * 1024 + 31, 9], [7, 0]):
+    cases = [EDGE_SIZES, [5, 0, 3 * CHUNK + 27, 0, 1], [32], [100], [64 * 1024 + 31, 9], [7, 0], [45], [50]]
+    # a tail across tensors with empty ones between, a last whole word partly past the end, no
+    # element at all, many tensors sharing each word
+    cases += [[13, 0, 0, 4], [0, 100, 0, 0, 17, 0], [60], [0, 0], [1] * 200]
+    for sizes in cases:
         scores = [(torch.randn(n, generator=gen) * 3).to(dtype) for n in sizes]
         on_gpu = [s.cuda() for s in scores]
         for seed, key_by_scores in ((5, False), (-3, True)):

@@ -209,9 +209,12 @@ at::Tensor sample_mask_bits_cuda(at::TensorList scores, int64_t seed, bool key_b
       key_by_scores ? reinterpret_cast<const unsigned long long*>(fingerprint.data_ptr<int64_t>()) : nullptr;
   const uint64_t full_words = static_cast<uint64_t>(nbytes) / 4;  // 32-bit words wholly inside the output
   // The allocation is 512-byte aligned (the caching allocator), so the words are 4-byte aligned.
-  sample_bits_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
-      dt.ref, static_cast<uint64_t>(seed), fp, total, full_words, reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (full_words > 0) {
+    sample_bits_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
+        dt.ref, static_cast<uint64_t>(seed), fp, total, full_words,
+        reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   if (32 * full_words < total) {
     tail_bits_kernel<<<1, 32, 0, stream>>>(dt.ref, static_cast<uint64_t>(seed), fp, total, full_words,
                                            out.data_ptr<uint8_t>());
