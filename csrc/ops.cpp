@@ -37,7 +37,8 @@ TORCH_LIBRARY(layersel, m) {
   // sparse_extract with every threshold the k-th largest score (kth_largest_score
   // in score_dtype), for tensors of that floating dtype (float32 scores: integer
   // tensors too); on the CPU the sample select's pass also marks (one read of a
-  // large model instead of two).
+  // large model instead of two); on CUDA the k-th largest key becomes the
+  // threshold on the device (one host sync, the chunk counts, instead of two).
   m.def("sparse_select(Tensor[] model, Tensor[] initial, int kind, int k, ScalarType score_dtype) -> (Tensor[], Tensor[])");
 }
 

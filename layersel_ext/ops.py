@@ -223,7 +223,9 @@ def sparse_select(
     or float32 beside integer tensors (a float32 model's int64 buffers: compared with float32(v),
     the key's own order); None where no kernel does that in one go (other dtypes or devices, the
     torch backend): the caller then runs the two ops. The CPU kernel marks while its sample select
-    brackets the k-th largest, so a large model is read once instead of twice."""
+    brackets the k-th largest, so a large model is read once instead of twice; the CUDA kernel turns
+    the k-th largest key into the threshold on the device, so the key never comes to the host (one
+    sync, the chunk counts, instead of two)."""
     if kind == ScoreKind.GIVEN or not len(model) or not _use_compiled("sparse_select", _device(model)):
         return None
     floating = {x.dtype for x in model if x.dtype.is_floating_point}

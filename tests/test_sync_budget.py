@@ -84,7 +84,7 @@ def test_sparse_selection_of_given_scores_three_syncs():
     model, initial = pair()
 
     def given(m: nn.Module, _: nn.Module | None) -> dict[str, torch.Tensor]:
-        return {n: p.abs() for n, p in m.named_parameters()}
+        return {n: p.detach().abs() for n, p in m.named_parameters()}
 
     select_sparse_parameters(model, initial, 0.01, given)
     assert syncs(lambda: select_sparse_parameters(model, initial, 0.01, given)) <= 3
