@@ -50,16 +50,25 @@ __device__ __forceinline__ void sample_block(const PhiloxStream& stream, uint64_
   }
 }
 
-// `fingerprint` null: the key is `seed`; else key_from_scores(seed, *fingerprint, total).
+// The Philox key of a mask launch: `seed`, or with the scores' fingerprint
+// (computed on the device by an earlier launch) key_from_scores(seed,
+// *fingerprint, total).
+struct MaskKey {
+  uint64_t seed;
+  const unsigned long long* fingerprint;  // null: keyed by the seed alone
+  uint64_t total;
+  __device__ __forceinline__ PhiloxStream stream() const {
+    return PhiloxStream(fingerprint ? key_from_scores(seed, *fingerprint, total) : seed);
+  }
+};
+
 template <typename M>
-__global__ void __launch_bounds__(kThreads) sample_masks_kernel(TableRef table, uint64_t seed,
-                                                                const unsigned long long* fingerprint, uint64_t total,
-                                                                M* out) {
+__global__ void __launch_bounds__(kThreads) sample_masks_kernel(TableRef table, MaskKey key, M* out) {
   const int64_t c = blockIdx.x;
   const auto [t, e, off, len] = locate_chunk(table, c);
   const uint64_t g0 = static_cast<uint64_t>(e.counter + off);  // stream indices of the chunk
   const uint64_t g1 = g0 + static_cast<uint64_t>(len);          // exclusive
-  const PhiloxStream stream(fingerprint ? key_from_scores(seed, *fingerprint, total) : seed);
+  const PhiloxStream stream = key.stream();
   // Each thread takes whole Philox blocks; edge blocks are shared with the
   // neighbouring chunk or tensor, each writing only its own elements.
   LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
@@ -111,13 +120,11 @@ __device__ __forceinline__ bool sample_bit(const PhiloxStream& stream, const T* 
   return bernoulli_sample(static_cast<float>(x[0]), stream.block(g / 4).v[g % 4]);
 }
 
-// `fingerprint` null: the key is `seed`; else key_from_scores(seed, *fingerprint, total).
-__global__ void __launch_bounds__(kThreads) sample_bits_kernel(TableRef table, uint64_t seed,
-                                                               const unsigned long long* fingerprint, uint64_t total,
-                                                               uint64_t full_words, uint32_t* words) {
+__global__ void __launch_bounds__(kThreads) sample_bits_kernel(TableRef table, MaskKey key, uint64_t full_words,
+                                                               uint32_t* words) {
   const auto [t, e, off, len] = locate_chunk(table, blockIdx.x);
   const uint64_t base = static_cast<uint64_t>(e.base), g0 = base + static_cast<uint64_t>(off);
-  const PhiloxStream stream(fingerprint ? key_from_scores(seed, *fingerprint, total) : seed);
+  const PhiloxStream stream = key.stream();
   LS_SWITCH_FLOAT_DTYPE(e.dtype, T, {
     sample_bits_chunk<T>(stream, static_cast<const T*>(e.x), base, g0, g0 + static_cast<uint64_t>(len), full_words,
                          words);
@@ -128,11 +135,11 @@ __global__ void __launch_bounds__(kThreads) sample_bits_kernel(TableRef table, u
 // the output's last 1..3 bytes: lane i finds its element's tensor (the last
 // entry whose base is at or below it: an empty tensor shares its base with the
 // next one) and draws it; lane 0 stores the bytes.
-__global__ void tail_bits_kernel(TableRef table, uint64_t seed, const unsigned long long* fingerprint, uint64_t total,
-                                 uint64_t full_words, uint8_t* bytes) {
+__global__ void tail_bits_kernel(TableRef table, MaskKey key, uint64_t full_words, uint8_t* bytes) {
   const int lane = threadIdx.x;
   const uint64_t g = 32 * full_words + lane;
-  const PhiloxStream stream(fingerprint ? key_from_scores(seed, *fingerprint, total) : seed);
+  const uint64_t total = key.total;
+  const PhiloxStream stream = key.stream();
   bool bit = false;
   if (g < total) {
     int32_t lo = 0, hi = table.n - 1;
@@ -166,6 +173,26 @@ at::Tensor fingerprint_on_device(const DeviceTable& dt, int64_t chunks, c10::Dev
   return fingerprint;
 }
 
+// What both mask ops launch with: the table on the device and the key (with
+// key_by_scores, the fingerprint computed and used on the device: no sync).
+struct MaskLaunch {
+  DeviceTable dt;
+  at::Tensor fingerprint;  // keeps it alive until the launches are queued
+  MaskKey key;
+};
+
+MaskLaunch prepare_mask_launch(const WorkTable& table, int64_t seed, bool key_by_scores, c10::Device device,
+                               cudaStream_t stream) {
+  MaskLaunch m;
+  m.dt = upload_table(table, device);
+  m.key = MaskKey{static_cast<uint64_t>(seed), nullptr, static_cast<uint64_t>(table.total_numel)};
+  if (key_by_scores) {
+    m.fingerprint = fingerprint_on_device(m.dt, table.total_chunks(), device, stream);
+    m.key.fingerprint = reinterpret_cast<const unsigned long long*>(m.fingerprint.data_ptr<int64_t>());
+  }
+  return m;
+}
+
 at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType dtype, bool key_by_scores,
                              c10::optional<at::IntArrayRef> counters) {
   check_mask_dtype(dtype);  // before the empty-input return: the CPU kernel refuses the same dtypes
@@ -175,16 +202,11 @@ at::Tensor sample_masks_cuda(at::TensorList scores, int64_t seed, at::ScalarType
   at::Tensor out = at::empty({table.total_numel}, at::TensorOptions().dtype(dtype).device(device));
   const int64_t chunks = table.total_chunks();
   if (chunks == 0) return out;
-  DeviceTable dt = upload_table(table, device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // Computed and used on the device: no host sync.
-  const at::Tensor fingerprint = key_by_scores ? fingerprint_on_device(dt, chunks, device, stream) : at::Tensor();
-  const auto* fp =
-      key_by_scores ? reinterpret_cast<const unsigned long long*>(fingerprint.data_ptr<int64_t>()) : nullptr;
+  const MaskLaunch m = prepare_mask_launch(table, seed, key_by_scores, device, stream);
   AT_DISPATCH_INTEGRAL_TYPES(dtype, "sample_masks_cuda", [&] {
-    sample_masks_kernel<scalar_t><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
-        dt.ref, static_cast<uint64_t>(seed), fp, static_cast<uint64_t>(table.total_numel),
-        out.data_ptr<scalar_t>());
+    sample_masks_kernel<scalar_t><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(m.dt.ref, m.key,
+                                                                                          out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -202,22 +224,17 @@ at::Tensor sample_mask_bits_cuda(at::TensorList scores, int64_t seed, bool key_b
   at::Tensor out = at::zeros({nbytes}, at::TensorOptions().dtype(at::kByte).device(device));
   const int64_t chunks = table.total_chunks();
   if (chunks == 0) return out;
-  DeviceTable dt = upload_table(table, device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor fingerprint = key_by_scores ? fingerprint_on_device(dt, chunks, device, stream) : at::Tensor();
-  const auto* fp =
-      key_by_scores ? reinterpret_cast<const unsigned long long*>(fingerprint.data_ptr<int64_t>()) : nullptr;
+  const MaskLaunch m = prepare_mask_launch(table, seed, key_by_scores, device, stream);
   const uint64_t full_words = static_cast<uint64_t>(nbytes) / 4;  // 32-bit words wholly inside the output
   // The allocation is 512-byte aligned (the caching allocator), so the words are 4-byte aligned.
   if (full_words > 0) {
     sample_bits_kernel<<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(
-        dt.ref, static_cast<uint64_t>(seed), fp, total, full_words,
-        reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()));
+        m.dt.ref, m.key, full_words, reinterpret_cast<uint32_t*>(out.data_ptr<uint8_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (32 * full_words < total) {
-    tail_bits_kernel<<<1, 32, 0, stream>>>(dt.ref, static_cast<uint64_t>(seed), fp, total, full_words,
-                                           out.data_ptr<uint8_t>());
+    tail_bits_kernel<<<1, 32, 0, stream>>>(m.dt.ref, m.key, full_words, out.data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
