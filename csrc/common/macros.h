@@ -9,6 +9,15 @@
 #define LS_HD inline __attribute__((always_inline))
 #endif
 
+// Host and device like LS_HD, but only `inline` on the host (where LS_HD forces
+// inlining): for dispatchers such as with_score_kind, whose host callers hold
+// the hot loops themselves.
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LS_HD_INLINE __host__ __device__ inline
+#else
+#define LS_HD_INLINE inline
+#endif
+
 // Exactly rounded float arithmetic that no compiler may contract into FMA.
 // The Bernoulli comparison must give the same bits on CPU and GPU, so every
 // step of it goes through these (nvcc contracts a*b+c by default; the host

@@ -33,10 +33,14 @@ template <ScoreKind K>
 using KindConstant = std::integral_constant<int64_t, static_cast<int64_t>(K)>;
 
 // Calls fn(KindConstant<kind>()) for a kind the op has checked: the one switch
-// over kinds, outside the loops, so that each CPU loop is instantiated for one
-// kind and has no per-element branch on it. (Any other value: kGiven.)
+// over kinds, outside the loops, so that each loop is instantiated for one
+// kind and has no per-element branch on it (CUDA: once per step of a few
+// elements, csrc/cuda/sparse_select.cu). (Any other value: kGiven.)
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable  // fn is a host lambda on the CPU, a device one in a kernel
+#endif
 template <typename Fn>
-inline void with_score_kind(int64_t kind, Fn&& fn) {
+LS_HD_INLINE void with_score_kind(int64_t kind, Fn&& fn) {
   switch (static_cast<ScoreKind>(kind)) {
     case ScoreKind::kLargestFinalMagnitude: fn(KindConstant<ScoreKind::kLargestFinalMagnitude>()); break;
     case ScoreKind::kSmallestFinalMagnitude: fn(KindConstant<ScoreKind::kSmallestFinalMagnitude>()); break;

@@ -15,8 +15,8 @@ namespace {
 // slice that follows, in its dtype's buffer, a tensor whose bytes are not a
 // multiple of 16 is misaligned: it keeps the vector loads (two thirds of the
 // traffic) and stores element by element.
-template <typename T>
-__device__ void score_chunk(int64_t kind, const T* x, const T* y, T* out, int64_t n) {
+template <int64_t Kind, typename T>
+__device__ void score_chunk(const T* x, const T* y, T* out, int64_t n) {
   using V = Vec16<T>;
   int64_t done = 0;
   if (aligned16(x) && aligned16(y)) {
@@ -27,7 +27,7 @@ __device__ void score_chunk(int64_t kind, const T* x, const T* y, T* out, int64_
       const V b = reinterpret_cast<const V*>(y)[i];
       V r;
 #pragma unroll
-      for (int k = 0; k < V::kCount; ++k) r.v[k] = score_value<T>(kind, a.v[k], b.v[k]);
+      for (int k = 0; k < V::kCount; ++k) r.v[k] = score_value<T>(Kind, a.v[k], b.v[k]);
       if (vector_out) {
         reinterpret_cast<V*>(out)[i] = r;
       } else {
@@ -37,7 +37,7 @@ __device__ void score_chunk(int64_t kind, const T* x, const T* y, T* out, int64_
     }
     done = nv * V::kCount;
   }
-  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) out[i] = score_value<T>(kind, x[i], y[i]);
+  for (int64_t i = done + threadIdx.x; i < n; i += blockDim.x) out[i] = score_value<T>(Kind, x[i], y[i]);
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -47,7 +47,10 @@ __global__ void __launch_bounds__(kThreads)
   LS_SWITCH_DTYPE(e.dtype, T, {
     const T* x = static_cast<const T*>(e.x) + off;
     const T* y = score_kind_uses_initial(kind) ? static_cast<const T*>(e.y) + off : x;
-    score_chunk<T>(kind, x, y, static_cast<T*>(e.out) + off, len);
+    // The kind's switch once per chunk: each loop instantiated per kind, no per-element branch.
+    with_score_kind(kind, [&](auto kc) {
+      score_chunk<decltype(kc)::value, T>(x, y, static_cast<T*>(e.out) + off, len);
+    });
   });
 }
 

@@ -58,6 +58,17 @@ __device__ __forceinline__ bool in_chunk(int64_t base, int j, int64_t len) {
   return base + j * kThreads + threadIdx.x < len;
 }
 
+// The step's scores, with the switch over kinds once per step instead of once
+// per element (the kind is a runtime value; instantiating the whole loops per
+// kind would multiply this file's instantiations by 7).
+template <typename T>
+__device__ __forceinline__ void score_step(int64_t kind, const StepItems<T>& s, T (&scores)[kItems]) {
+  with_score_kind(kind, [&](auto kc) {
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) scores[j] = sparse_score<T>(decltype(kc)::value, s.x[j], s.y[j]);
+  });
+}
+
 // The chunk's x and y (y null when the kind reads no initial tensor).
 template <typename T>
 struct ChunkData {
@@ -78,10 +89,12 @@ __device__ __forceinline__ void histogram_chunk(ChunkData<T> c, int64_t len, int
   constexpr int bits = static_cast<int>(sizeof(P) * 8);
   for (int64_t base = 0; base < len; base += kStep) {
     const StepItems<T> s = load_step(c.x, c.y, base, len);
+    T scores[kItems];
+    score_step(kind, s, scores);
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {
       if (!in_chunk(base, j, len)) break;
-      const P v = static_cast<P>(sparse_score<T>(kind, s.x[j], s.y[j]));
+      const P v = static_cast<P>(scores[j]);
       const int32_t digit = key_digit(order_key<P>(v), bits, d, prefix);
       if (digit >= 0) atomicAdd(&local[digit], 1u);
     }
@@ -201,8 +214,8 @@ struct Thresholds {
 };
 
 template <typename T>
-__device__ __forceinline__ bool keep(int64_t kind, T x, T y, double threshold) {
-  return passes_threshold(sparse_score<T>(kind, x, y), threshold) && is_nonzero(x);
+__device__ __forceinline__ bool keep(T score, T x, double threshold) {
+  return passes_threshold(score, threshold) && is_nonzero(x);
 }
 
 template <typename T>
@@ -210,8 +223,10 @@ __device__ __forceinline__ uint64_t count_chunk(ChunkData<T> c, int64_t len, int
   uint64_t count = 0;
   for (int64_t base = 0; base < len; base += kStep) {
     const StepItems<T> s = load_step(c.x, c.y, base, len);
+    T scores[kItems];
+    score_step(kind, s, scores);
 #pragma unroll
-    for (int j = 0; j < kItems; ++j) count += in_chunk(base, j, len) && keep(kind, s.x[j], s.y[j], threshold);
+    for (int j = 0; j < kItems; ++j) count += in_chunk(base, j, len) && keep(scores[j], s.x[j], threshold);
   }
   return count;
 }
@@ -243,11 +258,13 @@ __device__ __forceinline__ int64_t compact_chunk(ChunkData<T> c, int64_t off, in
   int64_t written = 0;  // rows of the steps before this one (the same in every thread)
   for (int64_t base = 0; base < len && written < cap; base += kStep) {
     const StepItems<T> s = load_step(c.x, c.y, base, len);
+    T scores[kItems];
+    score_step(kind, s, scores);
     bool kept[kItems];
     unsigned ballots[kItems];
 #pragma unroll
     for (int j = 0; j < kItems; ++j) {
-      kept[j] = in_chunk(base, j, len) && keep(kind, s.x[j], s.y[j], threshold);
+      kept[j] = in_chunk(base, j, len) && keep(scores[j], s.x[j], threshold);
       ballots[j] = __ballot_sync(0xffffffffu, kept[j]);
     }
     if (lane == 0) {
