@@ -1,7 +1,9 @@
 // The Python module layersel_ext._C: loading it registers the ops (ops.cpp and
 // the kernels are linked into it); it also reports how it was built.
 #include <ATen/Parallel.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
 #include <torch/csrc/utils/tensor_numpy.h>
 #include <torch/extension.h>
 #include <torch/version.h>
@@ -90,6 +92,48 @@ std::vector<at::Tensor> detach_all(const std::vector<at::Tensor>& tensors) {
   return out;
 }
 
+// A model's state tensors held in C++ (detached headers, made by StateWalk): the
+// ops take them as their Tensor[] (call_op) and Python makes a tensor object only
+// for the entries it reads (__getitem__). On many_small (2,100 tensors) making
+// and freeing a Python tensor per entry cost ~1 ms per model here, more than
+// the walk and the detach together.
+struct HeldTensors {
+  std::vector<at::Tensor> tensors;
+};
+
+at::Tensor held_at(const HeldTensors& held, int64_t i) {  // Python's indexing: negative from the end
+  const int64_t n = static_cast<int64_t>(held.tensors.size());
+  if (i < 0) i += n;
+  if (i < 0 || i >= n) throw py::index_error("HeldTensors index out of range");
+  return held.tensors[static_cast<size_t>(i)];
+}
+
+// torch.ops.layersel.<name>(*args), with HeldTensors passed as the Tensor[] they
+// hold (no Python tensor per element). Like torch.ops it releases the GIL while
+// the op runs and raises the op's errors as their Python types (ValueError,
+// TypeError...); the dispatcher does the rest as for any call.
+py::object call_op(const std::string& name, const py::args& args) {
+  HANDLE_TH_ERRORS
+  const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(("layersel::" + name).c_str(), "");
+  const std::vector<c10::Argument>& params = op.schema().arguments();
+  TORCH_CHECK(args.size() == params.size(), "call_op: layersel::", name, " takes ", params.size(), " arguments, got ",
+              args.size());
+  torch::jit::Stack stack;
+  stack.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (py::isinstance<HeldTensors>(args[i]))
+      stack.emplace_back(c10::List<at::Tensor>(args[i].cast<const HeldTensors&>().tensors));
+    else
+      stack.push_back(torch::jit::toIValue(args[i], params[i].type()));
+  }
+  {
+    py::gil_scoped_release no_gil;
+    op.callBoxed(&stack);
+  }
+  return torch::jit::createPyObjectForStack(std::move(stack));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 // _model_state's walk of a module tree in one call: (names, detached tensors)
 // exactly as list(model.state_dict().items()) holds them (parameters, then
 // persistent buffers, then children, depth first, "a.b." prefixes), or None
@@ -98,7 +142,9 @@ std::vector<at::Tensor> detach_all(const std::vector<at::Tensor>& tensors) {
 // has state_dict hooks), an entry is not a tensor, or a name repeats. The
 // Python walk (_model_state._collect) is its twin for the torch backend and
 // under torch.compile. On many_small (2,100 tensors) the Python walk and the
-// detach took ~3 ms per model here; the rules are the same.
+// detach took ~3 ms per model here; the rules are the same. The tensors come
+// back as HeldTensors, or as a list when one is not plain (a DTensor, another
+// subclass: _sharded reads those from Python).
 py::str concat(const py::str& a, const py::handle& b) {  // a + b, b a str (else TypeError, as in Python)
   PyObject* joined = PyUnicode_Concat(a.ptr(), b.ptr());
   if (joined == nullptr) throw py::error_already_set();
@@ -113,7 +159,8 @@ class StateWalk {
   py::object run(py::handle module) {
     if (!visit(module, py::str(""))) return py::none();
     if (static_cast<size_t>(py::len(seen_)) != py::len(names_)) return py::none();
-    return py::make_tuple(names_, tensors_);
+    if (all_plain_) return py::make_tuple(names_, std::move(held_));
+    return py::make_tuple(names_, py::cast(held_.tensors));
   }
 
  private:
@@ -160,7 +207,8 @@ class StateWalk {
     if (!THPVariable_Check(value)) return false;
     names_.append(name);
     seen_.add(name);
-    tensors_.append(py::cast(detached(THPVariable_Unpack(value))));
+    held_.tensors.push_back(detached(THPVariable_Unpack(value)));
+    all_plain_ = all_plain_ && plain(held_.tensors.back());
     return true;
   }
 
@@ -202,7 +250,9 @@ class StateWalk {
 
   py::handle bases_[3];
   std::unordered_map<PyTypeObject*, bool> by_type_;
-  py::list names_, tensors_;
+  py::list names_;
+  HeldTensors held_;
+  bool all_plain_ = true;
   py::set seen_;
   py::str dot_{"."};
 };
@@ -270,11 +320,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "layersel_ext compiled kernels (ops are registered as torch.ops.layersel.*)";
   m.def("build_info", &build_info, "How this module was compiled");
   m.def("cpu_threads_used", &cpu_threads_used, "Distinct threads used by at::parallel_for over `items`");
+  py::class_<HeldTensors>(m, "HeldTensors", "A model's state tensors held in C++ (state_items); a read-only sequence")
+      .def("__len__", [](const HeldTensors& h) { return h.tensors.size(); })
+      .def("__getitem__", &held_at)
+      .def("__iter__", [](const HeldTensors& h) { return py::make_iterator(h.tensors.begin(), h.tensors.end()); },
+           py::keep_alive<0, 1>())
+      .def("numels", [](const HeldTensors& h) {
+        std::vector<int64_t> out;
+        out.reserve(h.tensors.size());
+        for (const at::Tensor& t : h.tensors) out.push_back(t.numel());
+        return out;
+      }, "t.numel() of each tensor")
+      .def("dtypes", [](const HeldTensors& h) {
+        std::vector<at::ScalarType> out;
+        out.reserve(h.tensors.size());
+        for (const at::Tensor& t : h.tensors) out.push_back(t.scalar_type());
+        return out;
+      }, "t.dtype of each tensor");
+  m.def("call_op", &call_op, "torch.ops.layersel.<name>(*args), HeldTensors passed as their Tensor[]");
   m.def("detach_all", &detach_all, "t.detach() for each tensor, without a dispatcher call per tensor");
   m.def("state_items", &state_items,
         "(names, detached tensors) of a module's state_dict, or None where state_dict() must run");
   m.def("flatten_dense", &flatten_dense, "torch.cat of every tensor flattened, without a view per tensor");
   m.def("numpy_all", &numpy_all, "t.numpy() for each CPU tensor, or None when one is not CPU or needs grad");
+  m.def("views_like", [](const std::vector<at::Tensor>& buffers, const HeldTensors& like) {
+    return views_like(buffers, like.tensors);
+  });
   m.def("views_like", &views_like, "Views of flat per-dtype buffers shaped like each tensor of `like`");
   // The compact COO wire codec (layersel_ext/wire_coo.py), without the GIL.
   m.def("coo_encode", &layersel::coo_encode, "Compact COO positions and value bytes (cpu/wire_coo.h)",

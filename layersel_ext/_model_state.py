@@ -12,6 +12,8 @@ overridden ``state_dict`` / ``_save_to_state_dict``, extra state) goes through t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
 from . import ops
@@ -62,9 +64,11 @@ def _detached(items: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
     return [(name, t) for (name, _), t in zip(items, detached)]
 
 
-def state_lists(model: nn.Module) -> tuple[list[str], list[Tensor]]:
+def state_lists(model: nn.Module) -> tuple[list[str], Sequence[Tensor]]:
     """``state_items`` as (names, tensors). With the compiled backend the walk and the detach are one
-    C++ call (``_C.state_items``, ``_collect``'s twin), which returns None where ``state_dict()`` must run."""
+    C++ call (``_C.state_items``, ``_collect``'s twin), which returns None where ``state_dict()`` must run;
+    its tensors stay held in C++ (``ops.HELD``: the ops take them without a Python tensor per entry)
+    unless one is a tensor subclass (a DTensor), when they come as a list."""
     helpers = ops.compiled_helpers()
     if helpers is not None and isinstance(model, nn.Module):
         walked = helpers.state_items(model, _BASE_STATE_DICT, _BASE_SAVE, _BASE_EXTRA_STATE)
@@ -95,7 +99,7 @@ def state_items(model: nn.Module) -> list[tuple[str, Tensor]]:
 
 def paired_state(
     model: nn.Module, initial_model: nn.Module | None, what: str
-) -> tuple[list[str], list[Tensor], list[Tensor]]:
+) -> tuple[list[str], Sequence[Tensor], Sequence[Tensor]]:
     """Names and tensors of both models, matched by name (KeyError naming the first missing one).
 
     Shapes, dtypes and devices are checked by the kernels themselves (one pass in C++, not three
@@ -121,7 +125,7 @@ def paired_state(
     return names, xs, [initial[n] for n in names]
 
 
-def single_state(model: nn.Module, what: str) -> tuple[list[str], list[Tensor]]:
+def single_state(model: nn.Module, what: str) -> tuple[list[str], Sequence[Tensor]]:
     names, xs = state_lists(model)
     if not names:
         raise ValueError(f"{what}: the model has no state_dict entries (an empty model)")

@@ -63,7 +63,7 @@ def has_dtensor(*lists: Sequence[Tensor] | None) -> bool:
     if cls is None:
         return False
     for tensors in lists:
-        if tensors:
+        if tensors and not isinstance(tensors, ops.HELD):  # held tensors are plain ones
             kinds = list(map(type, tensors))
             if kinds.count(Tensor) != len(kinds) and any(issubclass(k, cls) for k in set(kinds)):
                 return True

@@ -9,6 +9,7 @@ Change ``from fl4health.parameter_exchange.parameter_selection_criteria import X
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Callable, Optional, Union
 
@@ -90,15 +91,17 @@ class LayerSelectionFunctionConstructor:
 # ---------------------------------------------------------------------------------------------- drift norms
 
 
-def _sharded_state(names: list[str], xs: list[Tensor], ys: list[Tensor], what: str) -> _sharded.ShardedState | None:
+def _sharded_state(
+    names: list[str], xs: Sequence[Tensor], ys: Sequence[Tensor], what: str
+) -> _sharded.ShardedState | None:
     """The local shards and layouts when any entry is a DTensor (FSDP2 / distribute_tensor), else None."""
     return _sharded.ShardedState(names, xs, ys, what) if _sharded.has_dtensor(xs, ys) else None
 
 
 def _drift_norms(
     names: list[str],
-    xs: list[Tensor],
-    ys: list[Tensor],
+    xs: Sequence[Tensor],
+    ys: Sequence[Tensor],
     normalize: bool,
     what: str,
     sharded: _sharded.ShardedState | None = None,
@@ -119,7 +122,7 @@ def _drift_norms(
             sq = ops.drift_sq_norms(xs, ys).cpu().numpy()
         except (RuntimeError, ValueError, TypeError) as exc:
             explain_failure(exc, names, xs, ys, what)
-    numel = np.array([x.numel() for x in xs], dtype=np.float32)
+    numel = np.array(ops.numels(xs), dtype=np.float32)
     with np.errstate(over="ignore"):
         norms = np.sqrt(sq.astype(np.float32))
     single = numel == 1  # torch's norm of one element is |d|: the root of the op's exact square
@@ -205,7 +208,7 @@ def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
 
 
 def _selected_to_numpy(
-    names: list[str], xs: list[Tensor], keep: list[int], sharded: _sharded.ShardedState | None
+    names: list[str], xs: Sequence[Tensor], keep: list[int], sharded: _sharded.ShardedState | None
 ) -> tuple[NDArrays, list[str]]:
     """The kept layers as numpy arrays; sharded ones gathered to full size (one collective for all)."""
     kept_names = [names[i] for i in keep]

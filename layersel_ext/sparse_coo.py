@@ -114,7 +114,7 @@ def select_sparse_parameters(
             ys: list[Tensor] | None = y_list
         else:
             (names, xs), ys = single_state(model, what), None
-        score_dtypes = [x.dtype for x in xs]
+        score_dtypes = ops.dtypes(xs)
     else:
         kind = ScoreKind.GIVEN
         score_dict = score_gen_function(model, initial_model)
@@ -130,7 +130,7 @@ def select_sparse_parameters(
                 raise ValueError(f"layer {n!r}: shape {tuple(x.shape)} in model but its scores have {tuple(sc.shape)}")
         score_dtypes = [sc.dtype for sc in ys]
 
-    total = sum(x.numel() for x in xs)
+    total = sum(ops.numels(xs))
     top = math.ceil(total * sparsity_level)
     if top < 1:
         raise ValueError(f"{what}: no parameter would be selected ({total} scores, sparsity {sparsity_level})")
@@ -146,7 +146,7 @@ def select_sparse_parameters(
         values, indices = one_go or _threshold_then_extract(kind, top, xs, ys, sharded, promoted, score_dtypes)
     except (RuntimeError, ValueError, TypeError) as exc:
         explain_failure(exc, names, xs, ys if fused is not None and uses_initial(kind) else None, what)
-    kept = [i for i, x in enumerate(xs) if x.dim() > 0 and values[i].numel() > 0]
+    kept = [i for i, v in enumerate(values) if v.numel() > 0 and xs[i].dim() > 0]
     kept_names = [names[i] for i in kept]
     # Values and indices of every kept tensor to the host together: zero-copy on the CPU, one
     # batched transfer (one sync) from a GPU instead of two per tensor.

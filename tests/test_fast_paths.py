@@ -131,6 +131,125 @@ def test_views_like_refuses_a_layout_that_does_not_add_up():
         COMPILED.views_like([torch.zeros(5)], [torch.zeros(3)])
 
 
+def _mixed_model() -> nn.Module:
+    """Float32 and float64 parameters, an int64 buffer, a 0-d and an empty buffer."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2).double())
+    model.register_buffer("scalar", torch.tensor(2.5))
+    model.register_buffer("empty", torch.zeros(0, 2))
+    return model
+
+
+@needs_compiled
+def test_held_state_is_a_sequence_of_the_state_dicts_tensors():
+    """The compiled walk's HeldTensors read as the list of state_dict() tensors: detached headers on
+    the same storages, Python's indexing (negative from the end, IndexError past it), numels, dtypes."""
+    from layersel_ext import _model_state
+
+    model = _mixed_model()
+    names, held = _model_state.state_lists(model)
+    expected = list(model.state_dict().items())
+    assert isinstance(held, ops.HELD) and names == [n for n, _ in expected] and len(held) == len(expected)
+    for got, (_, ref) in zip(held, expected):
+        assert type(got) is torch.Tensor and not got.requires_grad
+        assert (got.dtype, got.shape, got.stride(), got.data_ptr()) == (
+            ref.dtype,
+            ref.shape,
+            ref.stride(),
+            ref.data_ptr(),
+        )
+    assert held[-1].data_ptr() == expected[-1][1].data_ptr() and held[0].shape == expected[0][1].shape
+    with pytest.raises(IndexError):
+        held[len(held)]
+    with pytest.raises(IndexError):
+        held[-len(held) - 1]
+    assert held.numels() == [t.numel() for _, t in expected] == ops.numels(held)
+    assert held.dtypes() == [t.dtype for _, t in expected] == ops.dtypes(held)
+
+
+@needs_compiled
+def test_ops_take_held_state_as_they_take_lists():
+    """Every op that reads a model gives through _C.call_op (held tensors) what torch.ops gives for
+    the same tensors in lists, and refuses the same calls with the same error type and message."""
+    from layersel_ext import _model_state
+
+    model, initial = _mixed_model(), _mixed_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    _, xs = _model_state.state_lists(model)
+    _, ys = _model_state.state_lists(initial)
+    lx, ly = list(xs), list(ys)
+    assert torch.equal(ops.drift_sq_norms(xs, ys), ops.drift_sq_norms(lx, ly))
+    for kind in range(6):
+        for a, b in zip(ops.scores(xs, ys, kind), ops.scores(lx, ly, kind)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        kth = ops.kth_largest_score(xs, ys, kind, 5, torch.float64)
+        assert torch.equal(kth, ops.kth_largest_score(lx, ly, kind, 5, torch.float64))
+        thresholds = [0.5] * len(lx)
+        for got, want in zip(
+            ops.sparse_extract(xs, ys, kind, thresholds), ops.sparse_extract(lx, ly, kind, thresholds)
+        ):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    floats = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4))  # float32 beside an int64 buffer: one go
+    _, fx = _model_state.state_lists(floats)
+    got, want = ops.sparse_select(fx, None, 0, 7), ops.sparse_select(list(fx), None, 0, 7)
+    assert got is not None and want is not None
+    assert all(torch.equal(a, b) for a, b in zip(got[0] + got[1], want[0] + want[1]))
+    other = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(3), nn.Linear(3, 2).double())
+    other.register_buffer("scalar", torch.tensor(2.5))
+    other.register_buffer("empty", torch.zeros(0, 2))
+    _, zs = _model_state.state_lists(other)
+    for call in (lambda a, b: ops.drift_sq_norms(a, b), lambda a, b: ops.scores(a, b, 2)):
+        with pytest.raises(ValueError) as by_held:
+            call(xs, zs)
+        with pytest.raises(ValueError) as by_list:
+            call(lx, list(zs))
+        assert str(by_held.value) == str(by_list.value) and "shape" in str(by_held.value)
+    with pytest.raises(ValueError, match="got 11 model tensors but 1 initial"):
+        ops.drift_sq_norms(xs, [torch.zeros(1)])
+
+
+@needs_compiled
+def test_call_op_releases_the_gil():
+    """Like torch.ops, _C.call_op lets other Python threads run while the kernel runs (a client's
+    network threads keep going during selection). With a switch interval of a minute the main
+    thread gives the GIL up only where a call releases it: the other thread, ready to run once
+    ``go`` is set, runs only inside such a call."""
+    import sys
+    import threading
+
+    from layersel_ext import _model_state
+
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])
+    _, xs = _model_state.state_lists(model)
+    ran: list[bool] = []
+    started, go = threading.Event(), threading.Event()
+
+    def other() -> None:
+        started.set()
+        go.wait()
+        ran.append(True)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(60)
+    thread = threading.Thread(target=other)
+    try:
+        thread.start()
+        started.wait()
+        go.set()  # from here the other thread needs the GIL, and only a releasing call gives it up
+        for _ in range(5000):
+            ops.drift_sq_norms(xs, xs)
+            if ran:
+                break
+        ran_during_a_call = bool(ran)
+    finally:
+        go.set()
+        sys.setswitchinterval(interval)
+        thread.join()
+    assert ran_during_a_call
+
+
 def test_scores_through_both_backends_agree_on_many_small_tensors(backend):
     torch.manual_seed(1)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)) for _ in range(40)])
