@@ -142,16 +142,9 @@ __global__ void tail_bits_kernel(TableRef table, MaskKey key, uint64_t full_word
   const PhiloxStream stream = key.stream();
   bool bit = false;
   if (g < total) {
-    int32_t lo = 0, hi = table.n - 1;
-    while (lo < hi) {
-      const int32_t mid = lo + (hi - lo + 1) / 2;
-      if (static_cast<uint64_t>(table.entries[mid].base) <= g) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    const TensorEntry& e = table.entries[lo];
+    const TensorEntry* entries = table.entries;
+    const TensorEntry& e = entries[last_at_or_below(table.n, static_cast<int64_t>(g),
+                                                    [entries](int32_t i) { return entries[i].base; })];
     const uint64_t j = g - static_cast<uint64_t>(e.base);
     LS_SWITCH_FLOAT_DTYPE(e.dtype, T, { bit = sample_bit(stream, static_cast<const T*>(e.x) + j, g); });
   }

@@ -101,6 +101,17 @@ static void test_chunk_table() {
     covered[t] += (sizes[t] - off < c ? sizes[t] - off : c);
   }
   for (int i = 0; i < n; ++i) LS_CHECK(covered[i] == sizes[i]);
+  // By element (CUDA's tail bits): the tensor holding element g is the last whose first element is
+  // at or below g, past the empty tensors that share its first element.
+  const int64_t elements[] = {0, 3, 0, 0, 1, 5, 0};
+  const int32_t m = 7;
+  int64_t base[m] = {0};
+  for (int i = 1; i < m; ++i) base[i] = base[i - 1] + elements[i - 1];
+  for (int64_t g = 0; g < base[m - 1] + elements[m - 1]; ++g) {
+    const int32_t t = last_at_or_below(m, g, [&](int32_t i) { return base[i]; });
+    LS_CHECK(elements[t] > 0 && base[t] <= g && g < base[t] + elements[t]);
+  }
+  LS_CHECK(last_at_or_below(1, 0, [&](int32_t i) { return base[i]; }) == 0);
 }
 
 static void test_scores() {
