@@ -109,22 +109,32 @@ at::Tensor held_at(const HeldTensors& held, int64_t i) {  // Python's indexing: 
 }
 
 // torch.ops.layersel.<name>(*args), with HeldTensors passed as the Tensor[] they
-// hold (no Python tensor per element). Like torch.ops it releases the GIL while
-// the op runs and raises the op's errors as their Python types (ValueError,
-// TypeError...); the dispatcher does the rest as for any call.
+// hold (no Python tensor per element): each other argument converted by the
+// schema as torch.ops converts it (its error names the argument), trailing
+// ones left out take the schema's defaults. Like torch.ops it releases the GIL
+// while the op runs and raises the op's errors as their Python types
+// (ValueError, TypeError...); the dispatcher does the rest as for any call.
+// What it skips is __torch_function__ (ops._call goes through torch.ops when a
+// mode or an overriding tensor wants it).
 py::object call_op(const std::string& name, const py::args& args) {
   HANDLE_TH_ERRORS
   const c10::OperatorHandle op = c10::Dispatcher::singleton().findSchemaOrThrow(("layersel::" + name).c_str(), "");
-  const std::vector<c10::Argument>& params = op.schema().arguments();
-  TORCH_CHECK(args.size() == params.size(), "call_op: layersel::", name, " takes ", params.size(), " arguments, got ",
-              args.size());
+  const c10::FunctionSchema& schema = op.schema();
+  const std::vector<c10::Argument>& params = schema.arguments();
+  TORCH_CHECK_TYPE(args.size() <= params.size(), "layersel::", name, " takes ", params.size(), " arguments, got ",
+                   args.size());
   torch::jit::Stack stack;
   stack.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    if (py::isinstance<HeldTensors>(args[i]))
+    if (i >= args.size()) {
+      TORCH_CHECK_TYPE(params[i].default_value().has_value(), "layersel::", name, " missing argument '",
+                       params[i].name(), "'");
+      stack.push_back(*params[i].default_value());
+    } else if (py::isinstance<HeldTensors>(args[i])) {
       stack.emplace_back(c10::List<at::Tensor>(args[i].cast<const HeldTensors&>().tensors));
-    else
-      stack.push_back(torch::jit::toIValue(args[i], params[i].type()));
+    } else {
+      stack.push_back(torch::jit::argumentToIValue(schema, i, args[i]));
+    }
   }
   {
     py::gil_scoped_release no_gil;

@@ -60,7 +60,7 @@ def _device(tensors: Sequence[Tensor]) -> torch.device:
 # A model's state tensors as the compiled walk holds them (``_model_state.state_lists``,
 # csrc/python_module.cpp): a read-only sequence that makes a Python tensor only for the entry read.
 # The ops take it as it is (``_call``); ``numels`` and ``dtypes`` read it without a tensor per entry.
-HELD: tuple[type, ...] = (COMPILED.HeldTensors,) if COMPILED is not None else ()
+HELD: tuple[type, ...] = (COMPILED.HeldTensors,) if hasattr(COMPILED, "HeldTensors") else ()
 
 
 def _arg(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
@@ -71,9 +71,15 @@ def _arg(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
 def _call(name: str, *args):
     """``torch.ops.layersel.<name>(*args)``; with held tensors among the arguments, through
     ``_C.call_op``, which passes them as the op's Tensor[] (the same dispatcher call, no Python
-    tensor per entry: on a model of 2,000 small tensors that was ~1 ms per model per call)."""
+    tensor per entry: on a model of 2,000 small tensors that was ~1 ms per model per call). It
+    skips ``__torch_function__``: while a TorchFunctionMode is active, or a tensor of another
+    argument overrides it, the held tensors go to ``torch.ops`` as a list instead."""
     if any(isinstance(a, HELD) for a in args):
-        return COMPILED.call_op(name, *args)
+        if not torch._C._is_torch_function_mode_enabled() and not any(
+            isinstance(a, list) and torch._C._has_torch_function(a) for a in args
+        ):
+            return COMPILED.call_op(name, *args)
+        args = tuple(list(a) if isinstance(a, HELD) else a for a in args)
     return getattr(torch.ops.layersel, name)(*args)
 
 

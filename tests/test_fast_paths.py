@@ -211,6 +211,45 @@ def test_ops_take_held_state_as_they_take_lists():
 
 
 @needs_compiled
+def test_call_op_converts_as_torch_ops_and_leaves_torch_function_to_it():
+    """_C.call_op converts arguments by the op's schema (the same error naming the argument, the
+    schema's defaults for trailing ones); a TorchFunctionMode still sees the ops of a public
+    function (held tensors then go to torch.ops as a list), with the same answer."""
+    from torch.overrides import TorchFunctionMode
+
+    from layersel_ext import _model_state
+
+    model = _mixed_model()
+    _, held = _model_state.state_lists(model)
+    for call in (
+        lambda: COMPILED.call_op("scores", held, held, "x"),
+        lambda: torch.ops.layersel.scores(list(held), list(held), "x"),
+    ):
+        with pytest.raises(RuntimeError, match="argument 'kind'"):
+            call()
+    scores = [torch.randn(3, 4), torch.randn(5)]
+    assert torch.equal(
+        COMPILED.call_op("sample_masks", scores, 7, torch.uint8),
+        torch.ops.layersel.sample_masks(scores, 7, torch.uint8),
+    )
+    with pytest.raises(TypeError, match="missing argument 'seed'"):
+        COMPILED.call_op("sample_masks", scores)
+    seen: list[str] = []
+
+    class Seen(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    initial = _mixed_model()
+    want = L.layer_drift_norms(model, initial)
+    with Seen():
+        got = L.layer_drift_norms(model, initial)
+    assert list(got) == list(want) and np.array_equal(list(got.values()), list(want.values()), equal_nan=True)
+    assert any("drift_sq_norms" in f for f in seen)
+
+
+@needs_compiled
 def test_call_op_releases_the_gil():
     """Like torch.ops, _C.call_op lets other Python threads run while the kernel runs (a client's
     network threads keep going during selection). With a switch interval of a minute the main
