@@ -96,6 +96,14 @@ def extension_modules():
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-maybe-uninitialized"]
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-ffp-contract=off"]
     include_dirs = [str(ROOT / "csrc")]
+    try:  # numpy's C API for _C.numpy_all's arrays (csrc/python_module.cpp); without it torch makes them
+        import numpy
+
+        include_dirs.append(numpy.get_include())
+        cxx_flags.append("-DLAYERSEL_WITH_NUMPY")
+        numpy_build = numpy.__version__
+    except ImportError:
+        numpy_build = None
     arch_list = ""
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
@@ -127,6 +135,7 @@ def extension_modules():
         "cuda": with_cuda,
         "cuda_reason": why,
         "cuda_arch_list": arch_list,
+        "numpy": numpy_build,
         "nvcc": nvcc.path,
         "nvcc_version": nvcc.version,
         "sources": sources,

@@ -91,6 +91,11 @@ def dtypes(tensors: Sequence[Tensor]) -> list[torch.dtype]:
     return tensors.dtypes() if isinstance(tensors, HELD) else [t.dtype for t in tensors]
 
 
+def take(tensors: Sequence[Tensor], indices: Sequence[int]) -> Sequence[Tensor]:
+    """The tensors at ``indices`` (held ones stay held)."""
+    return tensors.take(list(indices)) if isinstance(tensors, HELD) else [tensors[i] for i in indices]
+
+
 def enable_dtensor_ops() -> bool:
     """Let ``torch.ops.layersel.*`` take DTensors (``_dtensor_ops``): done by itself at import of
     layersel_ext when ``torch.distributed.tensor`` is imported already, or when a public function

@@ -154,10 +154,10 @@ def layer_drift_norms(model: nn.Module, initial_model: nn.Module, normalize: boo
     return dict(zip(names, _drift_norms(names, xs, ys, normalize, what, _sharded_state(names, xs, ys, what))))
 
 
-def _to_numpy(names: list[str], tensors: list[Tensor]) -> NDArrays:
+def _to_numpy(names: list[str], tensors: Sequence[Tensor]) -> NDArrays:
     """``tensor.cpu().numpy()`` for each (CPU: zero copy); CUDA tensors come over in one batched transfer."""
-    for name, t in zip(names, tensors):
-        if t.dtype == torch.bfloat16:
+    for name, dtype in zip(names, ops.dtypes(tensors)):
+        if dtype == torch.bfloat16:
             raise TypeError(f"layer {name!r}: dtype torch.bfloat16 cannot become a numpy array (numpy has no bfloat16)")
     if not tensors or tensors[0].device.type != "cuda":
         helpers = ops.compiled_helpers()
@@ -212,7 +212,7 @@ def _selected_to_numpy(
 ) -> tuple[NDArrays, list[str]]:
     """The kept layers as numpy arrays; sharded ones gathered to full size (one collective for all)."""
     kept_names = [names[i] for i in keep]
-    kept = [xs[i] for i in keep] if sharded is None else sharded.full_model_tensors(keep)
+    kept = ops.take(xs, keep) if sharded is None else sharded.full_model_tensors(keep)
     return _to_numpy(kept_names, kept), kept_names
 
 

@@ -168,6 +168,49 @@ def test_held_state_is_a_sequence_of_the_state_dicts_tensors():
 
 
 @needs_compiled
+def test_numpy_all_is_numpy():
+    """_C.numpy_all's arrays are t.numpy()'s: dtype, shape, strides, the same memory, writeable;
+    each keeps its memory alive (its tensor gone, its parameter's storage swapped) and, as after
+    t.numpy(), the storage under it can no longer be resized. Held tensors give the same arrays."""
+    import gc
+
+    tensors = [t for t in odd_tensors() if t.dtype != torch.bfloat16]
+    tensors += [torch.randn(4, 5).t(), torch.randn(3, 2)[1:], torch.zeros(0), torch.randn(2, 3, dtype=torch.complex128)]
+    tensors += [torch.arange(6, dtype=dt).view(2, 3) for dt in (torch.uint8, torch.int8, torch.int16, torch.int32)]
+    tensors += [torch.randn(5).half(), torch.tensor(True)]
+    for t, a in zip(tensors, COMPILED.numpy_all(tensors)):
+        ref = t.numpy()
+        assert (a.dtype, a.shape, a.strides) == (ref.dtype, ref.shape, ref.strides)
+        assert np.array_equal(a, ref) and a.flags.writeable and a.flags.aligned
+        if t.numel():
+            assert a.ctypes.data == t.data_ptr()
+    t = torch.zeros(3)
+    (a,) = COMPILED.numpy_all([t])
+    a[1] = 5  # zero copy both ways
+    assert t[1] == 5
+    with pytest.raises(RuntimeError, match="not resizable"):
+        t.resize_(1000)
+    layer = nn.Linear(3, 2)
+    (w,) = COMPILED.numpy_all([layer.weight.detach()])
+    kept = w.copy()
+    layer.weight.data = torch.zeros(2, 3)
+    del layer
+    gc.collect()
+    assert np.array_equal(w, kept)
+    from layersel_ext import _model_state
+
+    model = _mixed_model()
+    _, held = _model_state.state_lists(model)
+    keep = [4, 0, -1, 2]
+    picked = ops.take(held, keep)
+    assert isinstance(picked, ops.HELD) and len(picked) == 4 and picked[2].data_ptr() == held[-1].data_ptr()
+    with pytest.raises(IndexError):
+        ops.take(held, [len(held)])
+    for a, b in zip(COMPILED.numpy_all(picked), COMPILED.numpy_all([held[i] for i in keep])):
+        assert (a.dtype, a.shape, a.strides, a.ctypes.data) == (b.dtype, b.shape, b.strides, b.ctypes.data)
+
+
+@needs_compiled
 def test_ops_take_held_state_as_they_take_lists():
     """Every op that reads a model gives through _C.call_op (held tensors) what torch.ops gives for
     the same tensors in lists, and refuses the same calls with the same error type and message."""
