@@ -5,7 +5,8 @@ Switches (environment variables):
                        fix) when that cannot work: CPU-only torch, no nvcc, nvcc that does not run,
                        nvcc's CUDA major version differing from torch's
   LAYERSEL_CUDA=0      CPU-only build
-  (unset)              CUDA when it can work, else the CPU kernels, with the reason logged (never aborts)
+  (unset)              CUDA when a GPU is visible and the toolkit matches torch's, else the CPU kernels,
+                       with the reason logged (never aborts)
   TORCH_CUDA_ARCH_LIST architectures to compile for (default: the visible GPU's, else "8.0;9.0+PTX")
   LAYERSEL_NO_EXT=1    install the pure-torch package only (no compiler needed)
 
@@ -82,13 +83,13 @@ def extension_modules():
     cpp_extension = import_cpp_extension()
     cuda_home = cpp_extension.CUDA_HOME
     nvcc = cuda_decision.probe_nvcc(os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None)
+    gpus = torch.cuda.device_count() if (torch.version.cuda and torch.cuda.is_available()) else 0
     try:
         with_cuda, why = cuda_decision.decide_cuda(
-            os.environ.get("LAYERSEL_CUDA"), torch.__version__, torch.version.cuda, nvcc
+            os.environ.get("LAYERSEL_CUDA"), torch.__version__, torch.version.cuda, nvcc, gpus=gpus
         )
     except cuda_decision.CudaBuildError as exc:
         raise SystemExit(f"[layersel_ext setup] error: {exc}") from None
-    gpus = torch.cuda.device_count() if (torch.version.cuda and torch.cuda.is_available()) else 0
     sources = ["csrc/ops.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -Wno-maybe-uninitialized: GCC 12 reports ~13,000 lines of false -Wmaybe-uninitialized from
     # inside its own AVX-512 intrinsic headers (the `__m512 __Y = __Y;` idiom of _mm512_undefined_*)

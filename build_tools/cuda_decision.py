@@ -7,7 +7,9 @@ compiling anything.
 
 Policy: ``LAYERSEL_CUDA`` unset (auto) never aborts a build; whatever stands in the way of the CUDA
 compile (CPU-only torch, no nvcc, an nvcc that does not run, a toolkit whose major version differs
-from torch's, on which torch's own check would raise) gives a CPU-kernel build and says why.
+from torch's, on which torch's own check would raise) gives a CPU-kernel build and says why. Auto
+also builds the CPU kernels alone when no GPU is visible: the CUDA kernels could not run there, and
+compiling them costs minutes on every install.
 ``LAYERSEL_CUDA=1`` turns each of those into a one-line error with the fix; ``LAYERSEL_CUDA=0``
 never looks at CUDA.
 
@@ -85,11 +87,14 @@ def _major(version: str) -> str:
     return version.split(".", 1)[0]
 
 
-def decide_cuda(switch: str | None, torch_version: str, torch_cuda: str | None, nvcc: Nvcc) -> tuple[bool, str]:
+def decide_cuda(
+    switch: str | None, torch_version: str, torch_cuda: str | None, nvcc: Nvcc, *, gpus: int
+) -> tuple[bool, str]:
     """(compile the CUDA kernels?, why). Raises CudaBuildError only when forced (or the switch is invalid).
 
     switch: LAYERSEL_CUDA's value; torch_version: torch.__version__; torch_cuda: torch.version.cuda;
-    nvcc: the nvcc torch's build would call (``$CUDA_HOME/bin/nvcc``), probed with ``--version``.
+    nvcc: the nvcc torch's build would call (``$CUDA_HOME/bin/nvcc``), probed with ``--version``;
+    gpus: how many CUDA devices torch sees.
     """
     mode = switch_mode(switch)
     if mode == "off":
@@ -122,6 +127,8 @@ def decide_cuda(switch: str | None, torch_version: str, torch_cuda: str | None, 
     )
     if mode == "on":
         return True, f"forced by LAYERSEL_CUDA=1 (nvcc {nvcc.version} at {nvcc.path}, torch CUDA {torch_cuda}{minor})"
+    if gpus == 0:
+        return False, "no CUDA device is visible; CPU kernels only (LAYERSEL_CUDA=1 compiles the CUDA kernels anyway)"
     return True, f"torch has CUDA {torch_cuda} and nvcc {nvcc.version} is at {nvcc.path}{minor}"
 
 

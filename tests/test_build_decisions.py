@@ -82,17 +82,28 @@ FORCED_FAILURES = [
 
 @pytest.mark.parametrize(("switch", "torch_cuda", "nvcc", "expected", "reason"), CASES)
 def test_decide_cuda(switch, torch_cuda, nvcc, expected, reason) -> None:
-    with_cuda, why = cd.decide_cuda(switch, "2.6.0", torch_cuda, nvcc)
+    with_cuda, why = cd.decide_cuda(switch, "2.6.0", torch_cuda, nvcc, gpus=1)
     assert with_cuda is expected
     assert reason in why
     assert "\n" not in why
+
+
+def test_auto_without_a_visible_gpu_builds_cpu_kernels_only() -> None:
+    """A toolkit that matches torch is not enough in auto mode: with no GPU the CUDA kernels could not
+    run, and every install would pay for compiling them. LAYERSEL_CUDA=1 still compiles them."""
+    for switch in (None, "", "auto"):
+        with_cuda, why = cd.decide_cuda(switch, "2.14.1", "13.0", NVCC_13, gpus=0)
+        assert with_cuda is False
+        assert "no CUDA device is visible" in why and "LAYERSEL_CUDA=1" in why and "\n" not in why
+    assert cd.decide_cuda("1", "2.14.1", "13.0", NVCC_13, gpus=0)[0] is True
+    assert cd.decide_cuda(None, "2.14.1", "13.0", NVCC_13, gpus=2)[0] is True
 
 
 @pytest.mark.parametrize(("torch_cuda", "nvcc", "message"), FORCED_FAILURES)
 def test_forced_cuda_fails_with_reason_and_fix(torch_cuda, nvcc, message) -> None:
     for switch in ("1", "on", "true", " YES "):
         with pytest.raises(cd.CudaBuildError) as info:
-            cd.decide_cuda(switch, "2.6.0", torch_cuda, nvcc)
+            cd.decide_cuda(switch, "2.6.0", torch_cuda, nvcc, gpus=1)
         text = str(info.value)
         assert text.startswith(message)
         assert "\n" not in text and "unset LAYERSEL_CUDA" in text
@@ -100,7 +111,7 @@ def test_forced_cuda_fails_with_reason_and_fix(torch_cuda, nvcc, message) -> Non
 
 def test_invalid_switch_is_an_error() -> None:
     with pytest.raises(cd.CudaBuildError, match="LAYERSEL_CUDA must be 1, 0 or unset"):
-        cd.decide_cuda("maybe", "2.14.1", "13.0", NVCC_13)
+        cd.decide_cuda("maybe", "2.14.1", "13.0", NVCC_13, gpus=1)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +148,7 @@ def test_probe_nvcc(tmp_path: Path) -> None:
     assert "exited 127" in cd.probe_nvcc(failing).error
     # each of them gives a CPU build in auto mode
     for broken in (failing, mute, str(not_executable)):
-        assert cd.decide_cuda(None, "2.14.1", "13.0", cd.probe_nvcc(broken))[0] is False
+        assert cd.decide_cuda(None, "2.14.1", "13.0", cd.probe_nvcc(broken), gpus=1)[0] is False
 
 
 def _env(**env: str | None) -> dict[str, str]:
@@ -156,7 +167,6 @@ def _run(args: list[str], **env: str | None) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.mark.slow
 def test_setup_py_forced_cuda_mismatch_is_one_line(tmp_path: Path) -> None:
     """setup.py itself: LAYERSEL_CUDA=1 with an unusable toolkit stops before compiling, in one line, no traceback."""
     (tmp_path / "bin").mkdir()
