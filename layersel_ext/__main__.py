@@ -18,9 +18,10 @@ def info() -> int:
     print(f"layersel_ext {layersel_ext.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"CUDA device: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}")
-    # On success LOAD_REASON only says "compiled module loaded": the reason is shown when it is not loaded.
-    loaded = _loader.COMPILED is not None
-    print(f"compiled module: {'loaded' if loaded else f'NOT loaded ({_loader.LOAD_REASON})'}")
+    if _loader.COMPILED is not None:
+        print(f"compiled module: {_loader.LOAD_REASON.removeprefix('compiled module ')}")
+    else:
+        print(f"compiled module: NOT loaded, the slower pure-torch backend runs ({_loader.LOAD_REASON})")
     if _loader.COMPILED is not None:
         print(f"compiled module build info: {json.dumps(_loader.COMPILED.build_info())}")
         print(

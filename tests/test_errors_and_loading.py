@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -159,6 +160,48 @@ def test_import_never_crashes_without_compiled_module():
     assert "BACKEND torch" in r.stdout
     assert "compiled kernels unavailable" in r.stderr and "installed torch" in r.stderr
     assert r.stderr.count("compiled kernels unavailable") == 1  # warned once
+
+
+def _copy_package(dest: Path, with_build: bool) -> None:
+    skip = ["__pycache__"] + ([] if with_build else ["_C.*", "_build_record*"])
+    shutil.copytree(ROOT / "layersel_ext", dest / "layersel_ext", ignore=shutil.ignore_patterns(*skip))
+
+
+def _info_from(cwd: Path, pythonpath: str) -> subprocess.CompletedProcess:
+    return subprocess.run(  # noqa: PLW1510 (the return code is asserted)
+        [sys.executable, "-m", "layersel_ext", "info"], cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": pythonpath, "LAYERSEL_BACKEND": ""},
+    )  # fmt: skip
+
+
+def test_a_source_tree_without_a_build_uses_the_installed_build(tmp_path):
+    """`pip install .`, then `python -m layersel_ext info` inside the clone: the clone's sources are
+    imported, the installed compiled module is used, and info names where it came from."""
+    from layersel_ext import _loader
+
+    if _loader.COMPILED is None:
+        pytest.skip("compiled module not loaded")
+    clone, site = tmp_path / "clone", tmp_path / "site"
+    _copy_package(clone, with_build=False)
+    _copy_package(site, with_build=True)
+    r = _info_from(clone, str(site))
+    assert r.returncode == 0, r.stderr
+    assert f"compiled module: loaded from the installed build in {site / 'layersel_ext'}" in r.stdout
+    assert "active backend: compiled" in r.stdout
+    assert '"torch_version"' in r.stdout  # the installed build's record
+    assert "RuntimeWarning" not in r.stderr
+
+
+def test_no_build_anywhere_is_one_warning_line_and_info_says_so(tmp_path):
+    _copy_package(tmp_path, with_build=False)
+    r = _info_from(tmp_path, "")
+    assert r.returncode == 0, r.stderr
+    warning = [line for line in r.stderr.splitlines() if "compiled kernels unavailable" in line]
+    assert len(warning) == 1 and "no compiled module for this Python" in warning[0], r.stderr
+    assert "pip install -v --no-build-isolation ." in warning[0] and "installed torch" in warning[0]
+    assert "circular import" not in r.stderr
+    assert "compiled module: NOT loaded, the slower pure-torch backend runs" in r.stdout
+    assert "active backend: torch" in r.stdout
 
 
 def test_backend_switch_forces_torch():
