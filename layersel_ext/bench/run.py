@@ -24,7 +24,11 @@ is flagged 'busy' when others took more than half the cores on average while it 
 one competing process running flat out, enough to make every parallel region wait for a thread
 that shares its core, up to 2x slower), and 'below floor' when a reading is faster than the
 memory-bandwidth floor measured beside it ('% floor' above 100%: the floor itself was disturbed,
-the reading is not valid as it stands). Flags appear in the JSON rows and a 'flags' column.
+the reading is not valid as it stands), and 'unstable' when the slowest of a column's timed runs took
+more than UNSTABLE_SPREAD times its fastest (a reading that a scheduler's time slice or a burst of
+other work decided). Flags appear in the JSON rows and a 'flags' column. A --quick run withholds its
+ratios (prints 'rerun') for flagged rows, and all of them when the machine was busy: a smoke run on a
+shared machine must not pass for a measurement.
 """
 
 from __future__ import annotations
@@ -124,12 +128,24 @@ def busy_cores_limit() -> float:
     return BUSY_LOAD_PER_CORE * CORES
 
 
+UNSTABLE_SPREAD = 1.5  # slowest / fastest timed run of one column above this: the row is 'unstable'
+TIMED = ("fl4health", "ours_compiled", "ours_torch", "plain_torch")  # the columns a ratio is taken from
+COLUMNS = """Columns: fl4health / ours_compiled / ours_torch / plain_torch ms: median time of one call with
+fl4health 0.4.2, layersel_ext's compiled kernels, layersel_ext's pure-torch fallback, and the same
+computation written in plain torch; floor ms: torch.dot over the bytes the row must read (the memory
+bandwidth floor, measured beside it); % floor: floor / ours; x fl4health: fl4health / ours (ours =
+compiled when built, else torch); equal: our answer equals fl4health's; peak MB: memory growth during
+the first call; flags: busy (other processes used more than half the cores while the row ran),
+below floor (a reading faster than the floor: disturbed), unstable (a column's slowest run took more
+than UNSTABLE_SPREAD x its fastest)."""
+
+
 SLOW_S = 3.0  # a first call slower than this is timed once (fl4health's sparse selection: ~40 s)
 
 
-def time_it(fn: Callable[[], Any], device: str, reps: int) -> tuple[float, float, Any]:
-    """(median seconds, peak memory growth in MB, output). The first call is the warm-up and the
-    memory measurement; a call slower than SLOW_S is not repeated."""
+def time_it(fn: Callable[[], Any], device: str, reps: int) -> tuple[float, float, Any, float]:
+    """(median seconds, peak memory growth in MB, output, slowest / fastest timed run). The first call
+    is the warm-up and the memory measurement; a call slower than SLOW_S is not repeated (spread 1)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -142,14 +158,14 @@ def time_it(fn: Callable[[], Any], device: str, reps: int) -> tuple[float, float
     first = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else mem.growth_mb
     if first > SLOW_S:
-        return first, peak, out
+        return first, peak, out, 1.0
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), peak, out
+    return statistics.median(times), peak, out, max(times) / max(min(times), 1e-12)
 
 
 def with_backend(name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -210,10 +226,11 @@ class Bench:
         outputs = {}
         with OtherCPU() as others:
             for name, fn in impls.items():
-                sec, mem, outputs[name] = time_it(fn, self.device, self.reps)
+                sec, mem, outputs[name], spread = time_it(fn, self.device, self.reps)
                 result[f"{name}_ms"] = sec * 1e3
                 result[f"{name}_peak_mb"] = mem
-            floor_s, _, _ = time_it(floor_fn(floor_bytes, self.device), self.device, self.reps)
+                result[f"{name}_spread"] = round(spread, 2)
+            floor_s, _, _, _ = time_it(floor_fn(floor_bytes, self.device), self.device, self.reps)
         result["floor_ms"] = floor_s * 1e3
         result["other_cpu_cores"] = round(others.cores, 2)
         if check is not None and "fl4health" in outputs:
@@ -239,6 +256,9 @@ def flags(row: dict[str, Any]) -> list[str]:
         out.append(f"below floor ({row['pct_of_floor']:.1f}%)")
     if row.get("busy"):
         out.append(f"busy ({row['other_cpu_cores']:.1f} other cores)")
+    spreads = {c: row[f"{c}_spread"] for c in TIMED if row.get(f"{c}_spread", 1.0) > UNSTABLE_SPREAD}
+    if spreads:
+        out.append("unstable (" + ", ".join(f"{c} runs {v:.1f}x apart" for c, v in spreads.items()) + ")")
     return out
 
 
@@ -356,7 +376,9 @@ def device_name(device: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", raw).strip("-").lower()[:60]
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], withhold: str | None = None) -> str:
+    """The table. withhold: 'all' prints 'rerun' for every ratio (a quick run on a busy machine),
+    'flagged' for the flagged rows' ratios; None prints them all."""
     cols = ["fl4health", "ours_compiled", "ours_torch", "plain_torch"]
     head = (
         "| model | criterion | "
@@ -370,6 +392,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         mem = f"{r.get('fl4health_peak_mb', float('nan')):.0f} / {ours_mem:.0f}"
         eq = {True: "yes", False: "**NO**"}.get(r.get("equal_to_fl4health"), "–")
         spd = f"{r['speedup_vs_fl4health']:.1f}×" if "speedup_vs_fl4health" in r else "–"
+        if withhold == "all" or (withhold == "flagged" and r.get("flags")):
+            spd = "rerun"
         lines.append(
             f"| {r['model']} | {r['criterion']} | "
             + " | ".join(cells)
@@ -427,7 +451,9 @@ def results_folder(out: str | None, commit_results: bool, dev_name: str) -> Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=COLUMNS, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--quick",
         action="store_true",
@@ -520,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         "busy_rows": sum(bool(r["busy"]) for r in bench.rows),
         "below_floor_rows": sum(bool(r["below_floor"]) for r in bench.rows),
     }
+    busy_machine = load_before[0] > busy_cores_limit() or bool(meta["busy_rows"]) or others.cores > busy_cores_limit()
+    meta["ratios_withheld"] = ("all" if busy_machine else "flagged") if args.quick else None
     table = markdown(bench.rows)
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": bench.rows}, indent=2) + "\n")
     (out / "results.md").write_text(
@@ -528,7 +556,12 @@ def main(argv: list[str] | None = None) -> int:
         f"processes used {others.cores:.2f} cores on average during the run.\n\n{table}\n"
     )
     plot(bench.rows, out / "speedup.png", f"layersel_ext vs fl4health 0.4.2 — {dev_name}, {meta['date']}")
-    print(table)
+    print(markdown(bench.rows, meta["ratios_withheld"]))
+    print(f"\n{COLUMNS}")
+    if meta["ratios_withheld"] == "all":
+        print("\nmachine busy, rerun: a --quick run on a busy machine prints no ratios (the JSON keeps the timings)")
+    elif meta["ratios_withheld"] and any(r["flags"] for r in bench.rows):
+        print("\nflagged rows print 'rerun' for their ratio: their timings were disturbed")
     print(f"\nresults: {out}/results.json, results.md, speedup.png ({meta['seconds']} s)")
     print(
         f"load average before / after: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min, {CORES} cores; after "
