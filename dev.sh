@@ -9,12 +9,15 @@ usage() {
 usage: ./dev.sh VERB [args]
 
   bench [--quick] [...]          the main job: benchmark against fl4health -> table + JSON + plot
-  test [pytest args]             the tests (differential tests against fl4health 0.4.2 included)
+  test [--all] [pytest args]     the fast tier of the tests (a couple of minutes: every public function
+                                 against fl4health 0.4.2 on every backend, opcheck on every op, hostile
+                                 inputs, wire round trips); --all: every test (federations, spawned
+                                 ranks, subprocess races, builds), as CI runs. Tiers: tests/conftest.py
   build                          (re)build the extension in place, always
   ctest                          the C++ unit tests through CMake
   shell [python args]            the dev venv's python (./dev.sh shell -m layersel_ext info)
-  test-fl4health-stack [pytest args]
-                                 the whole test suite in fl4health 0.4.2's own environment:
+  test-fl4health-stack [--all] [pytest args]
+                                 the tests (as `test`) in fl4health 0.4.2's own environment:
                                  Python 3.10 + `pip install fl4health==0.4.2` (torch 2.6, numpy 1.26),
                                  CPU kernels unless CUDA can work (venv: ~/.cache/layersel_ext/venv-fl4health)
   help                           this text
@@ -23,8 +26,9 @@ The dev venv (~/.cache/layersel_ext/venv, LAYERSEL_VENV to move it; ~6 GB) has t
 test-only fl4health oracle; it is created on first use, and the checkout is installed into it
 editable, so its python imports layersel_ext from anywhere. test, bench and shell build the
 extension in place first when csrc/, setup.py, torch or the build switches changed since the
-last build (first build: ~6 min on 2 cores). LAYERSEL_CUDA=0: CPU kernels only; =1: the CUDA
-kernels or an error; unset: CUDA when it can work. MAX_JOBS (default 2) compile jobs.
+last build (first CPU build: a few minutes on 2 cores). LAYERSEL_CUDA=0: CPU kernels only; =1: the
+CUDA kernels too, GPU or not, or an error; unset: CUDA when a GPU is visible and the toolkit matches
+torch's. MAX_JOBS (default 2) compile jobs.
 EOF
 }
 
@@ -183,12 +187,15 @@ run_ctest() {
   ctest --test-dir cmake-build --output-on-failure
 }
 
+run_pytest() { # the fast tier, or with --all (first argument) every test; slowest tests listed
+  local tier=(-m fast)
+  if [ "${1:-}" = "--all" ]; then tier=(); shift; fi
+  "$VENV/bin/python" -m pytest -q --durations=15 "${tier[@]}" "$@"
+}
+
 case "$cmd" in
   build) ensure_venv; build ;;
-  test)
-    ensure_venv; ensure_built
-    "$VENV/bin/python" -m pytest -q "$@"
-    ;;
+  test) ensure_venv; ensure_built; run_pytest "$@" ;;
   bench)
     ensure_venv; ensure_built
     "$VENV/bin/python" -m benchmarks.run "$@"
@@ -199,6 +206,6 @@ case "$cmd" in
     ensure_fl4health_venv; ensure_built
     export LAYERSEL_REQUIRE_COMPILED="${LAYERSEL_REQUIRE_COMPILED:-1}" LAYERSEL_REQUIRE_ORACLE="${LAYERSEL_REQUIRE_ORACLE:-1}"
     "$VENV/bin/python" -m layersel_ext info
-    "$VENV/bin/python" -m pytest -q "$@"
+    run_pytest "$@"
     ;;
 esac

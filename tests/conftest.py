@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,44 @@ import layersel_ext
 from layersel_ext import ops
 
 BACKENDS = ["compiled", "torch"]
+TESTS = Path(__file__).resolve().parent
+
+# The test tiers, in this one place. `./dev.sh test` runs the fast tier (`-m fast`): every public
+# function against fl4health on every compiled backend, opcheck on every op, the hostile inputs and
+# the wire round trips, in a couple of minutes. `./dev.sh test --all` (and CI, on both stacks) runs
+# both. A key is a test file, or a node-id prefix within one that overrides its file's tier (the
+# longest matching key wins). A test file missing here fails the collection, and a fast-tier test
+# checks that every file is listed.
+TIERS: dict[str, str] = {
+    "test_bench_runner.py": "fast",
+    "test_build_decisions.py": "fast",
+    "test_build_decisions.py::test_setup_py": "full",  # runs setup.py
+    "test_build_decisions.py::test_error_messages_with_numbers_do_not_crash": "full",  # subprocess
+    "test_doc_tables.py": "fast",
+    "test_errors_and_loading.py": "fast",
+    "test_fast_paths.py": "fast",
+    "test_federated_rounds.py": "full",  # real Flower federations on 127.0.0.1
+    "test_first_hour.py": "fast",
+    "test_first_hour.py::test_first_hour_in": "full",  # a fresh venv, fl4health 0.4.2 and a build
+    "test_fl4health_patch.py": "fast",
+    "test_hostile_inputs.py": "fast",
+    "test_hostile_inputs.py::test_sparse_selection_survives_a_racing": "full",  # subprocess races
+    "test_hostile_inputs.py::test_scores_survive_a_thread_swapping": "full",
+    "test_hostile_inputs.py::test_ops_wrappers_compile_with_fullgraph": "full",  # torch.compile
+    "test_hostile_inputs.py::test_each_op_compiles_with_fullgraph": "full",
+    "test_hostile_inputs.py::test_public_score_function_compiles_with_fullgraph": "full",
+    "test_mask_independence.py": "fast",
+    "test_masks.py": "fast",
+    "test_ops.py": "fast",
+    "test_ops.py::test_sample_masks_every_cpu_isa_gives_the_same_bits": "full",  # a subprocess per ISA
+    "test_parity_fl4health.py": "fast",
+    "test_sharded.py": "full",  # spawned gloo ranks
+    "test_sparse_coo.py": "fast",
+    "test_sync_budget.py": "fast",
+    "test_tiers.py": "fast",
+    "test_wire.py": "fast",
+    "test_wire_coo.py": "fast",
+}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -76,10 +115,26 @@ def _involves_cuda(item: pytest.Item) -> bool:
     return any("cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif"))
 
 
+def tier_of(nodeid: str) -> str | None:
+    """The tier of a test (its node id relative to tests/, e.g. 'test_ops.py::test_x[cpu]'), or None."""
+    keys = [key for key in TIERS if nodeid == key or nodeid.startswith(key if "::" in key else key + "::")]
+    return TIERS[max(keys, key=len)] if keys else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The `cuda` marker (declared in pyproject.toml) on every test that runs on a CUDA device: a
-    `cuda` parametrisation (the `device` fixture), 'cuda' in its name, or a skip without CUDA. So
-    `-m cuda` runs the GPU tests alone (the GPU runbook), `-m "not cuda"` leaves them out."""
+    """The tier markers `fast` / `full` from TIERS, and the `cuda` marker (all declared in
+    pyproject.toml) on every test that runs on a CUDA device: a `cuda` parametrisation (the `device`
+    fixture), 'cuda' in its name, or a skip without CUDA. So `-m cuda` runs the GPU tests alone (the
+    GPU runbook), `-m "not cuda"` leaves them out."""
+    untiered = set()
     for item in items:
+        nodeid = Path(str(item.fspath)).relative_to(TESTS).as_posix() + "::" + item.nodeid.split("::", 1)[1]
+        tier = tier_of(nodeid)
+        if tier is None:
+            untiered.add(nodeid.split("::", 1)[0])
+        else:
+            item.add_marker(getattr(pytest.mark, tier))
         if _involves_cuda(item):
             item.add_marker(pytest.mark.cuda)
+    if untiered:
+        raise pytest.UsageError(f"test files without a tier in tests/conftest.py's TIERS: {sorted(untiered)}")

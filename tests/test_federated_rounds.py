@@ -10,8 +10,6 @@ from __future__ import annotations
 import pytest
 from conftest import fl4health_criteria
 
-pytestmark = pytest.mark.integration
-
 FEDERATION_TIMEOUT_S = 480.0  # one federation takes 15-90 s on a loaded 2-core machine
 _RUNS: dict[tuple[str, bool, str], dict] = {}
 
