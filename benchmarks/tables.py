@@ -3,7 +3,8 @@
     python -m benchmarks.tables            # rewrite every generated table in place
     python -m benchmarks.tables --check    # exit 1 when a file is out of date (tests/test_doc_tables.py)
 
-A generated table sits between two marker comments in README.md, CONTRIBUTING.md or docs/*.md:
+A generated table sits between two marker comments, each on a line of its own, in README.md,
+CONTRIBUTING.md or docs/*.md:
 
     <!-- tables:NAME:begin -->
     ... (everything in between is replaced) ...
@@ -44,8 +45,8 @@ HEADLINE_ROWS = [
 HEADLINE_COLUMNS = ["model", "criterion", "fl4health ms", "ours_compiled ms", "× fl4health", "equal"]
 
 MARKER = re.compile(
-    r"(?P<begin><!-- tables:(?P<name>[A-Za-z0-9_.-]+):begin -->\n)(?P<body>.*?)(?P<end><!-- tables:(?P=name):end -->)",
-    re.DOTALL,
+    r"^(?P<begin><!-- tables:(?P<name>[A-Za-z0-9_.-]+):begin -->\n)(?P<body>.*?)^(?P<end><!-- tables:(?P=name):end -->)",
+    re.DOTALL | re.MULTILINE,
 )
 
 
@@ -197,7 +198,7 @@ def render(path: Path) -> str:
         return m.group("begin") + BLOCKS[name](path.parent).rstrip("\n") + "\n" + m.group("end")
 
     new = MARKER.sub(block, text)
-    opened = len(re.findall(r"<!-- tables:[^:]+:begin -->", text))
+    opened = len(re.findall(r"^<!-- tables:[^:\n]+:begin -->", text, re.MULTILINE))
     closed = len(MARKER.findall(text))
     if opened != closed:
         raise SystemExit(f"{path.relative_to(ROOT)}: {opened} begin markers but {closed} complete blocks")
