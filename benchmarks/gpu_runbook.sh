@@ -7,11 +7,13 @@
 #   bash benchmarks/gpu_runbook.sh --dry-run OUTDIR  # anywhere (CI runs it): every step that needs
 #                                                    # no GPU, so that the script cannot rot
 #
-# Steps: build for the visible GPU's architecture only (MAX_JOBS = its cores), the CUDA tests (and
-# the rest of the suite if time allows), compute-sanitizer memcheck / racecheck / synccheck /
-# initcheck on a small focused set of CUDA tests, then the GPU benchmark subset (bert_like,
-# many_small, resnet_like, masked_mlp; sparse 1% and 10% rows included) into
-# OUTDIR/results, to be committed as benchmarks/results/<gpu-name>/ (the runner names the folder).
+# Steps: record the commit and list the CUDA code changed since the last recorded GPU run
+# (benchmarks/gpu_changes.py), build for the visible GPU's architecture only (MAX_JOBS = its
+# cores), the CUDA tests (and the rest of the suite if time allows), compute-sanitizer memcheck /
+# racecheck / synccheck / initcheck on a small focused set of CUDA tests, then the GPU benchmark
+# subset (bert_like, many_small, resnet_like, masked_mlp; sparse 1% and 10% rows included) into
+# OUTDIR/results, to be committed as benchmarks/results/<gpu-name>/ (the runner names the folder)
+# with OUTDIR/summary.txt as runbook-summary.txt beside it.
 # Wheels of fl4health 0.4.2, flwr 1.18 and scipy (and flwr's dependencies) in .whl/ (ignored by
 # git; carry it) are installed into /tmp/site first: the benchmark's fl4health columns and the
 # parity tests need them.
@@ -48,6 +50,21 @@ run() {
   [ $rc -ne 0 ] && { status=1; echo "  FAILED rc=$rc ($log)" | tee -a "$OUT/summary.txt"; }
   return $rc
 }
+
+# The commit this run builds, for benchmarks/gpu_changes.py to read back once OUTDIR/summary.txt is
+# committed as benchmarks/results/<gpu-name>/runbook-summary.txt. A copied work tree has no git
+# history: RUNBOOK_COMMIT names the commit then (the caller knows it), else it is recorded as unknown.
+COMMIT=$(git rev-parse -q --verify HEAD 2>/dev/null || true)
+COMMIT=${COMMIT:-${RUNBOOK_COMMIT:-}}
+if [ -n "$COMMIT" ]; then
+  dirty=""
+  [ -n "$(git status --porcelain -- csrc 2>/dev/null)" ] && dirty=" (plus uncommitted changes under csrc/)"
+  echo "commit: $COMMIT$dirty" | tee -a "$OUT/summary.txt"
+else
+  echo "commit unknown: no git history here and RUNBOOK_COMMIT unset" | tee -a "$OUT/summary.txt"
+fi
+step "CUDA code not yet run on a GPU (since the last recorded GPU run)"
+"$PY" -m benchmarks.gpu_changes 2>&1 | tee -a "$OUT/summary.txt" || true
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   step "installing carried wheels into /tmp/site"
