@@ -117,6 +117,10 @@ def run_client(mode: str, index: int, port: int) -> None:
         def get_model(self, config: Any) -> Any:
             return make_model(mode)
 
+        def fit(self, parameters: Any, config: Any) -> Any:  # tells the server which client this is
+            arrays, samples, metrics = super().fit(parameters, config)  # type: ignore[misc]
+            return arrays, samples, {**metrics, "client_index": index}
+
     class PartialClient(Common, PartialWeightExchangeClient):
         def get_parameter_exchanger(self, config: Any) -> Any:
             if mode in SPARSITY:
@@ -177,6 +181,7 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
         "min_available_clients": 2,
         "on_fit_config_fn": fit_config,
         "on_evaluate_config_fn": fit_config,
+        "fit_metrics_aggregation_fn": lambda metrics: {},  # client_index only labels the record
         "initial_parameters": get_all_model_parameters(make_model(mode)),
     }
     if mode.startswith("fedpm"):
@@ -208,6 +213,7 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
             for _, fit_res in results:
                 arrays, names = self.decoded(parameters_to_ndarrays(fit_res.parameters))
                 clients.append({
+                    "client": int(fit_res.metrics.get("client_index", -1)),
                     "names": names,
                     "digest": digest(arrays),
                     "dtypes": [str(a.dtype) for a in arrays],
@@ -215,7 +221,7 @@ def run_server(mode: str, port: int, rounds: int, out: Path) -> None:
                     "arrays": arrays,
                     "bytes_sent": sum(len(t) for t in fit_res.parameters.tensors),
                 })  # fmt: skip
-            clients.sort(key=lambda c: c["digest"])
+            clients.sort(key=lambda c: (c["client"], c["digest"]))
             entry: dict[str, Any] = {"round": server_round, "clients": clients, "failures": len(failures)}
             if fedpm and len(clients) == 2 and clients[0]["names"] == clients[1]["names"]:
                 entry.update(mask_agreement(clients[0]["names"], clients[0]["arrays"], clients[1]["arrays"]))
@@ -370,9 +376,10 @@ def run_federation(
     Bounded in time, never by a fixed sleep: the clients start once the server listens on its port
     and accepts connections (polled; flwr's client does not retry a refused connection); it fails at
     once if the server exits first, or after `connect_timeout` seconds. The whole federation has
-    `timeout` seconds; once the clients have all exited the server gets `grace` seconds to finish
-    (and the other way round: a server that fails waits forever for clients, clients that lose their
-    server may too), then whatever still runs is killed and reported. No process outlives the call.
+    `timeout` seconds; once the clients have all exited the server gets `grace` seconds to finish,
+    none when a client failed (it cannot finish without it), and the other way round (a server that
+    fails waits forever for clients, clients that lose their server may too); then whatever still
+    runs is killed and reported. No process outlives the call.
     """
     t_start = time.monotonic()
     deadline = t_start + timeout
@@ -440,6 +447,10 @@ def run_federation(
                 if now > deadline:
                     for i in running:
                         kill(i, f"still running after the {timeout:.0f} s deadline: {[names[j] for j in running]}")
+                elif running == [0] and len(procs) == 3 and any(p.returncode != 0 for p in procs[1:]):
+                    kill(
+                        0, f"a client failed (exit codes {[p.returncode for p in procs[1:]]}): the server cannot finish"
+                    )
                 elif running == [0] and len(procs) == 3 and now - done_at.setdefault("clients", now) > grace:
                     kill(0, f"the server was still running {grace:.0f} s after both clients exited")
                 elif 0 not in running and now - done_at.setdefault("server", now) > grace:
@@ -472,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--verbose", action="store_true", help="also print the logs of expected failures")
     args = p.parse_args(argv)
     if args.role is not None:
         import logging
@@ -487,43 +499,91 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_client(args.mode, args.index, args.port)
         return 0
-    failed = 0
+    failed, summary = 0, []
     for mode in [args.mode] if args.mode else MODES:
         compact = mode.startswith("fedpm") or mode in SPARSITY
         runs = [(False, "fl4health"), (True, "fl4health")] + ([(True, "compact")] if compact else [])
+        reference: dict[str, Any] = {}
         for patched, wire in runs:
             res = run_federation(mode, patched, args.rounds, wire=wire)
-            rounds = [r["round"] for r in res["record"]]
             who = ("layersel_ext" + (f" wire={wire}" if wire != "fl4health" else "")) if patched else "fl4health"
-            print(
-                f"{mode:<18} {who:<13} rounds reached: {rounds} "
-                f"exit codes: {res['returncodes']} ({res['seconds']:.0f} s)"
-            )
-            for r in res["record"]:
-                for c in r["clients"]:
-                    print(
-                        f"    round {r['round']}: {len(c['names'])} arrays {c['names'][:3]}... digest {c['digest']}, "
-                        f"{c['bytes_sent']} bytes sent"
-                    )
-                if "bytes_to_each_client" in r:
-                    print(f"    round {r['round']}: {r['bytes_to_each_client']} bytes sent to each client")
-                if "masks_agree_fraction" in r:
-                    where = r["masks_agree_fraction_where_sampled"]
-                    print(
-                        f"    round {r['round']}: masks identical: {r['masks_identical']}, agree on "
-                        f"{r['masks_agree_fraction']:.1%} of elements"
-                        + (f" ({where:.1%} of the {r['sampled_elements']} sampled)" if where is not None else "")
-                    )
-                if "nonfinite_score_fraction" in r:
-                    print(
-                        f"    round {r['round']}: scores sent back to the clients: "
-                        f"{r['nonfinite_score_fraction']:.1%} of {r['scores_sent_back']} are +-inf"
-                    )
-            if res["error"] or res["returncodes"] != [0, 0, 0]:
+            rounds = [r["round"] for r in res["record"]]
+            print(f"{mode} / {who}: rounds reached {rounds}, exit codes {res['returncodes']} ({res['seconds']:.0f} s)")
+            print_rounds(res["record"])
+            if not patched:
+                reference = res
+            summary += summary_rows(mode, who, res, reference if patched else None)
+            ok = not res["error"] and res["returncodes"] == [0, 0, 0]
+            expected = EXPECTED_FAILURES.get((mode, patched))
+            if not ok and expected:
+                print(f"  EXPECTED failure of fl4health alone: {expected} (logs: --verbose)")
+                if args.verbose:
+                    print(explain(res))
+            elif not ok:
                 print(explain(res))
-                # Expected: fedpm_linear_n_1 with fl4health alone (its clients crash in round 2).
-                failed += not (mode == "fedpm_linear_n_1" and not patched)
+                failed += 1
+    print_summary(summary)
     return 1 if failed else 0
+
+
+# Runs that fail by fl4health's own design; the example shows them, the summary labels them.
+EXPECTED_FAILURES = {
+    ("fedpm_linear_n_1", False): "scipy drops the leading size-1 dims of MaskedLinear(8, 1)'s masks, "
+    "so the clients' load_state_dict fails in round 2",
+}
+
+
+def print_rounds(record: list[dict[str, Any]]) -> None:
+    for r in record:
+        for c in r["clients"]:
+            print(
+                f"  round {r['round']} client {c['client']}: {len(c['names'])} arrays {c['names'][:3]}..., "
+                f"digest {c['digest']}, {c['bytes_sent']:,} bytes sent"
+            )
+        if "bytes_to_each_client" in r:
+            print(f"  round {r['round']} server: {r['bytes_to_each_client']:,} bytes sent to each client")
+        if "masks_agree_fraction" in r:
+            where = r["masks_agree_fraction_where_sampled"]
+            print(
+                f"  round {r['round']} masks: identical across clients: {r['masks_identical']}, agree on "
+                f"{r['masks_agree_fraction']:.1%} of elements"
+                + (f" ({where:.1%} of the {r['sampled_elements']} sampled)" if where is not None else "")
+            )
+        if "nonfinite_score_fraction" in r:
+            print(
+                f"  round {r['round']} server: of the {r['scores_sent_back']} scores sent back, "
+                f"{r['nonfinite_score_fraction']:.1%} are +-inf"
+            )
+
+
+def summary_rows(mode: str, who: str, res: dict[str, Any], reference: dict[str, Any] | None) -> list[list[str]]:
+    """One row per client: did the run finish, are its arrays equal to fl4health's run (the same
+    mode unpatched; FedPM masks are random, so not comparable), and the bytes it sent in all."""
+    ok = not res["error"] and res["returncodes"] == [0, 0, 0]
+    status = "ok" if ok else ("expected failure" if EXPECTED_FAILURES.get((mode, res["patched"])) else "FAILED")
+    ref = {(r["round"], c["client"]): c["digest"] for r in (reference or {}).get("record", []) for c in r["clients"]}
+    rows = []
+    for client in (0, 1):
+        sent = [(r["round"], c) for r in res["record"] for c in r["clients"] if c["client"] == client]
+        if reference is None or mode.startswith("fedpm"):
+            equal = "-"
+        else:
+            equal = "yes" if sent and all(ref.get((rnd, client)) == c["digest"] for rnd, c in sent) else "NO"
+        rows.append(
+            [mode, who, str(client), status, str(len(sent)), equal, f"{sum(c['bytes_sent'] for _, c in sent):,}"]
+        )
+    return rows
+
+
+def print_summary(rows: list[list[str]]) -> None:
+    head = ["mode", "run", "client", "result", "rounds sent", "equal to fl4health", "bytes sent"]
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    print(
+        "\nSummary (equal to fl4health: every round's arrays bitwise equal to the unpatched run's; "
+        "'-' for FedPM, whose masks are random, and for fl4health itself)"
+    )
+    for line in [head, ["-" * w for w in widths], *rows]:
+        print("  " + "  ".join(x.ljust(w) for x, w in zip(line, widths)))
 
 
 if __name__ == "__main__":
