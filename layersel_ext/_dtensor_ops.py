@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _checks, _sharded, _torch_ops, ops
+from . import _bits, _checks, _sharded, ops
 from ._score_kinds import ScoreKind, uses_initial
 
 _installed = False
@@ -82,9 +82,7 @@ def sample_masks(
 
 def sample_mask_bits(scores: list[Tensor], seed: int, key_by_scores: bool = False) -> Tensor:
     what = _what("sample_mask_bits")
-    return _torch_ops.pack_bits(
-        _sharded.sample_masks(_names(len(scores)), list(scores), seed % 2**64, key_by_scores, what)
-    )
+    return _bits.pack_bits(_sharded.sample_masks(_names(len(scores)), list(scores), seed % 2**64, key_by_scores, what))
 
 
 def score_fingerprint(scores: list[Tensor], counters: object = None) -> Tensor:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _torch_ops, ops
+from . import _bits, _keys, ops
 from ._checks import explain_failure, layer_error
 from ._score_kinds import ScoreKind, uses_initial
 
@@ -278,7 +278,7 @@ class ShardedState:
             except (RuntimeError, ValueError, TypeError) as exc:
                 explain_failure(exc, self.names, xs, ys, self.what)
         key_dtype = score_dtype if score_dtype.is_floating_point else torch.int64
-        nbits = _torch_ops.key_bits(key_dtype)
+        nbits = _keys.key_bits(key_dtype)
         total = sum(x.numel() for x in self.xs)
         count_dtype = torch.int32 if total < 2**31 else torch.int64
 
@@ -288,8 +288,8 @@ class ShardedState:
             return counts.to(torch.int64)
 
         keys = _LocalKeys(xs, ys, kind, key_dtype, nbits)
-        key = _torch_ops.radix_select(keys, k, nbits, _digit_widths(nbits), all_reduce)
-        return _torch_ops.key_to_value(key, key_dtype).to(score_dtype)
+        key = _keys.radix_select(keys, k, nbits, _digit_widths(nbits), all_reduce)
+        return _keys.key_to_value(key, key_dtype).to(score_dtype)
 
     def sparse_extract(self, kind: int, thresholds: Sequence[float | int]) -> tuple[list[Tensor], list[Tensor]]:
         """``ops.sparse_extract`` of the unsharded tensors, on every rank: each rank extracts from its local
@@ -348,7 +348,7 @@ def _digit_widths(nbits: int) -> tuple[int, ...]:
 
 
 class _LocalKeys:
-    """This rank's keys for ``_torch_ops.radix_select``, made from the scores of ``_CHUNK`` elements at a
+    """This rank's keys for ``_keys.radix_select``, made from the scores of ``_CHUNK`` elements at a
     time (scores are never materialised whole). The first pass also keeps each score's first digit
     (int16, 2 bytes a score), so that later passes key only the scores under the chosen first digit;
     those keys are kept (when they fit) and only they are read by the passes after."""
@@ -373,12 +373,12 @@ class _LocalKeys:
 
     def __call__(self, prefix: int, consumed: int) -> Iterator[Tensor]:
         if self.kept is not None:
-            self.kept = _torch_ops.keys_matching(self.kept, prefix, consumed, self.nbits)
+            self.kept = _keys.keys_matching(self.kept, prefix, consumed, self.nbits)
             yield self.kept
             return
         if consumed == 0:
             for chunk in self.chunks:
-                keys = _torch_ops.signed_keys(self._scores(chunk).to(self.key_dtype))
+                keys = _keys.signed_keys(self._scores(chunk).to(self.key_dtype))
                 if self.nbits > _FIRST_DIGIT_BITS:
                     self.first.append((keys >> (self.nbits - _FIRST_DIGIT_BITS)).to(torch.int16))
                 yield keys
@@ -387,8 +387,8 @@ class _LocalKeys:
         found: list[Tensor] | None = []
         size = 0
         for chunk, first in zip(self.chunks, self.first):
-            keys = _torch_ops.signed_keys(self._scores(chunk)[first == first_digit].to(self.key_dtype))
-            keys = _torch_ops.keys_matching(keys, prefix, consumed, self.nbits)
+            keys = _keys.signed_keys(self._scores(chunk)[first == first_digit].to(self.key_dtype))
+            keys = _keys.keys_matching(keys, prefix, consumed, self.nbits)
             if found is not None:
                 size += keys.numel()
                 if size <= _MAX_CANDIDATES:
@@ -398,7 +398,7 @@ class _LocalKeys:
             yield keys
         if found is not None:
             self.first = []
-            self.kept = torch.cat(found) if found else torch.empty(0, dtype=_torch_ops.key_dtype(self.key_dtype))
+            self.kept = torch.cat(found) if found else torch.empty(0, dtype=_keys.key_dtype(self.key_dtype))
 
 
 def _all_gather_packed(
@@ -562,7 +562,7 @@ def sample_masks(names: list[str], scores: list[Tensor], seed: int, key_by_score
     layout = _StreamLayout(state)
     key = seed
     if key_by_scores:
-        key = _torch_ops.key_from_scores(*layout.seed_and_fingerprint(seed), layout.total)
+        key = _bits.key_from_scores(*layout.seed_and_fingerprint(seed), layout.total)
     device = state.local_x[0].device
     try:
         flat = (ops.sample_masks(layout.pieces, key, torch.uint8, counters=layout.counters) if layout.pieces

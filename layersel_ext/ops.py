@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from . import _checks, _loader, _torch_ops
+from . import _bits, _checks, _loader, _torch_ops
 from ._loader import COMPILED
 from ._score_kinds import ScoreKind
 
@@ -213,7 +213,7 @@ def sample_mask_bits(scores: Sequence[Tensor], seed: int, key_by_scores: bool = 
     with torch.no_grad():
         if len(scores) and _use_compiled("sample_mask_bits", _device(scores)):
             return torch.ops.layersel.sample_mask_bits(list(scores), signed_seed, key_by_scores)
-        return _torch_ops.pack_bits(sample_masks(scores, seed, torch.uint8, key_by_scores))
+        return _bits.pack_bits(sample_masks(scores, seed, torch.uint8, key_by_scores))
 
 
 def kth_largest_score(

@@ -18,7 +18,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from . import _sharded, _torch_ops, ops
+from . import _bits, _sharded, ops
 from ._checks import explain_failure
 from ._model_state import paired_state, single_state
 from ._score_kinds import ScoreKind, uses_initial
@@ -423,7 +423,7 @@ def sample_flat_masks(
     if _sharded.has_dtensor(scores):  # each rank samples its pieces; the masks are gathered, not the scores
         what = "select_scores_and_sample_masks"
         flat = _sharded.sample_masks(names, scores, key, key_by_scores=seed is None, what=what)
-        return names, scores, _torch_ops.pack_bits(flat) if packed else flat.to(dtype)
+        return names, scores, _bits.pack_bits(flat) if packed else flat.to(dtype)
     if packed:
         return names, scores, ops.sample_mask_bits(scores, key, key_by_scores=seed is None)
     return names, scores, ops.sample_masks(scores, key, dtype, key_by_scores=seed is None)
