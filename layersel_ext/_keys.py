@@ -1,7 +1,7 @@
 """Order-preserving integer keys of score values and the radix select over them.
 
 Pure tensor math, the same on every backend and device: the torch twin of ``kth_largest_score``
-(``_torch_ops``) and the distributed radix select of sharded state (``_sharded``, whose digit
+(``_torch_ops``) and the distributed radix select of sharded state (``_sharded_select``, whose digit
 histograms are all-reduced) both select the k-th largest score through these functions.
 """
 

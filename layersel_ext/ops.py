@@ -6,7 +6,7 @@ Every op has a compiled CPU and CUDA kernel (csrc/cpu, csrc/cuda) and a pure-tor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -96,14 +96,23 @@ def take(tensors: Sequence[Tensor], indices: Sequence[int]) -> Sequence[Tensor]:
     return tensors.take(list(indices)) if isinstance(tensors, HELD) else [tensors[i] for i in indices]
 
 
+# ``_dtensor_ops.install``, handed over by that module when it is imported (the package imports it):
+# its handlers call the wrappers below, so it sits above this module and cannot be imported here.
+_install_dtensor_handlers: Callable[[], bool] | None = None
+
+
+def register_dtensor_installer(install: Callable[[], bool]) -> None:
+    """What ``enable_dtensor_ops`` runs (``_dtensor_ops.install``)."""
+    global _install_dtensor_handlers
+    _install_dtensor_handlers = install
+
+
 def enable_dtensor_ops() -> bool:
     """Let ``torch.ops.layersel.*`` take DTensors (``_dtensor_ops``): done by itself at import of
     layersel_ext when ``torch.distributed.tensor`` is imported already, or when a public function
     first meets a DTensor; call this when ops are called directly on DTensors before either.
     Returns whether the handlers are in place (False without DTensor or the compiled ops)."""
-    from . import _dtensor_ops
-
-    return _dtensor_ops.install()
+    return _install_dtensor_handlers is not None and _install_dtensor_handlers()
 
 
 def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor:

@@ -18,10 +18,12 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from . import _bits, _sharded, ops
+from . import _bits, _sharded_masks, _sharded_scores, ops
 from ._checks import explain_failure
+from ._collectives import full_model_tensors
 from ._model_state import paired_state, single_state
 from ._score_kinds import ScoreKind, uses_initial
+from ._shard_layout import ShardedState, has_dtensor, sharded_state
 
 NDArrays = list[NDArray[Any]]
 LayerSelectionFunction = Callable[[nn.Module, Optional[nn.Module]], tuple[NDArrays, list[str]]]
@@ -91,20 +93,13 @@ class LayerSelectionFunctionConstructor:
 # ---------------------------------------------------------------------------------------------- drift norms
 
 
-def _sharded_state(
-    names: list[str], xs: Sequence[Tensor], ys: Sequence[Tensor], what: str
-) -> _sharded.ShardedState | None:
-    """The local shards and layouts when any entry is a DTensor (FSDP2 / distribute_tensor), else None."""
-    return _sharded.ShardedState(names, xs, ys, what) if _sharded.has_dtensor(xs, ys) else None
-
-
 def _drift_norms(
     names: list[str],
     xs: Sequence[Tensor],
     ys: Sequence[Tensor],
     normalize: bool,
     what: str,
-    sharded: _sharded.ShardedState | None = None,
+    sharded: ShardedState | None = None,
 ) -> list[float]:
     """fl4health's ``_calculate_drift_norm`` for every entry, from one fused op and one sync.
 
@@ -113,10 +108,10 @@ def _drift_norms(
     root taken in float32; a one-element entry gives |d|, as torch's norm of one element does.
     With ``normalize`` it is divided by numel in float32 the way torch does it on that device
     (CUDA multiplies by a float32 reciprocal). Sharded state: the same sums from the local shards
-    and one all-reduce (``_sharded``); numel is the global one.
+    and one all-reduce (``_sharded_scores``); numel is the global one.
     """
     if sharded is not None:
-        sq = sharded.drift_sq_norms()
+        sq = _sharded_scores.drift_sq_norms(sharded)
     else:
         try:
             sq = ops.drift_sq_norms(xs, ys).cpu().numpy()
@@ -151,7 +146,7 @@ def layer_drift_norms(model: nn.Module, initial_model: nn.Module, normalize: boo
     """
     what = "layer_drift_norms"
     names, xs, ys = paired_state(model, initial_model, what)
-    return dict(zip(names, _drift_norms(names, xs, ys, normalize, what, _sharded_state(names, xs, ys, what))))
+    return dict(zip(names, _drift_norms(names, xs, ys, normalize, what, sharded_state(names, xs, ys, what))))
 
 
 def _to_numpy(names: list[str], tensors: Sequence[Tensor]) -> NDArrays:
@@ -208,11 +203,11 @@ def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
 
 
 def _selected_to_numpy(
-    names: list[str], xs: Sequence[Tensor], keep: list[int], sharded: _sharded.ShardedState | None
+    names: list[str], xs: Sequence[Tensor], keep: list[int], sharded: ShardedState | None
 ) -> tuple[NDArrays, list[str]]:
     """The kept layers as numpy arrays; sharded ones gathered to full size (one collective for all)."""
     kept_names = [names[i] for i in keep]
-    kept = ops.take(xs, keep) if sharded is None else sharded.full_model_tensors(keep)
+    kept = ops.take(xs, keep) if sharded is None else full_model_tensors(sharded, keep)
     return _to_numpy(kept_names, kept), kept_names
 
 
@@ -241,7 +236,7 @@ def select_layers_by_threshold(
     """
     what = "select_layers_by_threshold"
     names, xs, ys = paired_state(model, initial_model, what)
-    sharded = _sharded_state(names, xs, ys, what)
+    sharded = sharded_state(names, xs, ys, what)
     drifts = _drift_norms(names, xs, ys, normalize, what, sharded)
     if select_drift_more:
         keep = [i for i, d in enumerate(drifts) if d > threshold]
@@ -267,7 +262,7 @@ def select_layers_by_percentage(
     """
     what = "select_layers_by_percentage"
     names, xs, ys = paired_state(model, initial_model, what)
-    sharded = _sharded_state(names, xs, ys, what)
+    sharded = sharded_state(names, xs, ys, what)
     drifts = _drift_norms(names, xs, ys, normalize, what, sharded)
     count = math.ceil(len(names) * exchange_percentage)
     order = sorted(range(len(names)), key=lambda i: drifts[i], reverse=select_drift_more)[:count]
@@ -283,8 +278,8 @@ def _score_dict(kind: int, model: nn.Module, initial_model: nn.Module | None, wh
         ys: list[Tensor] | None = y_list
     else:
         (names, xs), ys = single_state(model, what), None
-    if _sharded.has_dtensor(xs, ys):  # a DTensor entry gives a DTensor of local-shard scores
-        return dict(zip(names, _sharded.scores(names, xs, ys, kind, what)))
+    if has_dtensor(xs, ys):  # a DTensor entry gives a DTensor of local-shard scores
+        return dict(zip(names, _sharded_scores.scores(names, xs, ys, kind, what)))
     try:
         return dict(zip(names, ops.scores(xs, ys, kind)))
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -420,9 +415,9 @@ def sample_flat_masks(
     key = _draw_seed(generator) if checked_seed is None else checked_seed
     if scores[0].device.type == "cuda":
         dtype = torch.uint8
-    if _sharded.has_dtensor(scores):  # each rank samples its pieces; the masks are gathered, not the scores
+    if has_dtensor(scores):  # each rank samples its pieces; the masks are gathered, not the scores
         what = "select_scores_and_sample_masks"
-        flat = _sharded.sample_masks(names, scores, key, key_by_scores=seed is None, what=what)
+        flat = _sharded_masks.sample_masks(names, scores, key, key_by_scores=seed is None, what=what)
         return names, scores, _bits.pack_bits(flat) if packed else flat.to(dtype)
     if packed:
         return names, scores, ops.sample_mask_bits(scores, key, key_by_scores=seed is None)
