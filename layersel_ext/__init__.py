@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from . import _dtensor_ops  # hands ops its DTensor handlers' installer (ops.enable_dtensor_ops)
 from ._loader import LOAD_REASON, build_record
+from ._masks import is_masked_module
 from .ops import backend, set_backend
 from .parameter_selection_criteria import (
     SCORE_FUNCTION_NAMES,
     LayerSelectionFunctionConstructor,
-    is_masked_module,
     largest_final_magnitude_scores,
     largest_increase_in_magnitude_scores,
     largest_magnitude_change_scores,

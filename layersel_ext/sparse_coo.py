@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from . import _sharded_select, ops
 from . import parameter_selection_criteria as psc
 from ._checks import explain_failure
+from ._host import to_numpy
 from ._model_state import paired_state, single_state, state_items
 from ._score_kinds import ScoreKind, uses_initial
 from ._shard_layout import ShardedState, sharded_state
@@ -151,7 +152,7 @@ def select_sparse_parameters(
     kept_names = [names[i] for i in kept]
     # Values and indices of every kept tensor to the host together: zero-copy on the CPU, one
     # batched transfer (one sync) from a GPU instead of two per tensor.
-    host = psc._to_numpy(kept_names * 2, [values[i] for i in kept] + [indices[i] for i in kept])
+    host = to_numpy(kept_names * 2, [values[i] for i in kept] + [indices[i] for i in kept])
     return (
         host[: len(kept)],
         (host[len(kept) :], [np.array(list(xs[i].shape)) for i in kept], kept_names),
