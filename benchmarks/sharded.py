@@ -3,8 +3,8 @@
 Spawns 1, 2 and 4 gloo ranks on 127.0.0.1; every rank holds an FSDP2 (``fully_shard``) copy of a
 bert_like model and its start-of-round copy, and times, for layer selection and sparse COO selection:
 
-* ``sharded``: layersel_ext called on the sharded models (what ``_sharded`` does: all-reduced drift
-  sums / radix histograms, then only the selected data gathered);
+* ``sharded``: layersel_ext called on the sharded models (what ``_sharded_scores`` and ``_sharded_select``
+  do: all-reduced drift sums / radix histograms, then only the selected data gathered);
 * ``gather_all``: what one does without it: ``full_tensor()`` of every state_dict entry of both
   models, ``load_state_dict(..., assign=True)`` into an unsharded skeleton, the unsharded function.
 

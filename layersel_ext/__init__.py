@@ -5,12 +5,13 @@ Same names, signatures and answers as fl4health 0.4.2; see README.md for the del
 
 from __future__ import annotations
 
+from . import _dtensor_ops  # hands ops its DTensor handlers' installer (ops.enable_dtensor_ops)
 from ._loader import LOAD_REASON, build_record
+from ._masks import is_masked_module
 from .ops import backend, set_backend
 from .parameter_selection_criteria import (
     SCORE_FUNCTION_NAMES,
     LayerSelectionFunctionConstructor,
-    is_masked_module,
     largest_final_magnitude_scores,
     largest_increase_in_magnitude_scores,
     largest_magnitude_change_scores,
@@ -26,10 +27,8 @@ from .sparse_coo import SparseCooParameterExchanger, select_sparse_parameters
 
 __version__ = "0.1.0"
 
-if "torch.distributed.tensor" in __import__("sys").modules:  # DTensor exists: its handlers for our ops
-    from . import _dtensor_ops
-
-    _dtensor_ops.install()
+# DTensor exists already: its handlers for our ops (else nothing: they follow when a DTensor turns up).
+_dtensor_ops.install()
 
 __all__ = [
     "LOAD_REASON",

@@ -1,6 +1,7 @@
 """``torch.ops.layersel.*`` called directly on DTensors: each op returns, on every rank, what it returns
-for the unsharded tensors (plain tensors, the same on every rank), computed by the sharded paths of
-``_sharded`` (local kernels and a few small collectives; what each op communicates is in the README).
+for the unsharded tensors (plain tensors, the same on every rank), computed by the sharded paths
+(``_sharded_scores``, ``_sharded_masks``, ``_sharded_select``: local kernels and a few small
+collectives; what each op communicates is in the README).
 
 Why handlers and not sharding strategies: every op takes lists of tensors and returns results that
 mix them (per-dtype concatenations of scores, one flat mask vector, per-entry sums, a k-th largest
@@ -10,7 +11,9 @@ on local shards) cannot express them; a handler runs the same reductions the pub
 The handlers sit in DTensor's op-dispatcher table (``_custom_op_handlers``, the hook torch's own
 loss-parallel and convolution support use), installed by ``install`` once ``torch.distributed.tensor``
 is imported (layersel_ext never imports it): at import of layersel_ext when it already is, when a
-public function first meets a DTensor, or by ``layersel_ext.ops.enable_dtensor_ops()``.
+public function first meets a DTensor, or by ``layersel_ext.ops.enable_dtensor_ops()``. This module
+sits above ``ops`` (the handlers call its wrappers on the local shards), so it hands ``install`` to
+``ops`` when imported (the package imports it) instead of ``ops`` importing it.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _checks, _sharded, _torch_ops, ops
+from . import _checks, _sharded_masks, _sharded_scores, _sharded_select, ops
+from ._bits import pack_bits
+from ._collectives import gather_full
 from ._score_kinds import ScoreKind, uses_initial
+from ._shard_layout import ShardedState, meta_like
 
 _installed = False
 
@@ -39,12 +45,14 @@ def _initial(initial: Sequence[Tensor]) -> list[Tensor] | None:
     return list(initial) if len(initial) else None
 
 
-def _state(op: str, model: Sequence[Tensor], initial: Sequence[Tensor], needs_initial: bool, layout: str = "either"):
+def _state(
+    op: str, model: Sequence[Tensor], initial: Sequence[Tensor], needs_initial: bool, layout: str = "either"
+) -> ShardedState:
     """The sharded state of an op's lists, after the op's own length checks (the same on every rank,
     before any collective)."""
     if needs_initial or len(initial):
         _checks.check_lengths(op, model, initial)
-    return _sharded.ShardedState(_names(len(model)), list(model), _initial(initial), _what(op), layout)
+    return ShardedState(_names(len(model)), list(model), _initial(initial), _what(op), layout)
 
 
 def _refuse_counters(op: str, counters: object) -> None:
@@ -57,15 +65,15 @@ def _refuse_counters(op: str, counters: object) -> None:
 
 def drift_sq_norms(model: list[Tensor], initial: list[Tensor]) -> Tensor:
     state = _state("drift_sq_norms", model, initial, needs_initial=True)
-    return torch.from_numpy(state.drift_sq_norms()).to(state.local_x[0].device)
+    return torch.from_numpy(_sharded_scores.drift_sq_norms(state)).to(state.local_x[0].device)
 
 
 def scores(model: list[Tensor], initial: list[Tensor], kind: int) -> list[Tensor]:
     """The unsharded op's per-dtype buffers: local scores, then ONE all-gather of the sharded entries'."""
     state = _state("scores", model, initial, needs_initial=uses_initial(kind), layout="model")
     local = ops.scores(state.local_x, state.local_y, kind)
-    carriers = [_sharded._meta_like(x, s.dtype) for x, s in zip(state.xs, local)]
-    full = _sharded.gather_full(state.mesh, state.names, carriers, local, state.dims)
+    carriers = [meta_like(x, s.dtype) for x, s in zip(state.xs, local)]
+    full = gather_full(state.mesh, state.names, carriers, local, state.dims)
     order = list(dict.fromkeys(s.dtype for s in full))  # dtypes in order of first appearance
     return [torch.cat([s.reshape(-1) for s in full if s.dtype == dt]) for dt in order]
 
@@ -76,34 +84,34 @@ def sample_masks(
     _refuse_counters("sample_masks", counters)
     if dtype not in ops._KERNEL_MASK_DTYPES:  # the op's own rule (the wrappers widen other dtypes)
         raise TypeError(f"layersel::sample_masks: mask dtype must be uint8, int8, int16, int32 or int64, got {dtype}")
-    flat = _sharded.sample_masks(_names(len(scores)), list(scores), seed % 2**64, key_by_scores, _what("sample_masks"))
+    flat = _sharded_masks.sample_masks(
+        _names(len(scores)), list(scores), seed % 2**64, key_by_scores, _what("sample_masks")
+    )
     return flat.to(dtype)
 
 
 def sample_mask_bits(scores: list[Tensor], seed: int, key_by_scores: bool = False) -> Tensor:
     what = _what("sample_mask_bits")
-    return _torch_ops.pack_bits(
-        _sharded.sample_masks(_names(len(scores)), list(scores), seed % 2**64, key_by_scores, what)
-    )
+    return pack_bits(_sharded_masks.sample_masks(_names(len(scores)), list(scores), seed % 2**64, key_by_scores, what))
 
 
 def score_fingerprint(scores: list[Tensor], counters: object = None) -> Tensor:
     _refuse_counters("score_fingerprint", counters)
-    return _sharded.score_fingerprint(_names(len(scores)), list(scores), _what("score_fingerprint"))
+    return _sharded_masks.score_fingerprint(_names(len(scores)), list(scores), _what("score_fingerprint"))
 
 
 def kth_largest_score(
     model: list[Tensor], initial: list[Tensor], kind: int, k: int, score_dtype: torch.dtype
 ) -> Tensor:
     needs = kind == ScoreKind.GIVEN or uses_initial(kind)
-    return _state("kth_largest_score", model, initial, needs).kth_largest_score(kind, k, score_dtype)
+    return _sharded_select.kth_largest_score(_state("kth_largest_score", model, initial, needs), kind, k, score_dtype)
 
 
 def sparse_extract(
     model: list[Tensor], initial: list[Tensor], kind: int, thresholds: list[float]
 ) -> tuple[list[Tensor], list[Tensor]]:
     state = _state("sparse_extract", model, initial, needs_initial=uses_initial(kind))
-    values, indices = state.sparse_extract(kind, thresholds)
+    values, indices = _sharded_select.sparse_extract(state, kind, thresholds)
     for i, x in enumerate(state.xs):  # a 0-d entry (held in full): the op's own answer, not the exchanger's
         if x.dim() == 0:
             y = [state.local_y[i]] if state.local_y is not None else []
@@ -154,3 +162,6 @@ def install() -> bool:
         table[getattr(torch.ops.layersel, name).default] = lambda op_call, args, kwargs, fn=fn: fn(*args, **kwargs)
     _installed = True
     return True
+
+
+ops.register_dtensor_installer(install)

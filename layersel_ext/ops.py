@@ -6,13 +6,13 @@ Every op has a compiled CPU and CUDA kernel (csrc/cpu, csrc/cuda) and a pure-tor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from . import _checks, _loader, _torch_ops
+from . import _bits, _checks, _loader, _torch_ops
 from ._loader import COMPILED
 from ._score_kinds import ScoreKind
 
@@ -96,14 +96,23 @@ def take(tensors: Sequence[Tensor], indices: Sequence[int]) -> Sequence[Tensor]:
     return tensors.take(list(indices)) if isinstance(tensors, HELD) else [tensors[i] for i in indices]
 
 
+# ``_dtensor_ops.install``, handed over by that module when it is imported (the package imports it):
+# its handlers call the wrappers below, so it sits above this module and cannot be imported here.
+_install_dtensor_handlers: Callable[[], bool] | None = None
+
+
+def register_dtensor_installer(install: Callable[[], bool]) -> None:
+    """What ``enable_dtensor_ops`` runs (``_dtensor_ops.install``)."""
+    global _install_dtensor_handlers
+    _install_dtensor_handlers = install
+
+
 def enable_dtensor_ops() -> bool:
     """Let ``torch.ops.layersel.*`` take DTensors (``_dtensor_ops``): done by itself at import of
     layersel_ext when ``torch.distributed.tensor`` is imported already, or when a public function
     first meets a DTensor; call this when ops are called directly on DTensors before either.
     Returns whether the handlers are in place (False without DTensor or the compiled ops)."""
-    from . import _dtensor_ops
-
-    return _dtensor_ops.install()
+    return _install_dtensor_handlers is not None and _install_dtensor_handlers()
 
 
 def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor:
@@ -213,7 +222,7 @@ def sample_mask_bits(scores: Sequence[Tensor], seed: int, key_by_scores: bool = 
     with torch.no_grad():
         if len(scores) and _use_compiled("sample_mask_bits", _device(scores)):
             return torch.ops.layersel.sample_mask_bits(list(scores), signed_seed, key_by_scores)
-        return _torch_ops.pack_bits(sample_masks(scores, seed, torch.uint8, key_by_scores))
+        return _bits.pack_bits(sample_masks(scores, seed, torch.uint8, key_by_scores))
 
 
 def kth_largest_score(

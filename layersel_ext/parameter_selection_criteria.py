@@ -9,19 +9,22 @@ Change ``from fl4health.parameter_exchange.parameter_selection_criteria import X
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from functools import partial
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from . import _sharded, _torch_ops, ops
+from . import ops
 from ._checks import explain_failure
+from ._drift import drift_norms, selected_to_numpy
+from ._masks import MaskDtype, mask_arrays, sample_flat_masks
 from ._model_state import paired_state, single_state
 from ._score_kinds import ScoreKind, uses_initial
+from ._shard_layout import has_dtensor, sharded_state
+from ._sharded_scores import scores as sharded_scores
 
 NDArrays = list[NDArray[Any]]
 LayerSelectionFunction = Callable[[nn.Module, Optional[nn.Module]], tuple[NDArrays, list[str]]]
@@ -91,51 +94,6 @@ class LayerSelectionFunctionConstructor:
 # ---------------------------------------------------------------------------------------------- drift norms
 
 
-def _sharded_state(
-    names: list[str], xs: Sequence[Tensor], ys: Sequence[Tensor], what: str
-) -> _sharded.ShardedState | None:
-    """The local shards and layouts when any entry is a DTensor (FSDP2 / distribute_tensor), else None."""
-    return _sharded.ShardedState(names, xs, ys, what) if _sharded.has_dtensor(xs, ys) else None
-
-
-def _drift_norms(
-    names: list[str],
-    xs: Sequence[Tensor],
-    ys: Sequence[Tensor],
-    normalize: bool,
-    what: str,
-    sharded: _sharded.ShardedState | None = None,
-) -> list[float]:
-    """fl4health's ``_calculate_drift_norm`` for every entry, from one fused op and one sync.
-
-    The kernels sum the float32 squares in float64; the total is rounded to float32 before the
-    square root (a total above the float32 maximum is inf, as in fl4health's float32 norm), the
-    root taken in float32; a one-element entry gives |d|, as torch's norm of one element does.
-    With ``normalize`` it is divided by numel in float32 the way torch does it on that device
-    (CUDA multiplies by a float32 reciprocal). Sharded state: the same sums from the local shards
-    and one all-reduce (``_sharded``); numel is the global one.
-    """
-    if sharded is not None:
-        sq = sharded.drift_sq_norms()
-    else:
-        try:
-            sq = ops.drift_sq_norms(xs, ys).cpu().numpy()
-        except (RuntimeError, ValueError, TypeError) as exc:
-            explain_failure(exc, names, xs, ys, what)
-    numel = np.array(ops.numels(xs), dtype=np.float32)
-    with np.errstate(over="ignore"):
-        norms = np.sqrt(sq.astype(np.float32))
-    single = numel == 1  # torch's norm of one element is |d|: the root of the op's exact square
-    norms[single] = np.sqrt(sq[single]).astype(np.float32)
-    if normalize:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if xs[0].device.type == "cuda":
-                norms = norms * (np.float32(1.0) / numel)
-            else:
-                norms = norms / numel
-    return norms.astype(np.float64).tolist()
-
-
 def layer_drift_norms(model: nn.Module, initial_model: nn.Module, normalize: bool = True) -> dict[str, float]:
     """
     Drift of every state_dict entry in one call (one fused pass, one device sync).
@@ -151,69 +109,7 @@ def layer_drift_norms(model: nn.Module, initial_model: nn.Module, normalize: boo
     """
     what = "layer_drift_norms"
     names, xs, ys = paired_state(model, initial_model, what)
-    return dict(zip(names, _drift_norms(names, xs, ys, normalize, what, _sharded_state(names, xs, ys, what))))
-
-
-def _to_numpy(names: list[str], tensors: Sequence[Tensor]) -> NDArrays:
-    """``tensor.cpu().numpy()`` for each (CPU: zero copy); CUDA tensors come over in one batched transfer."""
-    for name, dtype in zip(names, ops.dtypes(tensors)):
-        if dtype == torch.bfloat16:
-            raise TypeError(f"layer {name!r}: dtype torch.bfloat16 cannot become a numpy array (numpy has no bfloat16)")
-    if not tensors or tensors[0].device.type != "cuda":
-        helpers = ops.compiled_helpers()
-        arrays = helpers.numpy_all(tensors) if helpers is not None else None  # CPU, no grad: one C++ call
-        if arrays is not None:
-            return arrays
-        # state_items' tensors are detached already: no second detach (a dispatcher call each,
-        # on a model of 1,000 small tensors a good part of the cost); cpu() stays for other devices
-        return [(t.detach() if t.requires_grad else t).cpu().numpy() for t in tensors]
-    return _batched_device_to_host(tensors)
-
-
-def _batched_device_to_host(tensors: list[Tensor]) -> NDArrays:
-    """CUDA tensors as numpy arrays, in one round trip: per dtype, ``torch.cat`` of the flattened
-    tensors on the device (``flatten_dense_tensors``, DDP's, or ``_C.flatten_dense``, its twin
-    without a view per tensor: a batched kernel, not one copy per tensor) and one D2H copy of it
-    into its 64-byte aligned slice of one pinned buffer; one sync; each array is a numpy view of
-    that buffer (numpy slicing, no torch op per tensor)."""
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}  # one device in practice
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.dtype, t.device), []).append(i)
-    numels = [t.numel() for t in tensors]
-    align, total, layout = 64, 0, []
-    for (dtype, _), members in groups.items():
-        nbytes = sum(numels[i] for i in members) * tensors[members[0]].element_size()
-        layout.append((dtype, members, total, nbytes))
-        total += -(-nbytes // align) * align
-    host = torch.empty(max(total, align), dtype=torch.uint8, pin_memory=True)
-    helpers = ops.compiled_helpers()
-    # the same cat as torch's, without a dispatched view per tensor
-    flatten = helpers.flatten_dense if helpers is not None else torch._C._nn.flatten_dense_tensors
-    with torch.no_grad():
-        for dtype, members, offset, nbytes in layout:
-            if nbytes:
-                flat = flatten([tensors[i] for i in members])  # no_grad: no detach
-                host[offset : offset + nbytes].view(dtype).copy_(flat, non_blocking=True)
-    for device in {device for _, device in groups if device.type == "cuda"}:
-        torch.cuda.current_stream(device).synchronize()
-    host_np = host.numpy()
-    out: NDArrays = [None] * len(tensors)  # type: ignore[list-item]
-    for dtype, members, offset, nbytes in layout:
-        group = host_np[offset : offset + nbytes].view(_numpy_dtype(dtype))
-        start = 0
-        for i in members:
-            out[i] = group[start : start + numels[i]].reshape(tensors[i].shape)
-            start += numels[i]
-    return out
-
-
-def _selected_to_numpy(
-    names: list[str], xs: Sequence[Tensor], keep: list[int], sharded: _sharded.ShardedState | None
-) -> tuple[NDArrays, list[str]]:
-    """The kept layers as numpy arrays; sharded ones gathered to full size (one collective for all)."""
-    kept_names = [names[i] for i in keep]
-    kept = ops.take(xs, keep) if sharded is None else sharded.full_model_tensors(keep)
-    return _to_numpy(kept_names, kept), kept_names
+    return dict(zip(names, drift_norms(names, xs, ys, normalize, what, sharded_state(names, xs, ys, what))))
 
 
 def select_layers_by_threshold(
@@ -241,13 +137,13 @@ def select_layers_by_threshold(
     """
     what = "select_layers_by_threshold"
     names, xs, ys = paired_state(model, initial_model, what)
-    sharded = _sharded_state(names, xs, ys, what)
-    drifts = _drift_norms(names, xs, ys, normalize, what, sharded)
+    sharded = sharded_state(names, xs, ys, what)
+    drifts = drift_norms(names, xs, ys, normalize, what, sharded)
     if select_drift_more:
         keep = [i for i, d in enumerate(drifts) if d > threshold]
     else:
         keep = [i for i, d in enumerate(drifts) if d <= threshold]
-    return _selected_to_numpy(names, xs, keep, sharded)
+    return selected_to_numpy(names, xs, keep, sharded)
 
 
 def select_layers_by_percentage(
@@ -267,11 +163,11 @@ def select_layers_by_percentage(
     """
     what = "select_layers_by_percentage"
     names, xs, ys = paired_state(model, initial_model, what)
-    sharded = _sharded_state(names, xs, ys, what)
-    drifts = _drift_norms(names, xs, ys, normalize, what, sharded)
+    sharded = sharded_state(names, xs, ys, what)
+    drifts = drift_norms(names, xs, ys, normalize, what, sharded)
     count = math.ceil(len(names) * exchange_percentage)
     order = sorted(range(len(names)), key=lambda i: drifts[i], reverse=select_drift_more)[:count]
-    return _selected_to_numpy(names, xs, order, sharded)
+    return selected_to_numpy(names, xs, order, sharded)
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -283,8 +179,8 @@ def _score_dict(kind: int, model: nn.Module, initial_model: nn.Module | None, wh
         ys: list[Tensor] | None = y_list
     else:
         (names, xs), ys = single_state(model, what), None
-    if _sharded.has_dtensor(xs, ys):  # a DTensor entry gives a DTensor of local-shard scores
-        return dict(zip(names, _sharded.scores(names, xs, ys, kind, what)))
+    if has_dtensor(xs, ys):  # a DTensor entry gives a DTensor of local-shard scores
+        return dict(zip(names, sharded_scores(names, xs, ys, kind, what)))
     try:
         return dict(zip(names, ops.scores(xs, ys, kind)))
     except (RuntimeError, ValueError, TypeError) as exc:
@@ -328,107 +224,6 @@ def smallest_increase_in_magnitude_scores(model: nn.Module, initial_model: nn.Mo
 # ---------------------------------------------------------------------------------------------- FedPM masks
 
 
-def is_masked_module(module: nn.Module) -> bool:
-    """A masked layer (fl4health's ``Masked*`` classes) recognised by structure: it owns ``weight_scores``."""
-    return "weight_scores" in module._parameters
-
-
-def masked_score_tensors(model: nn.Module) -> tuple[list[str], list[Tensor]]:
-    """Names and tensors of every score parameter, in fl4health's order (names as in model.state_dict())."""
-    if is_masked_module(model):
-        modules = [("", model)]
-    else:
-        modules = [(name, m) for name, m in model.named_modules() if is_masked_module(m)]
-    names, tensors = [], []
-    for prefix, module in modules:
-        for attr in ("weight_scores", "bias_scores"):
-            t = module._parameters.get(attr)
-            if t is not None:  # fl4health: KeyError on a masked layer without weight scores
-                names.append(f"{prefix}.{attr}" if prefix else attr)
-                tensors.append(t.detach())  # holds the storage even if another thread swaps .data
-    return names, tensors
-
-
-def _draw_seed(generator: torch.Generator | None) -> int:
-    # From torch's (CPU) default generator unless one is given: torch.manual_seed reproduces a
-    # round, and each call advances the generator, so successive calls use fresh streams.
-    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, dtype=torch.int64).item())
-
-
-def _check_seed(seed: object) -> int:
-    # An integer, exactly: 1.7, "12" or True would be coerced silently by int().
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an integer in [0, 2**64), got {seed!r} ({type(seed).__name__})")
-    if not 0 <= int(seed) < 2**64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
-    return int(seed)
-
-
-MaskDtype = Union[torch.dtype, type, np.dtype, str]
-
-
-def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
-    """The numpy dtype of a torch dtype (what ``.numpy()`` gives its tensors)."""
-    return torch.empty(0, dtype=dtype).numpy().dtype
-
-
-def _mask_torch_dtype(mask_dtype: MaskDtype) -> torch.dtype:
-    if mask_dtype is None:  # np.dtype(None) would be float64
-        raise TypeError("mask_dtype must be an integer dtype, got None")
-    if isinstance(mask_dtype, torch.dtype):
-        dt = mask_dtype
-    else:
-        np_dt = np.dtype(mask_dtype)
-        if np_dt == np.bool_:
-            dt = torch.bool
-        else:
-            dt = torch.from_numpy(np.zeros(0, dtype=np_dt)).dtype
-    if dt == torch.bool:
-        raise TypeError("mask_dtype bool is refused: the server sums masks (np.add), and bool turns the sum into OR")
-    if dt.is_floating_point or dt.is_complex:
-        raise TypeError(f"mask_dtype must be an integer dtype, got {dt}")
-    return dt
-
-
-def sample_flat_masks(
-    model: nn.Module,
-    *,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    dtype: MaskDtype = torch.uint8,
-    packed: bool = False,
-) -> tuple[list[str], list[Tensor], Tensor | None]:
-    """The masks of every score tensor, flattened and concatenated in fl4health's order, as one
-    tensor on the scores' device (``None`` when the model has no scores): ``dtype`` on the CPU,
-    uint8 on CUDA (one byte per element on the device; callers widen after the transfer); with
-    ``packed``, as the bitmap ``ops.sample_mask_bits`` writes (``dtype`` is still checked). The sampling
-    step that ``select_scores_and_sample_masks`` and the compact wire packer (``wire.py``) share.
-    Checks the arguments (seed and generator, then the mask dtype, then the seed's value) and the
-    scores; the key rules are ``select_scores_and_sample_masks``'s."""
-    if seed is not None and generator is not None:
-        raise ValueError("give seed or generator, not both")
-    dtype = _mask_torch_dtype(dtype)
-    checked_seed = None if seed is None else _check_seed(seed)  # before any work
-    names, scores = masked_score_tensors(model)
-    if not scores:
-        return [], [], None
-    for name, s in zip(names, scores):
-        if not s.is_floating_point():
-            raise TypeError(f"layer {name!r}: score dtype {s.dtype} is not floating point")
-        if s.device != scores[0].device:
-            raise ValueError(f"layer {name!r}: on {s.device} but {names[0]!r} is on {scores[0].device}")
-    key = _draw_seed(generator) if checked_seed is None else checked_seed
-    if scores[0].device.type == "cuda":
-        dtype = torch.uint8
-    if _sharded.has_dtensor(scores):  # each rank samples its pieces; the masks are gathered, not the scores
-        what = "select_scores_and_sample_masks"
-        flat = _sharded.sample_masks(names, scores, key, key_by_scores=seed is None, what=what)
-        return names, scores, _torch_ops.pack_bits(flat) if packed else flat.to(dtype)
-    if packed:
-        return names, scores, ops.sample_mask_bits(scores, key, key_by_scores=seed is None)
-    return names, scores, ops.sample_masks(scores, key, dtype, key_by_scores=seed is None)
-
-
 def select_scores_and_sample_masks(
     model: nn.Module,
     initial_model: nn.Module | None,
@@ -460,17 +255,4 @@ def select_scores_and_sample_masks(
     names, scores, flat = sample_flat_masks(model, seed=seed, generator=generator, dtype=mask_dtype)
     if flat is None:
         return [], []
-    if flat.device.type == "cuda":  # uint8: one D2H transfer, widened on the host
-        host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
-        host.copy_(flat, non_blocking=True)
-        torch.cuda.current_stream(flat.device).synchronize()
-        # Widened into pinned memory too: the caching host allocator hands back pages that are
-        # already mapped, where a fresh 200 MB int64 array costs its page faults (8 of the 15 ms
-        # FedPM spent here on an H200); the copy itself runs on every core.
-        wide = torch.empty(flat.numel(), dtype=_mask_torch_dtype(mask_dtype), pin_memory=True)
-        flat = wide.copy_(host)  # dtype checked by sample_flat_masks
-    masks, start = [], 0
-    for s in scores:
-        masks.append(flat[start : start + s.numel()].view(s.shape).numpy())
-        start += s.numel()
-    return masks, names
+    return mask_arrays(scores, flat, mask_dtype), names

@@ -19,11 +19,13 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor, nn
 
-from . import _sharded, ops
+from . import _sharded_select, ops
 from . import parameter_selection_criteria as psc
 from ._checks import explain_failure
+from ._host import to_numpy
 from ._model_state import paired_state, single_state, state_items
 from ._score_kinds import ScoreKind, uses_initial
+from ._shard_layout import ShardedState, sharded_state
 
 NDArrays = list[NDArray[Any]]
 ScoreGenFunction = Callable[[nn.Module, Optional[nn.Module]], dict[str, Tensor]]
@@ -58,14 +60,14 @@ def _threshold_then_extract(
     top: int,
     xs: list[Tensor],
     ys: list[Tensor] | None,
-    sharded: _sharded.ShardedState | None,
+    sharded: ShardedState | None,
     promoted: torch.dtype,
     score_dtypes: list[torch.dtype],
 ) -> tuple[list[Tensor], list[Tensor]]:
     """The k-th largest score (over every rank's shards when sharded), then the extraction against it,
     compared in each tensor's score dtype as torch compares."""
     if sharded is not None:
-        kth = sharded.kth_largest_score(kind, top, promoted)
+        kth = _sharded_select.kth_largest_score(sharded, kind, top, promoted)
     elif kind != ScoreKind.GIVEN:
         kth = ops.kth_largest_score(xs, ys, kind, top, promoted)
     else:
@@ -80,7 +82,7 @@ def _threshold_then_extract(
     by_dtype = {dt: _comparison_threshold(threshold, dt) for dt in set(score_dtypes)}
     thresholds = [by_dtype[dt] for dt in score_dtypes]
     if sharded is not None:
-        return sharded.sparse_extract(kind, thresholds)
+        return _sharded_select.sparse_extract(sharded, kind, thresholds)
     return ops.sparse_extract(xs, ys, kind, thresholds)
 
 
@@ -135,8 +137,8 @@ def select_sparse_parameters(
     if top < 1:
         raise ValueError(f"{what}: no parameter would be selected ({total} scores, sparsity {sparsity_level})")
     promoted = reduce(torch.promote_types, score_dtypes)  # the dtype torch.cat gives the scores
-    # Sharded state (FSDP2, DTensor): the same two steps across ranks (_sharded), every rank gets every array.
-    sharded = _sharded.ShardedState(names, xs, ys, what) if _sharded.has_dtensor(xs, ys) else None
+    # Sharded state (FSDP2, DTensor): the same two steps across ranks (_sharded_select), every rank gets every array.
+    sharded = sharded_state(names, xs, ys, what)
     if sharded is not None and sharded.mesh.world == 1:  # one rank: its local tensors are the whole model
         xs, ys, sharded = sharded.local_x, sharded.local_y, None
     try:
@@ -150,7 +152,7 @@ def select_sparse_parameters(
     kept_names = [names[i] for i in kept]
     # Values and indices of every kept tensor to the host together: zero-copy on the CPU, one
     # batched transfer (one sync) from a GPU instead of two per tensor.
-    host = psc._to_numpy(kept_names * 2, [values[i] for i in kept] + [indices[i] for i in kept])
+    host = to_numpy(kept_names * 2, [values[i] for i in kept] + [indices[i] for i in kept])
     return (
         host[: len(kept)],
         (host[len(kept) :], [np.array(list(xs[i].shape)) for i in kept], kept_names),

@@ -231,9 +231,10 @@ def sample_masks_packed(
     the bitmap (``ops.sample_mask_bits``: one fused kernel, on the CPU or the GPU, whence one transfer
     of n / 8 bytes comes back), so the int64 masks never exist on the client.
     """
-    from .parameter_selection_criteria import _mask_torch_dtype, _numpy_dtype, sample_flat_masks
+    from ._host import numpy_dtype
+    from ._masks import mask_torch_dtype, sample_flat_masks
 
-    np_dtype = _numpy_dtype(_mask_torch_dtype(mask_dtype))
+    np_dtype = numpy_dtype(mask_torch_dtype(mask_dtype))
     if np_dtype not in _DTYPE_CODES:
         raise TypeError(f"mask_dtype {np_dtype} has no code in the compact wire format")
     names, scores, bits = sample_flat_masks(model, seed=seed, generator=generator, dtype=torch.uint8, packed=True)

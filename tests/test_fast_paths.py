@@ -12,8 +12,7 @@ from conftest import requires_cuda
 from torch import nn
 
 import layersel_ext as L
-from layersel_ext import ops
-from layersel_ext import parameter_selection_criteria as psc
+from layersel_ext import _host, ops
 from layersel_ext._loader import COMPILED
 
 needs_compiled = pytest.mark.skipif(COMPILED is None, reason="compiled module not loaded")
@@ -348,13 +347,13 @@ def test_scores_through_both_backends_agree_on_many_small_tensors(backend):
 def test_batched_device_to_host_equals_cpu_numpy():
     tensors = [t for t in odd_tensors() if t.dtype != torch.bfloat16]
     cuda = [t.cuda() for t in tensors]
-    out = psc._batched_device_to_host(cuda)
+    out = _host.batched_device_to_host(cuda)
     for t, a in zip(tensors, out):
         ref = t.numpy()
         assert a.dtype == ref.dtype and a.shape == ref.shape and np.array_equal(a, ref)
         assert a.flags.writeable
     # twice the same tensor, and a single empty one
-    again = psc._batched_device_to_host([cuda[0], cuda[0]])
+    again = _host.batched_device_to_host([cuda[0], cuda[0]])
     assert np.array_equal(again[0], again[1]) and not np.shares_memory(again[0], again[1])
-    (empty,) = psc._batched_device_to_host([cuda[2]])
+    (empty,) = _host.batched_device_to_host([cuda[2]])
     assert empty.shape == (0, 3) and empty.dtype == np.float16

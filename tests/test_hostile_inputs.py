@@ -530,7 +530,7 @@ def test_public_score_function_compiles_with_fullgraph():
     if not hasattr(torch, "compile"):
         pytest.skip("torch.compile is not available")
     if tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14):
-        # torch 2.6's dynamo stops earlier, at list.count in _sharded.has_dtensor, with or without
+        # torch 2.6's dynamo stops earlier, at list.count in _shard_layout.has_dtensor, with or without
         # the C++ detach: a full graph of a public function is checked where dynamo gets through.
         pytest.skip("dynamo before torch 2.14 cannot trace the whole state walk (checked on 2.14)")
     try:

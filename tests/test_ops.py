@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import requires_cuda
 
-from layersel_ext import _loader, _torch_ops, ops
+from layersel_ext import _bits, _loader, _torch_ops, ops
 
 CHUNK = 1 << 16
 EDGE_SIZES = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 555, 33333, 3 * CHUNK + 7]
@@ -314,7 +314,7 @@ def test_sample_masks_every_cpu_isa_gives_the_same_bits(isa):
 
     code = (
         "import torch, layersel_ext\n"
-        "from layersel_ext import _torch_ops\n"
+        "from layersel_ext import _bits, _torch_ops\n"
         "g = torch.Generator().manual_seed(1)\n"
         "s = [(torch.randn(n, generator=g) * 4).to(dt) for n, dt in "
         "[(70001, torch.float32), (3, torch.float32), (999, torch.float16), (130, torch.float64), (64, torch.bfloat16)]]\n"
@@ -323,7 +323,7 @@ def test_sample_masks_every_cpu_isa_gives_the_same_bits(isa):
         "        a = torch.ops.layersel.sample_masks(s, seed, dt)\n"
         "        assert torch.equal(a, _torch_ops.sample_masks(s, seed, dt)), (seed, dt)\n"
         "    bits = torch.ops.layersel.sample_mask_bits(s, seed)\n"
-        "    assert torch.equal(bits, _torch_ops.pack_bits(_torch_ops.sample_masks(s, seed, torch.uint8))), seed\n"
+        "    assert torch.equal(bits, _bits.pack_bits(_torch_ops.sample_masks(s, seed, torch.uint8))), seed\n"
         "print('ok')\n"
     )
     env = {**os.environ, "LAYERSEL_CPU_ISA": isa}
@@ -406,7 +406,7 @@ def test_cuda_mask_bits_equal_cpu(dtype):
         for seed, key_by_scores in ((5, False), (-3, True)):
             cpu = torch.ops.layersel.sample_mask_bits(scores, seed, key_by_scores)
             cuda = torch.ops.layersel.sample_mask_bits(on_gpu, seed, key_by_scores)
-            packed = _torch_ops.pack_bits(torch.ops.layersel.sample_masks(on_gpu, seed, torch.uint8, key_by_scores))
+            packed = _bits.pack_bits(torch.ops.layersel.sample_masks(on_gpu, seed, torch.uint8, key_by_scores))
             assert cuda.device.type == "cuda" and cuda.shape == cpu.shape, sizes
             assert torch.equal(cpu, cuda.cpu()) and torch.equal(packed, cuda), (sizes, seed)
 

@@ -156,14 +156,14 @@ def _fully_shard(model: nn.Module, mesh) -> nn.Module:
 def _compare_all(sharded: nn.Module, sharded0: nn.Module, full: nn.Module, full0: nn.Module, label: str) -> None:
     """Every layer-selection and score function: sharded result == unsharded result (ours and fl4health's)."""
     import layersel_ext.parameter_selection_criteria as L
-    from layersel_ext import _sharded
+    from layersel_ext import _shard_layout
 
     try:
         from fl4health.parameter_exchange import parameter_selection_criteria as F
     except ImportError:
         F = None
 
-    assert _sharded.has_dtensor(list(sharded.state_dict().values())), f"{label}: nothing is sharded"
+    assert _shard_layout.has_dtensor(list(sharded.state_dict().values())), f"{label}: nothing is sharded"
     for normalize in (True, False):
         want = L.layer_drift_norms(full, full0, normalize)
         got = L.layer_drift_norms(sharded, sharded0, normalize)
@@ -444,14 +444,14 @@ def _case_sparse_dtypes(rank: int, world: int, mesh) -> None:
         _compare_sparse(s, s0, part, part0, f"dtypes{keep}[{world}]")
     # The radix select's other paths: keys made 7 scores at a time, candidates never kept (every digit
     # reads all the scores again).
-    from layersel_ext import _sharded
+    from layersel_ext import _sharded_select
 
-    saved = _sharded._CHUNK, _sharded._MAX_CANDIDATES
-    _sharded._CHUNK, _sharded._MAX_CANDIDATES = 7, 0
+    saved = _sharded_select._CHUNK, _sharded_select._MAX_CANDIDATES
+    _sharded_select._CHUNK, _sharded_select._MAX_CANDIDATES = 7, 0
     try:
         _compare_sparse(sharded, sharded0, full, full0, f"dtypes small chunks[{world}]", SMALL_FNS)
     finally:
-        _sharded._CHUNK, _sharded._MAX_CANDIDATES = saved
+        _sharded_select._CHUNK, _sharded_select._MAX_CANDIDATES = saved
     # NaN scores rank first: k within the NaNs gives a NaN threshold, which selects nothing.
     want = select_sparse_parameters(full, full0, 1 / 300, L.largest_final_magnitude_scores)
     assert want[1][2] == [], want

@@ -12,7 +12,7 @@ from torch import nn
 
 import layersel_ext as L
 import layersel_ext.fl4health as lf
-from layersel_ext import _torch_ops, ops, wire
+from layersel_ext import _bits, ops, wire
 
 MASK_DTYPES = [np.int64, np.int32, np.int16, np.int8, np.uint8, np.uint16, np.uint32, np.uint64]
 # shapes with sizes that are not multiples of 8, 0-d and empty arrays among them
@@ -214,9 +214,9 @@ def test_patch_compact_wire_installs_the_packers_and_unpatch_restores():
 
 @pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 1000, 65537])
 def test_device_packer_equals_numpy_packbits(n):
-    # _torch_ops.pack_bits is what a CUDA model's masks go through; torch ops, so the CPU proves its bits
+    # _bits.pack_bits is what a CUDA model's masks go through; torch ops, so the CPU proves its bits
     flat = torch.randint(0, 2, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
-    assert np.array_equal(_torch_ops.pack_bits(flat).numpy(), wire.pack_bits(flat.numpy()))
+    assert np.array_equal(_bits.pack_bits(flat).numpy(), wire.pack_bits(flat.numpy()))
 
 
 BIT_CASES = {

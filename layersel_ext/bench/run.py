@@ -52,7 +52,7 @@ import psutil
 import torch
 
 import layersel_ext as L
-from layersel_ext import ops
+from layersel_ext import _masks, ops
 
 from . import zoo
 
@@ -343,7 +343,7 @@ def mask_rows(bench: Bench, name: str, factory: Callable[[], torch.nn.Module], s
     F, dev = bench.F, bench.device
     torch.manual_seed(0)
     model = factory().to(dev)
-    _, scores = L.parameter_selection_criteria.masked_score_tensors(model)
+    _, scores = _masks.masked_score_tensors(model)
     nbytes = sum(s.numel() * s.element_size() for s in scores)
 
     def plain() -> list:

@@ -1,0 +1,219 @@
+"""Sharded state's layout (FSDP2 ``fully_shard``, ``distribute_tensor`` on a 1-D mesh): which entries are
+DTensors, on which mesh, sharded along which dimension, and where this rank's piece of each starts.
+
+Called on every rank with the same model structure, as FSDP code is. Each entry is a ``DTensor``
+(``Shard(d)`` or ``Replicate()`` on one 1-D mesh) or a plain tensor (buffers FSDP leaves alone);
+``ShardedState`` holds each entry's local tensor and layout, and the kernels only ever see local
+tensors. Pieces follow ``torch.chunk``'s split (the split DTensor and FSDP2 use), so uneven shards
+are rebuilt exactly. No communication happens here: the collectives are ``_collectives``', and the
+sharded ops build on both (``_sharded_scores``: drift and scores; ``_sharded_select``: the k-th
+largest score and the COO extraction; ``_sharded_masks``: masks and fingerprints).
+``torch.distributed.tensor`` is never imported: a DTensor can only exist once it is, so
+``has_dtensor`` looks it up in ``sys.modules`` (a dictionary lookup when nothing is sharded).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import ops
+from ._checks import layer_error
+
+
+def dtensor_class() -> Any:
+    """``DTensor`` once ``torch.distributed.tensor`` is imported (and then the ops' DTensor handlers are
+    in place: a flag test after the first call), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return None
+    ops.enable_dtensor_ops()
+    return getattr(module, "DTensor", None)
+
+
+def has_dtensor(*lists: Sequence[Tensor] | None) -> bool:
+    """Whether any tensor of the lists is a DTensor.
+
+    Cheap: a dictionary lookup while ``torch.distributed.tensor`` is not imported (no DTensor can
+    exist then); otherwise one C-level pass per list (state tensors are detached, so plain ones
+    are exactly ``torch.Tensor``), about 20 us per 1,000 tensors.
+    """
+    cls = dtensor_class()
+    if cls is None:
+        return False
+    for tensors in lists:
+        if tensors and not isinstance(tensors, ops.HELD):  # held tensors are plain ones
+            kinds = list(map(type, tensors))
+            if kinds.count(Tensor) != len(kinds) and any(issubclass(k, cls) for k in set(kinds)):
+                return True
+    return False
+
+
+def is_dtensor(t: object) -> bool:
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def _chunk_size(size: int, world: int, rank: int) -> int:
+    """Length of rank ``rank``'s piece of a dimension of ``size`` split as ``torch.chunk`` (empty pieces last)."""
+    step = -(-size // world) if size else 0
+    return max(0, min(step, size - rank * step))
+
+
+def piece_shape(shape: Sequence[int], dim: int, world: int, rank: int) -> list[int]:
+    piece = list(shape)
+    piece[dim] = _chunk_size(shape[dim], world, rank)
+    return piece
+
+
+def _chunk_start(size: int, world: int, rank: int) -> int:
+    step = -(-size // world) if size else 0
+    return min(rank * step, size)
+
+
+class Mesh:
+    """The one 1-D mesh of a call: its process group, size and this rank's coordinate."""
+
+    def __init__(self, mesh: Any, first_name: str, what: str) -> None:
+        if mesh.ndim != 1:
+            raise NotImplementedError(
+                f"{what}: layer {first_name!r} is on a {mesh.ndim}-D device mesh; only 1-D meshes are supported"
+            )
+        self.mesh = mesh
+        self.group = mesh.get_group()
+        self.world = mesh.size()
+        coordinate = mesh.get_coordinate()
+        if coordinate is None:
+            raise ValueError(f"{what}: this rank is not in the device mesh of layer {first_name!r}")
+        self.rank = int(coordinate[0])
+        self.src = int(mesh.mesh.reshape(-1)[0])  # global rank of mesh coordinate 0 (for broadcast)
+        device_type = mesh.device_type
+        self.device = (
+            torch.device("cpu") if device_type == "cpu" else torch.device(device_type, torch.cuda.current_device())
+        )  # where this mesh's collectives take their tensors
+
+
+def _find_mesh(names: Sequence[str], lists: Sequence[Sequence[Tensor] | None], what: str) -> Mesh:
+    found, found_name = None, ""
+    for tensors in lists:
+        for name, t in zip(names, tensors or ()):
+            if is_dtensor(t):
+                if found is None:
+                    found, found_name = t.device_mesh, name
+                elif t.device_mesh != found:
+                    raise ValueError(
+                        f"{what}: layer {name!r} is on another device mesh than layer {found_name!r} "
+                        "(one mesh per call)"
+                    )
+    assert found is not None
+    return Mesh(found, found_name, what)
+
+
+def _shard_dim(name: str, t: Any, what: str) -> int | None:
+    """The sharded dimension of a DTensor (None: replicated), after checking its placement is one we handle."""
+    (placement,) = t.placements
+    kind = type(placement).__name__
+    if kind == "Replicate":
+        return None
+    if kind == "Shard":
+        return placement.dim % max(t.dim(), 1)
+    raise NotImplementedError(
+        f"{what}: layer {name!r} has placement {placement}; sharded selection handles Shard(d) and Replicate() only"
+    )
+
+
+def _narrow(t: Tensor, dim: int, mesh: Mesh) -> Tensor:
+    size = t.shape[dim]
+    return t.narrow(dim, _chunk_start(size, mesh.world, mesh.rank), _chunk_size(size, mesh.world, mesh.rank))
+
+
+def empty_like(t: Tensor) -> Tensor:
+    """No elements, same dtype, device and number of dimensions (a 0-d tensor becomes 1-D)."""
+    return t.narrow(0, 0, 0) if t.dim() else t.reshape(-1)[:0]
+
+
+def meta_like(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """A storage-less tensor of ``x``'s global shape in ``dtype``: what ``gather_full`` reads of an entry."""
+    return torch.empty(x.shape, dtype=dtype, device="meta")
+
+
+def _check_local(name: str, t: Any, local: Tensor, dim: int, mesh: Mesh, what: str) -> None:
+    expected = _chunk_size(t.shape[dim], mesh.world, mesh.rank)
+    if local.shape[dim] != expected:
+        raise NotImplementedError(
+            f"{what}: layer {name!r}: local shard has {local.shape[dim]} rows on dim {dim} where torch.chunk's "
+            f"split gives {expected} (a custom split is not supported)"
+        )
+
+
+class ShardedState:
+    """Local tensors of a (model, initial) pair of state lists, with each entry's layout.
+
+    ``dims[i]``: the sharded dimension of entry i, or None for an entry every rank holds in full
+    (Replicate DTensor or plain tensor). ``layout`` says whose placement wins when model and
+    initial differ: ``"either"`` (drift: a plain tensor beside a DTensor is narrowed to its shard,
+    no communication) or ``"model"`` (scores: the output takes the model entry's layout).
+    """
+
+    def __init__(
+        self, names: list[str], xs: list[Tensor], ys: list[Tensor] | None, what: str, layout: str = "either"
+    ) -> None:
+        self.names, self.xs, self.what = names, xs, what
+        self.mesh = _find_mesh(names, [xs, ys], what)
+        self.dims: list[int | None] = []
+        self.local_x: list[Tensor] = []
+        self.local_y: list[Tensor] | None = [] if ys is not None else None
+        for i, (name, x) in enumerate(zip(names, xs)):
+            y = ys[i] if ys is not None else None
+            if y is not None and x.shape != y.shape:  # global shapes: the local shards may differ anyway
+                raise layer_error(what, names, xs, i, "shape mismatch", y)
+            x_is, y_is = is_dtensor(x), y is not None and is_dtensor(y)
+            if x_is and y_is and tuple(y.placements) != tuple(x.placements):  # type: ignore[union-attr]
+                y = y.redistribute(x.device_mesh, x.placements)  # type: ignore[union-attr]  # a collective, rare
+            if x_is:
+                dim = _shard_dim(name, x, what)
+            elif y_is and layout == "either":
+                dim = _shard_dim(name, y, what)
+            else:
+                dim = None
+            self.dims.append(dim)
+            self.local_x.append(self._local(name, x, dim))
+            if self.local_y is not None:
+                if y_is and dim is None and _shard_dim(name, y, what) is not None:
+                    # Model entry plain (or replicated), initial sharded, the model's layout wins (scores).
+                    self.local_y.append(y.full_tensor())  # type: ignore[union-attr]
+                else:
+                    self.local_y.append(self._local(name, y, dim))  # type: ignore[arg-type]
+
+    def _local(self, name: str, t: Any, dim: int | None) -> Tensor:
+        if not is_dtensor(t):
+            return t if dim is None else _narrow(t, dim, self.mesh)
+        if t.device_mesh != self.mesh.mesh:
+            raise ValueError(f"{self.what}: layer {name!r} is on another device mesh (one mesh per call)")
+        local = t.to_local()
+        if dim is not None:
+            _check_local(name, t, local, dim, self.mesh, self.what)
+        return local
+
+    def counted(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The local tensors with every entry that all ranks hold in full (Replicate, plain) emptied on
+        ranks other than mesh rank 0: summed over ranks, each element is then counted exactly once."""
+        if self.mesh.rank == 0:
+            return list(tensors)
+        return [t if dim is not None else empty_like(t) for t, dim in zip(tensors, self.dims)]
+
+    def offset(self, i: int) -> int:
+        """Where this rank's piece of entry ``i`` starts along its sharded dimension (0 when held in full)."""
+        dim = self.dims[i]
+        return 0 if dim is None else _chunk_start(self.xs[i].shape[dim], self.mesh.world, self.mesh.rank)
+
+
+def sharded_state(
+    names: list[str], xs: Sequence[Tensor], ys: Sequence[Tensor] | None, what: str
+) -> ShardedState | None:
+    """The local shards and layouts when any entry is a DTensor (FSDP2 / distribute_tensor), else None."""
+    return ShardedState(names, xs, ys, what) if has_dtensor(xs, ys) else None
