@@ -39,6 +39,7 @@ TIERS: dict[str, str] = {
     "test_hostile_inputs.py::test_public_score_function_compiles_with_fullgraph": "full",
     "test_mask_independence.py": "fast",
     "test_masks.py": "fast",
+    "test_module_structure.py": "fast",
     "test_ops.py": "fast",
     "test_ops.py::test_sample_masks_every_cpu_isa_gives_the_same_bits": "full",  # a subprocess per ISA
     "test_parity_fl4health.py": "fast",
