@@ -29,7 +29,13 @@ every tensor's values as raw little-endian bytes, concatenated (uint8). Plain fo
 *values, *indices, *shapes, names, hint]``. Both have a multiple of three arrays, so fl4health's own
 packer, given one, stops at once (its ``assert len(packed_parameters) % 3 == 1``); this packer,
 given fl4health's stream, raises a ``ValueError`` naming the format. Decoding checks every length,
-code, offset and padding bit before it allocates.
+code, offset and padding bit before it allocates, and refuses a stream whose output would take more
+than ``DecodeLimits`` allow (``wire.py``'s "Bounded decoding"): here the output is every tensor's
+values (at 64-byte multiples, as the compiled codec allocates them) and int64 ``[nnz, ndim]``
+indices, its shape array, its name and a fixed charge for its objects, and the allowance beside
+``max_expansion`` times the message is the index rows of at most ``INDEX_NDIM_ALLOWANCE`` (8)
+dimensions: a 64-dimension tensor of 2**20 one-byte entries (a 1.1 MB stream that would decode to
+512 MB of indices) is refused, a 2-D weight of any density is not.
 """
 
 from __future__ import annotations
@@ -47,13 +53,21 @@ from .wire import (
     _DTYPE_CODES,
     _MAX_NDIM,
     _MAX_NUMEL,
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_EXPANSION,
     FORM_COO,
     FORM_COO_PLAIN,
+    INDEX_NDIM_ALLOWANCE,
+    TENSOR_OVERHEAD_BYTES,
+    DecodeLimits,
+    _count_names,
     _fail,
     _header,
+    _measure_names,
+    _meta_count,
     _read_header,
     _read_meta,
-    _read_names,
+    _split_names,
     _trailer,
 )
 
@@ -206,7 +220,20 @@ def _encode(
 
 
 class CompactCooPacker:
-    """Drop-in for fl4health's ``SparseCooParameterPacker`` (client exchanger and server strategy)."""
+    """Drop-in for fl4health's ``SparseCooParameterPacker`` (client exchanger and server strategy).
+
+    Args:
+        max_decoded_bytes: refuse (``ValueError``) a stream whose decoding would allocate more
+            (default ``DEFAULT_MAX_DECODED_BYTES``, 4 GiB).
+        max_expansion: refuse a stream whose decoding would allocate more than this many times its
+            own bytes, besides the int64 index rows (of at most 8 dimensions) fl4health's format
+            needs (default 16).
+    """
+
+    def __init__(
+        self, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES, max_expansion: int = DEFAULT_MAX_EXPANSION
+    ) -> None:
+        self.limits = DecodeLimits(max_decoded_bytes, max_expansion)
 
     def pack_parameters(
         self, model_parameters: Sequence[np.ndarray], additional_parameters: tuple[Sequence, Sequence, Sequence[str]]
@@ -227,7 +254,7 @@ class CompactCooPacker:
         return [_header(FORM_COO), np.asarray(meta, np.int64), positions, raw, *_trailer(names)]
 
     def unpack_parameters(self, packed_parameters: Sequence[np.ndarray]) -> CooParts:
-        return unpack_coo(packed_parameters)
+        return unpack_coo(packed_parameters, self.limits)
 
     @staticmethod
     def extract_coo_info_from_dense(x: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -323,29 +350,49 @@ def _bytes(a: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def unpack_coo(packed: Sequence[np.ndarray]) -> CooParts:
-    """fl4health's ``(values, (indices, shapes, names))`` from a compact COO stream (``ValueError`` otherwise)."""
+def decoded_bytes(entries: list[_Entry]) -> int:
+    """The bytes the codec's outputs take (``coo::decoded_bytes`` in csrc/common/coo_codec.h, which the
+    compiled ``coo_decode`` checks too): every tensor's int64 [nnz, ndim] indices and its value bytes
+    at a multiple of 64 (the numpy twin allocates no more)."""
+    return sum(nnz * len(shape) * 8 + -(-nnz * dtype.itemsize // 64) * 64 for dtype, shape, nnz, _, _ in entries)
+
+
+def unpack_coo(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None) -> CooParts:
+    """fl4health's ``(values, (indices, shapes, names))`` from a compact COO stream (``ValueError``
+    otherwise, or when decoding would allocate more than ``limits`` allow: default ``DecodeLimits()``)."""
+    limits = limits or DecodeLimits()
     form = _read_header(packed)
     if form not in (FORM_COO, FORM_COO_PLAIN):
         raise _fail(f"a mask stream (form {form}) where a sparse COO stream was expected")
-    names = _read_names(packed[-2], packed[-1])
     if form == FORM_COO_PLAIN:
         body = [np.asarray(a) for a in packed[1:-2]]
-        if len(body) != 3 * len(names):
-            raise _fail(f"a plain COO stream of {len(names)} tensors has {3 * len(names)} arrays, got {len(body)}")
-        k = len(names)
-        return body[:k], (body[k : 2 * k], body[2 * k :], names)
+        k = _count_names(packed[-2], packed[-1])
+        if len(body) != 3 * k:
+            raise _fail(f"a plain COO stream of {k} tensors has {3 * k} arrays, got {len(body)}")
+        limits.check(packed, _measure_names(packed[-2], packed[-1], k, "tensors"), 0, "arrays")
+        return body[:k], (body[k : 2 * k], body[2 * k :], _split_names(packed[-2]))
     if len(packed) != 6:
         raise _fail(f"a COO stream has 6 arrays, got {len(packed)}")
+    n = _meta_count(packed[1])
+    raw = np.asarray(packed[3])
+    # Before the meta is parsed: n tensors cost at least their objects, and index rows are allowed for
+    # at most one entry a value byte.
+    allowance = 8 * INDEX_NDIM_ALLOWANCE * raw.nbytes
+    limits.check(packed, n * TENSOR_OVERHEAD_BYTES, allowance, "int64 indices at most")
+    names_need = _measure_names(packed[-2], packed[-1], n, "tensors")
     entries = _read_coo_meta(packed[1])
-    positions, raw = _bytes(packed[2], "positions"), _bytes(packed[3], "values")
-    if len(entries) != len(names):
-        raise _fail(f"{len(entries)} tensors but {len(names)} names")
+    positions, raw = _bytes(packed[2], "positions"), _bytes(raw, "values")
     if sum(e[4] for e in entries) != positions.size:
         raise _fail(f"the meta's position bytes add up to {sum(e[4] for e in entries)}, got {positions.size}")
     if sum(e[2] * e[0].itemsize for e in entries) != raw.size:
         raise _fail(f"the values need {sum(e[2] * e[0].itemsize for e in entries)} bytes, got {raw.size}")
-    values, indices = _decode(entries, names, positions, raw)
+    shapes_need = sum(8 * len(shape) for _, shape, _, _, _ in entries)
+    codec_need = decoded_bytes(entries)
+    need = codec_need + shapes_need + names_need + n * TENSOR_OVERHEAD_BYTES
+    allowance = sum(nnz * min(len(shape), INDEX_NDIM_ALLOWANCE) * 8 for _, shape, nnz, _, _ in entries)
+    limits.check(packed, need, allowance, f"int64 indices (at most {INDEX_NDIM_ALLOWANCE} dimensions counted)")
+    names = _split_names(packed[-2])
+    values, indices = _decode(entries, names, positions, raw, codec_need)
     return values, (indices, [np.array(list(shape)) for _, shape, _, _, _ in entries], names)
 
 
@@ -367,21 +414,29 @@ def _decode_numpy(
 
 
 def _decode(
-    entries: list[_Entry], names: list[str], positions: np.ndarray, raw: np.ndarray
+    entries: list[_Entry], names: list[str], positions: np.ndarray, raw: np.ndarray, max_bytes: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Both codecs' outputs; ``max_bytes``: what they may allocate (the caller's limit, which
+    ``decoded_bytes`` met: the compiled codec checks it again before it allocates)."""
     compiled = compiled_helpers()
     if compiled is None:
+        if decoded_bytes(entries) > max_bytes:
+            raise _fail(f"decoding needs {decoded_bytes(entries)} bytes, more than the {max_bytes} allowed")
         return _decode_numpy(entries, names, positions, raw)
     nbytes = [nnz * dtype.itemsize for dtype, _, nnz, _, _ in entries]
-    bad, why, index_tensors, buffer, starts = compiled.coo_decode(
-        [e[3] for e in entries],
-        [list(e[1]) for e in entries],
-        [e[2] for e in entries],
-        _from_numpy(positions),
-        [e[4] for e in entries],
-        _from_numpy(raw),
-        nbytes,
-    )
+    try:
+        bad, why, index_tensors, buffer, starts = compiled.coo_decode(
+            [e[3] for e in entries],
+            [list(e[1]) for e in entries],
+            [e[2] for e in entries],
+            _from_numpy(positions),
+            [e[4] for e in entries],
+            _from_numpy(raw),
+            nbytes,
+            max_bytes,
+        )
+    except ValueError as exc:  # the codec's checks of what the caller checked, its limit among them
+        raise _fail(str(exc)) from None
     if bad >= 0:
         raise _fail(f"tensor #{bad} ({names[bad]!r}): {why}")
     buffer = buffer.numpy()
