@@ -267,22 +267,46 @@ class CompactCooPacker:
 # ------------------------------------------------------------------------------------------ decoding
 
 
+# Varints decoded a block at a time: the temporaries (about 40 bytes a payload byte) stay a few MB.
+_VARINT_BLOCK = 2**14
+# Bitmap bytes unpacked at a time (one byte an element while unpacked).
+_BITMAP_BLOCK = 2**16
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], np.uint8)
+
+
 def _varint_decode(payload: np.ndarray, count: int, what: str) -> np.ndarray:
-    ends = np.flatnonzero(payload < 0x80)
-    if ends.size != count or (payload.size and payload[-1] >= 0x80):
+    if (payload.size and payload[-1] >= 0x80) or int(np.count_nonzero(payload < 0x80)) != count:
         raise _fail(f"{what}: {payload.size} varint bytes do not hold {count} gaps")
     if count == 0:
         return np.zeros(0, np.uint64)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts + 1
+    ends = np.flatnonzero(payload < 0x80)  # count entries: counted above, so no larger than the gaps
+    lengths = np.diff(ends, prepend=-1)
     if lengths.max() > 10:
         raise _fail(f"{what}: a varint longer than 10 bytes")
-    position = np.arange(payload.size) - np.repeat(starts, lengths)
-    terms = (payload.astype(np.uint64) & np.uint64(0x7F)) << (position.astype(np.uint64) * np.uint64(7))
-    tenth = payload[ends[lengths == 10]]
-    if tenth.size and tenth.max() > 1:
-        raise _fail(f"{what}: a varint above 2**64 - 1")
-    return np.add.reduceat(terms, starts)
+    gaps = np.empty(count, np.uint64)
+    for b in range(0, count, _VARINT_BLOCK):
+        first = 0 if b == 0 else int(ends[b - 1]) + 1
+        block_ends, block_lengths = ends[b : b + _VARINT_BLOCK] - first, lengths[b : b + _VARINT_BLOCK]
+        chunk = payload[first : first + int(block_ends[-1]) + 1]
+        starts = block_ends - block_lengths + 1
+        position = np.arange(chunk.size) - np.repeat(starts, block_lengths)
+        terms = (chunk.astype(np.uint64) & np.uint64(0x7F)) << (position.astype(np.uint64) * np.uint64(7))
+        tenth = chunk[block_ends[block_lengths == 10]]
+        if tenth.size and tenth.max() > 1:
+            raise _fail(f"{what}: a varint above 2**64 - 1")
+        gaps[b : b + _VARINT_BLOCK] = np.add.reduceat(terms, starts)
+    return gaps
+
+
+def _bitmap_offsets(payload: np.ndarray, nnz: int) -> np.ndarray:
+    """The marked elements' offsets (``nnz`` of them, checked by the caller), a block at a time."""
+    offsets = np.empty(nnz, np.uint64)
+    at = 0
+    for first in range(0, payload.size, _BITMAP_BLOCK):
+        marked = np.flatnonzero(np.unpackbits(payload[first : first + _BITMAP_BLOCK], bitorder="little"))
+        offsets[at : at + marked.size] = marked + 8 * first
+        at += marked.size
+    return offsets
 
 
 def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what: str) -> np.ndarray:
@@ -297,10 +321,10 @@ def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what
     if code == POS_BITMAP:
         if payload.size != -(-numel // 8) or (numel % 8 and payload[-1] >> (numel % 8)):
             raise _fail(f"{what}: a bitmap of {numel} elements needs {-(-numel // 8)} bytes and zero padding")
-        offsets = np.flatnonzero(np.unpackbits(payload, count=numel, bitorder="little")).astype(np.uint64)
-        if offsets.size != nnz:
-            raise _fail(f"{what}: the bitmap marks {offsets.size} elements, the meta says {nnz}")
-        return offsets
+        marked = int(_POPCOUNT[payload].sum(dtype=np.int64))  # the padding bits are zero: checked
+        if marked != nnz:
+            raise _fail(f"{what}: the bitmap marks {marked} elements, the meta says {nnz}")
+        return _bitmap_offsets(payload, nnz)
     if code in _GAP_WIDTHS:
         width = np.dtype(_GAP_WIDTHS[code]).itemsize
         if payload.size != width * nnz:
@@ -316,7 +340,9 @@ def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what
     # would show as a decrease: strictly increasing and the last < numel means none did.
     if int(gaps.max()) >= numel:
         raise _fail(f"{what}: a gap is past the tensor's {numel} elements")
-    offsets = np.cumsum(gaps + np.uint64(1)) - np.uint64(1)
+    offsets = np.add(gaps, np.uint64(1), out=gaps)  # in place (gaps is this function's own copy)
+    np.cumsum(offsets, out=offsets)
+    np.subtract(offsets, np.uint64(1), out=offsets)
     if int(offsets[-1]) >= numel or bool(np.any(offsets[1:] <= offsets[:-1])):
         raise _fail(f"{what}: the gaps run past the tensor's {numel} elements")
     return offsets
@@ -336,7 +362,7 @@ def _unravel(offsets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     column (one divmod per dimension, no temporaries the size of the result)."""
     idx = np.empty((offsets.size, len(shape)), np.int64)
     if shape:
-        rest = offsets.astype(np.int64)
+        rest = offsets.view(np.int64)  # offsets < 2**62: the same numbers; divided in place, so consumed
         for d in range(len(shape) - 1, 0, -1):
             np.divmod(rest, shape[d], out=(rest, idx[:, d]))
         idx[:, 0] = rest

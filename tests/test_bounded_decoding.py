@@ -204,3 +204,42 @@ def test_masks_are_bounded_by_their_own_arrays_and_the_cap():
     assert np.array_equal(arrays[0], masks[0])
     with pytest.raises(ValueError, match="more than max_decoded_bytes=100,000"):
         CompactMaskPacker(max_decoded_bytes=100_000).unpack_parameters(stream)
+
+
+# ------------------------------------------------------------------------------ the numpy twin's blocks
+
+
+@pytest.mark.parametrize("blocks", [(1, 1), (3, 2), (7, 5)])
+def test_numpy_twin_decodes_in_blocks_as_in_one(monkeypatch, blocks):
+    """The twin decodes varints and bitmaps a block at a time (its temporaries stay small): tiny
+    blocks give the offsets and the errors of one block, with varints and bitmap bytes that straddle
+    block edges, and a faulty varint in a later block."""
+    rng = np.random.default_rng(5)
+    gaps = (2.0 ** rng.uniform(0, 30, 200)).astype(np.uint64)
+    varints = wire_coo._varint_encode(gaps)
+    bitmap = np.packbits(rng.random(203) < 0.4, bitorder="little")
+    numel = 2**40
+    cases = [
+        (wire_coo.POS_VARINT, varints, gaps.size, numel),
+        (wire_coo.POS_VARINT, np.concatenate([varints, np.full(11, 0x81, np.uint8), [1]]).astype(np.uint8), 201, numel),
+        (wire_coo.POS_VARINT, np.concatenate([varints, np.full(9, 0x80, np.uint8), [2]]).astype(np.uint8), 201, numel),
+        (wire_coo.POS_VARINT, varints, gaps.size - 1, numel),
+        (wire_coo.POS_BITMAP, bitmap, int(np.unpackbits(bitmap).sum()), 203),
+        (wire_coo.POS_BITMAP, bitmap, 3, 203),
+    ]
+
+    def outcomes() -> list:
+        out = []
+        for code, payload, nnz, n in cases:
+            try:
+                out.append(wire_coo._decode_positions(code, payload, nnz, n, "t").tolist())
+            except ValueError as exc:
+                out.append(str(exc))
+        return out
+
+    whole = outcomes()
+    assert isinstance(whole[0], list) and isinstance(whole[4], list)
+    assert [isinstance(o, str) for o in whole[1:4]] == [True, True, True]
+    monkeypatch.setattr(wire_coo, "_VARINT_BLOCK", blocks[0])
+    monkeypatch.setattr(wire_coo, "_BITMAP_BLOCK", blocks[1])
+    assert outcomes() == whole
