@@ -206,16 +206,22 @@ def layer_error(
 
 
 def explain_failure(
-    exc: Exception, names: Sequence[str], xs: Sequence[Tensor], ys: Sequence[Tensor] | None, what: str
+    exc: Exception,
+    names: Sequence[str],
+    xs: Sequence[Tensor],
+    ys: Sequence[Tensor] | None,
+    what: str,
+    *,
+    given: bool = False,
 ) -> NoReturn:
     """A kernel (or the twin) refused the call: find the entry it refused by the checks above (only on
     this error path) and raise the error naming its layer; re-raise the kernel's own error when no
-    entry explains it. Never returns."""
+    entry explains it. ``given``: ``ys`` are custom scores (``entry_fault``). Never returns."""
     if len(xs):
         device = xs[0].device
         for i, x in enumerate(xs):
             y = ys[i] if ys is not None else None
-            fault = entry_fault(x, y, device)
+            fault = entry_fault(x, y, device, given=given)
             if fault is not None:
                 raise layer_error(what, names, xs, i, fault, y)
     raise exc

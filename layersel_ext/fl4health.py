@@ -9,7 +9,12 @@
 ``fl4health.parameter_exchange.parameter_selection_criteria`` and in every loaded fl4health module
 that imported them by name (the FedPM exchanger binds ``select_scores_and_sample_masks`` at import
 time), and routes ``SparseCooParameterExchanger.select_parameters`` through the fused sparse
-selection. It is idempotent and ``unpatch()`` restores every binding it changed. Objects built
+selection. It is idempotent and ``unpatch()`` restores every binding it changed, and every binding
+to our functions in an fl4health module first imported while patched (it imported them by name from
+the patched criteria module). ``patch()`` is atomic: it imports and resolves everything first and
+only then rebinds, so when an import fails it raises with nothing changed. Patching and unpatching
+hold one lock: of two threads patching with different wires, the first to take it wins and the
+other raises ``ValueError`` ("already patched with wire=..."), never a mix of both. Objects built
 before ``patch()`` keep what they captured (a ``DynamicLayerExchanger`` holding an old partial):
 patch first, then build. Importing layersel_ext never imports fl4health; this module does so only
 when ``patch()`` is called.
@@ -26,7 +31,9 @@ was. Client and server must both use it; a peer that does not fails in its first
 
 from __future__ import annotations
 
+import importlib
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -51,14 +58,16 @@ _FEDPM_STRATEGY_MODULE = "fl4health.strategies.fedpm"
 _SPARSE_STRATEGY_MODULE = "fl4health.strategies.fedavg_sparse_coo_tensor"
 WIRES = ("fl4health", "compact")
 
+_lock = threading.RLock()  # held by patch() and unpatch() for all they read and write
 _patched: list[tuple[Any, str, Any]] = []  # (owner, attribute, original), in the order applied
 _wire: str | None = None  # the wire format of the current patch
+# Our criteria functions and the fl4health ones they replace: what unpatch() restores in fl4health
+# modules imported while patched, which bound ours by name.
+_original_of: dict[int, tuple[Any, Any]] = {}  # id(ours) -> (ours, fl4health's)
 
 
 def _import_fl4health() -> tuple[ModuleType, ModuleType]:
     try:
-        import importlib
-
         criteria = importlib.import_module(_CRITERIA_MODULE)
         sparse = importlib.import_module(_SPARSE_MODULE)
     except ImportError as exc:
@@ -74,15 +83,16 @@ def _fused_select_parameters(self: Any, model: Any, initial_model: Any = None) -
 
 
 def is_patched() -> bool:
-    return bool(_patched)
+    with _lock:
+        return bool(_patched)
 
 
 _INHERITED = object()  # an attribute the class itself did not define: unpatch() deletes it again
 
 
-def _replace(owner: type, attr: str, value: Any) -> None:
-    _patched.append((owner, attr, owner.__dict__.get(attr, _INHERITED)))
-    setattr(owner, attr, value)
+def _class_binding(owner: type, attr: str, value: Any) -> tuple[Any, str, Any, Any]:
+    """(owner, attribute, original, new value) for a class attribute."""
+    return owner, attr, owner.__dict__.get(attr, _INHERITED), value
 
 
 def _with_packer(init: Any, packer: type) -> Any:
@@ -97,56 +107,93 @@ def _packed_masks(self: Any, model: Any, initial_model: Any = None, config: Any 
     return sample_masks_packed(model)
 
 
-def _install_compact_wire() -> None:
-    import importlib
-
+def _compact_wire_bindings() -> list[tuple[Any, str, Any, Any]]:
+    """The class attributes ``wire="compact"`` replaces (imports fl4health's modules; binds nothing)."""
     fedpm_exchanger = importlib.import_module(_FEDPM_EXCHANGER_MODULE).FedPmExchanger
+    bindings = []
     for cls, packer in (
         (fedpm_exchanger, CompactMaskPacker),
         (importlib.import_module(_FEDPM_STRATEGY_MODULE).FedPm, CompactMaskPacker),
         (importlib.import_module(_SPARSE_MODULE).SparseCooParameterExchanger, CompactCooPacker),
         (importlib.import_module(_SPARSE_STRATEGY_MODULE).FedAvgSparseCooTensor, CompactCooPacker),
     ):
-        _replace(cls, "__init__", _with_packer(cls.__dict__["__init__"], packer))
-    _replace(fedpm_exchanger, "push_parameters", _packed_masks)
+        bindings.append(_class_binding(cls, "__init__", _with_packer(cls.__dict__["__init__"], packer)))
+    bindings.append(_class_binding(fedpm_exchanger, "push_parameters", _packed_masks))
+    return bindings
+
+
+def _fl4health_modules() -> list[ModuleType]:
+    return [
+        module
+        for name, module in list(sys.modules.items())
+        if module is not None and (name == "fl4health" or name.startswith("fl4health."))
+    ]
 
 
 def patch(wire: str = "fl4health") -> None:
     """Make fl4health use layersel_ext's criteria (idempotent); ``wire="compact"``: FedPM masks as
-    bitmaps too (see the module docstring). Objects built before the patch keep their packers."""
+    bitmaps too (see the module docstring). Objects built before the patch keep their packers.
+
+    Atomic: every fl4health module is imported and every binding resolved before the first is
+    changed, so an error (an fl4health module that fails to import) leaves nothing patched. Raises
+    ``ValueError`` when already patched with another wire (``unpatch()`` first)."""
     global _wire
     if wire not in WIRES:
         raise ValueError(f"wire must be one of {WIRES}, got {wire!r}")
-    if _patched:
-        if wire != _wire:
-            raise ValueError(f"already patched with wire={_wire!r}; unpatch() first to use wire={wire!r}")
-        return
-    _wire = wire
-    criteria, sparse = _import_fl4health()
-    originals = {id(getattr(criteria, name)): name for name in CRITERIA}
-    for module_name, module in list(sys.modules.items()):
-        if module is None or not (module_name == "fl4health" or module_name.startswith("fl4health.")):
-            continue
-        for attr, value in list(vars(module).items()):
-            name = originals.get(id(value))
-            if name is not None:
-                _patched.append((module, attr, value))
-                setattr(module, attr, getattr(ours, name))
-    _replace(sparse.SparseCooParameterExchanger, "select_parameters", _fused_select_parameters)
-    if wire == "compact":
-        _install_compact_wire()
+    with _lock:
+        if _patched:
+            if wire != _wire:
+                raise ValueError(f"already patched with wire={_wire!r}; unpatch() first to use wire={wire!r}")
+            return
+        # Imports first (the compact wire's too): a module they load binds fl4health's criteria,
+        # which the scan below then finds.
+        criteria, sparse = _import_fl4health()
+        bindings = _compact_wire_bindings() if wire == "compact" else []
+        bindings.append(
+            _class_binding(sparse.SparseCooParameterExchanger, "select_parameters", _fused_select_parameters)
+        )
+        replacements = {id(getattr(criteria, name)): getattr(ours, name) for name in CRITERIA}
+        for module in _fl4health_modules():
+            for attr, value in list(vars(module).items()):
+                new = replacements.get(id(value))
+                if new is not None:
+                    bindings.append((module, attr, value, new))
+        originals = {id(getattr(ours, name)): (getattr(ours, name), getattr(criteria, name)) for name in CRITERIA}
+        try:
+            for owner, attr, original, value in bindings:
+                _patched.append((owner, attr, original))
+                setattr(owner, attr, value)
+        except BaseException:  # setattr on a module or class does not fail; if one did, undo the rest
+            _unpatch_locked()
+            raise
+        _original_of.update(originals)
+        _wire = wire
 
 
-def unpatch() -> None:
-    """Restore every binding ``patch()`` changed (a no-op when not patched)."""
+def _unpatch_locked() -> None:
     global _wire
-    _wire = None
     while _patched:
         owner, attr, original = _patched.pop()
         if original is _INHERITED:
             delattr(owner, attr)
         else:
             setattr(owner, attr, original)
+    if _original_of:
+        # fl4health modules imported while patched bound ours by name from the criteria module
+        for module in _fl4health_modules():
+            for attr, value in list(vars(module).items()):
+                pair = _original_of.get(id(value))
+                if pair is not None and pair[0] is value:
+                    setattr(module, attr, pair[1])
+    _original_of.clear()
+    _wire = None
+
+
+def unpatch() -> None:
+    """Restore every binding ``patch()`` changed, and fl4health's criteria in fl4health modules
+    imported while patched (a no-op when not patched)."""
+    with _lock:
+        _unpatch_locked()
 
 
 @contextmanager

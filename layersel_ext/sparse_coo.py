@@ -136,7 +136,10 @@ def select_sparse_parameters(
     top = math.ceil(total * sparsity_level)
     if top < 1:
         raise ValueError(f"{what}: no parameter would be selected ({total} scores, sparsity {sparsity_level})")
-    promoted = reduce(torch.promote_types, score_dtypes)  # the dtype torch.cat gives the scores
+    try:
+        promoted = reduce(torch.promote_types, score_dtypes)  # the dtype torch.cat gives the scores
+    except RuntimeError as exc:  # a quantized dtype has no promotion: name its layer, as the kernels' checks do
+        explain_failure(exc, names, xs, ys if fused is None or uses_initial(kind) else None, what, given=fused is None)
     # Sharded state (FSDP2, DTensor): the same two steps across ranks (_sharded_select), every rank gets every array.
     sharded = sharded_state(names, xs, ys, what)
     if sharded is not None and sharded.mesh.world == 1:  # one rank: its local tensors are the whole model

@@ -24,6 +24,35 @@ by a sentence saying what to do, which the client's ``load_state_dict(strict=Tru
 as an unexpected key. Decoding
 checks every length, dtype code, dimension and padding bit before it allocates, so a truncated,
 corrupted or hostile stream gives a ``ValueError``, never a wrong array.
+
+Bounded decoding. A server decodes whatever any client sends, so before it allocates anything a
+decoder (this module's and ``wire_coo``'s, the compiled codec included) computes the bytes its output
+will take and refuses the stream with a ``ValueError`` naming the limit when they exceed either
+
+- ``max_expansion`` (default ``DEFAULT_MAX_EXPANSION``, 16) times the message's bytes (every array's
+  ``nbytes``) plus what fl4health's own format needs for that content: for sparse COO the int64
+  ``[nnz, ndim]`` index rows, counted for at most ``INDEX_NDIM_ALLOWANCE`` (8) dimensions (realistic
+  tensors have at most 5); for masks the mask arrays themselves (``numel`` times the dtype's size,
+  at most 64 bytes per bitmap byte), plus ``RATIO_FREE_BYTES`` (1 MiB: a small message is never
+  refused for its ratio, its fixed charges below would dominate it); or
+- ``max_decoded_bytes`` (default ``DEFAULT_MAX_DECODED_BYTES``, 4 GiB): an absolute cap, whatever
+  the message.
+
+Both are arguments of the packers (``DecodeLimits`` for ``unpack``/``unpack_coo``). The legitimate
+streams nearest the ratio hold only tensors of at most one entry, named in fewer than about 70
+characters: their objects alone cost more than 16 times their bytes, so thousands of those need a
+larger ``max_expansion``. The output counted is every
+decoded array's data (exactly; the compiled COO codec's value buffer at 64-byte multiples), the
+decoded names' characters twice (the joined text and its parts: ``2 * chars * (1, 2 or 4)`` bytes,
+as Python stores the widest one), the bitmap's one-byte-per-element unpacking for masks, and a fixed
+``TENSOR_OVERHEAD_BYTES`` (1.5 KiB) per tensor for the objects decoding makes (its arrays, its name,
+its parsed meta entry, the compiled codec's table entry: about 1.3 KiB measured). Names are counted (their NUL bytes) and measured before they are
+split, and the number of tensors the meta announces is checked against an upper bound of the limit
+before the meta is parsed. So, whatever a peer sends, what decoding allocates is at most about
+``max_expansion`` times the message plus fl4health's own arrays (and 1 MiB): the worst accepted sparse COO stream
+(8-D uint8 tensors, dense bitmaps: 1.125 message bytes and 64 index bytes an entry) allocates about
+``16 + 57 = 73`` times its size, a realistic one (float32 weights of at most 2 dimensions) at most
+``16 + 4 = 20`` times; tests/test_bounded_decoding.py measures what hostile streams allocate.
 """
 
 from __future__ import annotations
@@ -47,6 +76,12 @@ FOREIGN_PEER_HINT = (
 )
 _MAX_NDIM = 64
 _MAX_NUMEL = 2**62
+# Bounded decoding (the module docstring): the packers' defaults and the fixed charges.
+DEFAULT_MAX_EXPANSION = 16
+DEFAULT_MAX_DECODED_BYTES = 2**32
+INDEX_NDIM_ALLOWANCE = 8
+TENSOR_OVERHEAD_BYTES = 1536
+RATIO_FREE_BYTES = 2**20
 # Array dtypes and their codes on the wire (the codes are the format: never renumber). Masks use
 # the integer ones; COO values (wire_coo.py) any.
 _DTYPE_CODES = {
@@ -108,7 +143,18 @@ class CompactMaskPacker:
 
     ``pack_parameters`` sends 0/1 integer arrays as one bitmap (dtype and shape kept) and anything
     else plainly; ``unpack_parameters`` returns exactly the arrays and names that were packed.
+
+    Args:
+        max_decoded_bytes: refuse (``ValueError``) a stream whose decoding would allocate more
+            (default ``DEFAULT_MAX_DECODED_BYTES``, 4 GiB).
+        max_expansion: refuse a stream whose decoding would allocate more than this many times its
+            own bytes, besides the mask arrays fl4health's format itself needs (default 16).
     """
+
+    def __init__(
+        self, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES, max_expansion: int = DEFAULT_MAX_EXPANSION
+    ) -> None:
+        self.limits = DecodeLimits(max_decoded_bytes, max_expansion)
 
     def pack_parameters(self, model_weights: Sequence[np.ndarray], weights_names: Sequence[str]) -> list[np.ndarray]:
         if len(model_weights) != len(weights_names):
@@ -120,11 +166,46 @@ class CompactMaskPacker:
         return [_header(FORM_PLAIN), *arrays, *_trailer(weights_names)]
 
     def unpack_parameters(self, packed_parameters: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
-        return unpack(packed_parameters)
+        return unpack(packed_parameters, limits=self.limits)
 
 
 def _fail(why: str) -> ValueError:
     return ValueError(f"layersel_ext compact wire format: {why}")
+
+
+class DecodeLimits:
+    """What decoding one stream may allocate (the module docstring's "Bounded decoding")."""
+
+    def __init__(
+        self, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES, max_expansion: int = DEFAULT_MAX_EXPANSION
+    ) -> None:
+        for name, value in (("max_decoded_bytes", max_decoded_bytes), ("max_expansion", max_expansion)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        self.max_decoded_bytes = max_decoded_bytes
+        self.max_expansion = max_expansion
+
+    def check(self, packed: Sequence[np.ndarray], need: int, allowance: int, allowance_what: str) -> None:
+        """Refuses a stream whose decoding needs ``need`` bytes: over the absolute cap, or over
+        ``max_expansion`` times the stream's bytes plus ``allowance`` (what fl4health's format itself
+        needs: ``allowance_what``)."""
+        if need > self.max_decoded_bytes:
+            raise _fail(
+                f"decoding needs {need:,} bytes, more than max_decoded_bytes={self.max_decoded_bytes:,} "
+                "(a packer argument: raise it to accept larger messages)"
+            )
+        message = message_bytes(packed)
+        limit = self.max_expansion * message + allowance + RATIO_FREE_BYTES
+        if need > limit:
+            raise _fail(
+                f"decoding needs {need:,} bytes, more than the limit of {limit:,}: max_expansion={self.max_expansion} "
+                f"x the message's {message:,} bytes + {allowance:,} bytes of {allowance_what} + {RATIO_FREE_BYTES:,}"
+            )
+
+
+def message_bytes(packed: Sequence[np.ndarray]) -> int:
+    """A stream's bytes, as decoding's limit counts them: every array's ``nbytes``."""
+    return sum(np.asarray(a).nbytes for a in packed)
 
 
 def _read_header(packed: Sequence[np.ndarray]) -> int:
@@ -144,18 +225,54 @@ def _read_header(packed: Sequence[np.ndarray]) -> int:
     return form
 
 
-def _read_names(names: np.ndarray, hint: np.ndarray) -> list[str]:
+# Charged per decoded name besides its characters: the string object and its slot in the list.
+_NAME_OVERHEAD_BYTES = 64
+
+
+def _count_names(names: np.ndarray, hint: np.ndarray) -> int:
+    """Checks the hint and the names' framing; the number of names, without splitting them."""
     hint = np.asarray(hint)
     if hint.shape != (1,) or hint.dtype.kind != "U" or str(hint[0]) != FOREIGN_PEER_HINT:
         raise _fail(f"the last array must be the one-element format hint, got {hint.dtype} {hint.shape}")
     names = np.asarray(names)
     if names.dtype != np.uint8 or names.ndim != 1 or (names.size and names[-1] != 0):
         raise _fail(f"the layer names must be NUL-terminated UTF-8 bytes, got {names.dtype} {names.shape}")
+    return int(np.count_nonzero(names == 0))
+
+
+def _measure_names(names: np.ndarray, hint: np.ndarray, count: int, what: str) -> int:
+    """Checks that ``names`` holds ``count`` names (``_count_names``), without splitting them; returns
+    the bytes the decoded names take (the joined text and its parts, each character at the widest
+    width Python may store it in, and each name's object)."""
+    found = _count_names(names, hint)
+    if found != count:
+        raise _fail(f"{count} {what} but {found} names")
+    names = np.asarray(names)
+    # UTF-8 lead bytes: below 0xC4 a character fits one byte in Python's str, below 0xF0 two, else four.
+    top = int(names.max()) if names.size else 0
+    width = 1 if top < 0xC4 else 2 if top < 0xF0 else 4
+    chars = names.size - found - int(np.count_nonzero((names & 0xC0) == 0x80))
+    return 2 * chars * width + count * _NAME_OVERHEAD_BYTES
+
+
+def _split_names(names: np.ndarray) -> list[str]:
+    """The names of an array ``_measure_names`` accepted."""
     try:
-        text = names.tobytes().decode()
+        text = np.asarray(names).tobytes().decode()
     except UnicodeDecodeError as exc:
         raise _fail(f"the layer names are not UTF-8 ({exc})") from None
     return text.split("\0")[:-1]
+
+
+def _meta_count(meta: np.ndarray) -> int:
+    """The number of entries a meta array announces (checked against its size), before it is parsed."""
+    meta = np.asarray(meta)
+    if meta.dtype != np.int64 or meta.ndim != 1 or meta.size < 1:
+        raise _fail(f"meta must be a 1-D int64 array, got {meta.dtype} {meta.shape}")
+    n = int(meta[0])
+    if not 0 <= n <= meta.size:
+        raise _fail(f"meta announces {n} entries in {meta.size} numbers")
+    return n
 
 
 def _read_meta(
@@ -163,13 +280,9 @@ def _read_meta(
 ) -> list[tuple[np.dtype, tuple[int, ...], list[int]]]:
     """Entries of a meta array ``[n, then per entry: dtype code, ndim, *shape, *trailing numbers]``
     (dtype codes of ``kinds`` only, shapes of fewer than 2**62 elements), checked number by number."""
-    meta = np.asarray(meta)
-    if meta.dtype != np.int64 or meta.ndim != 1 or meta.size < 1:
-        raise _fail(f"meta must be a 1-D int64 array, got {meta.dtype} {meta.shape}")
-    values = meta.tolist()
-    n, pos, out = values[0], 1, []
-    if not 0 <= n <= len(values):
-        raise _fail(f"meta announces {n} entries in {len(values)} numbers")
+    n = _meta_count(meta)
+    values = np.asarray(meta).tolist()
+    pos, out = 1, []
     for i in range(n):
         if pos + 2 > len(values):
             raise _fail(f"meta ends inside entry #{i}")
@@ -188,33 +301,48 @@ def _read_meta(
     return out
 
 
-def unpack(packed: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
-    """The arrays and layer names of a compact stream (``ValueError`` naming what is wrong otherwise)."""
+def unpack(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None) -> tuple[list[np.ndarray], list[str]]:
+    """The arrays and layer names of a compact stream (``ValueError`` naming what is wrong otherwise,
+    or when decoding would allocate more than ``limits`` allow: default ``DecodeLimits()``)."""
+    limits = limits or DecodeLimits()
     form = _read_header(packed)
     if form not in (FORM_BITMAP, FORM_PLAIN):
         raise _fail(f"a COO stream (form {form}) where masks or plain arrays were expected")
-    names = _read_names(packed[-2], packed[-1])
     if form == FORM_PLAIN:
         arrays = [np.asarray(a) for a in packed[1:-2]]
-    else:
-        if len(packed) != 5:
-            raise _fail(f"a bitmap stream has 5 arrays, got {len(packed)}")
-        entries = _read_meta(packed[1])
-        bits = np.asarray(packed[2])
-        total = sum(math.prod(shape) for _, shape, _ in entries)
-        if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-total // 8):
-            raise _fail(f"{total} mask elements need {-(-total // 8)} bitmap bytes, got {bits.dtype} {bits.shape}")
-        if total % 8 and bits[-1] >> (total % 8):
-            raise _fail("padding bits after the last element are not zero")
-        flat = np.unpackbits(bits, count=total, bitorder="little")
-        arrays, start = [], 0
-        for dtype, shape, _ in entries:
-            size = math.prod(shape)
-            arrays.append(flat[start : start + size].astype(dtype).reshape(shape))
-            start += size
-    if len(arrays) != len(names):
-        raise _fail(f"{len(arrays)} arrays but {len(names)} names")
-    return arrays, names
+        need = _measure_names(packed[-2], packed[-1], len(arrays), "arrays")
+        limits.check(packed, need, 0, "arrays")
+        return arrays, _split_names(packed[-2])
+    if len(packed) != 5:
+        raise _fail(f"a bitmap stream has 5 arrays, got {len(packed)}")
+    bits = np.asarray(packed[2])
+    n = _meta_count(packed[1])
+    # Before the meta is parsed: n arrays cost at least their objects; the arrays hold at most 8
+    # elements a bitmap byte, 8 bytes each.
+    limits.check(packed, n * TENSOR_OVERHEAD_BYTES, 64 * bits.nbytes, "mask arrays at most")
+    need = _measure_names(packed[-2], packed[-1], n, "arrays")
+    entries = _read_meta(packed[1])
+    total = sum(math.prod(shape) for _, shape, _ in entries)
+    if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-total // 8):
+        raise _fail(f"{total} mask elements need {-(-total // 8)} bitmap bytes, got {bits.dtype} {bits.shape}")
+    if total % 8 and bits[-1] >> (total % 8):
+        raise _fail("padding bits after the last element are not zero")
+    for i, (dtype, shape, _) in enumerate(entries):
+        # numpy sizes an array by its non-empty dimensions, even when another one is 0
+        if math.prod(d for d in shape if d) * dtype.itemsize >= 2**63:
+            raise _fail(
+                f"entry #{i}: bad shape {shape} for {dtype}: its non-empty sizes times {dtype.itemsize} bytes "
+                "reach 2**63, numpy's limit for an array"
+            )
+    masks = sum(math.prod(shape) * dtype.itemsize for dtype, shape, _ in entries)
+    limits.check(packed, masks + total + n * TENSOR_OVERHEAD_BYTES + need, masks, "mask arrays")
+    flat = np.unpackbits(bits, count=total, bitorder="little")
+    arrays, start = [], 0
+    for dtype, shape, _ in entries:
+        size = math.prod(shape)
+        arrays.append(flat[start : start + size].astype(dtype).reshape(shape))
+        start += size
+    return arrays, _split_names(packed[-2])
 
 
 def sample_masks_packed(

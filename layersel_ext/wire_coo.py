@@ -29,7 +29,13 @@ every tensor's values as raw little-endian bytes, concatenated (uint8). Plain fo
 *values, *indices, *shapes, names, hint]``. Both have a multiple of three arrays, so fl4health's own
 packer, given one, stops at once (its ``assert len(packed_parameters) % 3 == 1``); this packer,
 given fl4health's stream, raises a ``ValueError`` naming the format. Decoding checks every length,
-code, offset and padding bit before it allocates.
+code, offset and padding bit before it allocates, and refuses a stream whose output would take more
+than ``DecodeLimits`` allow (``wire.py``'s "Bounded decoding"): here the output is every tensor's
+values (at 64-byte multiples, as the compiled codec allocates them) and int64 ``[nnz, ndim]``
+indices, its shape array, its name and a fixed charge for its objects, and the allowance beside
+``max_expansion`` times the message is the index rows of at most ``INDEX_NDIM_ALLOWANCE`` (8)
+dimensions: a 64-dimension tensor of 2**20 one-byte entries (a 1.1 MB stream that would decode to
+512 MB of indices) is refused, a 2-D weight of any density is not.
 """
 
 from __future__ import annotations
@@ -47,13 +53,21 @@ from .wire import (
     _DTYPE_CODES,
     _MAX_NDIM,
     _MAX_NUMEL,
+    DEFAULT_MAX_DECODED_BYTES,
+    DEFAULT_MAX_EXPANSION,
     FORM_COO,
     FORM_COO_PLAIN,
+    INDEX_NDIM_ALLOWANCE,
+    TENSOR_OVERHEAD_BYTES,
+    DecodeLimits,
+    _count_names,
     _fail,
     _header,
+    _measure_names,
+    _meta_count,
     _read_header,
     _read_meta,
-    _read_names,
+    _split_names,
     _trailer,
 )
 
@@ -206,7 +220,20 @@ def _encode(
 
 
 class CompactCooPacker:
-    """Drop-in for fl4health's ``SparseCooParameterPacker`` (client exchanger and server strategy)."""
+    """Drop-in for fl4health's ``SparseCooParameterPacker`` (client exchanger and server strategy).
+
+    Args:
+        max_decoded_bytes: refuse (``ValueError``) a stream whose decoding would allocate more
+            (default ``DEFAULT_MAX_DECODED_BYTES``, 4 GiB).
+        max_expansion: refuse a stream whose decoding would allocate more than this many times its
+            own bytes, besides the int64 index rows (of at most 8 dimensions) fl4health's format
+            needs (default 16).
+    """
+
+    def __init__(
+        self, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES, max_expansion: int = DEFAULT_MAX_EXPANSION
+    ) -> None:
+        self.limits = DecodeLimits(max_decoded_bytes, max_expansion)
 
     def pack_parameters(
         self, model_parameters: Sequence[np.ndarray], additional_parameters: tuple[Sequence, Sequence, Sequence[str]]
@@ -227,7 +254,7 @@ class CompactCooPacker:
         return [_header(FORM_COO), np.asarray(meta, np.int64), positions, raw, *_trailer(names)]
 
     def unpack_parameters(self, packed_parameters: Sequence[np.ndarray]) -> CooParts:
-        return unpack_coo(packed_parameters)
+        return unpack_coo(packed_parameters, self.limits)
 
     @staticmethod
     def extract_coo_info_from_dense(x: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,22 +267,46 @@ class CompactCooPacker:
 # ------------------------------------------------------------------------------------------ decoding
 
 
+# Varints decoded a block at a time: the temporaries (about 40 bytes a payload byte) stay a few MB.
+_VARINT_BLOCK = 2**14
+# Bitmap bytes unpacked at a time (one byte an element while unpacked).
+_BITMAP_BLOCK = 2**16
+_POPCOUNT = np.array([bin(b).count("1") for b in range(256)], np.uint8)
+
+
 def _varint_decode(payload: np.ndarray, count: int, what: str) -> np.ndarray:
-    ends = np.flatnonzero(payload < 0x80)
-    if ends.size != count or (payload.size and payload[-1] >= 0x80):
+    if (payload.size and payload[-1] >= 0x80) or int(np.count_nonzero(payload < 0x80)) != count:
         raise _fail(f"{what}: {payload.size} varint bytes do not hold {count} gaps")
     if count == 0:
         return np.zeros(0, np.uint64)
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts + 1
+    ends = np.flatnonzero(payload < 0x80)  # count entries: counted above, so no larger than the gaps
+    lengths = np.diff(ends, prepend=-1)
     if lengths.max() > 10:
         raise _fail(f"{what}: a varint longer than 10 bytes")
-    position = np.arange(payload.size) - np.repeat(starts, lengths)
-    terms = (payload.astype(np.uint64) & np.uint64(0x7F)) << (position.astype(np.uint64) * np.uint64(7))
-    tenth = payload[ends[lengths == 10]]
-    if tenth.size and tenth.max() > 1:
-        raise _fail(f"{what}: a varint above 2**64 - 1")
-    return np.add.reduceat(terms, starts)
+    gaps = np.empty(count, np.uint64)
+    for b in range(0, count, _VARINT_BLOCK):
+        first = 0 if b == 0 else int(ends[b - 1]) + 1
+        block_ends, block_lengths = ends[b : b + _VARINT_BLOCK] - first, lengths[b : b + _VARINT_BLOCK]
+        chunk = payload[first : first + int(block_ends[-1]) + 1]
+        starts = block_ends - block_lengths + 1
+        position = np.arange(chunk.size) - np.repeat(starts, block_lengths)
+        terms = (chunk.astype(np.uint64) & np.uint64(0x7F)) << (position.astype(np.uint64) * np.uint64(7))
+        tenth = chunk[block_ends[block_lengths == 10]]
+        if tenth.size and tenth.max() > 1:
+            raise _fail(f"{what}: a varint above 2**64 - 1")
+        gaps[b : b + _VARINT_BLOCK] = np.add.reduceat(terms, starts)
+    return gaps
+
+
+def _bitmap_offsets(payload: np.ndarray, nnz: int) -> np.ndarray:
+    """The marked elements' offsets (``nnz`` of them, checked by the caller), a block at a time."""
+    offsets = np.empty(nnz, np.uint64)
+    at = 0
+    for first in range(0, payload.size, _BITMAP_BLOCK):
+        marked = np.flatnonzero(np.unpackbits(payload[first : first + _BITMAP_BLOCK], bitorder="little"))
+        offsets[at : at + marked.size] = marked + 8 * first
+        at += marked.size
+    return offsets
 
 
 def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what: str) -> np.ndarray:
@@ -270,10 +321,10 @@ def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what
     if code == POS_BITMAP:
         if payload.size != -(-numel // 8) or (numel % 8 and payload[-1] >> (numel % 8)):
             raise _fail(f"{what}: a bitmap of {numel} elements needs {-(-numel // 8)} bytes and zero padding")
-        offsets = np.flatnonzero(np.unpackbits(payload, count=numel, bitorder="little")).astype(np.uint64)
-        if offsets.size != nnz:
-            raise _fail(f"{what}: the bitmap marks {offsets.size} elements, the meta says {nnz}")
-        return offsets
+        marked = int(_POPCOUNT[payload].sum(dtype=np.int64))  # the padding bits are zero: checked
+        if marked != nnz:
+            raise _fail(f"{what}: the bitmap marks {marked} elements, the meta says {nnz}")
+        return _bitmap_offsets(payload, nnz)
     if code in _GAP_WIDTHS:
         width = np.dtype(_GAP_WIDTHS[code]).itemsize
         if payload.size != width * nnz:
@@ -289,7 +340,9 @@ def _decode_positions(code: int, payload: np.ndarray, nnz: int, numel: int, what
     # would show as a decrease: strictly increasing and the last < numel means none did.
     if int(gaps.max()) >= numel:
         raise _fail(f"{what}: a gap is past the tensor's {numel} elements")
-    offsets = np.cumsum(gaps + np.uint64(1)) - np.uint64(1)
+    offsets = np.add(gaps, np.uint64(1), out=gaps)  # in place (gaps is this function's own copy)
+    np.cumsum(offsets, out=offsets)
+    np.subtract(offsets, np.uint64(1), out=offsets)
     if int(offsets[-1]) >= numel or bool(np.any(offsets[1:] <= offsets[:-1])):
         raise _fail(f"{what}: the gaps run past the tensor's {numel} elements")
     return offsets
@@ -309,7 +362,7 @@ def _unravel(offsets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     column (one divmod per dimension, no temporaries the size of the result)."""
     idx = np.empty((offsets.size, len(shape)), np.int64)
     if shape:
-        rest = offsets.astype(np.int64)
+        rest = offsets.view(np.int64)  # offsets < 2**62: the same numbers; divided in place, so consumed
         for d in range(len(shape) - 1, 0, -1):
             np.divmod(rest, shape[d], out=(rest, idx[:, d]))
         idx[:, 0] = rest
@@ -323,29 +376,49 @@ def _bytes(a: np.ndarray, what: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def unpack_coo(packed: Sequence[np.ndarray]) -> CooParts:
-    """fl4health's ``(values, (indices, shapes, names))`` from a compact COO stream (``ValueError`` otherwise)."""
+def decoded_bytes(entries: list[_Entry]) -> int:
+    """The bytes the codec's outputs take (``coo::decoded_bytes`` in csrc/common/coo_codec.h, which the
+    compiled ``coo_decode`` checks too): every tensor's int64 [nnz, ndim] indices and its value bytes
+    at a multiple of 64 (the numpy twin allocates no more)."""
+    return sum(nnz * len(shape) * 8 + -(-nnz * dtype.itemsize // 64) * 64 for dtype, shape, nnz, _, _ in entries)
+
+
+def unpack_coo(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None) -> CooParts:
+    """fl4health's ``(values, (indices, shapes, names))`` from a compact COO stream (``ValueError``
+    otherwise, or when decoding would allocate more than ``limits`` allow: default ``DecodeLimits()``)."""
+    limits = limits or DecodeLimits()
     form = _read_header(packed)
     if form not in (FORM_COO, FORM_COO_PLAIN):
         raise _fail(f"a mask stream (form {form}) where a sparse COO stream was expected")
-    names = _read_names(packed[-2], packed[-1])
     if form == FORM_COO_PLAIN:
         body = [np.asarray(a) for a in packed[1:-2]]
-        if len(body) != 3 * len(names):
-            raise _fail(f"a plain COO stream of {len(names)} tensors has {3 * len(names)} arrays, got {len(body)}")
-        k = len(names)
-        return body[:k], (body[k : 2 * k], body[2 * k :], names)
+        k = _count_names(packed[-2], packed[-1])
+        if len(body) != 3 * k:
+            raise _fail(f"a plain COO stream of {k} tensors has {3 * k} arrays, got {len(body)}")
+        limits.check(packed, _measure_names(packed[-2], packed[-1], k, "tensors"), 0, "arrays")
+        return body[:k], (body[k : 2 * k], body[2 * k :], _split_names(packed[-2]))
     if len(packed) != 6:
         raise _fail(f"a COO stream has 6 arrays, got {len(packed)}")
+    n = _meta_count(packed[1])
+    raw = np.asarray(packed[3])
+    # Before the meta is parsed: n tensors cost at least their objects, and index rows are allowed for
+    # at most one entry a value byte.
+    allowance = 8 * INDEX_NDIM_ALLOWANCE * raw.nbytes
+    limits.check(packed, n * TENSOR_OVERHEAD_BYTES, allowance, "int64 indices at most")
+    names_need = _measure_names(packed[-2], packed[-1], n, "tensors")
     entries = _read_coo_meta(packed[1])
-    positions, raw = _bytes(packed[2], "positions"), _bytes(packed[3], "values")
-    if len(entries) != len(names):
-        raise _fail(f"{len(entries)} tensors but {len(names)} names")
+    positions, raw = _bytes(packed[2], "positions"), _bytes(raw, "values")
     if sum(e[4] for e in entries) != positions.size:
         raise _fail(f"the meta's position bytes add up to {sum(e[4] for e in entries)}, got {positions.size}")
     if sum(e[2] * e[0].itemsize for e in entries) != raw.size:
         raise _fail(f"the values need {sum(e[2] * e[0].itemsize for e in entries)} bytes, got {raw.size}")
-    values, indices = _decode(entries, names, positions, raw)
+    shapes_need = sum(8 * len(shape) for _, shape, _, _, _ in entries)
+    codec_need = decoded_bytes(entries)
+    need = codec_need + shapes_need + names_need + n * TENSOR_OVERHEAD_BYTES
+    allowance = sum(nnz * min(len(shape), INDEX_NDIM_ALLOWANCE) * 8 for _, shape, nnz, _, _ in entries)
+    limits.check(packed, need, allowance, f"int64 indices (at most {INDEX_NDIM_ALLOWANCE} dimensions counted)")
+    names = _split_names(packed[-2])
+    values, indices = _decode(entries, names, positions, raw, codec_need)
     return values, (indices, [np.array(list(shape)) for _, shape, _, _, _ in entries], names)
 
 
@@ -367,21 +440,29 @@ def _decode_numpy(
 
 
 def _decode(
-    entries: list[_Entry], names: list[str], positions: np.ndarray, raw: np.ndarray
+    entries: list[_Entry], names: list[str], positions: np.ndarray, raw: np.ndarray, max_bytes: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Both codecs' outputs; ``max_bytes``: what they may allocate (the caller's limit, which
+    ``decoded_bytes`` met: the compiled codec checks it again before it allocates)."""
     compiled = compiled_helpers()
     if compiled is None:
+        if decoded_bytes(entries) > max_bytes:
+            raise _fail(f"decoding needs {decoded_bytes(entries)} bytes, more than the {max_bytes} allowed")
         return _decode_numpy(entries, names, positions, raw)
     nbytes = [nnz * dtype.itemsize for dtype, _, nnz, _, _ in entries]
-    bad, why, index_tensors, buffer, starts = compiled.coo_decode(
-        [e[3] for e in entries],
-        [list(e[1]) for e in entries],
-        [e[2] for e in entries],
-        _from_numpy(positions),
-        [e[4] for e in entries],
-        _from_numpy(raw),
-        nbytes,
-    )
+    try:
+        bad, why, index_tensors, buffer, starts = compiled.coo_decode(
+            [e[3] for e in entries],
+            [list(e[1]) for e in entries],
+            [e[2] for e in entries],
+            _from_numpy(positions),
+            [e[4] for e in entries],
+            _from_numpy(raw),
+            nbytes,
+            max_bytes,
+        )
+    except ValueError as exc:  # the codec's checks of what the caller checked, its limit among them
+        raise _fail(str(exc)) from None
     if bad >= 0:
         raise _fail(f"tensor #{bad} ({names[bad]!r}): {why}")
     buffer = buffer.numpy()

@@ -21,6 +21,7 @@ TESTS = Path(__file__).resolve().parent
 # checks that every file is listed.
 TIERS: dict[str, str] = {
     "test_bench_runner.py": "fast",
+    "test_bounded_decoding.py": "fast",
     "test_build_decisions.py": "fast",
     "test_build_decisions.py::test_setup_py": "full",  # runs setup.py
     "test_build_decisions.py::test_error_messages_with_numbers_do_not_crash": "full",  # subprocess

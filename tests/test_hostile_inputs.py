@@ -363,6 +363,24 @@ def test_sparse_buffer_is_refused_by_name(backend):
         select_sparse_parameters(m, m0, 0.5, L.largest_magnitude_change_scores)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_quantized_buffer_is_refused_by_name_in_sparse_selection(backend):
+    """A qint8 buffer: torch has no type promotion for it, so the sparse selection names the layer
+    before promoting the score dtypes, as the other functions do; custom qint8 scores too."""
+    m = nn.Linear(3, 2)
+    m.register_buffer("q", torch.quantize_per_tensor(torch.rand(4), 0.1, 0, torch.qint8))
+    m0 = copy.deepcopy(m)
+    for fn in (L.largest_magnitude_change_scores, L.largest_final_magnitude_scores):
+        with pytest.raises(TypeError, match=r"select_sparse_parameters: layer 'q': dtype torch.qint8 is not supported"):
+            select_sparse_parameters(m, m0, 0.5, fn)
+
+    def quantized_scores(model, initial_model):
+        return {"weight": torch.quantize_per_tensor(torch.rand(2, 3), 0.1, 0, torch.qint8), "bias": torch.rand(2)}
+
+    with pytest.raises(TypeError, match=r"layer 'weight': the scores' dtype torch.qint8 is not supported"):
+        select_sparse_parameters(nn.Linear(3, 2), None, 0.5, quantized_scores)
+
+
 def test_non_tensor_state_entry_is_refused_by_name():
     class WithExtra(nn.Linear):
         def get_extra_state(self):

@@ -397,6 +397,23 @@ bool write_encoding(const std::vector<EncodeTensor>& ts, const Ranges& ranges, c
 
 // ------------------------------------------------------------------ decoding
 
+// a + b, or kSaturated when the sum reaches it (or wraps).
+inline uint64_t capped_sum(uint64_t a, uint64_t b) {
+  uint64_t s = 0;
+  return __builtin_add_overflow(a, b, &s) || s > kSaturated ? kSaturated : s;
+}
+
+// The bytes a decoder allocates for one tensor (wire_coo.decoded_bytes is the
+// Python twin): its int64 [nnz, ndim] indices and its value bytes rounded up to
+// a multiple of 64, at most kSaturated: a hostile meta cannot wrap the sum, so
+// the caller can compare it with its limit before it allocates anything.
+inline uint64_t decoded_bytes(uint64_t nnz, uint64_t ndim, uint64_t value_bytes) {
+  uint64_t indices = 0;
+  if (__builtin_mul_overflow(nnz, ndim * 8, &indices)) return kSaturated;
+  const uint64_t values = value_bytes >= kSaturated ? kSaturated : (value_bytes + 63) / 64 * 64;
+  return capped_sum(indices, values);
+}
+
 struct DecodeTensor {
   int64_t code = 0;  // as the meta says: anything
   const uint8_t* payload = nullptr;

@@ -110,7 +110,7 @@ std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::
 std::tuple<int64_t, std::string, std::vector<at::Tensor>, at::Tensor, std::vector<int64_t>> coo_decode(
     const std::vector<int64_t>& codes, const std::vector<std::vector<int64_t>>& shapes,
     const std::vector<int64_t>& nnz, const at::Tensor& positions, const std::vector<int64_t>& position_bytes,
-    const at::Tensor& values, const std::vector<int64_t>& value_bytes) {
+    const at::Tensor& values, const std::vector<int64_t>& value_bytes, int64_t max_bytes) {
   const size_t n = codes.size();
   TORCH_CHECK_VALUE(shapes.size() == n && nnz.size() == n && position_bytes.size() == n && value_bytes.size() == n,
                     "coo_decode: the per-tensor lists differ in length");
@@ -134,6 +134,15 @@ std::tuple<int64_t, std::string, std::vector<at::Tensor>, at::Tensor, std::vecto
   }
   TORCH_CHECK_VALUE(p == positions.numel() && r == values.numel(), "coo_decode: ", p, " position bytes and ", r,
                     " value bytes listed, the arrays hold ", positions.numel(), " and ", values.numel());
+  // What the outputs will take, before anything is allocated: a peer's stream
+  // must not make this process allocate what its caller did not allow.
+  uint64_t need = 0;
+  for (size_t t = 0; t < n; ++t) {
+    need = coo::capped_sum(need, coo::decoded_bytes(static_cast<uint64_t>(nnz[t]), ts[t].dims.ndim,
+                                                    static_cast<uint64_t>(value_bytes[t])));
+  }
+  TORCH_CHECK_VALUE(max_bytes >= 0 && need <= static_cast<uint64_t>(max_bytes), "decoding needs ", need,
+                    " bytes, more than the ", max_bytes, " allowed");
   coo::DecodePlan plan = coo::plan_decoding(ts, on_threads());
   if (plan.error.tensor >= 0) return {plan.error.tensor, plan.error.why, {}, at::Tensor(), {}};
 

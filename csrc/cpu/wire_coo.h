@@ -26,9 +26,11 @@ std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::
 // positions are invalid, or -1; why; per tensor its int64 [nnz, ndim] indices;
 // one buffer holding every tensor's value bytes, each tensor's at a multiple of
 // 64; where each starts). With an invalid tensor only the first two are set.
+// Refuses (ValueError) before allocating when the outputs would take more than
+// max_bytes (coo::decoded_bytes summed over the tensors).
 std::tuple<int64_t, std::string, std::vector<at::Tensor>, at::Tensor, std::vector<int64_t>> coo_decode(
     const std::vector<int64_t>& codes, const std::vector<std::vector<int64_t>>& shapes,
     const std::vector<int64_t>& nnz, const at::Tensor& positions, const std::vector<int64_t>& position_bytes,
-    const at::Tensor& values, const std::vector<int64_t>& value_bytes);
+    const at::Tensor& values, const std::vector<int64_t>& value_bytes, int64_t max_bytes);
 
 }  // namespace layersel

@@ -231,7 +231,28 @@ static void test_mutated_payloads() {
   std::printf("fuzz: %d mutated payloads accepted (in range), %d refused\n", accepted, refused);
 }
 
+// What a decoder computes before it allocates: exact for sane sizes, and never
+// wrapped (so never small) for a hostile meta's huge ones.
+static void test_decoded_bytes() {
+  LS_CHECK(coo::decoded_bytes(0, 0, 0) == 0);
+  LS_CHECK(coo::decoded_bytes(1, 0, 1) == 64);  // a 0-d tensor's one value, padded
+  LS_CHECK(coo::decoded_bytes(10, 2, 40) == 160 + 64);
+  LS_CHECK(coo::decoded_bytes(uint64_t{1} << 20, 64, uint64_t{1} << 20) == (uint64_t{1} << 29) + (uint64_t{1} << 20));
+  LS_CHECK(coo::decoded_bytes(uint64_t{1} << 61, 64, 0) == coo::kSaturated);  // nnz * ndim * 8 wraps 2**64
+  LS_CHECK(coo::decoded_bytes(uint64_t{1} << 58, 8, 0) == coo::kSaturated);   // exactly 2**64
+  LS_CHECK(coo::decoded_bytes(0, 0, ~uint64_t{0}) == coo::kSaturated);         // value bytes + 63 would wrap
+  LS_CHECK(coo::decoded_bytes(uint64_t{1} << 59, 1, uint64_t{1} << 62) == coo::kSaturated);
+  LS_CHECK(coo::capped_sum(coo::kSaturated, coo::kSaturated) == coo::kSaturated);
+  LS_CHECK(coo::capped_sum(~uint64_t{0}, 2) == coo::kSaturated);
+  LS_CHECK(coo::capped_sum(3, 4) == 7);
+  // A sum over many saturated tensors stays saturated.
+  uint64_t need = 0;
+  for (int t = 0; t < 5; ++t) need = coo::capped_sum(need, coo::decoded_bytes(uint64_t{1} << 60, 64, 0));
+  LS_CHECK(need == coo::kSaturated);
+}
+
 int main() {
+  test_decoded_bytes();
   test_known_bytes();
   test_dense_but_unordered_or_out_of_range();
   test_round_trips();
