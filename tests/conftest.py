@@ -17,14 +17,16 @@ TESTS = Path(__file__).resolve().parent
 # function against fl4health on every compiled backend, opcheck on every op, the hostile inputs and
 # the wire round trips, in a couple of minutes. `./dev.sh test --all` (and CI, on both stacks) runs
 # both. A key is a test file, or a node-id prefix within one that overrides its file's tier (the
-# longest matching key wins). A test file missing here fails the collection, and a fast-tier test
-# checks that every file is listed.
+# longest matching key wins; a prefix may reach into the parameters: '...[torch' for the pure-torch
+# backend). A test file missing here fails the collection, and a fast-tier test checks that every
+# file is listed.
 TIERS: dict[str, str] = {
     "test_bench_runner.py": "fast",
     "test_bounded_decoding.py": "fast",
     "test_build_decisions.py": "fast",
     "test_build_decisions.py::test_setup_py": "full",  # runs setup.py
     "test_build_decisions.py::test_error_messages_with_numbers_do_not_crash": "full",  # subprocess
+    "test_build_decisions.py::test_empty_backend_switch_is_auto": "full",  # subprocesses
     "test_doc_tables.py": "fast",
     "test_errors_and_loading.py": "fast",
     "test_fast_paths.py": "fast",
@@ -43,12 +45,18 @@ TIERS: dict[str, str] = {
     "test_module_structure.py": "fast",
     "test_ops.py": "fast",
     "test_ops.py::test_sample_masks_every_cpu_isa_gives_the_same_bits": "full",  # a subprocess per ISA
+    "test_ops.py::test_sample_masks_counters_give_the_unsharded_masks[torch": "full",
     "test_parity_fl4health.py": "fast",
     "test_sharded.py": "full",  # spawned gloo ranks
     "test_sparse_coo.py": "fast",
+    # fl4health's sort-based selection on every score function: the compiled backend stays fast
+    "test_sparse_coo.py::test_matches_fl4health_exchanger[torch": "full",
+    "test_sparse_coo.py::test_kth_largest_sample_select_path": "full",
+    "test_sparse_coo.py::test_sparse_select_equals_kth_then_extract": "full",
     "test_sync_budget.py": "fast",
     "test_tiers.py": "fast",
     "test_wire.py": "fast",
+    "test_wire.py::test_sample_mask_bits_are_the_packed_masks[torch": "full",
     "test_wire_coo.py": "fast",
 }
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
