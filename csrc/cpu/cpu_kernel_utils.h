@@ -23,6 +23,9 @@
 #else
 #define LS_CPU_CLONES
 #endif
+// The body of a cloned function, inlined into each clone (and into a plain
+// caller where one instantiation serves every ISA).
+#define LS_CPU_INLINE inline __attribute__((always_inline))
 
 namespace layersel {
 
