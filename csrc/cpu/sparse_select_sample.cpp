@@ -69,7 +69,7 @@ uint64_t max_ordered_key() {
 // Bit j of the result: element j's key is inside the bracket [lo, hi], so that
 // the caller visits those elements only (about one in 120 at 1% of bert_like,
 // but in four blocks of ten: an element-by-element walk of every such block
-// took a fifth of the pass). MARK: also bit j of *word = element j's key is
+// would cost a fifth of the pass). MARK: also bit j of *word = element j's key is
 // above the bracket, ordered (not NaN) and its value non-zero: kept whatever
 // the k-th largest inside the bracket turns out to be (sparse_select_cpu);
 // `marked` counts those.
