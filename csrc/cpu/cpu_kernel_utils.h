@@ -16,13 +16,19 @@
 // ifunc): a wheel built here still runs on any x86-64 CPU. x86-64-v4 has FMA,
 // but -ffp-contract=off keeps every a * b + c two rounded operations, so each
 // clone gives the bits of the scalar shared math (the tests compare them with
-// the torch twins on whatever clone the machine picks). The AVX-512 clone took
-// the one-pass sparse selection of bert_like at 1% from ~126 to ~95-105 ms here.
+// the torch twins on whatever clone the machine picks). Clones are for the
+// passes that compute and key every score of a large model (the sparse
+// selection's bracket and marking passes), where the AVX-512 clone is about a
+// fifth faster than the baseline; each clone is a full copy of its function,
+// so rare paths are not cloned (csrc/cpu/sparse_select.h).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define LS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define LS_CPU_CLONES
 #endif
+// The body of a cloned function, inlined into each clone (and into a plain
+// caller where one instantiation serves every ISA).
+#define LS_CPU_INLINE inline __attribute__((always_inline))
 
 namespace layersel {
 

@@ -1,6 +1,8 @@
 // CPU: per-tensor sums of drift_square(model, initial) (float32 squares, summed
 // in double) in one parallel region.
-#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "../common/scores.h"

@@ -13,8 +13,10 @@
 // block is freed first when the limit would be passed. Outputs below 8 MiB are
 // plain allocations. The storage is resizable as torch.empty's is.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/core/Storage.h>
 
 #include <algorithm>
 #include <cstdlib>

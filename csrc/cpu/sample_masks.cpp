@@ -1,6 +1,10 @@
 // CPU: Bernoulli(sigmoid(score)) masks for all score tensors in one parallel
 // region, from the Philox stream shared with the CUDA kernel.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -1,6 +1,8 @@
 // CPU: one of fl4health's six score formulas over all tensors, one parallel
 // region, written into one buffer per dtype.
-#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "../common/grouped_outputs.h"

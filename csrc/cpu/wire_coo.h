@@ -3,7 +3,7 @@
 // Python module as _C.coo_encode / _C.coo_decode; the arrays come from numpy
 // without copies (torch.from_numpy) and go back the same way.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 #include <tuple>
