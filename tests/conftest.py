@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +18,8 @@ TESTS = Path(__file__).resolve().parent
 # function against fl4health on every compiled backend, opcheck on every op, the hostile inputs and
 # the wire round trips, in a couple of minutes. `./dev.sh test --all` (and CI, on both stacks) runs
 # both. A key is a test file, or a node-id prefix within one that overrides its file's tier (the
-# longest matching key wins; a prefix may reach into the parameters: '...[torch' for the pure-torch
-# backend). A test file missing here fails the collection, and a fast-tier test checks that every
+# longest matching key wins; a prefix may reach into the parameters, with '*' for any run of
+# characters: '...[torch' for the pure-torch backend, '...[*-1]' for the second seed). A test file missing here fails the collection, and a fast-tier test checks that every
 # file is listed.
 TIERS: dict[str, str] = {
     "test_bench_runner.py": "fast",
@@ -41,16 +42,21 @@ TIERS: dict[str, str] = {
     "test_hostile_inputs.py::test_each_op_compiles_with_fullgraph": "full",
     "test_hostile_inputs.py::test_public_score_function_compiles_with_fullgraph": "full",
     "test_mask_independence.py": "fast",
+    "test_mask_independence.py::test_compiled_fingerprint_key_equals_the_torch_twin[dtype": "full",
+    "test_mask_independence.py::test_compiled_fingerprint_key_equals_the_torch_twin[dtype0]": "fast",
     "test_masks.py": "fast",
     "test_module_structure.py": "fast",
     "test_ops.py": "fast",
     "test_ops.py::test_sample_masks_every_cpu_isa_gives_the_same_bits": "full",  # a subprocess per ISA
     "test_ops.py::test_sample_masks_counters_give_the_unsharded_masks[torch": "full",
     "test_parity_fl4health.py": "fast",
+    "test_parity_fl4health.py::test_layer_selection_matches[*-1-": "full",  # seeds 1 and 2
+    "test_parity_fl4health.py::test_layer_selection_matches[*-2-": "full",
     "test_sharded.py": "full",  # spawned gloo ranks
     "test_sparse_coo.py": "fast",
     # fl4health's sort-based selection on every score function: the compiled backend stays fast
     "test_sparse_coo.py::test_matches_fl4health_exchanger[torch": "full",
+    "test_sparse_coo.py::test_matches_fl4health_exchanger[*-1]": "full",  # the second seed
     "test_sparse_coo.py::test_kth_largest_sample_select_path": "full",
     "test_sparse_coo.py::test_sparse_select_equals_kth_then_extract": "full",
     "test_sync_budget.py": "fast",
@@ -58,6 +64,7 @@ TIERS: dict[str, str] = {
     "test_wire.py": "fast",
     "test_wire.py::test_sample_mask_bits_are_the_packed_masks[torch": "full",
     "test_wire_coo.py": "fast",
+    "test_wire_coo.py::test_fuzzed_streams": "full",  # thousands of mutated streams
 }
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -125,9 +132,16 @@ def _involves_cuda(item: pytest.Item) -> bool:
     return any("cuda" in str(m.kwargs.get("reason", "")).lower() for m in item.iter_markers("skipif"))
 
 
+def _key_matches(key: str, nodeid: str) -> bool:
+    """A key is a prefix of the node id; '*' in it stands for any run of characters."""
+    if "::" not in key:
+        key += "::"
+    return re.match(".*".join(map(re.escape, key.split("*"))), nodeid) is not None
+
+
 def tier_of(nodeid: str) -> str | None:
     """The tier of a test (its node id relative to tests/, e.g. 'test_ops.py::test_x[cpu]'), or None."""
-    keys = [key for key in TIERS if nodeid == key or nodeid.startswith(key if "::" in key else key + "::")]
+    keys = [key for key in TIERS if _key_matches(key, nodeid)]
     return TIERS[max(keys, key=len)] if keys else None
 
 
