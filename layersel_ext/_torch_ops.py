@@ -24,6 +24,9 @@ _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 # Elements per pass over large tensors, and the most elements that small tensors are batched into:
 # the temporaries of a pass (a few MB) stay in cache and are reused, never a full-size copy.
 _CHUNK = 1 << 18
+# Elements per pass of the masks and the fingerprint: about 150 elementwise ops a pass, so larger
+# passes (fewer parallel regions, each a thread wake-up) and temporaries of a few MB.
+_MASK_CHUNK = 1 << 20
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -57,7 +60,7 @@ def _batches(tensors: Sequence[Tensor], sizes: Sequence[int], keep: Callable[[in
 
 
 class _Scratch:
-    """Buffers reused by every pass of one call, grown on demand (at most ``_CHUNK`` elements each)."""
+    """Buffers reused by every pass of one call, grown on demand (to a pass's size)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -324,7 +327,7 @@ def _stream_bases(scores: Sequence[Tensor], counters: Sequence[int] | None, op: 
 def _stream_chunks(
     scores: Sequence[Tensor], bases: Sequence[int], same: Callable[[Tensor, Tensor], bool]
 ) -> Iterator[tuple[int, int, list[Tensor]]]:
-    """(first stream index, first output index, flat pieces) of at most ``_CHUNK`` elements: consecutive
+    """(first stream index, first output index, flat pieces) of at most ``_MASK_CHUNK`` elements: consecutive
     tensors whose stream indices follow on (always, without counters) and that are ``same`` share a
     chunk, so that many small tensors cost a few ops per chunk instead of per tensor."""
     pieces: list[Tensor] = []
@@ -335,9 +338,9 @@ def _stream_chunks(
     for s, base in zip(scores, bases):
         n = s.numel()
         flat = s.detach().reshape(-1)
-        for lo in range(0, n, _CHUNK):
-            hi = min(n, lo + _CHUNK)
-            if pieces and (base + lo != stream_end or filled + hi - lo > _CHUNK or not same(prev, s)):  # type: ignore[arg-type]
+        for lo in range(0, n, _MASK_CHUNK):
+            hi = min(n, lo + _MASK_CHUNK)
+            if pieces and (base + lo != stream_end or filled + hi - lo > _MASK_CHUNK or not same(prev, s)):  # type: ignore[arg-type]
                 yield g0, at0, pieces
                 pieces = []
             if not pieces:
@@ -426,7 +429,7 @@ def sample_masks(
 ) -> Tensor:
     """Bernoulli(sigmoid(score)) masks of all tensors, flat, in ``dtype``; bit-equal to the compiled kernels.
 
-    In chunks of ``_CHUNK`` elements (small tensors share one): Philox once per 4-element block (its
+    In chunks of ``_MASK_CHUNK`` elements (small tensors share one): Philox once per 4-element block (its
     four words serve four elements), the probability in place in a float32 buffer, the comparison
     written straight into the output."""
     _checks.check_mask_dtype(dtype)
