@@ -8,7 +8,7 @@ the op's exact signature and output. ``sample_masks`` reproduces the compiled ke
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -23,22 +23,121 @@ _PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 _PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 
 
+# Elements per pass over large tensors, and the most elements that small tensors are batched into:
+# the temporaries of a pass (a few MB) stay in cache and are reused, never a full-size copy.
+_CHUNK = 1 << 18
+# Elements per pass of the masks and the fingerprint: about 150 elementwise ops a pass, so larger
+# passes (fewer parallel regions, each a thread wake-up) and temporaries of a few MB.
+_MASK_CHUNK = 1 << 20
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1)
+
+
+_flatten = torch._C._nn.flatten_dense_tensors  # the tensors' elements, concatenated: one C++ call
+
+
+def _batches(tensors: Sequence[Tensor], sizes: Sequence[int], keep: Callable[[int], bool]) -> Iterator[list[int]]:
+    """Indices of the kept tensors in batches: a tensor of ``_CHUNK`` elements or more alone, smaller ones
+    of one dtype together up to about ``_CHUNK`` elements. A batch's tensors are consecutive among the
+    kept tensors of their dtype (a large tensor of that dtype ends its batch), so their scores are
+    consecutive in the dtype's buffer."""
+    pending: dict[torch.dtype, list[int]] = {}
+    filled: dict[torch.dtype, int] = {}
+    for i, t in enumerate(tensors):
+        if not keep(i):
+            continue
+        dt = t.dtype
+        if sizes[i] >= _CHUNK:
+            if pending.get(dt):
+                yield pending.pop(dt)
+            yield [i]
+            continue
+        pending.setdefault(dt, []).append(i)
+        filled[dt] = (filled.get(dt, 0) if len(pending[dt]) > 1 else 0) + sizes[i]
+        if filled[dt] >= _CHUNK:
+            yield pending.pop(dt)
+    yield from (batch for batch in pending.values() if batch)
+
+
+class _Scratch:
+    """Buffers reused by every pass of one call, grown on demand (to a pass's size)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[tuple[str, torch.dtype], Tensor] = {}
+
+    def get(self, name: str, dtype: torch.dtype, n: int) -> Tensor:
+        buf = self.buffers.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, _CHUNK), dtype=dtype, device=self.device)
+            self.buffers[(name, dtype)] = buf
+        return buf[:n]
+
+
+def _squares_into(x: Tensor, y: Tensor, out: Tensor, scratch: _Scratch) -> None:
+    """``out`` (float64) = float((x - y).float() ** 2) for flat x, y: the difference in their dtype, converted
+    to float32, squared in float32 (torch computes a binary op in its inputs' dtype and converts the result
+    to ``out``'s), then widened exactly to float64."""
+    if x.dtype == torch.float32:
+        torch._C._nn.mse_loss(x, y, 0, out=out)  # reduction none: (x - y) * (x - y) in float32, one pass
+        return
+    d = scratch.get("d", torch.float32, x.numel())
+    torch.sub(x, y, out=d)  # in x's dtype (integers wrap), then to float32
+    torch.mul(d, d, out=out)
+
+
+@torch.no_grad()
 def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor:
     """Per-tensor sum of ``float(model - initial)**2``, float64 [n]: the difference in the tensors' dtype,
     each square in float32 (as fl4health's float32 norm squares), the squares summed in float64
-    (``drift_square`` in csrc/common/scores.h); a one-element tensor's exact square in float64."""
+    (``drift_square`` in csrc/common/scores.h); a one-element tensor's exact square in float64.
+
+    A large tensor goes in passes of ``_CHUNK`` elements; small ones of one dtype and size together,
+    concatenated up to ``_CHUNK`` elements and summed as the rows of a matrix. The temporaries are
+    chunk-sized and reused, and the sums come back as one tensor, with no host sync in between."""
     _checks.check_tensors("drift_sq_norms", model, initial)
     device = model[0].device if len(model) else torch.device("cpu")
-    sums = []
-    for a, b in zip(model, initial):
-        d = (a - b).float().reshape(-1)
-        if d.numel() == 1:  # one element: the exact square (its root is |d|, as torch's norm of one element)
-            sums.append(torch.sum(d.double() * d.double()))
-        else:
-            sums.append(torch.sum(d * d, dtype=torch.float64))
-    if not sums:
+    n = len(model)
+    if not n:
         return torch.zeros(0, dtype=torch.float64, device=device)
-    return torch.stack(sums)
+    sizes = [t.numel() for t in model]
+    scratch = _Scratch(device)
+    sums: list[Tensor] = []  # float64 partial sums ...
+    owners: list[int] = []  # ... and the tensor each one belongs to
+    alike: dict[tuple[torch.dtype, int], list[int]] = {}
+    for i, (t, size) in enumerate(zip(model, sizes)):
+        if size >= _CHUNK:
+            x, y = _flat(t), _flat(initial[i])
+            for lo in range(0, size, _CHUNK):
+                xa, ya = x[lo : lo + _CHUNK], y[lo : lo + _CHUNK]
+                sq = scratch.get("sq", torch.float64, xa.numel())
+                _squares_into(xa, ya, sq, scratch)
+                sums.append(sq.sum(0, keepdim=True))
+                owners.append(i)
+        elif size > 1:
+            alike.setdefault((t.dtype, size), []).append(i)
+    for (_, size), members in alike.items():
+        step = max(1, _CHUNK // size)
+        for lo in range(0, len(members), step):
+            batch = members[lo : lo + step]
+            x, y = _flatten([model[i] for i in batch]), _flatten([initial[i] for i in batch])
+            sq = scratch.get("sq", torch.float64, x.numel())
+            _squares_into(x, y, sq, scratch)
+            sums.append(sq.view(len(batch), size).sum(1))
+            owners.extend(batch)
+    singles = [i for i in range(n) if sizes[i] == 1]
+    for dt in dict.fromkeys(model[i].dtype for i in singles):
+        group = [i for i in singles if model[i].dtype == dt]
+        # One element: torch's norm is |d|, so the exact square (in float64) of the float32 difference.
+        d = (_flatten([model[i] for i in group]) - _flatten([initial[i] for i in group])).float().double()
+        sums.append(d * d)
+        owners.extend(group)
+    out = torch.zeros(n, dtype=torch.float64, device=device)
+    if sums:
+        out.index_add_(0, torch.tensor(owners, device=device), torch.cat(sums))
+    return out
 
 
 # The "smallest" formulas: the negation of the "largest" one before them.
@@ -49,8 +148,9 @@ _NEGATED_KINDS = (
 )
 
 
-def score_into(kind: int, x: Tensor, y: Tensor | None, out: Tensor) -> None:
-    """Write fl4health's score formula ``kind`` of (x, y) into ``out`` (same shape and dtype)."""
+def score_into(kind: int, x: Tensor, y: Tensor | None, out: Tensor, tmp: Tensor | None = None) -> None:
+    """Write fl4health's score formula ``kind`` of (x, y) into ``out`` (same shape and dtype); ``tmp``, a
+    buffer like ``out``, holds |y| for the increase formulas (else a temporary is made)."""
     if kind in (ScoreKind.LARGEST_FINAL_MAGNITUDE, ScoreKind.SMALLEST_FINAL_MAGNITUDE):
         torch.abs(x, out=out)
     elif kind in (ScoreKind.LARGEST_MAGNITUDE_CHANGE, ScoreKind.SMALLEST_MAGNITUDE_CHANGE):
@@ -60,7 +160,7 @@ def score_into(kind: int, x: Tensor, y: Tensor | None, out: Tensor) -> None:
     else:
         assert y is not None
         torch.abs(x, out=out)
-        out.sub_(torch.abs(y))
+        out.sub_(torch.abs(y) if tmp is None else torch.abs(y, out=tmp))
     if kind in _NEGATED_KINDS:
         out.neg_()
 
@@ -69,74 +169,133 @@ def _group_dtypes(tensors: Sequence[Tensor]) -> list[torch.dtype]:
     return list(dict.fromkeys(t.dtype for t in tensors))
 
 
+@torch.no_grad()
 def scores(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int) -> list[Tensor]:
-    """Score formula ``kind`` for every tensor; one flat buffer per dtype, in order of first appearance."""
+    """Score formula ``kind`` for every tensor; one flat buffer per dtype, in order of first appearance.
+
+    Large tensors go in passes of ``_CHUNK`` elements (a formula's two or three passes run over a chunk
+    still in cache); consecutive small tensors of a dtype, whose scores are consecutive in its buffer,
+    in one concatenation each (not a handful of ops per tensor)."""
     _checks.check_formula_kind("scores", kind, NUM_FORMULAS)
     needs_y = uses_initial(kind)
     _checks.check_tensors("scores", model, initial if needs_y else None)
     device = model[0].device if len(model) else torch.device("cpu")
+    sizes = [t.numel() for t in model]
     dtypes = _group_dtypes(model)
-    sizes = {dt: sum(t.numel() for t in model if t.dtype == dt) for dt in dtypes}
-    buffers = {dt: torch.empty(sizes[dt], dtype=dt, device=device) for dt in dtypes}
-    fill = dict.fromkeys(dtypes, 0)
-    for i, x in enumerate(model):
-        out = buffers[x.dtype][fill[x.dtype] : fill[x.dtype] + x.numel()].view(x.shape)
-        fill[x.dtype] += x.numel()
-        score_into(kind, x, initial[i] if needs_y else None, out)
+    totals = dict.fromkeys(dtypes, 0)
+    starts = []  # each tensor's place in its dtype's buffer
+    for t, size in zip(model, sizes):
+        starts.append(totals[t.dtype])
+        totals[t.dtype] += size
+    buffers = {dt: torch.empty(totals[dt], dtype=dt, device=device) for dt in dtypes}
+    scratch = _Scratch(device)
+    for batch in _batches(model, sizes, lambda i: sizes[i] > 0):
+        dt = model[batch[0]].dtype
+        if len(batch) == 1:
+            x, y = _flat(model[batch[0]]), _flat(initial[batch[0]]) if needs_y else None
+        else:
+            x = _flatten([model[i] for i in batch])
+            y = _flatten([initial[i] for i in batch]) if needs_y else None
+        out = buffers[dt][starts[batch[0]] : starts[batch[0]] + x.numel()]
+        for lo in range(0, x.numel(), _CHUNK):
+            hi = min(lo + _CHUNK, x.numel())
+            tmp = scratch.get("abs_y", dt, hi - lo) if kind >= ScoreKind.LARGEST_INCREASE_IN_MAGNITUDE else None
+            score_into(kind, x[lo:hi], y[lo:hi] if y is not None else None, out[lo:hi], tmp)
     return [buffers[dt] for dt in dtypes]
 
 
-def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    p = b * a  # < 2**64: wraps in int64, the bits are right
-    return (p >> 32) & _MASK32, p & _MASK32
+def views_like(buffers: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
+    """Views of per-dtype flat buffers (``scores``' output), one per tensor of ``like``, with its shape:
+    a view per tensor made in C++ (``unflatten_dense_tensors``), not a slice and a view from Python."""
+    by_dtype = {b.dtype: b for b in buffers}
+    if len(by_dtype) == 1:
+        return list(torch._C._nn.unflatten_dense_tensors(buffers[0], list(like)))
+    members: dict[torch.dtype, list[int]] = {dt: [] for dt in by_dtype}
+    for i, t in enumerate(like):
+        members[t.dtype].append(i)
+    out: list[Tensor] = [None] * len(like)  # type: ignore[list-item]
+    for dt, idx in members.items():
+        for i, v in zip(idx, torch._C._nn.unflatten_dense_tensors(by_dtype[dt], [like[i] for i in idx])):
+            out[i] = v
+    return out
+
+
+def _philox_rounds(c0: Tensor, c1: Tensor, c2: Tensor | None, c3: Tensor | None, key: tuple[int, int]) -> list[Tensor]:
+    """Ten Philox4x32-10 rounds on int64 words (each < 2**32; None: a word that is 0), in place where it
+    can: one product and a few elementwise ops per word and round, no [..., 4] stack per round."""
+    k0, k1 = key
+    p0, p1 = torch.empty_like(c0), torch.empty_like(c0)
+    if c2 is None or c3 is None:  # words 2 and 3 zero (the masks' counters): the first round simplifies
+        torch.mul(c0, _PHILOX_M0, out=p0)  # mulhilo(M1, 0) is (0, 0)
+        c0 = c1.bitwise_xor(k0)
+        c1 = torch.zeros_like(c0)
+        c2 = torch.bitwise_right_shift(p0, 32).bitwise_and_(_MASK32).bitwise_xor_(k1)
+        c3 = p0.bitwise_and(_MASK32)
+        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
+        rounds = 9
+    else:
+        c0, c1, c2, c3 = c0.clone(), c1.clone(), c2.clone(), c3.clone()
+        rounds = 10
+    for _ in range(rounds):
+        torch.mul(c0, _PHILOX_M0, out=p0)  # < 2**64: wraps in int64, the bits are right
+        torch.mul(c2, _PHILOX_M1, out=p1)
+        torch.bitwise_right_shift(p1, 32, out=c0).bitwise_and_(_MASK32).bitwise_xor_(c1).bitwise_xor_(k0)
+        torch.bitwise_right_shift(p0, 32, out=c2).bitwise_and_(_MASK32).bitwise_xor_(c3).bitwise_xor_(k1)
+        c1, p1 = p1.bitwise_and_(_MASK32), c1  # the low halves are the new words 1 and 3; the old
+        c3, p0 = p0.bitwise_and_(_MASK32), c3  # buffers hold the next round's products
+        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
+    return [c0, c1, c2, c3]
 
 
 def philox4x32_10(counter: Tensor, key: tuple[int, int]) -> Tensor:
     """Philox4x32-10 of int64 counters [..., 4] (each < 2**32) under ``key``; returns [..., 4] words."""
-    c0, c1, c2, c3 = (counter[..., i].clone() for i in range(4))
-    k0, k1 = key
-    for _ in range(10):
-        hi0, lo0 = _mulhilo(_PHILOX_M0, c0)
-        hi1, lo1 = _mulhilo(_PHILOX_M1, c2)
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0, k1 = (k0 + _PHILOX_W0) & _MASK32, (k1 + _PHILOX_W1) & _MASK32
-    return torch.stack([c0, c1, c2, c3], dim=-1)
+    words = _philox_rounds(*(counter[..., i] for i in range(4)), key)  # type: ignore[misc]
+    return torch.stack(words, dim=-1)
 
 
 def _philox_words(seed: int, start: int, count: int, device: torch.device) -> Tensor:
-    """The 32-bit words for global element indices [start, start + count) (int64 tensor)."""
-    g = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    blocks = g >> 2
-    counter = torch.stack([blocks & _MASK32, blocks >> 32, torch.zeros_like(g), torch.zeros_like(g)], dim=-1)
-    words = philox4x32_10(counter, (seed & _MASK32, (seed >> 32) & _MASK32))
-    return words.gather(-1, (g & 3).unsqueeze(-1)).squeeze(-1)
+    """The 32-bit words for global element indices [start, start + count) (int64 tensor): Philox of
+    each 4-element block once, its four words interleaved."""
+    first = start >> 2
+    blocks = torch.arange(first, ((start + count + 3) >> 2), dtype=torch.int64, device=device)
+    words = _philox_rounds(blocks & _MASK32, blocks >> 32, None, None, (seed & _MASK32, (seed >> 32) & _MASK32))
+    return torch.stack(words, dim=-1).view(-1)[start - (first << 2) :][:count]
 
 
-def _round_half_even(x: Tensor) -> Tensor:
-    magic = 12582912.0  # 1.5 * 2**23: exact for |x| < 2**22, as csrc/common/bernoulli.h
-    return (x + magic) - magic
+def _portable_exp_(x: Tensor) -> Tensor:
+    """exp(x) for float32 x in [-87, 87] with csrc/common/bernoulli.h's operations in its order, each
+    one torch op (so never contracted into an FMA); ``x`` is overwritten, the result is a new tensor."""
+    k = torch.mul(x, 1.44269504)
+    k.add_(12582912.0).sub_(12582912.0)  # round half to even: 1.5 * 2**23, exact for |x| < 2**22
+    t = torch.mul(k, 0.693359375)
+    r = x.sub_(t)
+    r.sub_(torch.mul(k, -2.12194440e-4, out=t))
+    p = torch.mul(r, 1.0 / 5040.0, out=t)  # the first step's constant times r, as (1 / 5040) * r
+    p.add_(1.0 / 720.0)
+    for c in (1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
+        p.mul_(r).add_(c)
+    scale = k.to(torch.int32).add_(127).bitwise_left_shift_(23).view(torch.float32)
+    return p.mul_(scale)
 
 
 def _portable_exp(x: Tensor) -> Tensor:
-    k = _round_half_even(x * 1.44269504)
-    r = (x - k * 0.693359375) - k * -2.12194440e-4
-    p = torch.full_like(r, 1.0 / 5040.0)
-    for c in (1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0):
-        p = p * r + c
-    scale = ((k.to(torch.int32) + 127) << 23).view(torch.float32)
-    return p * scale
+    return _portable_exp_(x.clone())
+
+
+def _probability_(x: Tensor) -> Tensor:
+    """``bernoulli_probability`` of float32 scores given as ``x``, which is overwritten."""
+    x.neg_().clamp_(-87.0, 87.0).nan_to_num_(87.0)  # NaN stays NaN through the clamp, then 87 (~0)
+    return _portable_exp_(x).add_(1.0).reciprocal_()
 
 
 def bernoulli_probability(score: Tensor) -> Tensor:
     """sigmoid(score) with exactly the compiled kernels' float32 operations (NaN: ~1.6e-38, never sampled)."""
-    s = score.to(torch.float32)
-    x = torch.where(torch.isnan(s), torch.full_like(s, 87.0), -s)
-    x = torch.clamp(x, -87.0, 87.0)
-    return 1.0 / (1.0 + _portable_exp(x))
+    return _probability_(score.to(torch.float32, copy=True))
 
 
 def word_to_uniform(words: Tensor) -> Tensor:
-    return (((words >> 9) << 1) | 1).to(torch.float32) * (1.0 / 16777216.0)
+    # ((w >> 9) << 1) | 1 is (w >> 8) | 1: an odd integer below 2**24, exact in float32
+    return torch.bitwise_right_shift(words, 8).bitwise_or_(1).to(torch.float32).mul_(1.0 / 16777216.0)
 
 
 _MASK64 = (1 << 64) - 1
@@ -167,31 +326,90 @@ def _stream_bases(scores: Sequence[Tensor], counters: Sequence[int] | None, op: 
     return [int(c) for c in counters]
 
 
+def _stream_chunks(
+    scores: Sequence[Tensor], bases: Sequence[int], same: Callable[[Tensor, Tensor], bool]
+) -> Iterator[tuple[int, int, list[Tensor]]]:
+    """(first stream index, first output index, flat pieces) of at most ``_MASK_CHUNK`` elements: consecutive
+    tensors whose stream indices follow on (always, without counters) and that are ``same`` share a
+    chunk, so that many small tensors cost a few ops per chunk instead of per tensor."""
+    pieces: list[Tensor] = []
+    g0 = at0 = filled = 0
+    stream_end = -1  # the stream index after the pending pieces
+    at = 0
+    prev: Tensor | None = None
+    for s, base in zip(scores, bases):
+        n = s.numel()
+        flat = s.detach().reshape(-1)
+        for lo in range(0, n, _MASK_CHUNK):
+            hi = min(n, lo + _MASK_CHUNK)
+            if pieces and (base + lo != stream_end or filled + hi - lo > _MASK_CHUNK or not same(prev, s)):  # type: ignore[arg-type]
+                yield g0, at0, pieces
+                pieces = []
+            if not pieces:
+                g0, at0, filled = base + lo, at + lo, 0
+            pieces.append(flat[lo:hi])
+            filled += hi - lo
+            stream_end = base + hi
+            prev = s
+        at += n
+    if pieces:
+        yield g0, at0, pieces
+
+
+_UNSIGNED_VIEW = {4: torch.uint32, 2: torch.uint16}
+
+
+def _fingerprint_terms(bits: Tensor, g: Tensor, size: int, w_lo: Tensor, w_hi: Tensor) -> Tensor:
+    """Sum over elements of a run's (lo32 * W_lo[lane] + hi32 * W_hi[lane]), each with its element's
+    lane weights ``w_lo`` / ``w_hi`` (shaped like ``bits`` or broadcast to it), unsigned ``bits`` in int64."""
+    if size == 8:
+        return (bits & _MASK32) * w_lo + ((bits >> 32) & _MASK32) * w_hi
+    return bits * w_lo
+
+
+@torch.no_grad()
 def score_fingerprint(scores: Sequence[Tensor], counters: Sequence[int] | None = None) -> int:
     """The 64-bit fingerprint of csrc/common/fingerprint.h: sum over elements g of the concatenation of
     (lo32(bits) * W_lo[g % 64] + hi32(bits) * W_hi[g % 64]) * (2 * (g // 64) + 1), mod 2**64
     (with ``counters``, tensor i's element j is g = counters[i] + j).
-    int64 tensor arithmetic wraps mod 2**64, which is what the definition asks for."""
+    int64 tensor arithmetic wraps mod 2**64, which is what the definition asks for. The elements of
+    whole 64-lane rows are taken as a matrix (the lane weights broadcast along it, one multiplier per
+    row); only a chunk's partial first and last rows index the weights element by element."""
     _checks.check_tensors("score_fingerprint", scores, None)
     _checks.check_floating_scores(scores, "score_fingerprint")
-    total = 0
-    step = 1 << 20  # bounded temporaries
-    for s, base in zip(scores, _stream_bases(scores, counters, "score_fingerprint")):
-        flat = s.detach().reshape(-1)
-        size = flat.element_size()
-        w_lo, w_hi = _fingerprint_weights(flat.device)
-        for lo_i in range(0, flat.numel(), step):
-            part = flat[lo_i : lo_i + step].view(_BITS_VIEW[size]).to(torch.int64)
-            g = torch.arange(base + lo_i, base + lo_i + part.numel(), dtype=torch.int64, device=flat.device)
+    if not len(scores):
+        return 0
+    device = scores[0].device
+    w_lo, w_hi = _fingerprint_weights(device)
+    partial: list[Tensor] = []
+    bases = _stream_bases(scores, counters, "score_fingerprint")
+    same_width = lambda a, b: a.element_size() == b.element_size()
+    for g0, _, pieces in _stream_chunks(scores, bases, same_width):
+        size = pieces[0].element_size()
+        flat = pieces[0] if len(pieces) == 1 else torch.cat([p.view(_BITS_VIEW[size]) for p in pieces])
+        flat = flat.view(_BITS_VIEW[size])
+        bits = flat if size == 8 else flat.view(_UNSIGNED_VIEW[size]).to(torch.int64)
+        m = bits.numel()
+        head = min(m, -g0 % _FP_LANES)
+        rows = (m - head) // _FP_LANES
+        body = slice(head, head + rows * _FP_LANES)
+        if rows:
+            terms = _fingerprint_terms(bits[body].view(rows, _FP_LANES), None, size, w_lo, w_hi).sum(1)  # type: ignore[arg-type]
+            first_row = (g0 + head) >> 6
+            mult = torch.arange(2 * first_row + 1, 2 * (first_row + rows) + 1, 2, dtype=torch.int64, device=device)
+            partial.append((terms * mult).sum())
+        edge = torch.cat([torch.arange(head, device=device), torch.arange(head + rows * _FP_LANES, m, device=device)])
+        if edge.numel():
+            g = edge + g0
             lane = g & (_FP_LANES - 1)
-            if size == 8:
-                term = (part & _MASK32) * w_lo[lane] + ((part >> 32) & _MASK32) * w_hi[lane]
-            else:
-                term = (part & ((1 << (8 * size)) - 1)) * w_lo[lane]
-            total += int((term * (2 * (g >> 6) + 1)).sum())
-    return total & _MASK64
+            terms = _fingerprint_terms(bits[edge], g, size, w_lo[lane], w_hi[lane])
+            partial.append((terms * (2 * (g >> 6) + 1)).sum())
+    if not partial:
+        return 0
+    return int(torch.stack(partial).sum()) & _MASK64
 
 
+@torch.no_grad()
 def sample_masks(
     scores: Sequence[Tensor],
     seed: int,
@@ -199,7 +417,11 @@ def sample_masks(
     key_by_scores: bool = False,
     counters: Sequence[int] | None = None,
 ) -> Tensor:
-    """Bernoulli(sigmoid(score)) masks of all tensors, flat, in ``dtype``; bit-equal to the compiled kernels."""
+    """Bernoulli(sigmoid(score)) masks of all tensors, flat, in ``dtype``; bit-equal to the compiled kernels.
+
+    In chunks of ``_MASK_CHUNK`` elements (small tensors share one): Philox once per 4-element block (its
+    four words serve four elements), the probability in place in a float32 buffer, the comparison
+    written straight into the output."""
     _checks.check_mask_dtype(dtype)
     _checks.check_tensors("sample_masks", scores, None)
     _checks.check_floating_scores(scores)
@@ -209,15 +431,21 @@ def sample_masks(
     if key_by_scores:
         seed = key_from_scores(seed, score_fingerprint(scores, counters), total)
     out = torch.empty(total, dtype=dtype, device=device)
-    step = 1 << 20  # bounded temporaries
-    at = 0  # place in the output
-    for s, base in zip(scores, bases):
-        s = s.reshape(-1)
-        for lo in range(0, s.numel(), step):
-            part = s[lo : lo + step]
-            u = word_to_uniform(_philox_words(seed, base + lo, part.numel(), device))
-            out[at + lo : at + lo + part.numel()] = (u < bernoulli_probability(part)).to(dtype)
-        at += s.numel()
+    direct = dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    scratch = _Scratch(device)
+    for g0, at, pieces in _stream_chunks(scores, bases, lambda a, b: True):
+        m = sum(p.numel() for p in pieces)
+        x = scratch.get("x", torch.float32, m)
+        if len(pieces) == 1:
+            x.copy_(pieces[0])
+        else:
+            torch.cat(pieces, out=x)
+        probability = _probability_(x)
+        u = word_to_uniform(_philox_words(seed, g0, m, device))
+        if direct:
+            torch.lt(u, probability, out=out[at : at + m])
+        else:
+            out[at : at + m] = torch.lt(u, probability)
     return out
 
 

@@ -146,10 +146,13 @@ def split_grouped(buffers: Sequence[Tensor], like: Sequence[Tensor]) -> list[Ten
 
     With the compiled module the views are made in C++ without the dispatcher (``_C.views_like``:
     a slice and a view per tensor from Python cost more than the kernel on a model of 1,000 small
-    tensors); under torch.compile and in the pure-torch backend, by the loop below."""
+    tensors); in the pure-torch backend by ``_torch_ops.views_like`` (views made in C++ by torch), under
+    torch.compile by the loop below."""
     helpers = compiled_helpers()
     if helpers is not None:
         return helpers.views_like(list(buffers), _arg(like))
+    if not torch.compiler.is_compiling():  # dynamo cannot trace the C++ views of the torch twin's helper
+        return _torch_ops.views_like(buffers, like)
     by_dtype = {b.dtype: b for b in buffers}
     fill = dict.fromkeys(by_dtype, 0)
     out = []
