@@ -138,7 +138,9 @@ def select_sparse_parameters(
         raise ValueError(f"{what}: no parameter would be selected ({total} scores, sparsity {sparsity_level})")
     promoted = reduce(torch.promote_types, score_dtypes)  # the dtype torch.cat gives the scores
     # Sharded state (FSDP2, DTensor): the same two steps across ranks (_sharded_select), every rank gets every array.
-    sharded = sharded_state(names, xs, ys, what)
+    function = fused.name if fused is not None else getattr(score_gen_function, "__qualname__", "a custom function")
+    arguments = [("sparsity_level", sparsity_level), ("score_gen_function", function), ("k", top)]
+    sharded = sharded_state(names, xs, ys, what, arguments)
     if sharded is not None and sharded.mesh.world == 1:  # one rank: its local tensors are the whole model
         xs, ys, sharded = sharded.local_x, sharded.local_y, None
     try:
