@@ -2,11 +2,12 @@
 DTensors, on which mesh, sharded along which dimension, and where this rank's piece of each starts.
 
 Called on every rank with the same model structure, as FSDP code is. Each entry is a ``DTensor``
-(``Shard(d)`` or ``Replicate()`` on one 1-D mesh) or a plain tensor (buffers FSDP leaves alone);
-``ShardedState`` holds each entry's local tensor and layout, and the kernels only ever see local
-tensors. Pieces follow ``torch.chunk``'s split (the split DTensor and FSDP2 use), so uneven shards
-are rebuilt exactly. No communication happens here: the collectives are ``_collectives``', and the
-sharded ops build on both (``_sharded_scores``: drift and scores; ``_sharded_select``: the k-th
+(``Shard(d)`` or ``Replicate()`` on one 1-D mesh) or a plain tensor (buffers FSDP leaves alone,
+mesh rank 0's copy counts); ``ShardedState`` holds each entry's local tensor and layout, and the
+kernels only ever see local tensors. Pieces follow ``torch.chunk``'s split (the split DTensor and
+FSDP2 use), so uneven shards are rebuilt exactly. The only communication here is the check that
+every rank makes the same call (``_agreement``), before any other collective; the gathers are
+``_collectives``', and the sharded ops build on both (``_sharded_scores``: drift and scores; ``_sharded_select``: the k-th
 largest score and the COO extraction; ``_sharded_masks``: masks and fingerprints).
 ``torch.distributed.tensor`` is never imported: a DTensor can only exist once it is, so
 ``has_dtensor`` looks it up in ``sys.modules`` (a dictionary lookup when nothing is sharded).

@@ -693,9 +693,9 @@ def _case_ranks_differ_in_arguments(rank: int, world: int, mesh) -> None:
 
 
 def _case_ranks_differ_in_models(rank: int, world: int, mesh) -> None:
-    """Rank 1's models have the same names but another shape, or another dtype, or one entry more; or
-    its initial_model does not match its model: every rank raises the same ValueError (drift, layer
-    and sparse selection, masks), naming the first layer that differs and the ranks."""
+    """Rank 1's models have the same names but another shape, dtype or placement, or one entry more;
+    or its initial_model does not match its model: every rank raises the same ValueError (drift,
+    layer and sparse selection, masks), naming the first layer that differs and the ranks."""
     import layersel_ext.parameter_selection_criteria as L
     from layersel_ext import select_sparse_parameters
 
@@ -727,6 +727,13 @@ def _case_ranks_differ_in_models(rank: int, world: int, mesh) -> None:
         sharded, sharded0 = _fsdp_pair(model, model, mesh)
         for what, call in calls.items():
             _same_error_on_every_rank(call, ValueError, _DIFFERENT.format(what) + ".*" + match, sharded, sharded0)
+    # Rank 1 shards a layer along another dimension.
+    sharded, sharded0 = (_shard_by_hand(copy.deepcopy(base), mesh, {"0.weight": int(odd)}) for _ in (0, 1))
+    match = (
+        rf"placements differ: layer '0\.weight' \(model\): DTensor\(Shard\(0\)\) on {others} vs DTensor\(Shard\(1\)\)"
+    )
+    for what, call in calls.items():
+        _same_error_on_every_rank(call, ValueError, _DIFFERENT.format(what) + ".*" + match, sharded, sharded0)
     # Rank 1's initial_model is narrower than its model: its own check fails, and its peers hear of it.
     sharded, sharded0 = _fsdp_pair(base, wider, mesh)
     _same_error_on_every_rank(
@@ -797,11 +804,27 @@ def _shard0():
     return Shard(0)
 
 
+def _shard_by_hand(model: nn.Module, mesh, dims: dict[str, int]) -> nn.Module:
+    """``model`` with the named parameters made ``Shard(dim)`` DTensors on ``mesh`` from this rank's
+    ``torch.chunk`` piece: no communication, so the ranks may shard differently."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    coordinate, world = mesh.get_coordinate()[0], mesh.size()
+    for name, dim in dims.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        t = module._parameters[attr].detach()
+        chunks = torch.chunk(t, world, dim)
+        piece = chunks[coordinate] if coordinate < len(chunks) else t.narrow(dim, 0, 0)
+        local = DTensor.from_local(piece, mesh, [Shard(dim)], run_check=False, shape=t.shape, stride=t.stride())
+        module._parameters[attr] = nn.Parameter(local)
+    return model
+
+
 def _case_mesh_out_of_order(rank: int, world: int, mesh) -> None:
     """A 1-D mesh whose coordinates are not its group's ranks in order (``DeviceMesh("cpu", [1, 0])``,
     where torch's own ``full_tensor()`` gathers out of order) is refused on every rank alike."""
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.tensor import DTensor, Shard
 
     import layersel_ext.parameter_selection_criteria as L
     from layersel_ext import select_sparse_parameters
@@ -810,17 +833,7 @@ def _case_mesh_out_of_order(rank: int, world: int, mesh) -> None:
         order = list(order)
         odd_mesh = DeviceMesh("cpu", order)
         torch.manual_seed(4)
-        full, full0 = nn.Linear(4, 6), nn.Linear(4, 6)
-        pair = []
-        for m in (copy.deepcopy(full), copy.deepcopy(full0)):
-            coordinate = odd_mesh.get_coordinate()[0]
-            for name in ("weight", "bias"):  # each rank's torch.chunk piece, no communication
-                t = m._parameters[name].detach()
-                piece = torch.chunk(t, world)[coordinate] if coordinate < len(torch.chunk(t, world)) else t[:0]
-                m._parameters[name] = nn.Parameter(
-                    DTensor.from_local(piece, odd_mesh, [Shard(0)], run_check=False, shape=t.shape, stride=t.stride())
-                )
-            pair.append(m)
+        pair = [_shard_by_hand(nn.Linear(4, 6), odd_mesh, {"weight": 0, "bias": 0}) for _ in (0, 1)]
         match = rf"device mesh of global ranks {re.escape(str(order))}, which its process group numbers"
         _same_error_on_every_rank(L.layer_drift_norms, NotImplementedError, match, *pair)
         _same_error_on_every_rank(L.select_layers_by_percentage, NotImplementedError, match, 1.0, True, True, *pair)
