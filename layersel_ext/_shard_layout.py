@@ -7,8 +7,9 @@ mesh rank 0's copy counts); ``ShardedState`` holds each entry's local tensor and
 kernels only ever see local tensors. Pieces follow ``torch.chunk``'s split (the split DTensor and
 FSDP2 use), so uneven shards are rebuilt exactly. The only communication here is the check that
 every rank makes the same call (``_agreement``), before any other collective; the gathers are
-``_collectives``', and the sharded ops build on both (``_sharded_scores``: drift and scores; ``_sharded_select``: the k-th
-largest score and the COO extraction; ``_sharded_masks``: masks and fingerprints).
+``_collectives``', and the sharded ops build on both (``_sharded_scores``: drift and scores;
+``_sharded_select``: the k-th largest score and the COO extraction; ``_sharded_masks``: masks and
+fingerprints).
 ``torch.distributed.tensor`` is never imported: a DTensor can only exist once it is, so
 ``has_dtensor`` looks it up in ``sys.modules`` (a dictionary lookup when nothing is sharded).
 """

@@ -768,8 +768,9 @@ def _case_plain_entries_differ(rank: int, world: int, mesh) -> None:
     for normalize in (True, False):
         assert L.layer_drift_norms(sharded, sharded0, normalize) == L.layer_drift_norms(full, full0, normalize)
         for pct in (0.5, 1.0):
-            _check_selection(L.select_layers_by_percentage(pct, normalize, True, sharded, sharded0),
-                             L.select_layers_by_percentage(pct, normalize, True, full, full0), f"plain pct {pct}")  # fmt: skip
+            args = (pct, normalize, True)
+            _check_selection(L.select_layers_by_percentage(*args, sharded, sharded0),
+                             L.select_layers_by_percentage(*args, full, full0), f"plain pct {pct}")  # fmt: skip
     _check_selection(L.select_layers_by_threshold(0.0, False, True, sharded, sharded0),
                      L.select_layers_by_threshold(0.0, False, True, full, full0), "plain threshold")  # fmt: skip
     for sparsity in (0.3, 1.0):
