@@ -61,32 +61,50 @@ def all_gather_packed(
 
 
 def gather_full(
-    mesh: Mesh, names: Sequence[str], tensors: Sequence[Tensor], locals_: Sequence[Tensor], dims: Sequence[int | None]
+    mesh: Mesh,
+    names: Sequence[str],
+    tensors: Sequence[Tensor],
+    locals_: Sequence[Tensor],
+    dims: Sequence[int | None],
+    from_rank0: Sequence[bool] | None = None,
 ) -> list[Tensor]:
     """Rebuild the full tensors of sharded entries from every rank's piece with ONE ``all_gather``
     (``all_gather_packed``; every rank computes every rank's piece sizes from the global shapes);
-    entries held in full (dim None) are returned as they are.
+    entries held in full (dim None) are returned as they are, except those marked in ``from_rank0``
+    (plain entries, which may differ across ranks): mesh rank 0's copy, which it alone sends in the
+    same all-gather.
     """
     if mesh.world == 1:  # one rank: every local piece is the whole tensor (no buffer, no collective)
         return list(locals_)
-    out: list[Tensor | None] = [loc if dim is None else None for loc, dim in zip(locals_, dims)]
-    sharded = [j for j, dim in enumerate(dims) if dim is not None]
-    if not sharded:
+    first = list(from_rank0) if from_rank0 is not None else [False] * len(dims)
+    out: list[Tensor | None] = [loc if dim is None and not f else None for loc, dim, f in zip(locals_, dims, first)]
+    moved = [j for j, dim in enumerate(dims) if dim is not None or first[j]]
+    if not moved:
         return out  # type: ignore[return-value]
-    shapes = [[piece_shape(tensors[j].shape, dims[j], mesh.world, r) for j in sharded] for r in range(mesh.world)]  # type: ignore[arg-type]
+
+    def shape(j: int, r: int) -> list[int]:
+        dim = dims[j]
+        if dim is None:  # rank 0's whole tensor; nothing from the others
+            return list(tensors[j].shape) if r == 0 else [0]
+        return piece_shape(tensors[j].shape, dim, mesh.world, r)
+
+    shapes = [[shape(j, r) for j in moved] for r in range(mesh.world)]
+    local = [locals_[j] if dims[j] is not None or mesh.rank == 0 else locals_[j].reshape(-1)[:0] for j in moved]
     pieces = all_gather_packed(
-        mesh, [[math.prod(shape) for shape in row] for row in shapes], [locals_[j] for j in sharded],
-        [tensors[j].dtype for j in sharded],
-    )  # fmt: skip
-    for k, j in enumerate(sharded):
+        mesh, [[math.prod(s) for s in row] for row in shapes], local, [tensors[j].dtype for j in moved]
+    )
+    for k, j in enumerate(moved):
         rebuilt = [piece.view(shapes[r][k]) for r, piece in enumerate(pieces[k])]
         # On the local tensor's device (the gather's buffer is on the mesh's: they differ when FSDP2
         # offloads the shards to the CPU beside a GPU mesh).
-        out[j] = torch.cat(rebuilt, dim=dims[j]).to(locals_[j].device)  # type: ignore[arg-type]
+        full = rebuilt[0].clone() if dims[j] is None else torch.cat(rebuilt, dim=dims[j])  # type: ignore[arg-type]
+        out[j] = full.to(locals_[j].device)
     return out  # type: ignore[return-value]
 
 
 def full_model_tensors(state: ShardedState, indices: Sequence[int]) -> list[Tensor]:
-    """Full-size model tensors of the given entries; the sharded ones gathered in ONE all-gather."""
+    """Full-size model tensors of the given entries; the sharded ones (and the plain ones, mesh rank 0's)
+    gathered in ONE all-gather."""
     return gather_full(state.mesh, [state.names[i] for i in indices], [state.xs[i] for i in indices],
-                       [state.local_x[i] for i in indices], [state.dims[i] for i in indices])  # fmt: skip
+                       [state.local_x[i] for i in indices], [state.dims[i] for i in indices],
+                       [state.plain[i] for i in indices])  # fmt: skip

@@ -46,13 +46,18 @@ def _initial(initial: Sequence[Tensor]) -> list[Tensor] | None:
 
 
 def _state(
-    op: str, model: Sequence[Tensor], initial: Sequence[Tensor], needs_initial: bool, layout: str = "either"
+    op: str,
+    model: Sequence[Tensor],
+    initial: Sequence[Tensor],
+    needs_initial: bool,
+    layout: str = "either",
+    arguments: Sequence[tuple[str, object]] = (),
 ) -> ShardedState:
     """The sharded state of an op's lists, after the op's own length checks (the same on every rank,
-    before any collective)."""
+    before any collective), with the ranks' agreement on the call (``arguments``: the op's own)."""
     if needs_initial or len(initial):
         _checks.check_lengths(op, model, initial)
-    return ShardedState(_names(len(model)), list(model), _initial(initial), _what(op), layout)
+    return ShardedState(_names(len(model)), list(model), _initial(initial), _what(op), layout, arguments)
 
 
 def _refuse_counters(op: str, counters: object) -> None:
@@ -70,10 +75,10 @@ def drift_sq_norms(model: list[Tensor], initial: list[Tensor]) -> Tensor:
 
 def scores(model: list[Tensor], initial: list[Tensor], kind: int) -> list[Tensor]:
     """The unsharded op's per-dtype buffers: local scores, then ONE all-gather of the sharded entries'."""
-    state = _state("scores", model, initial, needs_initial=uses_initial(kind), layout="model")
+    state = _state("scores", model, initial, uses_initial(kind), "model", [("kind", kind)])
     local = ops.scores(state.local_x, state.local_y, kind)
     carriers = [meta_like(x, s.dtype) for x, s in zip(state.xs, local)]
-    full = gather_full(state.mesh, state.names, carriers, local, state.dims)
+    full = gather_full(state.mesh, state.names, carriers, local, state.dims, state.plain)
     order = list(dict.fromkeys(s.dtype for s in full))  # dtypes in order of first appearance
     return [torch.cat([s.reshape(-1) for s in full if s.dtype == dt]) for dt in order]
 
@@ -85,7 +90,7 @@ def sample_masks(
     if dtype not in ops._KERNEL_MASK_DTYPES:  # the op's own rule (the wrappers widen other dtypes)
         raise TypeError(f"layersel::sample_masks: mask dtype must be uint8, int8, int16, int32 or int64, got {dtype}")
     flat = _sharded_masks.sample_masks(
-        _names(len(scores)), list(scores), seed % 2**64, key_by_scores, _what("sample_masks")
+        _names(len(scores)), list(scores), seed % 2**64, key_by_scores, _what("sample_masks"), [("dtype", dtype)]
     )
     return flat.to(dtype)
 
@@ -104,19 +109,17 @@ def kth_largest_score(
     model: list[Tensor], initial: list[Tensor], kind: int, k: int, score_dtype: torch.dtype
 ) -> Tensor:
     needs = kind == ScoreKind.GIVEN or uses_initial(kind)
-    return _sharded_select.kth_largest_score(_state("kth_largest_score", model, initial, needs), kind, k, score_dtype)
+    arguments = [("kind", kind), ("k", k), ("score_dtype", score_dtype)]
+    state = _state("kth_largest_score", model, initial, needs, arguments=arguments)
+    return _sharded_select.kth_largest_score(state, kind, k, score_dtype)
 
 
 def sparse_extract(
     model: list[Tensor], initial: list[Tensor], kind: int, thresholds: list[float]
 ) -> tuple[list[Tensor], list[Tensor]]:
-    state = _state("sparse_extract", model, initial, needs_initial=uses_initial(kind))
-    values, indices = _sharded_select.sparse_extract(state, kind, thresholds)
-    for i, x in enumerate(state.xs):  # a 0-d entry (held in full): the op's own answer, not the exchanger's
-        if x.dim() == 0:
-            y = [state.local_y[i]] if state.local_y is not None else []
-            (values[i],), (indices[i],) = ops.sparse_extract([state.local_x[i]], y, kind, [thresholds[i]])
-    return values, indices
+    arguments = [("kind", kind), ("thresholds", tuple(thresholds))]
+    state = _state("sparse_extract", model, initial, uses_initial(kind), arguments=arguments)
+    return _sharded_select.sparse_extract(state, kind, thresholds)
 
 
 def sparse_select(
@@ -132,8 +135,12 @@ def sparse_select(
                 f"layersel::sparse_select: tensor #{t} has dtype {x.dtype}; with {score_dtype} scores every tensor "
                 f"must be {score_dtype}{also}"
             )
-    threshold = float(kth_largest_score(model, initial, kind, k, score_dtype))
-    return sparse_extract(model, initial, kind, [threshold] * len(model))
+    # One state (one agreement check) for both steps.
+    needs = kind == ScoreKind.GIVEN or uses_initial(kind)
+    arguments = [("kind", kind), ("k", k), ("score_dtype", score_dtype)]
+    state = _state("sparse_select", model, initial, needs, arguments=arguments)
+    threshold = float(_sharded_select.kth_largest_score(state, kind, k, score_dtype))
+    return _sharded_select.sparse_extract(state, kind, [threshold] * len(model))
 
 
 _HANDLERS = {

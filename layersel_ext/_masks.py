@@ -100,7 +100,9 @@ def sample_flat_masks(
     names, scores = masked_score_tensors(model)
     if not scores:
         return [], [], None
-    for name, s in zip(names, scores):
+    sharded = has_dtensor(scores)
+    # Sharded scores: the sharded sampler checks the dtypes once the ranks agree (no rank raises alone).
+    for name, s in zip(names, scores) if not sharded else ():
         if not s.is_floating_point():
             raise TypeError(f"layer {name!r}: score dtype {s.dtype} is not floating point")
         if s.device != scores[0].device:
@@ -108,7 +110,7 @@ def sample_flat_masks(
     key = _draw_seed(generator) if checked_seed is None else checked_seed
     if scores[0].device.type == "cuda":
         dtype = torch.uint8
-    if has_dtensor(scores):  # each rank samples its pieces; the masks are gathered, not the scores
+    if sharded:  # each rank samples its pieces; the masks are gathered, not the scores
         what = "select_scores_and_sample_masks"
         flat = _sharded_masks.sample_masks(names, scores, key, key_by_scores=seed is None, what=what)
         return names, scores, pack_bits(flat) if packed else flat.to(dtype)

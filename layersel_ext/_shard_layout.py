@@ -2,12 +2,14 @@
 DTensors, on which mesh, sharded along which dimension, and where this rank's piece of each starts.
 
 Called on every rank with the same model structure, as FSDP code is. Each entry is a ``DTensor``
-(``Shard(d)`` or ``Replicate()`` on one 1-D mesh) or a plain tensor (buffers FSDP leaves alone);
-``ShardedState`` holds each entry's local tensor and layout, and the kernels only ever see local
-tensors. Pieces follow ``torch.chunk``'s split (the split DTensor and FSDP2 use), so uneven shards
-are rebuilt exactly. No communication happens here: the collectives are ``_collectives``', and the
-sharded ops build on both (``_sharded_scores``: drift and scores; ``_sharded_select``: the k-th
-largest score and the COO extraction; ``_sharded_masks``: masks and fingerprints).
+(``Shard(d)`` or ``Replicate()`` on one 1-D mesh) or a plain tensor (buffers FSDP leaves alone,
+mesh rank 0's copy counts); ``ShardedState`` holds each entry's local tensor and layout, and the
+kernels only ever see local tensors. Pieces follow ``torch.chunk``'s split (the split DTensor and
+FSDP2 use), so uneven shards are rebuilt exactly. The only communication here is the check that
+every rank makes the same call (``_agreement``), before any other collective; the gathers are
+``_collectives``', and the sharded ops build on both (``_sharded_scores``: drift and scores;
+``_sharded_select``: the k-th largest score and the COO extraction; ``_sharded_masks``: masks and
+fingerprints).
 ``torch.distributed.tensor`` is never imported: a DTensor can only exist once it is, so
 ``has_dtensor`` looks it up in ``sys.modules`` (a dictionary lookup when nothing is sharded).
 """
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _agreement, ops
 from ._checks import layer_error
 
 
@@ -90,11 +92,30 @@ class Mesh:
         if coordinate is None:
             raise ValueError(f"{what}: this rank is not in the device mesh of layer {first_name!r}")
         self.rank = int(coordinate[0])
-        self.src = int(mesh.mesh.reshape(-1)[0])  # global rank of mesh coordinate 0 (for broadcast)
+        ranks = [int(r) for r in mesh.mesh.reshape(-1).tolist()]
+        self.src = ranks[0]  # global rank of mesh coordinate 0 (for broadcast)
+        if self.world > 1:
+            _check_mesh_order(ranks, self.group, first_name, what)
         device_type = mesh.device_type
         self.device = (
             torch.device("cpu") if device_type == "cpu" else torch.device(device_type, torch.cuda.current_device())
         )  # where this mesh's collectives take their tensors
+
+
+def _check_mesh_order(ranks: Sequence[int], group: Any, first_name: str, what: str) -> None:
+    """Mesh coordinate i must be rank i of the mesh's process group: the gathers put rank i's piece
+    i-th. Torch builds a 1-D mesh over all ranks on the default group whatever its order, so
+    ``DeviceMesh("cpu", [1, 0])`` is not (and its own ``full_tensor()`` gathers out of order there).
+    Decided from the mesh alone, so every rank of a mesh refuses it alike, before any collective."""
+    import torch.distributed as dist
+
+    order = [dist.get_group_rank(group, r) for r in ranks]
+    if order != list(range(len(ranks))):
+        raise NotImplementedError(
+            f"{what}: layer {first_name!r} is on a device mesh of global ranks {ranks}, which its process "
+            f"group numbers {order}; sharded selection needs mesh coordinate i to be group rank i (build "
+            f"the mesh in rank order, e.g. init_device_mesh(device_type, (world_size,)))"
+        )
 
 
 def _find_mesh(names: Sequence[str], lists: Sequence[Sequence[Tensor] | None], what: str) -> Mesh:
@@ -154,26 +175,66 @@ class ShardedState:
     """Local tensors of a (model, initial) pair of state lists, with each entry's layout.
 
     ``dims[i]``: the sharded dimension of entry i, or None for an entry every rank holds in full
-    (Replicate DTensor or plain tensor). ``layout`` says whose placement wins when model and
-    initial differ: ``"either"`` (drift: a plain tensor beside a DTensor is narrowed to its shard,
-    no communication) or ``"model"`` (scores: the output takes the model entry's layout).
+    (Replicate DTensor or plain tensor). ``plain[i]``: held in full as a plain model tensor; every
+    function takes such an entry from mesh rank 0 (plain entries may differ across ranks, as
+    BatchNorm buffers without SyncBatchNorm do; a Replicate DTensor is the same on every rank by
+    DTensor's contract). ``layout`` says whose placement wins when model and initial differ:
+    ``"either"`` (drift: a plain tensor beside a DTensor is narrowed to its shard, no
+    communication) or ``"model"`` (scores: the output takes the model entry's layout).
+
+    Before any collective, the ranks check that they make the same call (``_agreement``: one small
+    all-reduce of ``arguments`` and the entries' names, global shapes, dtypes and placements, with
+    the checks of each rank's local shards), so a call that differs across ranks raises the same
+    error on every rank. ``agree``: ``"now"``; ``"later"`` (the caller calls ``agree`` before its
+    first collective: the masks carry the check in their own all-reduce; a failed check here is
+    agreed at once); ``"when_communicating"`` (the score functions: each rank's scores are its own
+    shards', so no check unless building the local tensors communicates, an initial entry laid out
+    unlike its model entry; a failed check here raises on this rank alone, as nothing waits for it).
     """
 
     def __init__(
-        self, names: list[str], xs: list[Tensor], ys: list[Tensor] | None, what: str, layout: str = "either"
+        self,
+        names: list[str],
+        xs: list[Tensor],
+        ys: list[Tensor] | None,
+        what: str,
+        layout: str = "either",
+        arguments: Sequence[tuple[str, Any]] = (),
+        agree: str = "now",
     ) -> None:
-        self.names, self.xs, self.what = names, xs, what
+        self.names, self.xs, self.ys, self.what, self.arguments = names, xs, ys, what, tuple(arguments)
         self.mesh = _find_mesh(names, [xs, ys], what)
+        self.agreed = self.mesh.world == 1  # one rank agrees with itself
         self.dims: list[int | None] = []
         self.local_x: list[Tensor] = []
         self.local_y: list[Tensor] | None = [] if ys is not None else None
+        try:
+            pending = self._locals(layout)
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            if not self.agreed and agree != "when_communicating":
+                self.agree(local_error=exc)  # raises on every rank
+            raise
+        if agree == "now" or pending:
+            self.agree()
+        for i in pending:  # the initial entries whose local tensors take a collective (rare)
+            x, y = xs[i], ys[i]  # type: ignore[index]
+            if is_dtensor(x):
+                y = y.redistribute(x.device_mesh, x.placements)  # type: ignore[attr-defined]
+                self.local_y[i] = self._local(names[i], y, self.dims[i])  # type: ignore[index]
+            else:  # model entry plain, initial sharded, the model's layout wins (scores)
+                self.local_y[i] = y.full_tensor()  # type: ignore[attr-defined, index]
+        self.plain = [dim is None and not is_dtensor(x) for x, dim in zip(xs, self.dims)]
+
+    def _locals(self, layout: str) -> list[int]:
+        """Each entry's layout and local tensors, checked, without communicating; returns the entries
+        whose initial local tensor needs a collective (left None in ``local_y`` until agreed)."""
+        names, xs, ys, what = self.names, self.xs, self.ys, self.what
+        pending = []
         for i, (name, x) in enumerate(zip(names, xs)):
             y = ys[i] if ys is not None else None
             if y is not None and x.shape != y.shape:  # global shapes: the local shards may differ anyway
                 raise layer_error(what, names, xs, i, "shape mismatch", y)
             x_is, y_is = is_dtensor(x), y is not None and is_dtensor(y)
-            if x_is and y_is and tuple(y.placements) != tuple(x.placements):  # type: ignore[union-attr]
-                y = y.redistribute(x.device_mesh, x.placements)  # type: ignore[union-attr]  # a collective, rare
             if x_is:
                 dim = _shard_dim(name, x, what)
             elif y_is and layout == "either":
@@ -183,11 +244,32 @@ class ShardedState:
             self.dims.append(dim)
             self.local_x.append(self._local(name, x, dim))
             if self.local_y is not None:
-                if y_is and dim is None and _shard_dim(name, y, what) is not None:
-                    # Model entry plain (or replicated), initial sharded, the model's layout wins (scores).
-                    self.local_y.append(y.full_tensor())  # type: ignore[union-attr]
+                if x_is and y_is and tuple(y.placements) != tuple(x.placements):  # type: ignore[union-attr]
+                    pending.append(i)  # redistributed to the model entry's placements
+                    self.local_y.append(None)  # type: ignore[arg-type]
+                elif y_is and dim is None and _shard_dim(name, y, what) is not None:
+                    pending.append(i)  # gathered: a plain model entry's layout wins (scores)
+                    self.local_y.append(None)  # type: ignore[arg-type]
                 else:
                     self.local_y.append(self._local(name, y, dim))  # type: ignore[arg-type]
+        return pending
+
+    def agree(self, extra: Tensor | None = None, local_error: Exception | None = None) -> Tensor | None:
+        """Check that every rank makes this call (``_agreement.agree``, once per state); ``extra`` int64
+        words are SUM-reduced in the same all-reduce (in their own one when already agreed). With
+        ``local_error`` (this rank's failed check), every rank raises."""
+        if self.agreed:
+            if extra is None or self.mesh.world == 1:
+                return extra
+            import torch.distributed as dist
+
+            extra = extra.to(device=self.mesh.device, dtype=torch.int64)
+            dist.all_reduce(extra, op=dist.ReduceOp.SUM, group=self.mesh.group)
+            return extra
+        call = _agreement.CallDescription.of(self.what, self.arguments, self.names, self.xs, self.ys, self.mesh.mesh)
+        reduced = _agreement.agree(self.mesh, call, local_error, extra)
+        self.agreed = True
+        return reduced
 
     def _local(self, name: str, t: Any, dim: int | None) -> Tensor:
         if not is_dtensor(t):
@@ -213,7 +295,14 @@ class ShardedState:
 
 
 def sharded_state(
-    names: list[str], xs: Sequence[Tensor], ys: Sequence[Tensor] | None, what: str
+    names: list[str],
+    xs: Sequence[Tensor],
+    ys: Sequence[Tensor] | None,
+    what: str,
+    arguments: Sequence[tuple[str, Any]] = (),
 ) -> ShardedState | None:
-    """The local shards and layouts when any entry is a DTensor (FSDP2 / distribute_tensor), else None."""
-    return ShardedState(names, xs, ys, what) if has_dtensor(xs, ys) else None
+    """The local shards and layouts when any entry is a DTensor (FSDP2 / distribute_tensor), else None;
+    ``arguments`` (name, value) are the call's own, which every rank must pass alike."""
+    if not has_dtensor(xs, ys):
+        return None
+    return ShardedState(names, list(xs), None if ys is None else list(ys), what, arguments=arguments)

@@ -54,6 +54,8 @@ class _StreamLayout:
         self.per_entry: list[int] = []  # each entry's number of elements in `pieces`
         self.total = 0  # elements of the unsharded model
         for i, (x, local, dim) in enumerate(zip(state.xs, state.local_x, state.dims)):
+            if state.plain[i] and state.mesh.rank != 0:  # mesh rank 0's plain entries: sampled there only
+                local = local.reshape(-1)[:0]
             found = _stream_pieces(local, x.shape, dim, state.offset(i), self.total)
             self.pieces += [p for p, _ in found]
             self.counters += [c for _, c in found]
@@ -64,9 +66,8 @@ class _StreamLayout:
     def seed_and_fingerprint(self, seed: int) -> tuple[int, int]:
         """(mesh rank 0's ``seed``, the unsharded model's fingerprint), on every rank: this rank's
         fingerprint of its counted pieces and rank 0's seed, as four 32-bit halves in ONE int64 SUM
-        all-reduce (the sums of the halves cannot overflow; the fingerprint is a sum mod 2**64)."""
-        import torch.distributed as dist
-
+        all-reduce (the sums of the halves cannot overflow; the fingerprint is a sum mod 2**64), the
+        one that also carries the ranks' agreement check (``ShardedState.agree``)."""
         mesh = self.state.mesh
         keep = [(p, c) for p, c, counted in zip(self.pieces, self.counters, self.counted) if counted]
         if keep:
@@ -76,25 +77,37 @@ class _StreamLayout:
         mine = seed if mesh.rank == 0 else 0
         halves = torch.cat([torch.tensor([mine & 0xFFFFFFFF, mine >> 32], dtype=torch.int64, device=mesh.device),
                             fp & 0xFFFFFFFF, (fp >> 32) & 0xFFFFFFFF])  # fmt: skip
-        dist.all_reduce(halves, op=dist.ReduceOp.SUM, group=mesh.group)
-        s_lo, s_hi, f_lo, f_hi = (int(v) for v in halves.cpu())
+        halves = self.state.agree(extra=halves)
+        s_lo, s_hi, f_lo, f_hi = (int(v) for v in halves.cpu())  # type: ignore[union-attr]
         return s_lo + (s_hi << 32), (f_lo + (f_hi << 32)) & ((1 << 64) - 1)
 
 
-def sample_masks(names: list[str], scores: list[Tensor], seed: int, key_by_scores: bool, what: str) -> Tensor:
+def sample_masks(
+    names: list[str],
+    scores: list[Tensor],
+    seed: int,
+    key_by_scores: bool,
+    what: str,
+    arguments: Sequence[tuple[str, object]] = (),
+) -> Tensor:
     """The unsharded model's flat uint8 masks (``ops.sample_masks`` of the full scores, keyed as it
     would be), on every rank. Each rank samples only its own pieces, each element with its index in
-    the unsharded model as its Philox counter (``_StreamLayout``); entries held in full are sampled
-    by every rank (the same bits everywhere, no communication). With ``key_by_scores`` the key is
-    ``key_from_scores(mesh rank 0's seed, the unsharded fingerprint, the unsharded size)`` (one
-    all-reduce). Then ONE all-gather of the sharded entries' mask bytes (a quarter of float32
-    scores' bytes) rebuilds them at full size."""
-    state = ShardedState(names, scores, None, what, layout="model")
-    _check_floating(names, state.xs, what)
+    the unsharded model as its Philox counter (``_StreamLayout``); Replicate entries are sampled by
+    every rank (the same bits everywhere), plain entries by mesh rank 0 only (they may differ across
+    ranks). With ``key_by_scores`` the key is ``key_from_scores(mesh rank 0's seed, the unsharded
+    fingerprint, the unsharded size)`` (one all-reduce, which also carries the ranks' agreement
+    check; without it, that check is one all-reduce of its own). Then ONE all-gather of the sharded
+    and plain entries' mask bytes (a quarter of float32 scores' bytes) rebuilds them at full size."""
+    # The seed is part of the call only when it is the key: a key by scores takes mesh rank 0's draw.
+    own = [("key_by_scores", key_by_scores)] + ([] if key_by_scores else [("seed", seed)])
+    state = ShardedState(names, scores, None, what, layout="model", arguments=[*own, *arguments], agree="later")
+    _check_floating(state)
     layout = _StreamLayout(state)
     key = seed
     if key_by_scores:
         key = key_from_scores(*layout.seed_and_fingerprint(seed), layout.total)
+    else:
+        state.agree()
     device = state.local_x[0].device
     try:
         flat = (ops.sample_masks(layout.pieces, key, torch.uint8, counters=layout.counters) if layout.pieces
@@ -103,26 +116,30 @@ def sample_masks(names: list[str], scores: list[Tensor], seed: int, key_by_score
         explain_failure(exc, names, state.local_x, None, what)
     local_masks, at = [], 0
     for local, n in zip(state.local_x, layout.per_entry):
-        local_masks.append(flat[at : at + n].view(local.shape))
+        local_masks.append(flat[at : at + n].view(local.shape if n == local.numel() else (n,)))
         at += n
-    full = gather_full(state.mesh, names, [meta_like(x, torch.uint8) for x in state.xs], local_masks, state.dims)
+    carriers = [meta_like(x, torch.uint8) for x in state.xs]
+    full = gather_full(state.mesh, names, carriers, local_masks, state.dims, state.plain)
     return torch.cat([m.reshape(-1) for m in full])  # gather_full: every piece on the local device
 
 
 def score_fingerprint(names: list[str], scores: list[Tensor], what: str) -> Tensor:
     """``ops.score_fingerprint`` of the unsharded scores (int64[1], on every rank): one all-reduce."""
-    state = ShardedState(names, scores, None, what, layout="model")
-    _check_floating(names, state.xs, what)
+    state = ShardedState(names, scores, None, what, layout="model", agree="later")
+    _check_floating(state)
     layout = _StreamLayout(state)
-    _, fp = layout.seed_and_fingerprint(0)
+    _, fp = layout.seed_and_fingerprint(0)  # with the ranks' agreement check
     return torch.tensor(
         [fp - (1 << 64) if fp >= 1 << 63 else fp], dtype=torch.int64, device=layout.state.local_x[0].device
     )
 
 
-def _check_floating(names: Sequence[str], xs: Sequence[Tensor], what: str) -> None:
-    """Every score entry floating, checked on the global entries (the same on every rank) before any
-    collective: a rank whose own piece of a bad entry is empty must not go on alone."""
-    for name, x in zip(names, xs):
+def _check_floating(state: ShardedState) -> None:
+    """Every score entry floating, checked on the global entries before any collective: a rank whose
+    own piece of a bad entry is empty must not go on alone (and a rank whose dtypes differ from its
+    peers' must not leave them waiting: the failure is agreed, so every rank raises)."""
+    for name, x in zip(state.names, state.xs):
         if not x.dtype.is_floating_point:
-            raise TypeError(f"{what}: layer {name!r}: score dtype {x.dtype} is not floating point")
+            exc = TypeError(f"{state.what}: layer {name!r}: score dtype {x.dtype} is not floating point")
+            state.agree(local_error=exc)
+            raise exc

@@ -45,7 +45,8 @@ def scores(names: list[str], xs: list[Tensor], ys: list[Tensor] | None, kind: in
     """Scores of sharded state: the kernel on each rank's local shards; a DTensor entry gives a DTensor
     (same mesh, placements, global shape and stride), a plain entry a plain tensor. No communication
     (unless the model entry is plain and its initial entry sharded: that initial entry is gathered)."""
-    state = ShardedState(names, xs, ys, what, layout="model")
+    # No agreement check: each rank's scores are its own shards' (unless an initial entry must be gathered).
+    state = ShardedState(names, xs, ys, what, layout="model", arguments=[("kind", kind)], agree="when_communicating")
     try:
         local = ops.scores(state.local_x, state.local_y, kind)
     except (RuntimeError, ValueError, TypeError) as exc:

@@ -121,7 +121,8 @@ def sparse_extract(
     shards (entries held in full: mesh rank 0 only), shifts the indices by its shard's offset and
     flattens them (row-major, global shape); ONE all-gather of the per-entry counts, ONE of the
     values and flat indices; pieces sharded along a dimension other than 0 are put back in row-major
-    order. A 0-d entry gives nothing (the COO exchanger drops it)."""
+    order. A 0-d entry (held in full) gives mesh rank 0's answer, with ``(n, 0)`` indices as the op's
+    (the COO exchanger drops it)."""
     import torch.distributed as dist
 
     xs = state.counted(state.local_x)
@@ -132,8 +133,9 @@ def sparse_extract(
         explain_failure(exc, state.names, xs, ys if uses_initial(kind) else None, state.what)
     flat = []
     for i, (x, idx) in enumerate(zip(state.xs, indices)):
-        if x.dim() == 0:
-            values[i], idx = values[i][:0], idx.new_zeros((0, 1))
+        if x.dim() == 0:  # its one element, if kept, is flat index 0
+            flat.append(idx.new_zeros(values[i].numel()))
+            continue
         shape, dim = list(x.shape), state.dims[i]
         strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))] or [1]  # row-major, global shape
         if dim is not None:
@@ -156,7 +158,7 @@ def sparse_extract(
             vals, where = vals[order], where[order]
         out_values.append(vals)
         if x.dim() == 0:
-            out_indices.append(where.view(0, 0))
+            out_indices.append(where.new_zeros((where.numel(), 0)))
         else:
             out_indices.append(torch.stack(torch.unravel_index(where, tuple(x.shape)), dim=1))
     return out_values, out_indices

@@ -109,7 +109,8 @@ def layer_drift_norms(model: nn.Module, initial_model: nn.Module, normalize: boo
     """
     what = "layer_drift_norms"
     names, xs, ys = paired_state(model, initial_model, what)
-    return dict(zip(names, drift_norms(names, xs, ys, normalize, what, sharded_state(names, xs, ys, what))))
+    sharded = sharded_state(names, xs, ys, what, [("normalize", normalize)])
+    return dict(zip(names, drift_norms(names, xs, ys, normalize, what, sharded)))
 
 
 def select_layers_by_threshold(
@@ -137,7 +138,8 @@ def select_layers_by_threshold(
     """
     what = "select_layers_by_threshold"
     names, xs, ys = paired_state(model, initial_model, what)
-    sharded = sharded_state(names, xs, ys, what)
+    arguments = [("threshold", threshold), ("normalize", normalize), ("select_drift_more", select_drift_more)]
+    sharded = sharded_state(names, xs, ys, what, arguments)
     drifts = drift_norms(names, xs, ys, normalize, what, sharded)
     if select_drift_more:
         keep = [i for i, d in enumerate(drifts) if d > threshold]
@@ -163,7 +165,9 @@ def select_layers_by_percentage(
     """
     what = "select_layers_by_percentage"
     names, xs, ys = paired_state(model, initial_model, what)
-    sharded = sharded_state(names, xs, ys, what)
+    arguments = [("exchange_percentage", exchange_percentage), ("normalize", normalize),
+                 ("select_drift_more", select_drift_more)]  # fmt: skip
+    sharded = sharded_state(names, xs, ys, what, arguments)
     drifts = drift_norms(names, xs, ys, normalize, what, sharded)
     count = math.ceil(len(names) * exchange_percentage)
     order = sorted(range(len(names)), key=lambda i: drifts[i], reverse=select_drift_more)[:count]

@@ -141,7 +141,9 @@ def select_sparse_parameters(
     except RuntimeError as exc:  # a quantized dtype has no promotion: name its layer, as the kernels' checks do
         explain_failure(exc, names, xs, ys if fused is None or uses_initial(kind) else None, what, given=fused is None)
     # Sharded state (FSDP2, DTensor): the same two steps across ranks (_sharded_select), every rank gets every array.
-    sharded = sharded_state(names, xs, ys, what)
+    function = fused.name if fused is not None else getattr(score_gen_function, "__qualname__", "a custom function")
+    arguments = [("sparsity_level", sparsity_level), ("score_gen_function", function), ("k", top)]
+    sharded = sharded_state(names, xs, ys, what, arguments)
     if sharded is not None and sharded.mesh.world == 1:  # one rank: its local tensors are the whole model
         xs, ys, sharded = sharded.local_x, sharded.local_y, None
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import datetime
 import os
+import re
 import socket
 import sys
 import time
@@ -290,8 +291,8 @@ def _case_masks(rank: int, world: int, mesh) -> None:
 def _check_masks(full: nn.Module, sharded: nn.Module, rank: int, world: int, label: str) -> None:
     """Seeded and unseeded masks (two dtypes) and the compact wire's packed masks of the sharded model
     equal the unsharded model's on every rank, with the collectives of per-shard sampling: the mask
-    bytes gathered once (never the scores), and for an unseeded draw one all-reduce (rank 0's seed
-    and the fingerprints)."""
+    bytes gathered once (never the scores), and one all-reduce: the ranks' agreement check, which
+    for an unseeded draw also carries rank 0's seed and the fingerprints."""
     import layersel_ext.parameter_selection_criteria as L
     from layersel_ext import wire
 
@@ -301,7 +302,7 @@ def _check_masks(full: nn.Module, sharded: nn.Module, rank: int, world: int, lab
         with _count_collectives() as counts:
             got = L.select_scores_and_sample_masks(sharded, None, seed=1234, mask_dtype=dtype)
         _check_selection(got, want, f"{label} masks seed {dtype.__name__} [{world}]")
-        assert counts["all_gather"] == 1 and counts["all_reduce"] == counts["broadcast"] == 0, dict(counts)
+        assert counts["all_gather"] == counts["all_reduce"] == 1 and counts["broadcast"] == 0, dict(counts)
         assert counts["all_gather_bytes"] <= n + 64 * len(got[0]), f"{label}: gathered {dict(counts)} for {n} masks"
     # Unseeded, ranks seeded differently: every rank uses rank 0's draw (and the whole fingerprint).
     torch.manual_seed(100 + rank)
@@ -491,8 +492,9 @@ def _case_transformer(rank: int, world: int, mesh) -> None:
 
 
 def _case_sparse_collectives(rank: int, world: int, mesh) -> None:
-    """Per sparse call: one all-reduce per radix digit (3 for float32 scores), two all-gathers (counts,
-    entries), nothing else; at most 1 MB beside the selected entries' bytes."""
+    """Per sparse call: the ranks' agreement check and one all-reduce per radix digit (3 for float32
+    scores), two all-gathers (counts, entries), nothing else; at most 1 MB beside the selected
+    entries' bytes."""
     import layersel_ext.parameter_selection_criteria as L
     from layersel_ext import select_sparse_parameters
 
@@ -504,7 +506,7 @@ def _case_sparse_collectives(rank: int, world: int, mesh) -> None:
                 sharded, sharded0, sparsity, L.largest_magnitude_change_scores
             )
         others = {k: v for k, v in counts.items() if k not in ("all_reduce", "all_gather") and "bytes" not in k}
-        assert counts["all_reduce"] == 3 and counts["all_gather"] == 2 and not others, f"{sparsity}: {dict(counts)}"
+        assert counts["all_reduce"] == 4 and counts["all_gather"] == 2 and not others, f"{sparsity}: {dict(counts)}"
         selected = sum(v.nbytes + i.nbytes for v, i in zip(values, indices))
         sent = counts["all_reduce_bytes"] + counts["all_gather_bytes"]
         assert sent <= 2**20 + selected + 128 * entries + 64, f"{sparsity}: {sent} bytes for {selected}: {dict(counts)}"
@@ -527,6 +529,7 @@ def _case_shape_mismatch(rank: int, world: int, mesh) -> None:
 
 def _case_collective_counts(rank: int, world: int, mesh) -> None:
     import layersel_ext.parameter_selection_criteria as L
+    from layersel_ext import _agreement
 
     _, _, sharded, sharded0 = _drifted_fsdp_models(_convnet, 5, mesh)
     entries = len(sharded.state_dict())
@@ -540,13 +543,15 @@ def _case_collective_counts(rank: int, world: int, mesh) -> None:
         with _count_collectives() as counts:
             arrays, _names = call()
         others = {k: v for k, v in counts.items() if k not in ("all_reduce", "all_gather") and "bytes" not in k}
-        assert counts["all_reduce"] == 1 and counts["all_gather"] <= 1 and not others, f"{label}: {dict(counts)}"
+        # The ranks' agreement check and the drift sums: two all-reduces.
+        assert counts["all_reduce"] == 2 and counts["all_gather"] <= 1 and not others, f"{label}: {dict(counts)}"
         # Only the selected layers travel: the send buffer holds at most the selected layers' bytes
         # (each piece 64-byte aligned).
         assert counts["all_gather_bytes"] <= sum(a.nbytes + 64 for a in arrays) + 64, f"{label}: {dict(counts)}"
     with _count_collectives() as counts:
         L.layer_drift_norms(sharded, sharded0)
-    assert dict(counts) == {"all_reduce": 1, "all_reduce_bytes": 8 * entries}, f"drift norms: {dict(counts)}"
+    agreement = 8 * _agreement.WORDS
+    assert dict(counts) == {"all_reduce": 2, "all_reduce_bytes": 8 * entries + agreement}, f"drift: {dict(counts)}"
     with _count_collectives() as counts:
         L.largest_increase_in_magnitude_scores(sharded, sharded0)
         L.largest_final_magnitude_scores(sharded, None)
@@ -627,6 +632,216 @@ def _case_nccl_smoke(rank: int, world: int, mesh) -> None:
                        torch.ops.layersel.sample_masks(list(masked.state_dict().values()), 3, torch.uint8))  # fmt: skip
 
 
+# ---------------------------------------------------------------------------------------------- ranks that differ
+
+
+def _same_error_on_every_rank(call: Callable[..., object], error: type[Exception], match: str, *args, **kwargs) -> str:
+    """``call(*args, **kwargs)`` raises ``error`` on every rank with one message (compared across ranks),
+    matching ``match``."""
+    import torch.distributed as dist
+
+    try:
+        call(*args, **kwargs)
+    except error as exc:
+        message: str | None = str(exc)
+    else:
+        message = None
+    every: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, message)
+    assert all(m is not None for m in every), f"{call}: a rank did not raise {error.__name__}: {every}"
+    assert len(set(every)) == 1, f"the ranks raised different messages: {every}"
+    assert re.search(match, every[0]), f"{every[0]!r} does not match {match!r}"  # type: ignore[arg-type]
+    return every[0]  # type: ignore[return-value]
+
+
+_DIFFERENT = "the ranks called {} with different arguments or models: "
+
+
+def _case_ranks_differ_in_arguments(rank: int, world: int, mesh) -> None:
+    """Rank 1 passes another sparsity, percentage, threshold (selecting nothing there), flag, k or seed
+    than the others: every rank raises the same ValueError naming the argument and the ranks, before
+    any collective whose size depends on it (gloo would abort a rank, or a rank would wait alone)."""
+    import layersel_ext.parameter_selection_criteria as L
+    from layersel_ext import ops, select_sparse_parameters
+
+    _, _, sharded, sharded0 = _drifted_fsdp_models(_convnet, 5, mesh)
+    odd = rank == 1
+    others = "ranks 0, 2" if world == 3 else "rank 0"
+    fn = L.largest_magnitude_change_scores
+    cases = [
+        ("select_sparse_parameters", rf"sparsity_level: 0\.1 on {others} vs 0\.6 on rank 1",
+         lambda: select_sparse_parameters(sharded, sharded0, 0.6 if odd else 0.1, fn)),
+        ("select_layers_by_percentage", rf"exchange_percentage: 0\.25 on {others} vs 0\.75 on rank 1",
+         lambda: L.select_layers_by_percentage(0.75 if odd else 0.25, True, True, sharded, sharded0)),
+        ("select_layers_by_threshold", rf"threshold: 1e-06 on {others} vs 1e\+30 on rank 1",  # rank 1 selects nothing
+         lambda: L.select_layers_by_threshold(1e30 if odd else 1e-6, True, True, sharded, sharded0)),
+        ("select_layers_by_threshold", rf"select_drift_more: True on {others} vs False on rank 1",
+         lambda: L.select_layers_by_threshold(1e-6, True, not odd, sharded, sharded0)),
+        ("layer_drift_norms", rf"normalize: False on {others} vs True on rank 1",
+         lambda: L.layer_drift_norms(sharded, sharded0, normalize=odd)),
+    ]  # fmt: skip
+    for what, match, call in cases:
+        _same_error_on_every_rank(call, ValueError, _DIFFERENT.format(what) + "arguments differ: " + match)
+    ops.enable_dtensor_ops()
+    sx, sy = list(sharded.state_dict().values()), list(sharded0.state_dict().values())
+    op = "layersel::kth_largest_score \\(DTensor\\)"
+    _same_error_on_every_rank(lambda: torch.ops.layersel.kth_largest_score(sx, sy, 2, 7 if odd else 5, torch.float32),
+                              ValueError, _DIFFERENT.format(op) + rf".*k: 5 on {others} vs 7 on rank 1")  # fmt: skip
+    masked = _fully_shard(nn.Sequential(_Masked(5, 7), _Masked(3, 5)), mesh)
+    _same_error_on_every_rank(lambda: L.select_scores_and_sample_masks(masked, None, seed=2 if odd else 1),
+                              ValueError, rf"seed: 1 on {others} vs 2 on rank 1")  # fmt: skip
+
+
+def _case_ranks_differ_in_models(rank: int, world: int, mesh) -> None:
+    """Rank 1's models have the same names but another shape, dtype or placement, or one entry more;
+    or its initial_model does not match its model: every rank raises the same ValueError (drift,
+    layer and sparse selection, masks), naming the first layer that differs and the ranks."""
+    import layersel_ext.parameter_selection_criteria as L
+    from layersel_ext import select_sparse_parameters
+
+    odd = rank == 1
+    others = "ranks 0, 2" if world == 3 else "rank 0"
+    torch.manual_seed(9)
+
+    def mlp(rows: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(7, rows), nn.ReLU(), nn.Linear(rows, 3))
+
+    base = mlp(5)
+    wider = mlp(6 if odd else 5)
+    double = copy.deepcopy(base).double() if odd else copy.deepcopy(base)
+    longer = nn.Sequential(*base, nn.Linear(3, 1)) if odd else copy.deepcopy(base)
+    calls = {
+        "layer_drift_norms": lambda m, m0: L.layer_drift_norms(m, m0),
+        "select_layers_by_percentage": lambda m, m0: L.select_layers_by_percentage(0.5, True, True, m, m0),
+        "select_sparse_parameters":
+            lambda m, m0: select_sparse_parameters(m, m0, 0.3, L.largest_magnitude_change_scores),
+    }  # fmt: skip
+    for model, match in [
+        (wider, rf"global shapes differ: layer '0\.weight' \(model\): \(5, 7\) on {others} vs \(6, 7\) on rank 1"),
+        (
+            double,
+            rf"dtypes differ: layer '0\.weight' \(model\): torch\.float32 on {others} vs torch\.float64 on rank 1",
+        ),
+        (longer, rf"layer names differ: 4 entries on {others} vs 6 entries on rank 1"),
+    ]:
+        sharded, sharded0 = _fsdp_pair(model, model, mesh)
+        for what, call in calls.items():
+            _same_error_on_every_rank(call, ValueError, _DIFFERENT.format(what) + ".*" + match, sharded, sharded0)
+    # Rank 1 shards a layer along another dimension.
+    sharded, sharded0 = (_shard_by_hand(copy.deepcopy(base), mesh, {"0.weight": int(odd)}) for _ in (0, 1))
+    match = (
+        rf"placements differ: layer '0\.weight' \(model\): DTensor\(Shard\(0\)\) on {others} vs DTensor\(Shard\(1\)\)"
+    )
+    for what, call in calls.items():
+        _same_error_on_every_rank(call, ValueError, _DIFFERENT.format(what) + ".*" + match, sharded, sharded0)
+    # Rank 1's initial_model is narrower than its model: its own check fails, and its peers hear of it.
+    sharded, sharded0 = _fsdp_pair(base, wider, mesh)
+    _same_error_on_every_rank(
+        lambda: L.layer_drift_norms(sharded, sharded0), ValueError,
+        rf"global shapes differ: layer '0\.weight' \(initial_model\): \(5, 7\) on {others} vs \(6, 7\) on rank 1; "
+        r"rank 1: ValueError: .*shape \(5, 7\) in model but \(6, 7\) in initial_model",
+    )  # fmt: skip
+    # Score tensors of another dtype on rank 1 (masks: the dtype check waits for the ranks' agreement).
+    masked = nn.Sequential(_Masked(5, 7), _Masked(3, 5))
+    masked_sharded = _fully_shard(copy.deepcopy(masked).double() if odd else copy.deepcopy(masked), mesh)
+    for seed in (4, None):
+        _same_error_on_every_rank(L.select_scores_and_sample_masks, ValueError,
+                                  _DIFFERENT.format("select_scores_and_sample_masks") + "dtypes differ",
+                                  masked_sharded, None, seed=seed)  # fmt: skip
+
+
+def _case_plain_entries_differ(rank: int, world: int, mesh) -> None:
+    """Plain entries that differ across ranks (BatchNorm buffers without SyncBatchNorm, a plain score
+    tensor): every function takes them from mesh rank 0, so every rank returns the unsharded answer
+    of rank 0's model (the drift, the layers selected and returned, the sparse selection, the masks,
+    the ops on DTensors)."""
+    import layersel_ext.parameter_selection_criteria as L
+    from layersel_ext import ops, select_sparse_parameters
+
+    full, full0, sharded, sharded0 = _drifted_fsdp_models(_convnet, 1, mesh)
+    state = sharded.state_dict()
+    assert type(state["1.running_mean"]) is torch.Tensor
+    with torch.no_grad():  # this rank's own buffers: rank 0's are the full model's
+        for name in ("1.running_mean", "1.running_var", "4.running_mean"):
+            state[name].add_(rank)
+        state["1.num_batches_tracked"].add_(10 * rank)
+    for normalize in (True, False):
+        assert L.layer_drift_norms(sharded, sharded0, normalize) == L.layer_drift_norms(full, full0, normalize)
+        for pct in (0.5, 1.0):
+            args = (pct, normalize, True)
+            _check_selection(L.select_layers_by_percentage(*args, sharded, sharded0),
+                             L.select_layers_by_percentage(*args, full, full0), f"plain pct {pct}")  # fmt: skip
+    _check_selection(L.select_layers_by_threshold(0.0, False, True, sharded, sharded0),
+                     L.select_layers_by_threshold(0.0, False, True, full, full0), "plain threshold")  # fmt: skip
+    for sparsity in (0.3, 1.0):
+        fn = L.largest_final_magnitude_scores
+        _check_sparse(select_sparse_parameters(sharded, sharded0, sparsity, fn),
+                      select_sparse_parameters(full, full0, sparsity, fn), f"plain sparse {sparsity}")  # fmt: skip
+    ops.enable_dtensor_ops()
+    O = torch.ops.layersel
+    sx, sy = list(sharded.state_dict().values()), list(sharded0.state_dict().values())
+    fx, fy = list(full.state_dict().values()), list(full0.state_dict().values())
+    got, want = O.scores(sx, sy, 0), O.scores(fx, fy, 0)
+    assert all(_same_tensor(a, b) for a, b in zip(got, want)), "plain scores op"
+    for a, b in zip(O.sparse_extract(sx, sy, 0, [0.5] * len(sx)), O.sparse_extract(fx, fy, 0, [0.5] * len(fx))):
+        assert all(map(_same_tensor, a, b)), "plain sparse_extract op (a 0-d buffer among them)"
+    # A plain score tensor beside sharded ones: rank 0's masks, seeded and keyed by the scores.
+    torch.manual_seed(3)
+    masked = nn.Sequential(_Masked(5, 7), _Masked(3, 5))
+    sharded_masked = _distribute(copy.deepcopy(masked), mesh, {"0.weight_scores": _shard0()})
+    with torch.no_grad():
+        sharded_masked.get_parameter("1.weight_scores").add_(rank)
+    for seed in (5, None):
+        torch.manual_seed(100)
+        want_masks = L.select_scores_and_sample_masks(masked, None, seed=seed)
+        torch.manual_seed(100)
+        _check_selection(L.select_scores_and_sample_masks(sharded_masked, None, seed=seed), want_masks,
+                         f"plain masks seed {seed}")  # fmt: skip
+
+
+def _shard0():
+    from torch.distributed.tensor import Shard
+
+    return Shard(0)
+
+
+def _shard_by_hand(model: nn.Module, mesh, dims: dict[str, int]) -> nn.Module:
+    """``model`` with the named parameters made ``Shard(dim)`` DTensors on ``mesh`` from this rank's
+    ``torch.chunk`` piece: no communication, so the ranks may shard differently."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    coordinate, world = mesh.get_coordinate()[0], mesh.size()
+    for name, dim in dims.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        t = module._parameters[attr].detach()
+        chunks = torch.chunk(t, world, dim)
+        piece = chunks[coordinate] if coordinate < len(chunks) else t.narrow(dim, 0, 0)
+        local = DTensor.from_local(piece, mesh, [Shard(dim)], run_check=False, shape=t.shape, stride=t.stride())
+        module._parameters[attr] = nn.Parameter(local)
+    return model
+
+
+def _case_mesh_out_of_order(rank: int, world: int, mesh) -> None:
+    """A 1-D mesh whose coordinates are not its group's ranks in order (``DeviceMesh("cpu", [1, 0])``,
+    where torch's own ``full_tensor()`` gathers out of order) is refused on every rank alike."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    import layersel_ext.parameter_selection_criteria as L
+    from layersel_ext import select_sparse_parameters
+
+    for order in {(1, 0, *range(2, world)), tuple(reversed(range(world)))}:
+        order = list(order)
+        odd_mesh = DeviceMesh("cpu", order)
+        torch.manual_seed(4)
+        pair = [_shard_by_hand(nn.Linear(4, 6), odd_mesh, {"weight": 0, "bias": 0}) for _ in (0, 1)]
+        match = rf"device mesh of global ranks {re.escape(str(order))}, which its process group numbers"
+        _same_error_on_every_rank(L.layer_drift_norms, NotImplementedError, match, *pair)
+        _same_error_on_every_rank(L.select_layers_by_percentage, NotImplementedError, match, 1.0, True, True, *pair)
+        _same_error_on_every_rank(select_sparse_parameters, NotImplementedError, match, *pair, 0.5,
+                                  L.largest_final_magnitude_scores)  # fmt: skip
+
+
 CASES = {
     "fsdp_mlp": _case_fsdp_mlp,
     "fsdp_convnet_bn": _case_fsdp_convnet_bn,
@@ -637,6 +852,10 @@ CASES = {
     "shape_mismatch": _case_shape_mismatch,
     "collective_counts": _case_collective_counts,
     "direct_ops": _case_direct_ops,
+    "ranks_differ_in_arguments": _case_ranks_differ_in_arguments,
+    "ranks_differ_in_models": _case_ranks_differ_in_models,
+    "plain_entries_differ": _case_plain_entries_differ,
+    "mesh_out_of_order": _case_mesh_out_of_order,
 }
 SPARSE_CASES = {
     "sparse_models": _case_sparse_models,
