@@ -54,7 +54,7 @@ print("PATCHED CALL EQUALS FL4HEALTH", ours[1])
 
 def readme_install_block() -> str:
     """The README's fenced bash block that installs layersel_ext."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
     found = [b for b in blocks if INSTALL_MARK in b]
     assert found, f"README.md has no ```bash block with {INSTALL_MARK!r}"
     return found[0]
@@ -62,9 +62,13 @@ def readme_install_block() -> str:
 
 def copy_checkout(dest: Path) -> None:
     """The tracked and untracked-but-not-ignored files: a clone of the working tree, no build in it."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, files):
         src = ROOT / name
         if src.is_file():
@@ -85,7 +89,9 @@ def test_readme_install_block_names_its_build_tools() -> None:
     assert "python -m layersel_ext info" in block
 
 
-@pytest.mark.skipif(sys.version_info[:2] != (3, 10), reason="fl4health 0.4.2 needs Python 3.10: runs in the fl4health stack")
+@pytest.mark.skipif(
+    sys.version_info[:2] != (3, 10), reason="fl4health 0.4.2 needs Python 3.10: runs in the fl4health stack"
+)
 def test_first_hour_in_a_fresh_fl4health_venv(tmp_path: Path) -> None:
     base_python = getattr(sys, "_base_executable", sys.executable)
     venv, clone = tmp_path / "venv", tmp_path / "layersel_ext"
