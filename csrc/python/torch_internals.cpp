@@ -41,7 +41,7 @@ bool is_tensor(PyObject* obj) { return THPVariable_Check(obj); }
 at::Tensor unpack_tensor(PyObject* obj) { return THPVariable_Unpack(obj); }
 #else
 bool is_tensor(PyObject* obj) {
-  static PyObject* const tensor_type = py::module_::import("torch").attr("Tensor").release().ptr();
+  static PyObject* const tensor_type = py::object(py::module_::import("torch").attr("Tensor")).release().ptr();
   const int r = PyObject_IsInstance(obj, tensor_type);
   if (r < 0) throw py::error_already_set();
   return r != 0;
@@ -80,7 +80,11 @@ c10::IValue convert(py::handle obj, const c10::Type& type) {
         case c10::TypeKind::TensorType: return c10::List<at::Tensor>(obj.cast<std::vector<at::Tensor>>());
         case c10::TypeKind::IntType: return c10::List<int64_t>(obj.cast<std::vector<int64_t>>());
         case c10::TypeKind::FloatType: return c10::List<double>(obj.cast<std::vector<double>>());
-        case c10::TypeKind::BoolType: return c10::List<bool>(obj.cast<std::vector<bool>>());
+        case c10::TypeKind::BoolType: {  // no c10::List<bool> from std::vector<bool> (a bitfield)
+          c10::List<bool> out;
+          for (const bool b : obj.cast<std::vector<bool>>()) out.push_back(b);
+          return out;
+        }
         default: break;
       }
       break;
