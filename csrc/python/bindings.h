@@ -31,9 +31,9 @@ struct __attribute__((visibility("hidden"))) HeldTensors {
   std::vector<at::Tensor> tensors;
 };
 
-void bind_held_tensors(py::module_& m);  // held_tensors.cpp: HeldTensors, detach_all, state_items
+// held_tensors.cpp: HeldTensors, state_items, detach_all, flatten_dense, views_like
+void bind_held_tensors(py::module_& m);
 void bind_call_op(py::module_& m);       // call_op.cpp
-void bind_views(py::module_& m);         // views.cpp: flatten_dense, views_like
 void bind_numpy_arrays(py::module_& m);  // numpy_arrays.cpp: numpy_all
 
 }  // namespace layersel::python

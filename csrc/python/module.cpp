@@ -66,7 +66,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_threads_used", &cpu_threads_used, "Distinct threads used by at::parallel_for over `items`");
   layersel::python::bind_held_tensors(m);
   layersel::python::bind_call_op(m);
-  layersel::python::bind_views(m);
   layersel::python::bind_numpy_arrays(m);
   // The compact COO wire codec (layersel_ext/wire_coo.py), without the GIL.
   m.def("coo_encode", &layersel::coo_encode, "Compact COO positions and value bytes (cpu/wire_coo.h)",
