@@ -90,14 +90,14 @@ def extension_modules():
         )
     except cuda_decision.CudaBuildError as exc:
         raise SystemExit(f"[layersel_ext setup] error: {exc}") from None
-    sources = ["csrc/ops.cpp", "csrc/python_module.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/python/*.cpp")), *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # -Wno-maybe-uninitialized: GCC 12 reports ~13,000 lines of false -Wmaybe-uninitialized from
     # inside its own AVX-512 intrinsic headers (the `__m512 __Y = __Y;` idiom of _mm512_undefined_*)
     # when csrc/cpu/sample_masks.cpp (bernoulli_simd*.h) is compiled; every other warning stays on.
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-maybe-uninitialized"]
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-ffp-contract=off"]
     include_dirs = [str(ROOT / "csrc")]
-    try:  # numpy's C API for _C.numpy_all's arrays (csrc/python_module.cpp); without it torch makes them
+    try:  # numpy's C API for _C.numpy_all's arrays (csrc/python/numpy_arrays.cpp); without it torch makes them
         import numpy
 
         include_dirs.append(numpy.get_include())

@@ -58,7 +58,7 @@ def _device(tensors: Sequence[Tensor]) -> torch.device:
 
 
 # A model's state tensors as the compiled walk holds them (``_model_state.state_lists``,
-# csrc/python_module.cpp): a read-only sequence that makes a Python tensor only for the entry read.
+# csrc/python/held_tensors.cpp): a read-only sequence that makes a Python tensor only for the entry read.
 # The ops take it as it is (``_call``); ``numels`` and ``dtypes`` read it without a tensor per entry.
 HELD: tuple[type, ...] = (COMPILED.HeldTensors,) if hasattr(COMPILED, "HeldTensors") else ()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -257,3 +258,24 @@ def test_error_messages_with_numbers_do_not_crash_the_interpreter():
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300, cwd=root
     )
     assert out.returncode == 0 and "raised" in out.stdout, out.stderr[-2000:]
+
+
+def test_only_torch_internals_includes_torch_internal_headers() -> None:
+    """torch/csrc/... is no stable API: a release that moves a header must cost the build one fallback, not
+    every file. Only csrc/python/torch_internals.{h,cpp} include such headers, each behind __has_include of
+    itself (the public fallback otherwise), and torch/extension.h (the whole C++ frontend, the slowest parse)
+    only as that fallback."""
+    include = re.compile(r"^\s*#\s*include\s*<(torch/(?:csrc/[^>]+|extension\.h))>", re.MULTILINE)
+    internals = {"csrc/python/torch_internals.h", "csrc/python/torch_internals.cpp"}
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.suffix in (".h", ".cpp", ".cu", ".cuh", ".inc"):
+            headers = include.findall(path.read_text())
+            if headers:
+                found[path.relative_to(ROOT).as_posix()] = headers
+    assert set(found) <= internals, f"torch's internal headers included outside torch_internals: {found}"
+    for name, headers in found.items():
+        text = (ROOT / name).read_text()
+        for header in headers:
+            if header != "torch/extension.h":
+                assert f"__has_include(<{header}>)" in text, f"{name}: <{header}> without __has_include"
