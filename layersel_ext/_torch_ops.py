@@ -449,20 +449,6 @@ def sample_masks(
     return out
 
 
-_BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-def pack_bits(flat01: Tensor) -> Tensor:
-    """0/1 values (one dimension, any device) as a little-endian bitmap, uint8[ceil(n / 8)]: element
-    i at bit i % 8 of byte i // 8, as ``numpy.packbits(..., bitorder="little")``."""
-    n = flat01.numel()
-    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=flat01.device)
-    padded[:n] = flat01
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat01.device)
-    # Each row's eight terms are distinct powers of two, so the uint8 sum is exact (no carries).
-    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
-
-
 # ----------------------------------------------------------------------------- sparse selection
 
 
