@@ -209,15 +209,17 @@ def views_like(buffers: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor
     a view per tensor made in C++ (``unflatten_dense_tensors``), not a slice and a view from Python."""
     by_dtype = {b.dtype: b for b in buffers}
     if len(by_dtype) == 1:
-        return list(torch._C._nn.unflatten_dense_tensors(buffers[0], list(like)))
-    members: dict[torch.dtype, list[int]] = {dt: [] for dt in by_dtype}
-    for i, t in enumerate(like):
-        members[t.dtype].append(i)
-    out: list[Tensor] = [None] * len(like)  # type: ignore[list-item]
-    for dt, idx in members.items():
-        for i, v in zip(idx, torch._C._nn.unflatten_dense_tensors(by_dtype[dt], [like[i] for i in idx])):
-            out[i] = v
-    return out
+        out = list(torch._C._nn.unflatten_dense_tensors(buffers[0], list(like)))
+    else:
+        members: dict[torch.dtype, list[int]] = {dt: [] for dt in by_dtype}
+        for i, t in enumerate(like):
+            members[t.dtype].append(i)
+        out = [None] * len(like)  # type: ignore[list-item]
+        for dt, idx in members.items():
+            for i, v in zip(idx, torch._C._nn.unflatten_dense_tensors(by_dtype[dt], [like[i] for i in idx])):
+                out[i] = v
+    # torch 2.6 gives every empty tensor the shape (0,), whatever its own shape
+    return [v if v.shape == t.shape else v.new_empty(t.shape) for v, t in zip(out, like)]
 
 
 def _philox_rounds(c0: Tensor, c1: Tensor, c2: Tensor | None, c3: Tensor | None, key: tuple[int, int]) -> list[Tensor]:
