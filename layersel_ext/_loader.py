@@ -102,15 +102,17 @@ def _load() -> tuple[ModuleType | None, str, Path]:
         raise ImportError(f"LAYERSEL_BACKEND must be 'auto', 'torch' or 'compiled', got {forced!r}")
     if forced == "torch":
         return None, "LAYERSEL_BACKEND=torch", _PACKAGE_DIR
-    folder, note = _PACKAGE_DIR, ""
+    folder, note, missing = _PACKAGE_DIR, "", False
     blocked = "layersel_ext._C" in sys.modules and sys.modules["layersel_ext._C"] is None  # tests block it so
     if not blocked and not (_PACKAGE_DIR / f"_C{_SO_SUFFIX}").is_file():
         elsewhere = _installed_build_elsewhere()
-        if elsewhere is not None:
+        if elsewhere is None:
+            missing = True
+        else:
             folder = elsewhere
             note = f" from the installed build in {elsewhere} (the source tree {_PACKAGE_DIR} has no build of its own)"
     try:
-        if not blocked and not (folder / f"_C{_SO_SUFFIX}").is_file():
+        if missing:
             raise ImportError(
                 f"no compiled module for this Python: {folder / f'_C{_SO_SUFFIX}'} does not exist and no "
                 "other layersel_ext on sys.path has one; build it: pip install -v --no-build-isolation ."
