@@ -15,12 +15,12 @@ BACKENDS = ["compiled", "torch"]
 TESTS = Path(__file__).resolve().parent
 
 # The test tiers, in this one place. `./dev.sh test` runs the fast tier (`-m fast`): every public
-# function against fl4health on every compiled backend, opcheck on every op, the hostile inputs and
-# the wire round trips, in a couple of minutes. `./dev.sh test --all` (and CI, on both stacks) runs
-# both. A key is a test file, or a node-id prefix within one that overrides its file's tier (the
-# longest matching key wins; a prefix may reach into the parameters, with '*' for any run of
-# characters: '...[torch' for the pure-torch backend, '...[*-1]' for the second seed). A test file missing here fails the collection, and a fast-tier test checks that every
-# file is listed.
+# function against fl4health on every backend (one seed of each sweep), opcheck on every op, the
+# hostile inputs and the wire round trips, in about a minute. `./dev.sh test --all` (and CI, on both
+# stacks) runs both. A key is a test file, or a node-id prefix within one that overrides its file's
+# tier (the longest matching key wins; a prefix may reach into the parameters, with '*' for any run
+# of characters: '...[torch' for the pure-torch backend, '...[*-1]' for the second seed). A test file
+# missing here fails the collection, and a fast-tier test checks that every file is listed.
 TIERS: dict[str, str] = {
     "test_bench_runner.py": "fast",
     "test_bounded_decoding.py": "fast",
