@@ -78,7 +78,7 @@ from .wire import (
 )
 
 METHOD_BITS, METHOD_CODED = 0, 1
-MIN_BLOCK_ELEMS = 2**18  # below this a block's fixed cost (about 10 bytes) outweighs its thread
+MIN_BLOCK_ELEMS = 2**20  # below this a block's fixed cost (about 18 bytes) outweighs its thread
 _MAX_BLOCK_ELEMS = 2**62
 
 
@@ -116,8 +116,8 @@ def priors_of(arrays: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, P
 
 
 def block_elems_for(total: int) -> int:
-    """Elements per block: two blocks a thread, at least ``MIN_BLOCK_ELEMS``."""
-    per = -(-total // (2 * max(1, torch.get_num_threads())))
+    """Elements per block: a block a thread, at least ``MIN_BLOCK_ELEMS``."""
+    per = -(-total // max(1, torch.get_num_threads()))
     return max(MIN_BLOCK_ELEMS, -(-per // 64) * 64)
 
 
@@ -242,10 +242,13 @@ def decode(
         if math.prod(d for d in shape if d) * dtype.itemsize >= 2**63:
             raise _fail(f"entry #{i}: bad shape {shape} for {dtype}")
     masks = sum(numels[i] * dtype.itemsize for i, (dtype, _, _) in enumerate(entries))
-    # The coded layers are as large as the θ the server sent for them (8 bytes an element, float64).
-    allowance = 64 * bits.nbytes + 8 * total_coded
-    need = masks + total_coded // 8 + n * TENSOR_OVERHEAD_BYTES + need_names
-    limits.check(packed, need, allowance, "mask arrays (the bitmap's, and the coded layers' as large as θ)")
+    decoded_bits = 8 * -(-total_coded // 64)
+    need = masks + decoded_bits + n * TENSOR_OVERHEAD_BYTES + need_names
+    # The coded layers have the shapes of the θ this side sent (checked above): whatever their
+    # message's size, they cost no more than the model it already holds.
+    coded_need = sum(numels[i] * entries[i][0].itemsize for i in coded) + decoded_bits
+    allowance = 64 * bits.nbytes + coded_need + len(coded) * TENSOR_OVERHEAD_BYTES
+    limits.check(packed, need, allowance, "mask arrays (the bitmap's, and the coded layers', shaped as θ)")
     ps = [priors[names[i]] for i in coded]
     bad, decoded = COMPILED.mask_decode(
         _as_tensor(payload),

@@ -85,13 +85,27 @@ struct Blocks {
   int size(int64_t b) const { return static_cast<int>(first[b + 1] - first[b]); }
 };
 
+// The 8 elements of every byte value: expanding a byte is one copy.
+template <typename T>
+struct ByteElements {
+  T v[256][8];
+  ByteElements() {
+    for (int b = 0; b < 256; ++b) {
+      for (int i = 0; i < 8; ++i) v[b][i] = static_cast<T>((b >> i) & 1);
+    }
+  }
+};
+
 template <typename T>
 void expand_as(const uint8_t* bits, uint64_t bytes, int64_t bit_offset, T* out, int64_t n) {
+  static const ByteElements<T> table;
   at::parallel_for(0, (n + 63) / 64, kWordsPerTask, [&](int64_t w0, int64_t w1) {
     for (int64_t w = w0; w < w1; ++w) {
       const int64_t begin = w * 64, count = std::min<int64_t>(64, n - begin);
       const uint64_t v = mc::load_bits(bits, bytes, static_cast<uint64_t>(bit_offset + begin), static_cast<int>(count));
-      for (int64_t i = 0; i < count; ++i) out[begin + i] = static_cast<T>((v >> i) & 1);
+      int64_t i = 0;
+      for (; i + 8 <= count; i += 8) std::memcpy(out + begin + i, table.v[(v >> i) & 255], sizeof(table.v[0]));
+      for (; i < count; ++i) out[begin + i] = static_cast<T>((v >> i) & 1);
     }
   });
 }
