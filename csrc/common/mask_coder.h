@@ -64,13 +64,10 @@ inline int popcount(uint64_t v) {
   return static_cast<int>((v * 0x0101010101010101ull) >> 56);
 }
 
-// theta's quantized probability in [0, 2^15]; false for NaN or outside [0, 1].
-// Truncation is the floor here (the value is not negative), and needs no libm call.
-inline bool quantize(double theta, uint16_t* q) {
-  const bool ok = theta >= 0.0 && theta <= 1.0;
-  const double t = ok ? theta : 0.0;
-  *q = static_cast<uint16_t>(static_cast<int32_t>(t * static_cast<double>(kScale) + 0.5));
-  return ok;
+// The quantized probability of theta in [0, 2^15]: floor(theta * 2^15 + 1/2),
+// where truncation is the floor (the value is not negative) and needs no libm call.
+inline uint16_t quantize(double theta) {
+  return static_cast<uint16_t>(static_cast<int32_t>(theta * static_cast<double>(kScale) + 0.5));
 }
 
 // floor(x / f) for any 32-bit x and 2 <= f < 2^15 by one multiplication:
@@ -105,33 +102,36 @@ struct Prior {
 };
 
 // Fills words [w0, w1) of a prior from theta (n elements; T = float or double);
-// returns false at the first element that is not a probability. Adds the
-// words' share of the fingerprint to *fp.
+// returns false when an element is not a probability. Adds the words' share of
+// the fingerprint to *fp. Two passes a word, the first one vectorisable.
 template <typename T>
 bool prepare_prior(const T* theta, int64_t n, int64_t w0, int64_t w1, uint16_t* q, uint64_t* certain,
                    uint64_t* expected, uint64_t* fp) {
   uint64_t sum = 0;
+  bool ok = true;
   for (int64_t w = w0; w < w1; ++w) {
     const int64_t begin = w * 64, count = n - begin < 64 ? n - begin : 64;
-    uint64_t c = 0, e = 0;
-    const uint64_t odd = 2 * static_cast<uint64_t>(w) + 1;
-    uint64_t word_sum = 0;
-    bool ok = true;
+    const T* t = theta + begin;
+    uint16_t* qw = q + begin;
     for (int64_t i = 0; i < count; ++i) {
-      uint16_t v;
-      ok &= quantize(static_cast<double>(theta[begin + i]), &v);
-      q[begin + i] = v;
+      const double v = static_cast<double>(t[i]);
+      const bool good = v >= 0.0 && v <= 1.0;
+      ok &= good;
+      qw[i] = quantize(good ? v : 0.0);
+    }
+    uint64_t c = 0, e = 0, word_sum = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      const uint32_t v = qw[i];
       c |= static_cast<uint64_t>(v == 0 || v == kScale) << i;
       e |= static_cast<uint64_t>(v == kScale) << i;
       word_sum += (static_cast<uint64_t>(v) + 1) * fingerprint_weight_lo(static_cast<int>(i));
     }
-    if (!ok) return false;
     certain[w] = c;
     expected[w] = e;
-    sum += word_sum * odd;
+    sum += word_sum * (2 * static_cast<uint64_t>(w) + 1);
   }
   *fp += sum;
-  return true;
+  return ok;
 }
 
 // The fingerprint of a whole prior from the sum of its words' shares: any
