@@ -269,6 +269,17 @@ inline uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bit
         continue;
       }
       const uint16_t* q = p.q + seg.elem + t;
+      if (x == 0) {  // no exception: the certain elements only add to the counts, in any order
+        const uint64_t k = static_cast<uint64_t>(popcount(matches));
+        cnt += k;
+        after += k;
+        for (uint64_t rest = u; rest;) {
+          const int b = 63 - __builtin_clzll(rest);
+          rest &= ~(uint64_t{1} << b);
+          enc.bit(static_cast<uint32_t>(m >> b) & 1u, q[b]);
+        }
+        continue;
+      }
       uint64_t events = u | x;
       int hi = 64;
       while (events) {
