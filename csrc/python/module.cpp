@@ -9,6 +9,7 @@
 #include <set>
 
 #include "common/dtypes.h"
+#include "cpu/sparse_select_offsets.h"
 #include "cpu/wire_coo.h"
 #include "python/bindings.h"
 
@@ -71,5 +72,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("coo_encode", &layersel::coo_encode, "Compact COO positions and value bytes (cpu/wire_coo.h)",
         py::call_guard<py::gil_scoped_release>());
   m.def("coo_decode", &layersel::coo_decode, "fl4health's COO indices and value bytes from a compact stream",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sparse_select_offsets", &layersel::sparse_select_offsets,
+        "sparse_select's values and flat offsets, for coo_encode (cpu/sparse_select_offsets.h)",
         py::call_guard<py::gil_scoped_release>());
 }
