@@ -40,7 +40,7 @@ from types import ModuleType
 from typing import Any
 
 from . import parameter_selection_criteria as ours
-from .sparse_coo import select_sparse_parameters
+from .sparse_coo import select_sparse_offsets, select_sparse_parameters
 from .wire import CompactMaskPacker, sample_masks_packed
 from .wire_coo import CompactCooPacker
 
@@ -107,10 +107,31 @@ def _packed_masks(self: Any, model: Any, initial_model: Any = None, config: Any 
     return sample_masks_packed(model)
 
 
+def _push_offsets(cls: type) -> Any:
+    """``cls.push_parameters`` (fl4health's ``SparseCooParameterExchanger``) for the compact wire: the
+    selection's flat offsets go straight to the encoder, never as int64 [nnz, ndim] indices (the same
+    stream); an exchanger whose class selects or packs its own way keeps fl4health's push."""
+    push, pack = cls.__dict__["push_parameters"], cls.pack_parameters
+
+    def push_parameters(self: Any, model: Any, initial_model: Any = None, config: Any = None) -> Any:
+        kind = type(self)
+        if (
+            kind.select_parameters is _fused_select_parameters
+            and kind.pack_parameters is pack
+            and isinstance(self.parameter_packer, CompactCooPacker)
+        ):
+            selection = select_sparse_offsets(model, initial_model, self.sparsity_level, self.score_gen_function)
+            return self.parameter_packer.pack_offsets(*selection)
+        return push(self, model, initial_model, config)
+
+    return push_parameters
+
+
 def _compact_wire_bindings() -> list[tuple[Any, str, Any, Any]]:
     """The class attributes ``wire="compact"`` replaces (imports fl4health's modules; binds nothing)."""
     fedpm_exchanger = importlib.import_module(_FEDPM_EXCHANGER_MODULE).FedPmExchanger
-    bindings = []
+    sparse_exchanger = importlib.import_module(_SPARSE_MODULE).SparseCooParameterExchanger
+    bindings = [_class_binding(sparse_exchanger, "push_parameters", _push_offsets(sparse_exchanger))]
     for cls, packer in (
         (fedpm_exchanger, CompactMaskPacker),
         (importlib.import_module(_FEDPM_STRATEGY_MODULE).FedPm, CompactMaskPacker),
