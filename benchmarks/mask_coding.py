@@ -19,11 +19,7 @@ under the coder's model). Medians after a warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
-import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,16 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.wire import median_ms, write_results
+
 SHAPES = [(3072, 768)] * 8 + [(768, 768)] * 8 + [(30522, 32)]  # 25.3M elements
 QUICK_SHAPES = [(300, 200)] * 4
 # name: (share of θ exactly 0 or 1, the value of the rest)
 REGIMES = {"round 3": (0.9, 0.5), "all uncertain": (0.0, 1 / 3), "all certain": (1.0, 0.5)}
-
-
-def median_ms(fn: Callable[..., Any], *args: Any, reps: int) -> float:
-    from layersel_ext.bench.run import time_it
-
-    return time_it(partial(fn, *args), "cpu", reps)[0] * 1e3
 
 
 def theta_for(rng: np.random.Generator, shape: tuple[int, ...], certain: float, rest: float) -> np.ndarray:
@@ -152,19 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     shapes, reps = (QUICK_SHAPES, 2) if args.quick else (SHAPES, args.reps)
     rows = [row(regime, certain, rest, shapes, reps) for regime, (certain, rest) in REGIMES.items()]
-    meta = {
-        "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "when": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    out = args.out or Path("benchmarks/out") / "cpu"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "mask_coding.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    text = markdown(rows, meta)
-    (out / "mask_coding.md").write_text(text)
-    print(text)
-    print(f"written: {out / 'mask_coding.json'}, {out / 'mask_coding.md'}")
+    write_results(rows, markdown, args.out, "mask_coding")
     return 0
 
 

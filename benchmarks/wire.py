@@ -168,20 +168,31 @@ def main(argv: list[str] | None = None) -> int:
         rows = sparse_rows(args.reps, (0.01, 0.1, 0.4), "bert_like") + mask_rows(
             args.reps, ("fedpm_example", "masked_mlp")
         )
+    write_results(rows, markdown, args.out, "wire")
+    return 0
+
+
+def write_results(
+    rows: list[dict[str, Any]],
+    markdown: Callable[[list[dict[str, Any]], dict[str, Any]], str],
+    out: Path | None,
+    stem: str,
+) -> None:
+    """``<stem>.json`` (this machine's meta and the rows) and ``<stem>.md`` into ``out`` (default
+    ``benchmarks/out/cpu``), and the table on stdout."""
     meta = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "when": time.strftime("%Y-%m-%d %H:%M"),
     }
-    out = args.out or Path("benchmarks/out") / "cpu"
+    out = out or Path("benchmarks/out") / "cpu"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "wire.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     text = markdown(rows, meta)
-    (out / "wire.md").write_text(text)
+    (out / f"{stem}.md").write_text(text)
     print(text)
-    print(f"written: {out / 'wire.json'}, {out / 'wire.md'}")
-    return 0
+    print(f"written: {out / f'{stem}.json'}, {out / f'{stem}.md'}")
 
 
 if __name__ == "__main__":
