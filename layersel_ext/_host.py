@@ -8,6 +8,7 @@ widens them on the host (one byte a mask on the bus).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,3 +90,11 @@ def widened_on_host(flat: Tensor, dtype: torch.dtype) -> Tensor:
     # FedPM spent here on an H200); the copy itself runs on every core.
     wide = torch.empty(flat.numel(), dtype=dtype, pin_memory=True)
     return wide.copy_(host)
+
+
+def from_numpy(a: np.ndarray) -> Tensor:
+    """A CPU tensor on the array's memory, read-only arrays too (without torch's warning): for the
+    codecs, which only read what a peer sent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(a)

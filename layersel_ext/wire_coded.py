@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._host import from_numpy
 from .ops import COMPILED
 from .wire import (
     _DTYPE_CODES,
@@ -101,7 +102,7 @@ def prior_of(theta: np.ndarray) -> Prior | None:
     a = np.asarray(theta)
     if a.dtype not in (np.float32, np.float64):
         return None
-    ok, q, certain, expected, fingerprint = COMPILED.mask_prior(torch.from_numpy(np.ascontiguousarray(a).reshape(-1)))
+    ok, q, certain, expected, fingerprint = COMPILED.mask_prior(from_numpy(np.ascontiguousarray(a).reshape(-1)))
     return Prior(tuple(a.shape), q, certain, expected, fingerprint) if ok else None
 
 
@@ -122,7 +123,7 @@ def block_elems_for(total: int) -> int:
 
 
 def _as_tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a))
+    return from_numpy(np.ascontiguousarray(a))
 
 
 def encode_bits(

@@ -44,14 +44,13 @@ dimensions: a 64-dimension tensor of 2**20 one-byte entries (a 1.1 MB stream tha
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._host import to_numpy
+from ._host import from_numpy, to_numpy
 from .ops import compiled_helpers
 from .wire import (
     _DTYPE_CODES,
@@ -183,13 +182,6 @@ def _flat_offsets(indices: np.ndarray, dims: tuple[int, ...]) -> np.ndarray | No
         return None
 
 
-def _from_numpy(a: np.ndarray) -> Tensor:
-    """A CPU tensor on the array's memory (read-only arrays too: the codec only reads them)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return torch.from_numpy(a)
-
-
 def _encode_numpy(
     values: list[np.ndarray], indices: list[np.ndarray], dims: list[tuple[int, ...]]
 ) -> tuple[list[int], list[int], np.ndarray, np.ndarray] | None:
@@ -224,9 +216,9 @@ def _encode(
         as_numpy = [[a.numpy() if isinstance(a, Tensor) else a for a in arrays] for arrays in (values, indices)]
         return _encode_numpy(as_numpy[0], as_numpy[1], dims)
     bad, codes, sizes, positions, raw = compiled.coo_encode(
-        [i.contiguous() if isinstance(i, Tensor) else _from_numpy(np.ascontiguousarray(i)) for i in indices],
+        [i.contiguous() if isinstance(i, Tensor) else from_numpy(np.ascontiguousarray(i)) for i in indices],
         [list(d) for d in dims],
-        [v.contiguous().view(torch.uint8) if isinstance(v, Tensor) else _from_numpy(_raw_bytes(v)) for v in values],
+        [v.contiguous().view(torch.uint8) if isinstance(v, Tensor) else from_numpy(_raw_bytes(v)) for v in values],
     )
     return None if bad >= 0 else (codes, sizes, positions.numpy(), raw.numpy())
 
@@ -517,9 +509,9 @@ def _decode(
             [e[3] for e in entries],
             [list(e[1]) for e in entries],
             [e[2] for e in entries],
-            _from_numpy(positions),
+            from_numpy(positions),
             [e[4] for e in entries],
-            _from_numpy(raw if views is None else raw[:0]),
+            from_numpy(raw if views is None else raw[:0]),
             nbytes,
             max_bytes,
         )
