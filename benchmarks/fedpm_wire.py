@@ -75,7 +75,8 @@ NOTE = (
     "theta arrays the server sends back after the round are bitwise equal on every layersel_ext wire. "
     "±inf scores held: the share of the scores the clients hold at the start of the round that are "
     "+-inf (theta 0 or 1: the mask is fixed). Ideal bpp: the sum of -log2 q(bit) over the sent bits, q "
-    "the theta the server last sent quantized to 16 bits, a layer without one (round 1) or not worth "
+    "the theta the server last sent quantized to 15 bits as the coded wire does (kept off 0 and 1 by "
+    "2**-15), a layer without one (round 1) or not worth "
     "coding as a bitmap; no framing. Train loss: the clients' mean cross-entropy over the round's epoch "
     "(10 classes: chance is ln 10 = 2.303)."
 )

@@ -55,7 +55,9 @@ SPARSITY = {"sparse": 0.1, "sparse_0.4": 0.4}  # 0.4: fl4health's research sweep
 # message (0.6M and 1.3M mask elements), trained for an epoch a round on a task they can learn.
 WIRE_MODES = ("fedpm_cnn", "fedpm_mlp")
 ROOT = Path(__file__).resolve().parents[1]
-PRIOR_BITS = 16  # the precision of the quantized theta in the ideal coded size (run_server's prior_cost)
+# The precision of the quantized theta in the ideal coded size (run_server's prior_cost): that of the
+# coded wire (layersel_ext.wire_coded: q = floor(theta * 2**15 + 1/2)).
+PRIOR_BITS = 15
 
 
 # ------------------------------------------------------------------------------------------ models/data
@@ -346,7 +348,7 @@ def run_server(mode: str, port: int, rounds: int, out: Path, clients: int = 2) -
             if not usable:
                 bits += m.size
                 continue
-            q1 = np.clip(np.rint(theta * one), 1, one - 1) / one
+            q1 = np.clip(np.floor(theta * one + 0.5), 1, one - 1) / one
             bits += min(float(m.size), float(-np.log2(np.where(m == 1, q1, 1.0 - q1)).sum()))
             sure = (theta == 0) | (theta == 1)
             certain += int(sure.sum())

@@ -158,7 +158,7 @@ WIRE_ROUNDS = 5
 FRAMING_BYTES = 4096
 # Bits per mask element a wire must reach from round 3 on (framing included), where it has a target
 # (issue 26: 2 clients, <= 0.25 bpp from round 3 on); the ideal coded size of this run's masks with
-# the server's 16-bit theta is about 0.21 bpp in round 3.
+# the server's 15-bit theta is about 0.21 bpp in round 3.
 BPP_FROM_ROUND_3_AT_MOST = {"coded": 0.25}
 _COMPARISONS: dict[tuple[str, int], tuple[dict, dict]] = {}
 
