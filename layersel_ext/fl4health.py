@@ -27,6 +27,11 @@ its probabilities back in the same framing), and sparse COO messages with compac
 bitmap; ``SparseCooParameterExchanger`` and ``FedAvgSparseCooTensor``, the server's reply included).
 Each side decodes to exactly the arrays fl4health's packers give, so every model is bitwise what it
 was. Client and server must both use it; a peer that does not fails in its first round.
+
+``patch(wire="coded")`` is ``"compact"`` with FedPM's masks coded below one bit per element
+(``layersel_ext.wire_coded``): the client codes each mask bit with the probability the θ it last
+received gives it, and the server decodes with the θ it sent; the first round (no θ yet) goes as
+bitmaps. Client and server must both use it.
 """
 
 from __future__ import annotations
@@ -34,14 +39,16 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from types import ModuleType
 from typing import Any
 
 from . import parameter_selection_criteria as ours
 from .sparse_coo import select_sparse_parameters
 from .wire import CompactMaskPacker, sample_masks_packed
+from .wire_coded import CodedMaskPacker, sample_masks_coded
 from .wire_coo import CompactCooPacker
 
 CRITERIA = (
@@ -56,7 +63,7 @@ _SPARSE_MODULE = "fl4health.parameter_exchange.sparse_coo_parameter_exchanger"
 _FEDPM_EXCHANGER_MODULE = "fl4health.parameter_exchange.fedpm_exchanger"
 _FEDPM_STRATEGY_MODULE = "fl4health.strategies.fedpm"
 _SPARSE_STRATEGY_MODULE = "fl4health.strategies.fedavg_sparse_coo_tensor"
-WIRES = ("fl4health", "compact")
+WIRES = ("fl4health", "compact", "coded")
 
 _lock = threading.RLock()  # held by patch() and unpatch() for all they read and write
 _patched: list[tuple[Any, str, Any]] = []  # (owner, attribute, original), in the order applied
@@ -95,7 +102,7 @@ def _class_binding(owner: type, attr: str, value: Any) -> tuple[Any, str, Any, A
     return owner, attr, owner.__dict__.get(attr, _INHERITED), value
 
 
-def _with_packer(init: Any, packer: type) -> Any:
+def _with_packer(init: Any, packer: Callable[[], Any]) -> Any:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
         self.parameter_packer = packer()
@@ -107,18 +114,31 @@ def _packed_masks(self: Any, model: Any, initial_model: Any = None, config: Any 
     return sample_masks_packed(model)
 
 
-def _compact_wire_bindings() -> list[tuple[Any, str, Any, Any]]:
-    """The class attributes ``wire="compact"`` replaces (imports fl4health's modules; binds nothing)."""
+def _coded_masks(self: Any, model: Any, initial_model: Any = None, config: Any = None) -> Any:
+    return sample_masks_coded(model, self.parameter_packer)
+
+
+def _wire_bindings(wire: str) -> list[tuple[Any, str, Any, Any]]:
+    """The class attributes ``wire="compact"`` or ``"coded"`` replaces (imports fl4health's modules;
+    binds nothing)."""
     fedpm_exchanger = importlib.import_module(_FEDPM_EXCHANGER_MODULE).FedPmExchanger
+    if wire == "coded":
+        client_masks, server_masks, push = (
+            partial(CodedMaskPacker, "client"),
+            partial(CodedMaskPacker, "server"),
+            _coded_masks,
+        )
+    else:
+        client_masks, server_masks, push = CompactMaskPacker, CompactMaskPacker, _packed_masks
     bindings = []
     for cls, packer in (
-        (fedpm_exchanger, CompactMaskPacker),
-        (importlib.import_module(_FEDPM_STRATEGY_MODULE).FedPm, CompactMaskPacker),
+        (fedpm_exchanger, client_masks),
+        (importlib.import_module(_FEDPM_STRATEGY_MODULE).FedPm, server_masks),
         (importlib.import_module(_SPARSE_MODULE).SparseCooParameterExchanger, CompactCooPacker),
         (importlib.import_module(_SPARSE_STRATEGY_MODULE).FedAvgSparseCooTensor, CompactCooPacker),
     ):
         bindings.append(_class_binding(cls, "__init__", _with_packer(cls.__dict__["__init__"], packer)))
-    bindings.append(_class_binding(fedpm_exchanger, "push_parameters", _packed_masks))
+    bindings.append(_class_binding(fedpm_exchanger, "push_parameters", push))
     return bindings
 
 
@@ -132,7 +152,8 @@ def _fl4health_modules() -> list[ModuleType]:
 
 def patch(wire: str = "fl4health") -> None:
     """Make fl4health use layersel_ext's criteria (idempotent); ``wire="compact"``: FedPM masks as
-    bitmaps too (see the module docstring). Objects built before the patch keep their packers.
+    bitmaps and compact sparse COO too; ``wire="coded"``: the masks coded against θ (see the module
+    docstring). Objects built before the patch keep their packers.
 
     Atomic: every fl4health module is imported and every binding resolved before the first is
     changed, so an error (an fl4health module that fails to import) leaves nothing patched. Raises
@@ -148,7 +169,7 @@ def patch(wire: str = "fl4health") -> None:
         # Imports first (the compact wire's too): a module they load binds fl4health's criteria,
         # which the scan below then finds.
         criteria, sparse = _import_fl4health()
-        bindings = _compact_wire_bindings() if wire == "compact" else []
+        bindings = _wire_bindings(wire) if wire != "fl4health" else []
         bindings.append(
             _class_binding(sparse.SparseCooParameterExchanger, "select_parameters", _fused_select_parameters)
         )

@@ -70,6 +70,7 @@ FORM_BITMAP = 1
 FORM_PLAIN = 2
 FORM_COO = 3  # wire_coo.py
 FORM_COO_PLAIN = 4
+FORM_CODED = 5  # wire_coded.py
 # What an fl4health packer sees as the first layer name of a compact stream.
 FOREIGN_PEER_HINT = (
     "<layersel_ext compact wire format v1: this peer must also call layersel_ext.fl4health.patch(wire='compact')>"
@@ -220,7 +221,7 @@ def _read_header(packed: Sequence[np.ndarray]) -> int:
     if int(h[4]) != FORMAT_VERSION:
         raise _fail(f"version {int(h[4])} is not supported (this layersel_ext reads version {FORMAT_VERSION})")
     form = int(h[5])
-    if form not in (FORM_BITMAP, FORM_PLAIN, FORM_COO, FORM_COO_PLAIN) or h[6] or h[7]:
+    if form not in (FORM_BITMAP, FORM_PLAIN, FORM_COO, FORM_COO_PLAIN, FORM_CODED) or h[6] or h[7]:
         raise _fail(f"unknown form {form} (header bytes {h.tolist()})")
     return form
 
@@ -306,6 +307,11 @@ def unpack(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None) -> 
     or when decoding would allocate more than ``limits`` allow: default ``DecodeLimits()``)."""
     limits = limits or DecodeLimits()
     form = _read_header(packed)
+    if form == FORM_CODED:
+        raise _fail(
+            "coded masks (form 5) need the prior the server sent: this peer must use "
+            "layersel_ext.fl4health.patch(wire='coded') too (or decode with wire_coded.CodedMaskPacker)"
+        )
     if form not in (FORM_BITMAP, FORM_PLAIN):
         raise _fail(f"a COO stream (form {form}) where masks or plain arrays were expected")
     if form == FORM_PLAIN:

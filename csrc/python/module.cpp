@@ -10,6 +10,7 @@
 
 #include "common/dtypes.h"
 #include "cpu/wire_coo.h"
+#include "cpu/wire_masks.h"
 #include "python/bindings.h"
 
 namespace {
@@ -71,5 +72,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("coo_encode", &layersel::coo_encode, "Compact COO positions and value bytes (cpu/wire_coo.h)",
         py::call_guard<py::gil_scoped_release>());
   m.def("coo_decode", &layersel::coo_decode, "fl4health's COO indices and value bytes from a compact stream",
+        py::call_guard<py::gil_scoped_release>());
+  // The coded FedPM mask codec (layersel_ext/wire_coded.py) and bitmap helpers, without the GIL.
+  m.def("mask_prior", &layersel::mask_prior, "A layer's quantized prior from theta (cpu/wire_masks.h)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("mask_encode", &layersel::mask_encode, "Coded masks from a bitmap and the layers' priors",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("mask_decode", &layersel::mask_decode, "A bitmap from coded masks and the layers' priors",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("bits_expand", &layersel::bits_expand, "A bitmap's bits as 0/1 integers, written into a tensor",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("bits_gather", &layersel::bits_gather, "Ranges of a bitmap, concatenated",
         py::call_guard<py::gil_scoped_release>());
 }

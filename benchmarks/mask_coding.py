@@ -1,0 +1,159 @@
+"""FedPM mask coding speed and size (``patch(wire="coded")``), against sampling the masks.
+
+    python -m benchmarks.mask_coding [--out DIR] [--quick]
+
+A 25.3M-element message shaped like BERT-base's large matrices, with θ (the server's Bernoulli
+parameters, the prior) in three regimes: "round 3" (90% of θ exactly 0 or 1, the rest 0.5: two
+clients that disagreed there), "all uncertain" (θ = 1/3 everywhere: about 0.92 bits an element, the
+coder's slowest case) and "all certain" (θ exactly 0 or 1). The scores are logit(θ), as the client
+holds them after ``FedPmExchanger.pull_parameters``; the masks are sampled from them.
+
+Columns: sampling the masks into a bitmap (``ops.sample_mask_bits``, what the coded client does
+anyway); the prior (quantizing θ, once per round on each side); encoding (``wire_coded.encode_bits``
+from the bitmap) and decoding (``CodedMaskPacker.unpack_parameters``: to the int64 masks fl4health's
+strategy sums), each on all threads and on one (the per-core rates); the coded bytes against the
+ideal (the sum of -log2 q(bit) under the coder's model). Medians after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SHAPES = [(3072, 768)] * 8 + [(768, 768)] * 8 + [(30522, 32)]  # 25.3M elements
+QUICK_SHAPES = [(300, 200)] * 4
+# name: (share of θ exactly 0 or 1, the value of the rest)
+REGIMES = {"round 3": (0.9, 0.5), "all uncertain": (0.0, 1 / 3), "all certain": (1.0, 0.5)}
+
+
+def median_ms(fn: Callable[..., Any], *args: Any, reps: int) -> float:
+    from layersel_ext.bench.run import time_it
+
+    return time_it(partial(fn, *args), "cpu", reps)[0] * 1e3
+
+
+def theta_for(rng: np.random.Generator, shape: tuple[int, ...], certain: float, rest: float) -> np.ndarray:
+    return np.where(rng.random(shape) < certain, (rng.random(shape) < 0.5).astype(np.float64), rest)
+
+
+def ideal_bytes(theta: list[np.ndarray], bits: np.ndarray) -> float:
+    flat = np.unpackbits(bits, count=sum(t.size for t in theta), bitorder="little").astype(bool)
+    q = np.floor(np.concatenate([t.ravel() for t in theta]) * 2**15 + 0.5)
+    p1 = np.where(q == 0, 2.0**-15, np.where(q == 2**15, 1 - 2.0**-15, q / 2**15))
+    return float(-np.log2(np.where(flat, p1, 1 - p1)).sum()) / 8
+
+
+def mask_bytes(packed: list[np.ndarray]) -> int:
+    """The bytes a stream spends on the masks: the coded blocks and their sizes, and any bitmap."""
+    from layersel_ext.wire import FORM_CODED
+
+    return (
+        int(packed[2].nbytes + packed[3].nbytes + packed[4].nbytes) if packed[0][5] == FORM_CODED else packed[2].nbytes
+    )
+
+
+def row(regime: str, certain: float, rest: float, shapes: list[tuple[int, ...]], reps: int) -> dict[str, Any]:
+    from layersel_ext import ops, wire_coded
+    from layersel_ext.wire import _DTYPE_CODES
+
+    rng = np.random.default_rng(0)
+    names = [f"layer{i}.weight_scores" for i in range(len(shapes))]
+    theta = [theta_for(rng, s, certain, rest) for s in shapes]
+    scores = [torch.logit(torch.from_numpy(t)).float() for t in theta]
+    server, client = wire_coded.CodedMaskPacker("server"), wire_coded.CodedMaskPacker("client")
+    client.unpack_parameters(server.pack_parameters(theta, names))
+    bits = ops.sample_mask_bits(scores, 7, key_by_scores=False).numpy()
+    code = _DTYPE_CODES[np.dtype(np.int64)]
+    encode = partial(wire_coded.encode_bits, bits, names, shapes, code, client.priors)
+    packed = encode()
+    n = sum(math.prod(s) for s in shapes)
+    n_certain = int(sum(((t == 0) | (t == 1)).sum() for t in theta))
+    threads = torch.get_num_threads()
+    out: dict[str, Any] = {
+        "regime": regime,
+        "elements": n,
+        "certain": n_certain,
+        "threads": threads,
+        "sample_ms": median_ms(ops.sample_mask_bits, scores, 7, reps=reps),
+        "prior_ms": median_ms(wire_coded.priors_of, theta, names, reps=reps),
+        "bitmap_bytes": bits.nbytes,
+        "coded_bytes": mask_bytes(packed),
+        "ideal_bytes": ideal_bytes(theta, bits),
+    }
+    for label, t in (("", threads), ("_1t", 1)):
+        torch.set_num_threads(t)
+        try:
+            out[f"encode_ms{label}"] = median_ms(encode, reps=reps)
+            out[f"decode_ms{label}"] = median_ms(server.unpack_parameters, packed, reps=reps)
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        f"# FedPM mask coding ({meta['machine']}, {meta['threads']} threads, torch {meta['torch']}, {meta['when']})",
+        "",
+        (
+            "| θ | elements | bpp | coded / ideal | coded − ideal B | sample ms | prior ms | encode ms | decode ms | "
+            "(enc + dec) / sample | encode M/s/core | decode M/s/core |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        enc, dec = r["encode_ms"], r["decode_ms"]
+        lines.append(
+            f"| {r['regime']} | {r['elements'] / 1e6:.1f}M | {8 * r['coded_bytes'] / r['elements']:.4f} | "
+            f"{r['coded_bytes'] / max(r['ideal_bytes'], 1e-9):.3f} | {r['coded_bytes'] - r['ideal_bytes']:.0f} | "
+            f"{r['sample_ms']:.1f} | {r['prior_ms']:.1f} | "
+            f"{enc:.1f} | {dec:.1f} | {(enc + dec) / r['sample_ms']:.2f} | "
+            f"{r['elements'] / r['encode_ms_1t'] / 1e3:,.0f} | {r['elements'] / r['decode_ms_1t'] / 1e3:,.0f} |"
+        )
+    lines += [
+        "",
+        (
+            "Encode: from the sampled bitmap to the coded stream; decode: from the stream to fl4health's int64 "
+            "masks (writing those 8 bytes an element is most of it when θ is certain). Rates per core are the "
+            "one-thread runs. Prior: quantizing θ, once per round on each side. Ideal: the sum of -log2 q(bit) "
+            "under the coder's model."
+        ),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="a small message, 2 repetitions (a smoke test)")
+    args = p.parse_args(argv)
+    shapes, reps = (QUICK_SHAPES, 2) if args.quick else (SHAPES, args.reps)
+    rows = [row(regime, certain, rest, shapes, reps) for regime, (certain, rest) in REGIMES.items()]
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    out = args.out or Path("benchmarks/out") / "cpu"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mask_coding.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    text = markdown(rows, meta)
+    (out / "mask_coding.md").write_text(text)
+    print(text)
+    print(f"written: {out / 'mask_coding.json'}, {out / 'mask_coding.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,454 @@
+// Lossless coding of FedPM masks with the server's Bernoulli parameters as the
+// prior (the format: layersel_ext/wire_coded.py). No torch here: the torch
+// wrapper is cpu/wire_masks.cpp, the unit and fuzz tests csrc/tests/test_mask_coder.cpp.
+//
+// The model. Each mask element has a prior probability theta of being 1, which
+// client and server both hold (the theta the server sent). It is quantized by
+// q = floor(theta * 2^15 + 1/2), exactly in double arithmetic (the product by a
+// power of two and the sum are exact for theta in [0, 1]), so every machine and
+// device gets the same integer in [0, 2^15].
+//   - 0 < q < 2^15 ("uncertain"): the bit is one rANS symbol with P(1) = q / 2^15.
+//   - q = 0 or q = 2^15 ("certain"): the bit is expected to be 0 or 1. A bit that
+//     contradicts it (an "exception") still codes: the certain elements are
+//     modelled as independent with P(exception) = 2^-15, and coded as gaps, the
+//     number G of matching certain elements before the next exception, which
+//     under that model is geometric. G is coded exactly by the chain rule as
+//     continue bits (P = a^(2^15), a = 1 - 2^-15: one per 2^15 matches) and a
+//     15-bit remainder whose bits are independent (bit k is 1 with probability
+//     a^(2^k) / (1 + a^(2^k))). So a run of certain elements costs one symbol per
+//     2^15 elements, and the coder skips them 64 at a time.
+// Probabilities are the constants below (computed once, in 60-digit decimal
+// arithmetic, rounded to 15 bits): no float function runs while coding.
+//
+// The stream. The coded layers are concatenated into one sequence, cut into
+// blocks of block_elems elements (a multiple of 64; the last block may be
+// shorter); each block is an independent stream, so blocks code and decode on
+// all threads. A block is rANS with two interleaved states (32-bit, in
+// [2^16, 2^32), 16-bit words, scale 2^15) that take the symbols in turn, in the
+// decoder's order: the elements' in order, each gap's where the decoder needs
+// it. A block's bytes: the encoder's final states (each a uint32 as two
+// little-endian uint16 words, low first; first the one the decoder's first
+// symbol uses), then the renormalisation words in the order the decoder reads
+// them. A valid block ends with both decoder states back at 2^16 and every word
+// read; anything else is a corrupt stream.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "fingerprint.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "the coded mask format stores little-endian words; this coder reads and writes them natively"
+#endif
+
+namespace layersel::maskcode {
+
+constexpr int kProbBits = 15;
+constexpr uint32_t kScale = 1u << kProbBits;
+constexpr uint32_t kLow = 1u << 16;     // the rANS state interval is [kLow, 2^32)
+constexpr uint64_t kChunk = 1u << 15;   // matching certain elements per continue bit
+constexpr uint32_t kContinueOne = 12054;  // round(2^15 * a^(2^15)), a = 1 - 2^-15
+// round(2^15 * a^(2^k) / (1 + a^(2^k))) for remainder bit k.
+constexpr uint32_t kRemainderOne[15] = {16384, 16383, 16383, 16382, 16380, 16376, 16368, 16352,
+                                        16320, 16256, 16128, 15872, 15361, 14347, 12371};
+
+inline uint64_t low_bits(int k) { return k >= 64 ? ~uint64_t{0} : (uint64_t{1} << k) - 1; }
+
+// Set bits of a word. Written out because the baseline x86-64 build has no
+// popcnt instruction, and the builtin then calls a table-driven libgcc loop.
+inline int popcount(uint64_t v) {
+  v = v - ((v >> 1) & 0x5555555555555555ull);
+  v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
+  v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0Full;
+  return static_cast<int>((v * 0x0101010101010101ull) >> 56);
+}
+
+// The quantized probability of theta in [0, 2^15]: floor(theta * 2^15 + 1/2),
+// where truncation is the floor (the value is not negative) and needs no libm call.
+inline uint16_t quantize(double theta) {
+  return static_cast<uint16_t>(static_cast<int32_t>(theta * static_cast<double>(kScale) + 0.5));
+}
+
+// floor(x / f) for any 32-bit x and 2 <= f < 2^15 by one multiplication:
+// m = floor((2^64 - 1) / f) + 1 and floor(x / f) = (m * x) >> 64 (Lemire, Kaser
+// and Kurz, "Faster remainder by direct computation", 2019). The encoder
+// divides by a symbol's frequency once a symbol; a hardware division would
+// take most of its time.
+struct Reciprocals {
+  uint64_t m[kScale];
+  Reciprocals() {
+    m[0] = m[1] = 0;
+    for (uint32_t f = 2; f < kScale; ++f) m[f] = ~uint64_t{0} / f + 1;
+  }
+};
+inline const uint64_t* reciprocals() {
+  static const Reciprocals table;
+  return table.m;
+}
+inline uint32_t divide(uint32_t x, uint32_t f, const uint64_t* rcp) {
+  if (f == 1) return x;
+  return static_cast<uint32_t>((static_cast<unsigned __int128>(rcp[f]) * x) >> 64);
+}
+
+// One layer's quantized prior: q per element, and per 64 elements a word of
+// "certain" bits (q is 0 or 2^15) and of "expected" bits (q is 2^15); bits past
+// n are zero.
+struct Prior {
+  const uint16_t* q;
+  const uint64_t* certain;
+  const uint64_t* expected;
+  int64_t n;
+};
+
+// Fills words [w0, w1) of a prior from theta (n elements; T = float or double);
+// returns false when an element is not a probability. Adds the words' share of
+// the fingerprint to *fp. Two passes a word, the first one vectorisable.
+template <typename T>
+bool prepare_prior(const T* theta, int64_t n, int64_t w0, int64_t w1, uint16_t* q, uint64_t* certain,
+                   uint64_t* expected, uint64_t* fp) {
+  uint64_t sum = 0;
+  bool ok = true;
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t begin = w * 64, count = n - begin < 64 ? n - begin : 64;
+    const T* t = theta + begin;
+    uint16_t* qw = q + begin;
+    for (int64_t i = 0; i < count; ++i) {
+      const double v = static_cast<double>(t[i]);
+      const bool good = v >= 0.0 && v <= 1.0;
+      ok &= good;
+      qw[i] = quantize(good ? v : 0.0);
+    }
+    uint64_t c = 0, e = 0, word_sum = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      const uint32_t v = qw[i];
+      c |= static_cast<uint64_t>(v == 0 || v == kScale) << i;
+      e |= static_cast<uint64_t>(v == kScale) << i;
+      word_sum += (static_cast<uint64_t>(v) + 1) * fingerprint_weight_lo(static_cast<int>(i));
+    }
+    certain[w] = c;
+    expected[w] = e;
+    sum += word_sum * (2 * static_cast<uint64_t>(w) + 1);
+  }
+  *fp += sum;
+  return ok;
+}
+
+// The fingerprint of a whole prior from the sum of its words' shares: any
+// split of the words into ranges gives the same bits (addition mod 2^64).
+inline int64_t finish_fingerprint(uint64_t sum, int64_t n) {
+  uint64_t f = sum ^ (static_cast<uint64_t>(n) * 0x9E3779B97F4A7C15ull);
+  f ^= f >> 31;
+  f *= 0xBF58476D1CE4E5B9ull;
+  f ^= f >> 29;
+  return static_cast<int64_t>(f);
+}
+
+// `count` (1..64) bits of a little-endian bitmap of `bytes` bytes from bit
+// `pos`, reading only the bytes that hold them.
+inline uint64_t load_bits(const uint8_t* bits, uint64_t bytes, uint64_t pos, int count) {
+  const uint64_t first = pos >> 3;
+  const int shift = static_cast<int>(pos & 7);
+  const uint64_t need = (static_cast<uint64_t>(shift) + count + 7) >> 3;  // 1..9 bytes
+  uint64_t lo = 0, hi = 0;
+  if (need >= 8 && first + 8 <= bytes) {
+    std::memcpy(&lo, bits + first, 8);
+    if (need == 9) hi = bits[first + 8];
+  } else {
+    std::memcpy(&lo, bits + first, need);
+  }
+  uint64_t v = shift ? (lo >> shift) | (hi << (64 - shift)) : lo;
+  return v & low_bits(count);
+}
+
+// `count` bits of a word array from bit `pos` (bits past the array read as zero).
+inline uint64_t load_word_bits(const uint64_t* words, int64_t nwords, int64_t pos, int count) {
+  const int64_t w = pos >> 6;
+  const int shift = static_cast<int>(pos & 63);
+  uint64_t v = words[w] >> shift;
+  if (shift && shift + count > 64 && w + 1 < nwords) v |= words[w + 1] << (64 - shift);
+  return v & low_bits(count);
+}
+
+inline int64_t prior_words(int64_t n) { return (n + 63) / 64; }
+
+// A piece of a block: `len` elements of one layer, from element `elem` of its
+// prior; on the encoding side its mask bits start at bit `bit_pos` of the
+// caller's bitmap.
+struct Segment {
+  const Prior* prior;
+  int64_t elem;
+  int64_t len;
+  uint64_t bit_pos;
+};
+
+// ---------------------------------------------------------------- encoding
+
+// Two rANS states share one word stream and take the symbols in turn (the
+// decoder's first symbol on its first state, the next on the other, ...), so
+// two dependency chains run side by side. Each symbol swaps the states.
+class Encoder {
+ public:
+  // Writes words downwards from `end` and never below `begin`.
+  Encoder(uint16_t* begin, uint16_t* end) : begin_(begin), out_(end), rcp_(reciprocals()) {}
+
+  void put(uint32_t start, uint32_t freq) {
+    uint32_t x = cur_;
+    if (x >= (freq << 17)) {  // renormalise: after it, (x / freq) << 15 < 2^32
+      if (out_ > begin_) {
+        *--out_ = static_cast<uint16_t>(x);
+      } else {
+        overflow_ = true;
+      }
+      x >>= 16;
+    }
+    const uint32_t d = divide(x, freq, rcp_);
+    cur_ = other_;
+    other_ = (d << kProbBits) + (x - d * freq) + start;
+  }
+  // One bit with P(1) = one / 2^15, 0 < one < 2^15.
+  void bit(uint32_t b, uint32_t one) {
+    const uint32_t zero = kScale - one;
+    put(b ? zero : 0, b ? one : zero);
+  }
+  // A gap: G matching certain elements, then an exception (G < R), or no
+  // exception in the R certain elements left (G == R). The decoder reads the
+  // continue bits, then the remainder bits from the highest; rANS is last in,
+  // first out, so they are put in the reverse order.
+  void gap(uint64_t g, uint64_t r) {
+    const uint64_t ones = g / kChunk, base = ones * kChunk;
+    const bool zero = base + kChunk <= r;
+    if (zero || r - base > 0) {
+      const uint64_t rem = g - base;
+      for (int k = 0; k < 15; ++k) bit(static_cast<uint32_t>(rem >> k) & 1u, kRemainderOne[k]);
+    }
+    if (zero) bit(0, kContinueOne);
+    for (uint64_t j = 0; j < ones; ++j) bit(1, kContinueOne);
+  }
+  // Flushes the states (the one that took the last symbol, which the decoder
+  // reads first, in front); returns the block's first word (its bytes run to
+  // `end`), or nullptr when the words did not fit.
+  uint16_t* finish() {
+    if (out_ - begin_ < 4 || overflow_) return nullptr;
+    for (uint32_t x : {cur_, other_}) {
+      *--out_ = static_cast<uint16_t>(x >> 16);
+      *--out_ = static_cast<uint16_t>(x);
+    }
+    return out_;
+  }
+
+ private:
+  uint16_t* begin_;
+  uint16_t* out_;
+  const uint64_t* rcp_;
+  uint32_t cur_ = kLow, other_ = kLow;  // the state for the next symbol, and the other
+  bool overflow_ = false;
+};
+
+// Codes one block (its segments, in order) from a bitmap of `bytes` bytes.
+// Returns the block's first word (its bytes run to `end`), or nullptr when the
+// block takes more than the words in [begin, end).
+inline uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
+                              uint16_t* end) {
+  Encoder enc(begin, end);
+  uint64_t cnt = 0, after = 0;  // matches before the next exception / certain elements after this point
+  for (int s = nsegs - 1; s >= 0; --s) {
+    const Segment& seg = segs[s];
+    const Prior& p = *seg.prior;
+    const int64_t nw = prior_words(p.n);
+    for (int64_t t = (seg.len - 1) / 64 * 64; t >= 0; t -= 64) {
+      const int count = static_cast<int>(seg.len - t < 64 ? seg.len - t : 64);
+      const uint64_t m = load_bits(bits, bytes, seg.bit_pos + static_cast<uint64_t>(t), count);
+      const uint64_t c = load_word_bits(p.certain, nw, seg.elem + t, count);
+      const uint64_t e = load_word_bits(p.expected, nw, seg.elem + t, count);
+      const uint64_t u = ~c & low_bits(count), x = (m ^ e) & c, matches = c & ~x;
+      if ((u | x) == 0) {
+        const uint64_t k = static_cast<uint64_t>(count);
+        cnt += k;
+        after += k;
+        continue;
+      }
+      const uint16_t* q = p.q + seg.elem + t;
+      uint64_t events = u | x;
+      int hi = 64;
+      while (events) {
+        const int b = 63 - __builtin_clzll(events);
+        events &= ~(uint64_t{1} << b);
+        const uint64_t k = static_cast<uint64_t>(popcount(matches & low_bits(hi) & ~low_bits(b + 1)));
+        cnt += k;
+        after += k;
+        if ((u >> b) & 1) {
+          enc.bit(static_cast<uint32_t>(m >> b) & 1u, q[b]);
+        } else {
+          enc.gap(cnt, after);
+          cnt = 0;
+          after += 1;
+        }
+        hi = b;
+      }
+      const uint64_t k = static_cast<uint64_t>(popcount(matches & low_bits(hi)));
+      cnt += k;
+      after += k;
+    }
+  }
+  enc.gap(cnt, after);
+  return enc.finish();
+}
+
+// ---------------------------------------------------------------- decoding
+
+class Decoder {
+ public:
+  // A block of `words` 16-bit words at `in` (any alignment).
+  Decoder(const uint8_t* in, int64_t words) : in_(in), left_(words) {
+    if (left_ < 4) {
+      bad_ = true;
+      return;
+    }
+    cur_ = word();
+    cur_ |= word() << 16;
+    other_ = word();
+    other_ |= word() << 16;
+    if (cur_ < kLow || other_ < kLow) bad_ = true;
+  }
+
+  uint32_t bit(uint32_t one) {
+    const uint32_t x = cur_;
+    const uint32_t slot = x & (kScale - 1), zero = kScale - one;
+    const uint32_t b = slot >= zero;
+    const uint32_t start = b ? zero : 0, freq = b ? one : zero;
+    uint32_t next = freq * (x >> kProbBits) + slot - start;
+    if (next < kLow) next = (next << 16) | word();
+    cur_ = other_;
+    other_ = next;
+    return b;
+  }
+  // The gap the encoder put with r certain elements left (see Encoder::gap).
+  uint64_t gap(uint64_t r) {
+    uint64_t base = 0;
+    bool zero = false;
+    while (base + kChunk <= r) {
+      if (!bit(kContinueOne)) {
+        zero = true;
+        break;
+      }
+      base += kChunk;
+    }
+    if (!zero && r - base == 0) return base;
+    uint64_t rem = 0;
+    for (int k = 14; k >= 0; --k) rem |= static_cast<uint64_t>(bit(kRemainderOne[k])) << k;
+    if (!zero && rem > r - base) {
+      bad_ = true;
+      rem = r - base;
+    }
+    return base + rem;
+  }
+  // Whether the block was read exactly: every word, both states back to the start.
+  bool ok() const { return !bad_ && left_ == 0 && cur_ == kLow && other_ == kLow; }
+
+ private:
+  uint32_t word() {
+    if (left_ <= 0) {
+      bad_ = true;
+      return 0;
+    }
+    uint16_t w;
+    std::memcpy(&w, in_, 2);
+    in_ += 2;
+    --left_;
+    return w;
+  }
+
+  const uint8_t* in_;
+  int64_t left_;
+  uint32_t cur_ = kLow, other_ = kLow;
+  bool bad_ = false;
+};
+
+// Appends runs of bits to a word array that starts word-aligned.
+class BitWriter {
+ public:
+  explicit BitWriter(uint64_t* out) : out_(out) {}
+  void put(uint64_t v, int count) {
+    acc_ |= v << fill_;
+    fill_ += count;
+    if (fill_ >= 64) {
+      *out_++ = acc_;
+      fill_ -= 64;
+      acc_ = fill_ ? v >> (count - fill_) : 0;
+    }
+  }
+  void flush() {
+    if (fill_) *out_++ = acc_;
+  }
+
+ private:
+  uint64_t* out_;
+  uint64_t acc_ = 0;
+  int fill_ = 0;
+};
+
+// Certain elements in a block's segments.
+inline uint64_t certain_count(const Segment* segs, int nsegs) {
+  uint64_t n = 0;
+  for (int s = 0; s < nsegs; ++s) {
+    const Prior& p = *segs[s].prior;
+    const int64_t nw = prior_words(p.n);
+    for (int64_t t = 0; t < segs[s].len; t += 64) {
+      const int count = static_cast<int>(segs[s].len - t < 64 ? segs[s].len - t : 64);
+      n += static_cast<uint64_t>(popcount(load_word_bits(p.certain, nw, segs[s].elem + t, count)));
+    }
+  }
+  return n;
+}
+
+// Decodes one block into `out` (the block's bits, from a word boundary);
+// false when the block is not exactly a valid stream for these segments.
+inline bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64_t words, uint64_t* out) {
+  Decoder dec(in, words);
+  BitWriter w(out);
+  uint64_t left = certain_count(segs, nsegs);
+  uint64_t run = dec.gap(left);  // matching certain elements before the next exception
+  for (int s = 0; s < nsegs; ++s) {
+    const Segment& seg = segs[s];
+    const Prior& p = *seg.prior;
+    const int64_t nw = prior_words(p.n);
+    for (int64_t t = 0; t < seg.len; t += 64) {
+      const int count = static_cast<int>(seg.len - t < 64 ? seg.len - t : 64);
+      const uint64_t c = load_word_bits(p.certain, nw, seg.elem + t, count);
+      const uint64_t e = load_word_bits(p.expected, nw, seg.elem + t, count);
+      const uint64_t u = ~c & low_bits(count);
+      const uint64_t nc = static_cast<uint64_t>(popcount(c));
+      const uint16_t* q = p.q + seg.elem + t;
+      uint64_t v = e;
+      if (run >= nc) {  // no exception in this word
+        for (uint64_t rest = u; rest; rest &= rest - 1) {
+          const int b = __builtin_ctzll(rest);
+          v |= static_cast<uint64_t>(dec.bit(q[b])) << b;
+        }
+        run -= nc;
+        left -= nc;
+      } else {
+        v = 0;
+        for (int b = 0; b < count; ++b) {
+          if ((u >> b) & 1) {
+            v |= static_cast<uint64_t>(dec.bit(q[b])) << b;
+          } else if (run > 0) {
+            v |= ((e >> b) & 1) << b;
+            --run;
+            --left;
+          } else {
+            v |= (((e >> b) & 1) ^ 1) << b;
+            --left;
+            run = dec.gap(left);
+          }
+        }
+      }
+      w.put(v, count);
+    }
+  }
+  w.flush();
+  return dec.ok();
+}
+
+}  // namespace layersel::maskcode

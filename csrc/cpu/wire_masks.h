@@ -1,0 +1,49 @@
+// The coded FedPM mask format's codec on CPU tensors (the format:
+// layersel_ext/wire_coded.py; the coder: common/mask_coder.h), and the bitmap
+// helpers both mask forms use. Bound into the Python module as _C.mask_*,
+// _C.bits_*; arrays come from numpy without copies (torch.from_numpy).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+#include <vector>
+
+namespace layersel {
+
+// A layer's prior from theta (float32/float64, contiguous): (whether every
+// element is a probability, q as int16 holding uint16 [n], "certain" and
+// "expected" bit words as int64 [ceil(n / 64)], the prior's fingerprint).
+// When not every element is a probability only the first is meaningful.
+std::tuple<bool, at::Tensor, at::Tensor, at::Tensor, int64_t> mask_prior(const at::Tensor& theta);
+
+// Codes the layers whose priors are given (q, certain, expected: mask_prior's
+// tensors), whose bits start at bit_offsets[i] of `bits` (uint8, little bit
+// order), concatenated and cut into blocks of block_elems elements. Returns
+// (false, ...) when a block takes more words than its bitmap would, else
+// (true, every block's bytes, the blocks concatenated).
+std::tuple<bool, std::vector<int64_t>, at::Tensor> mask_encode(const at::Tensor& bits,
+                                                              const std::vector<int64_t>& bit_offsets,
+                                                              const std::vector<at::Tensor>& q,
+                                                              const std::vector<at::Tensor>& certain,
+                                                              const std::vector<at::Tensor>& expected,
+                                                              int64_t block_elems);
+
+// The inverse: the layers' bits, concatenated, as uint8 [8 * ceil(total / 64)]
+// (the bits past the total zero), and the first block that is not exactly a
+// valid stream for these priors (-1 when none). ValueError when the block sizes
+// do not fit the payload.
+std::tuple<int64_t, at::Tensor> mask_decode(const at::Tensor& payload, const std::vector<int64_t>& block_bytes,
+                                            int64_t block_elems, const std::vector<at::Tensor>& q,
+                                            const std::vector<at::Tensor>& certain,
+                                            const std::vector<at::Tensor>& expected);
+
+// out[i] = bit (bit_offset + i) of `bits`, for a contiguous CPU tensor of
+// integers or bools (0 or 1 of its dtype), on all threads.
+void bits_expand(const at::Tensor& bits, int64_t bit_offset, const at::Tensor& out);
+
+// The ranges [offsets[i], offsets[i] + lengths[i]) of `bits`, concatenated
+// into a new bitmap (uint8 [ceil(sum / 8)], the padding bits zero).
+at::Tensor bits_gather(const at::Tensor& bits, const std::vector<int64_t>& offsets,
+                       const std::vector<int64_t>& lengths);
+
+}  // namespace layersel
