@@ -84,19 +84,20 @@ NOTE = (
 
 def headline(data: dict[str, Any]) -> str:
     """A short table: per model and client count, the most compact wire (the last of WIRES) in rounds
-    1, 3 and the last, and whether the models were equal every round."""
+    1, 3 and the last (bits per mask element; from round 3 on also how many times fewer bytes than
+    fl4health), and whether the models were equal every round."""
     wire = data["meta"]["wires"][-1]
     last = data["meta"]["rounds"]
     shown = [1, 3, last] if last > 3 else list(range(1, last + 1))
-    head = ["model", "clients", "wire", *(f"bpp round {r}" for r in shown), f"× fewer bytes, round {last}"]
-    head.append("models equal every round")
+    fewer = shown[1:]
+    head = ["model", "clients", "wire", *(f"bpp round {r}" for r in shown)]
+    head += [*(f"× fewer bytes, round {r}" for r in fewer), "models equal every round"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in data["results"]:
         by_round = {row["round"]: row["runs"].get(wire) for row in s["table"]}
-        bpp = [f"{by_round[r]['bpp']:.3f}" if by_round.get(r) else "–" for r in shown]
-        ratio = by_round.get(last, {}) or {}
-        cells = [f"`{s['mode']}`", str(s["clients"]), f"`{wire}`", *bpp]
-        cells += [f"{ratio['x_fewer_than_fl4health']:.0f}×" if ratio else "–"]
+        cells = [f"`{s['mode']}`", str(s["clients"]), f"`{wire}`"]
+        cells += [f"{by_round[r]['bpp']:.3f}" if by_round.get(r) else "–" for r in shown]
+        cells += [f"{by_round[r]['x_fewer_than_fl4health']:.0f}×" if by_round.get(r) else "–" for r in fewer]
         cells.append("yes" if s["aggregates_identical_every_round"] else "NO")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -153,13 +153,17 @@ def test_compact_wire_sends_fewer_bytes_and_changes_no_model(mode):
 # ------------------------------------------------------------------------------------------ the wire comparison
 
 WIRE_ROUNDS = 5
-# A message's bytes besides one bit per mask element: the .npy headers of its arrays, the stream
-# header and meta, the layer names and the hint (about 1.5 KB on the masked MLP's six score arrays).
+# A message's bytes besides its mask bits: the .npy headers of its arrays, the stream header and
+# meta, the layer names and the hint (1.5 KB on the masked MLP's ten score arrays; the coded wire's
+# block sizes and fingerprints add about 0.5 KB).
 FRAMING_BYTES = 4096
 # Bits per mask element a wire must reach from round 3 on (framing included), where it has a target
 # (issue 26: 2 clients, <= 0.25 bpp from round 3 on); the ideal coded size of this run's masks with
-# the server's 15-bit theta is about 0.21 bpp in round 3.
+# the server's 15-bit theta is 0.21 bpp in round 3.
 BPP_FROM_ROUND_3_AT_MOST = {"coded": 0.25}
+# Wires that code the masks with the theta the server sent: at most this many times the ideal size
+# (the sum of -log2 q(bit), examples.federated_rounds' prior_cost) and the framing, from round 2 on.
+IDEAL_SIZE_AT_MOST = {"coded": 1.01}
 _COMPARISONS: dict[tuple[str, int], tuple[dict, dict]] = {}
 
 
@@ -198,8 +202,8 @@ def test_fedpm_wire_changes_no_model_in_any_round(wire):
 @pytest.mark.parametrize("wire", WIRES)
 def test_fedpm_wire_bytes_per_round(wire):
     """fl4health's framing sends what fl4health alone sends; every other wire at most one bit per mask
-    element and the framing (compact: 1/64 of fl4health's int64 masks), and a wire with a target
-    (coded) reaches it from round 3 on."""
+    element and the framing (compact: 1/64 of fl4health's int64 masks); the coded wire at most 1.01
+    times the ideal size given the server's theta, and its target from round 3 on."""
     from examples.federated_rounds import UNPATCHED
 
     runs, summary = wire_comparison()
@@ -214,3 +218,7 @@ def test_fedpm_wire_bytes_per_round(wire):
             assert max(sent) <= min(reference) / 64 + FRAMING_BYTES, (r["round"], sent, reference)
         if wire in BPP_FROM_ROUND_3_AT_MOST and r["round"] >= 3:
             assert row["runs"][wire]["bpp"] <= BPP_FROM_ROUND_3_AT_MOST[wire], (r["round"], summary["table"])
+        if wire in IDEAL_SIZE_AT_MOST and r["round"] >= 2:
+            for c in r["clients"]:
+                ideal = IDEAL_SIZE_AT_MOST[wire] * c["ideal_coded_bits"] / 8
+                assert c["bytes_sent"] <= ideal + FRAMING_BYTES, (r["round"], c)
