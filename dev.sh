@@ -20,6 +20,7 @@ usage: ./dev.sh VERB [args]
                                  the tests (as `test`) in fl4health 0.4.2's own environment:
                                  Python 3.10 + `pip install fl4health==0.4.2` (torch 2.6, numpy 1.26),
                                  CPU kernels unless CUDA can work (venv: ~/.cache/layersel_ext/venv-fl4health)
+  fl4health-venv                 only create that environment's packages (CI, while the main stack builds)
   help                           this text
 
 The dev venv (~/.cache/layersel_ext/venv, LAYERSEL_VENV to move it; ~6 GB) has torch 2.14.1 and the
@@ -36,7 +37,7 @@ cmd="${1:-test}"
 shift || true
 case "$cmd" in
   -h | --help | help) usage; exit 0 ;;
-  bench | test | build | ctest | shell | test-fl4health-stack) ;;
+  bench | test | build | ctest | shell | test-fl4health-stack | fl4health-venv) ;;
   *) usage >&2; exit 2 ;;
 esac
 
@@ -98,7 +99,7 @@ find_python310() {
 # plus the test runner and the build tools; nothing pinned beyond what fl4health pins.
 FL4HEALTH_STACK="fl4health==0.4.2 pytest psutil ninja setuptools>=64 wheel"
 
-ensure_fl4health_venv() {
+make_fl4health_venv() { # its packages only: the checkout is installed into it by ensure_fl4health_venv
   VENV="${LAYERSEL_FL4HEALTH_VENV:-$HOME/.cache/layersel_ext/venv-fl4health}"
   local stamp="$VENV/.layersel-requirements" py
   if ! { [ -x "$VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$FL4HEALTH_STACK" ]; }; then
@@ -124,6 +125,10 @@ print(
     f"numpy {numpy.__version__}, flwr {version('flwr')}, fl4health {version('fl4health')}"
 )
 PY
+}
+
+ensure_fl4health_venv() {
+  make_fl4health_venv
   install_checkout
 }
 
@@ -202,6 +207,7 @@ case "$cmd" in
     ;;
   ctest) ensure_venv; run_ctest ;;
   shell) ensure_venv; ensure_built; exec "$VENV/bin/python" "$@" ;;
+  fl4health-venv) make_fl4health_venv ;;
   test-fl4health-stack)
     ensure_fl4health_venv; ensure_built
     export LAYERSEL_REQUIRE_COMPILED="${LAYERSEL_REQUIRE_COMPILED:-1}" LAYERSEL_REQUIRE_ORACLE="${LAYERSEL_REQUIRE_ORACLE:-1}"

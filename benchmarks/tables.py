@@ -11,7 +11,7 @@ CONTRIBUTING.md or docs/*.md:
     <!-- tables:NAME:end -->
 
 NAME is a key of ``BLOCKS``. The numbers come from ``benchmarks/results/*/results.json`` (the
-benchmark runner's, one folder per machine), ``benchmarks/results/wire-cpu/wire.json``,
+benchmark runner's, one folder per machine), ``benchmarks/results/wire-cpu/wire.json``, ``mask_coding.json``,
 ``benchmarks/results/sharded-cpu/results.json`` and the newest ``benchmarks/results/*/fedpm_wire.json``,
 and the cells are drawn by the same markdown functions that write each folder's ``results.md``
 (``layersel_ext.bench.run.markdown``, ``benchmarks.wire.markdown``, ``benchmarks.sharded.markdown``,
@@ -158,6 +158,21 @@ def wire(doc_dir: Path) -> str:
     return head + body
 
 
+def mask_coding(doc_dir: Path) -> str:
+    """The coded-mask speed and size table (benchmarks.mask_coding's rendering without its dated title)."""
+    from benchmarks.mask_coding import markdown
+
+    path = RESULTS / "wire-cpu" / "mask_coding.json"
+    data = load(path)
+    meta = data["meta"]
+    body = markdown(data["rows"], meta).split("\n", 2)[2]
+    head = (
+        f"Machine: {meta['machine']}, {meta['threads']} threads, torch {meta['torch']} "
+        f"([mask_coding.json]({link(path, doc_dir)})).\n\n"
+    )
+    return head + body
+
+
 def sharded(doc_dir: Path) -> str:
     """The sharded benchmark's table (benchmarks.sharded's rendering, caption without its date)."""
     from benchmarks.sharded import fmt_bytes, markdown
@@ -213,6 +228,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "headline": headline,
     "all-machines": all_machines,
     "wire": wire,
+    "mask-coding": mask_coding,
     "sharded": sharded,
     "fedpm_wire": fedpm_wire,
     "fedpm_wire_headline": fedpm_wire_headline,

@@ -46,7 +46,7 @@ from types import ModuleType
 from typing import Any
 
 from . import parameter_selection_criteria as ours
-from .sparse_coo import select_sparse_parameters
+from .sparse_coo import select_sparse_offsets, select_sparse_parameters
 from .wire import CompactMaskPacker, sample_masks_packed
 from .wire_coded import CodedMaskPacker, sample_masks_coded
 from .wire_coo import CompactCooPacker
@@ -118,10 +118,31 @@ def _coded_masks(self: Any, model: Any, initial_model: Any = None, config: Any =
     return sample_masks_coded(model, self.parameter_packer)
 
 
+def _push_offsets(cls: type) -> Any:
+    """``cls.push_parameters`` (fl4health's ``SparseCooParameterExchanger``) for the compact wire: the
+    selection's flat offsets go straight to the encoder, never as int64 [nnz, ndim] indices (the same
+    stream); an exchanger whose class selects or packs its own way keeps fl4health's push."""
+    push, pack = cls.__dict__["push_parameters"], cls.pack_parameters
+
+    def push_parameters(self: Any, model: Any, initial_model: Any = None, config: Any = None) -> Any:
+        kind = type(self)
+        if (
+            kind.select_parameters is _fused_select_parameters
+            and kind.pack_parameters is pack
+            and isinstance(self.parameter_packer, CompactCooPacker)
+        ):
+            selection = select_sparse_offsets(model, initial_model, self.sparsity_level, self.score_gen_function)
+            return self.parameter_packer.pack_offsets(*selection)
+        return push(self, model, initial_model, config)
+
+    return push_parameters
+
+
 def _wire_bindings(wire: str) -> list[tuple[Any, str, Any, Any]]:
     """The class attributes ``wire="compact"`` or ``"coded"`` replaces (imports fl4health's modules;
     binds nothing)."""
     fedpm_exchanger = importlib.import_module(_FEDPM_EXCHANGER_MODULE).FedPmExchanger
+    sparse_exchanger = importlib.import_module(_SPARSE_MODULE).SparseCooParameterExchanger
     if wire == "coded":
         client_masks, server_masks, push = (
             partial(CodedMaskPacker, "client"),
@@ -130,11 +151,11 @@ def _wire_bindings(wire: str) -> list[tuple[Any, str, Any, Any]]:
         )
     else:
         client_masks, server_masks, push = CompactMaskPacker, CompactMaskPacker, _packed_masks
-    bindings = []
+    bindings = [_class_binding(sparse_exchanger, "push_parameters", _push_offsets(sparse_exchanger))]
     for cls, packer in (
         (fedpm_exchanger, client_masks),
         (importlib.import_module(_FEDPM_STRATEGY_MODULE).FedPm, server_masks),
-        (importlib.import_module(_SPARSE_MODULE).SparseCooParameterExchanger, CompactCooPacker),
+        (sparse_exchanger, CompactCooPacker),
         (importlib.import_module(_SPARSE_STRATEGY_MODULE).FedAvgSparseCooTensor, CompactCooPacker),
     ):
         bindings.append(_class_binding(cls, "__init__", _with_packer(cls.__dict__["__init__"], packer)))

@@ -279,15 +279,50 @@ def sparse_select(
     sync, the chunk counts, instead of two)."""
     if kind == ScoreKind.GIVEN or not len(model) or not _use_compiled("sparse_select", _device(model)):
         return None
+    score_dtype = _one_go_score_dtype(model)
+    if score_dtype is None:
+        return None
+    ys = _arg(initial) if initial is not None else []
+    with torch.no_grad():
+        values, indices = _call("sparse_select", _arg(model), ys, kind, k, score_dtype)
+    return list(values), list(indices)
+
+
+def _one_go_score_dtype(model: Sequence[Tensor]) -> torch.dtype | None:
+    """The score dtype ``sparse_select`` compares in when one kernel can select from ``model``, else None."""
     model_dtypes = set(dtypes(model))
     floating = {dt for dt in model_dtypes if dt.is_floating_point}
     integer = model_dtypes - floating
     if len(floating) != 1 or torch.bool in integer or (integer and floating != {torch.float32}):
         return None
-    ys = _arg(initial) if initial is not None else []
+    return floating.pop()
+
+
+def sparse_select_offsets(
+    model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int, k: int
+) -> tuple[list[Tensor], list[Tensor]] | None:
+    """``sparse_select`` in the compact COO wire's form (csrc/cpu/sparse_select_offsets.h): per tensor
+    the same values and, instead of int64 [N, ndim] indices, their flat row-major offsets (int64 [N]);
+    the values of all tensors lie one after the other in one buffer, as the wire sends them. None
+    where the compiled CPU kernel does not do that in one go (where ``sparse_select`` is None, CUDA
+    tensors, the torch backend, a build without it): the caller flattens the indices instead."""
+    helpers = compiled_helpers()
+    if (
+        helpers is None
+        or not hasattr(helpers, "sparse_select_offsets")
+        or kind == ScoreKind.GIVEN
+        or not len(model)
+        or _device(model).type != "cpu"
+        or not _use_compiled("sparse_select", _device(model))
+    ):
+        return None
+    score_dtype = _one_go_score_dtype(model)
+    if score_dtype is None:
+        return None
+    ys = list(initial) if initial is not None else []
     with torch.no_grad():
-        values, indices = _call("sparse_select", _arg(model), ys, kind, k, floating.pop())
-    return list(values), list(indices)
+        values, offsets = helpers.sparse_select_offsets(list(model), ys, kind, k, score_dtype)
+    return list(values), list(offsets)
 
 
 if COMPILED is not None:

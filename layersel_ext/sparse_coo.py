@@ -30,6 +30,8 @@ from ._shard_layout import ShardedState, sharded_state
 NDArrays = list[NDArray[Any]]
 ScoreGenFunction = Callable[[nn.Module, Optional[nn.Module]], dict[str, Tensor]]
 SparseSelection = tuple[NDArrays, tuple[NDArrays, NDArrays, list[str]]]
+# (values, flat offsets, shapes, names): select_sparse_offsets, the compact wire's form.
+FlatSelection = tuple[list[Tensor], list[Tensor], list[tuple[int, ...]], list[str]]
 
 _FL4HEALTH_MODULE = "fl4health.parameter_exchange.parameter_selection_criteria"
 
@@ -103,6 +105,72 @@ def select_sparse_parameters(
         (values, (indices, shapes, names)): per kept tensor its kept values (1-D, the tensor's dtype),
         their indices (N x ndim, int64, row-major), its shape (int64) and its state_dict name.
     """
+    names, xs, values, indices, _ = _select(model, initial_model, sparsity_level, score_gen_function, flat=False)
+    kept = [i for i, v in enumerate(values) if v.numel() > 0 and xs[i].dim() > 0]
+    kept_names = [names[i] for i in kept]
+    # Values and indices of every kept tensor to the host together: zero-copy on the CPU, one
+    # batched transfer (one sync) from a GPU instead of two per tensor.
+    host = to_numpy(kept_names * 2, [values[i] for i in kept] + [indices[i] for i in kept])
+    return (
+        host[: len(kept)],
+        (host[len(kept) :], [np.array(list(xs[i].shape)) for i in kept], kept_names),
+    )
+
+
+def select_sparse_offsets(
+    model: nn.Module,
+    initial_model: nn.Module | None,
+    sparsity_level: float,
+    score_gen_function: ScoreGenFunction,
+) -> FlatSelection:
+    """
+    ``select_sparse_parameters``' selection in the compact COO wire's form (``wire_coo``'s
+    ``CompactCooPacker.pack_offsets``): the same tensors, entries and order, with flat row-major
+    offsets in place of the int64 [N, ndim] indices.
+
+    On the CPU with the compiled backend (a fused score function over one floating dtype) one kernel
+    writes the offsets, never the indices, and every tensor's values into one buffer in the wire's
+    order (``ops.sparse_select_offsets``); elsewhere the offsets are the indices flattened on their
+    device before they come to the host.
+
+    Returns:
+        (values, offsets, shapes, names): per kept tensor its kept values (1-D CPU tensor, the
+        tensor's dtype), their flat offsets (1-D int64 CPU tensor), its shape and its state_dict name.
+    """
+    names, xs, values, positions, flat = _select(model, initial_model, sparsity_level, score_gen_function, flat=True)
+    kept = [i for i, v in enumerate(values) if v.numel() > 0 and xs[i].dim() > 0]
+    kept_names = [names[i] for i in kept]
+    shapes = [tuple(xs[i].shape) for i in kept]
+    if flat:
+        return [values[i] for i in kept], [positions[i] for i in kept], shapes, kept_names
+    offsets = [_flatten(positions[i], shape) for i, shape in zip(kept, shapes)]
+    host = to_numpy(kept_names * 2, [values[i] for i in kept] + offsets)
+    return (
+        [torch.from_numpy(a) for a in host[: len(kept)]],
+        [torch.from_numpy(a) for a in host[len(kept) :]],
+        shapes,
+        kept_names,
+    )
+
+
+def _flatten(indices: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Flat row-major offsets (int64 [N]) of int64 [N, ndim] indices inside ``shape``, on their device."""
+    if indices.shape[1] == 1:
+        return indices[:, 0]
+    strides = torch.tensor([math.prod(shape[d + 1 :]) for d in range(len(shape))], dtype=torch.int64)
+    return (indices * strides.to(indices.device)).sum(1)
+
+
+def _select(
+    model: nn.Module,
+    initial_model: nn.Module | None,
+    sparsity_level: float,
+    score_gen_function: ScoreGenFunction,
+    flat: bool,
+) -> tuple[list[str], Any, list[Tensor], list[Tensor], bool]:
+    """(names, the model's tensors, per tensor its kept values and positions, whether the positions are
+    flat offsets): int64 [N, ndim] indices, or with ``flat`` where one kernel writes them, int64 [N]
+    offsets. Every tensor of the state (or of the custom scores), kept ones or not."""
     if not 0 < sparsity_level <= 1:
         raise ValueError(f"sparsity_level must be in (0, 1], got {sparsity_level}")
     what = "select_sparse_parameters"
@@ -149,19 +217,16 @@ def select_sparse_parameters(
     try:
         # Fused scores of one floating dtype (float32 beside integer buffers too), one process: the k-th
         # largest and the extraction in one kernel where there is one (a large model read once); else two steps.
-        one_go = ops.sparse_select(xs, ys, kind, top) if fused is not None and sharded is None else None
+        one_go = None
+        if fused is not None and sharded is None:
+            offsets = ops.sparse_select_offsets(xs, ys, kind, top) if flat else None
+            if offsets is not None:
+                return names, xs, offsets[0], offsets[1], True
+            one_go = ops.sparse_select(xs, ys, kind, top)
         values, indices = one_go or _threshold_then_extract(kind, top, xs, ys, sharded, promoted, score_dtypes)
     except (RuntimeError, ValueError, TypeError) as exc:
         explain_failure(exc, names, xs, ys if fused is not None and uses_initial(kind) else None, what)
-    kept = [i for i, v in enumerate(values) if v.numel() > 0 and xs[i].dim() > 0]
-    kept_names = [names[i] for i in kept]
-    # Values and indices of every kept tensor to the host together: zero-copy on the CPU, one
-    # batched transfer (one sync) from a GPU instead of two per tensor.
-    host = to_numpy(kept_names * 2, [values[i] for i in kept] + [indices[i] for i in kept])
-    return (
-        host[: len(kept)],
-        (host[len(kept) :], [np.array(list(xs[i].shape)) for i in kept], kept_names),
-    )
+    return names, xs, values, indices, False
 
 
 class SparseCooParameterExchanger:

@@ -18,7 +18,10 @@ code  positions
 
 and decodes to exactly fl4health's ``(values, (indices, shapes, names))``: int64 ``[nnz, ndim]``
 indices (``np.unravel_index`` of the offsets, row-major) and the shapes as fl4health builds them,
-``np.array(list(shape))``. A message that does not have that form (indices of another dtype or out
+``np.array(list(shape))``; the values are views of the stream's value bytes where each is aligned
+for its dtype (fl4health's own packer returns its input's arrays too), else copies. The client's
+selection can hand over flat offsets instead of indices (``pack_offsets``, what
+``patch(wire="compact")`` sends): the same stream, without the ``[nnz, ndim]`` arrays. A message that does not have that form (indices of another dtype or out
 of range, a shape array fl4health would not make) is sent in the plain form: fl4health's arrays as
 they are, with the header. So decoding always returns what was packed.
 
@@ -48,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._host import to_numpy
 from .ops import compiled_helpers
 from .wire import (
     _DTYPE_CODES,
@@ -166,7 +170,11 @@ def _coo_dims(values: np.ndarray, indices: np.ndarray, shape: np.ndarray) -> tup
 
 
 def _flat_offsets(indices: np.ndarray, dims: tuple[int, ...]) -> np.ndarray | None:
-    """The entries' flat row-major offsets (uint64), or None when an index is outside the shape."""
+    """The entries' flat row-major offsets (uint64), or None when an index is outside the shape;
+    ``indices``: int64 [nnz, ndim] rows, or int64 [nnz] flat offsets already."""
+    if indices.ndim == 1:
+        inside = not indices.size or (int(indices.min()) >= 0 and int(indices.max()) < math.prod(dims))
+        return indices.astype(np.uint64) if inside else None
     if not dims or not indices.shape[0]:  # a 0-d tensor (its one element, at offset 0), or no entries
         return np.zeros(indices.shape[0], np.uint64)
     try:  # raises on a negative or out-of-range index
@@ -186,7 +194,8 @@ def _encode_numpy(
     values: list[np.ndarray], indices: list[np.ndarray], dims: list[tuple[int, ...]]
 ) -> tuple[list[int], list[int], np.ndarray, np.ndarray] | None:
     """(position codes, their byte counts, the payloads and the value bytes, each concatenated), or
-    None when an index is outside its shape: the twin of the compiled ``_C.coo_encode``."""
+    None when an index is outside its shape: the twin of the compiled ``_C.coo_encode``. ``indices``:
+    per tensor int64 [nnz, ndim] rows or int64 [nnz] flat offsets (the same payload)."""
     codes, sizes, positions = [], [], []
     for i, shape in zip(indices, dims):
         offsets = _flat_offsets(i, shape)
@@ -206,15 +215,18 @@ def _encode_numpy(
 
 
 def _encode(
-    values: list[np.ndarray], indices: list[np.ndarray], dims: list[tuple[int, ...]]
+    values: Sequence[np.ndarray | Tensor], indices: Sequence[np.ndarray | Tensor], dims: list[tuple[int, ...]]
 ) -> tuple[list[int], list[int], np.ndarray, np.ndarray] | None:
+    """``_encode_numpy`` of numpy arrays or CPU tensors; compiled, values that lie one after the other
+    in one tensor storage (``select_sparse_offsets``' output) are sent from there without a copy."""
     compiled = compiled_helpers()
     if compiled is None:
-        return _encode_numpy(values, indices, dims)
+        as_numpy = [[a.numpy() if isinstance(a, Tensor) else a for a in arrays] for arrays in (values, indices)]
+        return _encode_numpy(as_numpy[0], as_numpy[1], dims)
     bad, codes, sizes, positions, raw = compiled.coo_encode(
-        [_from_numpy(np.ascontiguousarray(i)) for i in indices],
+        [i.contiguous() if isinstance(i, Tensor) else _from_numpy(np.ascontiguousarray(i)) for i in indices],
         [list(d) for d in dims],
-        [_from_numpy(_raw_bytes(v)) for v in values],
+        [v.contiguous().view(torch.uint8) if isinstance(v, Tensor) else _from_numpy(_raw_bytes(v)) for v in values],
     )
     return None if bad >= 0 else (codes, sizes, positions.numpy(), raw.numpy())
 
@@ -250,6 +262,39 @@ class CompactCooPacker:
         codes, sizes, positions, raw = encoded
         meta = [len(values)]
         for v, shape, code, size in zip(values, dims, codes, sizes):  # type: ignore[arg-type]
+            meta += [_DTYPE_CODES[v.dtype], len(shape), *shape, v.size, code, size]
+        return [_header(FORM_COO), np.asarray(meta, np.int64), positions, raw, *_trailer(names)]
+
+    def pack_offsets(
+        self, values: Sequence[Tensor], offsets: Sequence[Tensor], shapes: Sequence[tuple[int, ...]], names: list[str]
+    ) -> list[np.ndarray]:
+        """The stream ``pack_parameters`` makes of the same selection, from flat row-major offsets
+        (``sparse_coo.select_sparse_offsets``: per tensor its values, 1-D CPU tensors, their int64 [nnz]
+        offsets, its shape and name) without the int64 [nnz, ndim] indices. ``ValueError`` when an
+        offset is outside its shape or the arrays do not match (the selection never gives either)."""
+        names = list(names)
+        if not len(values) == len(offsets) == len(shapes) == len(names):
+            raise ValueError(f"{len(values)} values, {len(offsets)} offsets, {len(shapes)} shapes, {len(names)} names")
+        arrays = to_numpy(names, list(values))  # zero-copy; refuses a dtype numpy has not, as the selection does
+        dims = [tuple(int(d) for d in shape) for shape in shapes]
+        for t, (v, o, shape) in enumerate(zip(arrays, offsets, dims)):
+            if (
+                v.ndim != 1
+                or v.dtype not in _DTYPE_CODES
+                or o.dtype != torch.int64
+                or o.shape != (v.size,)
+                or not shape
+                or len(shape) > _MAX_NDIM
+                or any(d < 0 for d in shape)
+                or math.prod(shape) >= _MAX_NUMEL
+            ):
+                raise ValueError(f"tensor #{t} ({names[t]!r}): not values and flat offsets of a tensor of {shape}")
+        encoded = _encode(list(values), list(offsets), dims)
+        if encoded is None:
+            raise ValueError("an offset is outside its tensor's shape")
+        codes, sizes, positions, raw = encoded
+        meta = [len(values)]
+        for v, shape, code, size in zip(arrays, dims, codes, sizes):
             meta += [_DTYPE_CODES[v.dtype], len(shape), *shape, v.size, code, size]
         return [_header(FORM_COO), np.asarray(meta, np.int64), positions, raw, *_trailer(names)]
 
@@ -422,18 +467,32 @@ def unpack_coo(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None)
     return values, (indices, [np.array(list(shape)) for _, shape, _, _, _ in entries], names)
 
 
+def _value_views(entries: list[_Entry], raw: np.ndarray) -> list[np.ndarray] | None:
+    """Every tensor's values as views of the stream's value bytes (no copy: fl4health's own packer
+    returns its input's arrays too), or None when one would not be aligned for its dtype (values of
+    dtypes of several sizes): then the codecs copy them."""
+    views, r = [], 0
+    for dtype, _, nnz, _, _ in entries:
+        if (raw.ctypes.data + r) % dtype.itemsize:
+            return None
+        views.append(raw[r : r + nnz * dtype.itemsize].view(dtype.newbyteorder("<")))
+        r += nnz * dtype.itemsize
+    return views
+
+
 def _decode_numpy(
-    entries: list[_Entry], names: list[str], positions: np.ndarray, raw: np.ndarray
+    entries: list[_Entry], names: list[str], positions: np.ndarray, raw: np.ndarray, copy_values: bool = True
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Every tensor's values and int64 [nnz, ndim] indices (``ValueError`` at the first bad tensor):
-    the twin of the compiled ``_C.coo_decode``."""
+    """Every tensor's values (copied, or none with ``copy_values=False``) and int64 [nnz, ndim]
+    indices (``ValueError`` at the first bad tensor): the twin of the compiled ``_C.coo_decode``."""
     values, indices = [], []
     p = r = 0
     for t, (dtype, shape, nnz, pcode, pbytes) in enumerate(entries):
         what = f"tensor #{t} ({names[t]!r})"
         offsets = _decode_positions(pcode, positions[p : p + pbytes], nnz, math.prod(shape), what)
         p += pbytes
-        values.append(raw[r : r + nnz * dtype.itemsize].view(dtype.newbyteorder("<")).astype(dtype))
+        if copy_values:
+            values.append(raw[r : r + nnz * dtype.itemsize].view(dtype.newbyteorder("<")).astype(dtype))
         r += nnz * dtype.itemsize
         indices.append(_unravel(offsets, shape))
     return values, indices
@@ -445,11 +504,14 @@ def _decode(
     """Both codecs' outputs; ``max_bytes``: what they may allocate (the caller's limit, which
     ``decoded_bytes`` met: the compiled codec checks it again before it allocates)."""
     compiled = compiled_helpers()
+    if decoded_bytes(entries) > max_bytes:  # as either codec would copy the values: the same refusal
+        raise _fail(f"decoding needs {decoded_bytes(entries)} bytes, more than the {max_bytes} allowed")
+    views = _value_views(entries, raw)
     if compiled is None:
-        if decoded_bytes(entries) > max_bytes:
-            raise _fail(f"decoding needs {decoded_bytes(entries)} bytes, more than the {max_bytes} allowed")
-        return _decode_numpy(entries, names, positions, raw)
-    nbytes = [nnz * dtype.itemsize for dtype, _, nnz, _, _ in entries]
+        values, indices = _decode_numpy(entries, names, positions, raw, copy_values=views is None)
+        return views if views is not None else values, indices
+    # With views the codec copies no value bytes (it is handed none).
+    nbytes = [0 if views is not None else nnz * dtype.itemsize for dtype, _, nnz, _, _ in entries]
     try:
         bad, why, index_tensors, buffer, starts = compiled.coo_decode(
             [e[3] for e in entries],
@@ -457,7 +519,7 @@ def _decode(
             [e[2] for e in entries],
             _from_numpy(positions),
             [e[4] for e in entries],
-            _from_numpy(raw),
+            _from_numpy(raw if views is None else raw[:0]),
             nbytes,
             max_bytes,
         )
@@ -465,6 +527,7 @@ def _decode(
         raise _fail(str(exc)) from None
     if bad >= 0:
         raise _fail(f"tensor #{bad} ({names[bad]!r}): {why}")
-    buffer = buffer.numpy()
-    values = [buffer[s : s + n].view(e[0]) for e, s, n in zip(entries, starts, nbytes)]
-    return values, [t.numpy() for t in index_tensors]
+    if views is None:
+        buffer = buffer.numpy()
+        views = [buffer[s : s + n].view(e[0]) for e, s, n in zip(entries, starts, nbytes)]
+    return views, [t.numpy() for t in index_tensors]

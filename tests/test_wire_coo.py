@@ -364,6 +364,8 @@ def test_patch_compact_wire_installs_the_coo_packers_and_unpatch_restores():
         assert pushed[0][:4].tobytes() == wire.MAGIC
         want = exchanger.select_parameters(model, initial)
         assert_same_message(CompactCooPacker().unpack_parameters(pushed), want)
+        # the client's push (flat offsets straight to the encoder) sends pack_parameters' very bytes
+        assert [a.tobytes() for a in pushed] == [a.tobytes() for a in CompactCooPacker().pack_parameters(*want)]
         aggregated = strategy.aggregate([(pushed, 1)])
         reply = [strategy.parameter_packer.extract_coo_info_from_dense(t) for t in aggregated.values()]
         packed = strategy.parameter_packer.pack_parameters(
@@ -393,3 +395,55 @@ def test_server_extraction_equals_fl4health():
             SparseCooParameterPacker.extract_coo_info_from_dense(x)
         with pytest.raises(IndexError):
             CompactCooPacker.extract_coo_info_from_dense(x)
+
+
+def _offsets_model() -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Rows of 64 and 70 elements, a 4-D kernel, biases and an int64 buffer, drifted from the start."""
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(70, 64), torch.nn.BatchNorm1d(64),
+        torch.nn.Linear(64, 130),
+    )  # fmt: skip
+    initial = __import__("copy").deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    return model, initial
+
+
+@pytest.mark.parametrize("level", [0.01, 0.3, 1.0])
+def test_offsets_selection_packs_the_same_stream(backend, level):
+    """select_sparse_offsets + pack_offsets (the compact client, without [nnz, ndim] indices) gives the
+    entries of select_sparse_parameters and the very bytes pack_parameters makes of them, with a fused
+    score function (one kernel on the CPU) and with a custom one (the indices flattened)."""
+    import layersel_ext as L
+    from layersel_ext.sparse_coo import select_sparse_offsets, select_sparse_parameters
+
+    def custom(model, initial):
+        return {n: p.detach().abs() for n, p in model.named_parameters()}
+
+    model, initial = _offsets_model()
+    for score in (L.largest_magnitude_change_scores, L.largest_final_magnitude_scores, custom):
+        values, (indices, shapes, names) = select_sparse_parameters(model, initial, level, score)
+        flat_values, offsets, flat_shapes, flat_names = select_sparse_offsets(model, initial, level, score)
+        assert flat_names == names and [list(s) for s in flat_shapes] == [s.tolist() for s in shapes]
+        assert_same_arrays([v.numpy() for v in flat_values], values)
+        want = [np.ravel_multi_index(tuple(i.T), tuple(s)) if i.size else np.zeros(0, np.int64)
+                for i, s in zip(indices, shapes)]  # fmt: skip
+        assert_same_arrays([o.numpy() for o in offsets], [w.astype(np.int64) for w in want])
+        got = CompactCooPacker().pack_offsets(flat_values, offsets, flat_shapes, flat_names)
+        ref = CompactCooPacker().pack_parameters(values, (indices, shapes, names))
+        assert len(got) == len(ref) and all(a.dtype == b.dtype and a.tobytes() == b.tobytes() for a, b in zip(got, ref))
+
+
+def test_pack_offsets_refuses_what_is_not_a_selection():
+    packer = CompactCooPacker()
+    v, o = torch.ones(3), torch.tensor([0, 5, 9])
+    with pytest.raises(ValueError, match="outside"):
+        packer.pack_offsets([v], [o], [(3, 3)], ["w"])
+    with pytest.raises(ValueError, match="flat offsets"):
+        packer.pack_offsets([v], [o.int()], [(3, 4)], ["w"])
+    with pytest.raises(ValueError, match="flat offsets"):
+        packer.pack_offsets([v], [o[:2]], [(3, 4)], ["w"])
+    with pytest.raises(ValueError, match="2 names"):
+        packer.pack_offsets([v], [o], [(3, 4)], ["w", "b"])

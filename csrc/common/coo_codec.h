@@ -658,10 +658,31 @@ inline void decode_write_nd(const DecodeTensor& t, int64_t begin, int64_t end, u
         u.write(t.indices + static_cast<int64_t>(entry++) * nd);
       }
       return;
-    default:  // kBitmap
-      for (int64_t p = begin; p < end; ++p) {
-        for (unsigned b = t.payload[p]; b; b &= b - 1) {
-          u.move_to(static_cast<uint64_t>(p) * 8 + static_cast<uint64_t>(__builtin_ctz(b)));
+    default:  // kBitmap, 8 bytes (64 elements) at a time
+      for (int64_t p = begin; p < end; p += 8) {
+        const int64_t n = std::min<int64_t>(8, end - p);
+        uint64_t word = 0;
+        std::memcpy(&word, t.payload + p, static_cast<size_t>(n));
+        if (!word) continue;
+        const uint64_t base = static_cast<uint64_t>(p) * 8;
+        const int last = nd - 1;
+        const int64_t lowest = __builtin_ctzll(word);
+        u.move_to(base + static_cast<uint64_t>(lowest));
+        // first: the last-dimension index of element `base` when it is in the
+        // same run as the word's lowest set bit.
+        const int64_t first = last >= 0 ? u.idx[last] - lowest : -1;
+        if (first >= 0 && first + 64 <= t.dims.d[last]) {
+          // All 64 elements lie in one run of the last dimension: only its
+          // index changes (the common case: rows of 64 elements or more).
+          for (; word; word &= word - 1) {
+            u.idx[last] = first + __builtin_ctzll(word);
+            u.write(t.indices + static_cast<int64_t>(entry++) * nd);
+          }
+          u.at = base + static_cast<uint64_t>(u.idx[last] - first);
+          continue;
+        }
+        for (; word; word &= word - 1) {
+          u.move_to(base + static_cast<uint64_t>(__builtin_ctzll(word)));
           u.write(t.indices + static_cast<int64_t>(entry++) * nd);
         }
       }

@@ -19,6 +19,8 @@
 //     2^15 elements, and the coder skips them 64 at a time.
 // Probabilities are the constants below (computed once, in 60-digit decimal
 // arithmetic, rounded to 15 bits): no float function runs while coding.
+// The coding loops are always inlined (LS_HD), into callers that are cloned
+// per ISA (cpu/wire_masks.cpp).
 //
 // The stream. The coded layers are concatenated into one sequence, cut into
 // blocks of block_elems elements (a multiple of 64; the last block may be
@@ -37,6 +39,7 @@
 #include <cstring>
 
 #include "fingerprint.h"
+#include "macros.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "the coded mask format stores little-endian words; this coder reads and writes them natively"
@@ -53,11 +56,11 @@ constexpr uint32_t kContinueOne = 12054;  // round(2^15 * a^(2^15)), a = 1 - 2^-
 constexpr uint32_t kRemainderOne[15] = {16384, 16383, 16383, 16382, 16380, 16376, 16368, 16352,
                                         16320, 16256, 16128, 15872, 15361, 14347, 12371};
 
-inline uint64_t low_bits(int k) { return k >= 64 ? ~uint64_t{0} : (uint64_t{1} << k) - 1; }
+LS_HD uint64_t low_bits(int k) { return k >= 64 ? ~uint64_t{0} : (uint64_t{1} << k) - 1; }
 
 // Set bits of a word. Written out because the baseline x86-64 build has no
 // popcnt instruction, and the builtin then calls a table-driven libgcc loop.
-inline int popcount(uint64_t v) {
+LS_HD int popcount(uint64_t v) {
   v = v - ((v >> 1) & 0x5555555555555555ull);
   v = (v & 0x3333333333333333ull) + ((v >> 2) & 0x3333333333333333ull);
   v = (v + (v >> 4)) & 0x0F0F0F0F0F0F0F0Full;
@@ -86,7 +89,7 @@ inline const uint64_t* reciprocals() {
   static const Reciprocals table;
   return table.m;
 }
-inline uint32_t divide(uint32_t x, uint32_t f, const uint64_t* rcp) {
+LS_HD uint32_t divide(uint32_t x, uint32_t f, const uint64_t* rcp) {
   if (f == 1) return x;
   return static_cast<uint32_t>((static_cast<unsigned __int128>(rcp[f]) * x) >> 64);
 }
@@ -146,7 +149,7 @@ inline int64_t finish_fingerprint(uint64_t sum, int64_t n) {
 
 // `count` (1..64) bits of a little-endian bitmap of `bytes` bytes from bit
 // `pos`, reading only the bytes that hold them.
-inline uint64_t load_bits(const uint8_t* bits, uint64_t bytes, uint64_t pos, int count) {
+LS_HD uint64_t load_bits(const uint8_t* bits, uint64_t bytes, uint64_t pos, int count) {
   const uint64_t first = pos >> 3;
   const int shift = static_cast<int>(pos & 7);
   const uint64_t need = (static_cast<uint64_t>(shift) + count + 7) >> 3;  // 1..9 bytes
@@ -162,7 +165,7 @@ inline uint64_t load_bits(const uint8_t* bits, uint64_t bytes, uint64_t pos, int
 }
 
 // `count` bits of a word array from bit `pos` (bits past the array read as zero).
-inline uint64_t load_word_bits(const uint64_t* words, int64_t nwords, int64_t pos, int count) {
+LS_HD uint64_t load_word_bits(const uint64_t* words, int64_t nwords, int64_t pos, int count) {
   const int64_t w = pos >> 6;
   const int shift = static_cast<int>(pos & 63);
   uint64_t v = words[w] >> shift;
@@ -192,7 +195,7 @@ class Encoder {
   // Writes words downwards from `end` and never below `begin`.
   Encoder(uint16_t* begin, uint16_t* end) : begin_(begin), out_(end), rcp_(reciprocals()) {}
 
-  void put(uint32_t start, uint32_t freq) {
+  LS_HD void put(uint32_t start, uint32_t freq) {
     uint32_t x = cur_;
     if (x >= (freq << 17)) {  // renormalise: after it, (x / freq) << 15 < 2^32
       if (out_ > begin_) {
@@ -207,7 +210,7 @@ class Encoder {
     other_ = (d << kProbBits) + (x - d * freq) + start;
   }
   // One bit with P(1) = one / 2^15, 0 < one < 2^15.
-  void bit(uint32_t b, uint32_t one) {
+  LS_HD void bit(uint32_t b, uint32_t one) {
     const uint32_t zero = kScale - one;
     put(b ? zero : 0, b ? one : zero);
   }
@@ -248,7 +251,7 @@ class Encoder {
 // Codes one block (its segments, in order) from a bitmap of `bytes` bytes.
 // Returns the block's first word (its bytes run to `end`), or nullptr when the
 // block takes more than the words in [begin, end).
-inline uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
+LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
                               uint16_t* end) {
   Encoder enc(begin, end);
   uint64_t cnt = 0, after = 0;  // matches before the next exception / certain elements after this point
@@ -269,6 +272,17 @@ inline uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bit
         continue;
       }
       const uint16_t* q = p.q + seg.elem + t;
+      if (x == 0) {  // no exception: the certain elements only add to the counts, in any order
+        const uint64_t k = static_cast<uint64_t>(popcount(matches));
+        cnt += k;
+        after += k;
+        for (uint64_t rest = u; rest;) {
+          const int b = 63 - __builtin_clzll(rest);
+          rest &= ~(uint64_t{1} << b);
+          enc.bit(static_cast<uint32_t>(m >> b) & 1u, q[b]);
+        }
+        continue;
+      }
       uint64_t events = u | x;
       int hi = 64;
       while (events) {
@@ -312,7 +326,7 @@ class Decoder {
     if (cur_ < kLow || other_ < kLow) bad_ = true;
   }
 
-  uint32_t bit(uint32_t one) {
+  LS_HD uint32_t bit(uint32_t one) {
     const uint32_t x = cur_;
     const uint32_t slot = x & (kScale - 1), zero = kScale - one;
     const uint32_t b = slot >= zero;
@@ -347,7 +361,7 @@ class Decoder {
   bool ok() const { return !bad_ && left_ == 0 && cur_ == kLow && other_ == kLow; }
 
  private:
-  uint32_t word() {
+  LS_HD uint32_t word() {
     if (left_ <= 0) {
       bad_ = true;
       return 0;
@@ -369,7 +383,7 @@ class Decoder {
 class BitWriter {
  public:
   explicit BitWriter(uint64_t* out) : out_(out) {}
-  void put(uint64_t v, int count) {
+  LS_HD void put(uint64_t v, int count) {
     acc_ |= v << fill_;
     fill_ += count;
     if (fill_ >= 64) {
@@ -389,7 +403,7 @@ class BitWriter {
 };
 
 // Certain elements in a block's segments.
-inline uint64_t certain_count(const Segment* segs, int nsegs) {
+LS_HD uint64_t certain_count(const Segment* segs, int nsegs) {
   uint64_t n = 0;
   for (int s = 0; s < nsegs; ++s) {
     const Prior& p = *segs[s].prior;
@@ -404,7 +418,7 @@ inline uint64_t certain_count(const Segment* segs, int nsegs) {
 
 // Decodes one block into `out` (the block's bits, from a word boundary);
 // false when the block is not exactly a valid stream for these segments.
-inline bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64_t words, uint64_t* out) {
+LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64_t words, uint64_t* out) {
   Decoder dec(in, words);
   BitWriter w(out);
   uint64_t left = certain_count(segs, nsegs);

@@ -18,6 +18,7 @@
 #include "../common/op_checks.h"
 #include "../common/radix.h"
 #include "sparse_select.h"
+#include "sparse_select_offsets.h"
 
 namespace layersel {
 namespace {
@@ -79,11 +80,12 @@ inline int64_t mark_chunk(const T* x, const T* y, int64_t n, double threshold, u
 }
 
 // Row-major coordinates of the kept elements only; the common 1-D and 2-D
-// cases without a 64-bit division loop.
+// cases without a 64-bit division loop. flat: the flat offset alone, as for a
+// 1-D tensor.
 template <typename T>
 void write_chunk(const T* x, int64_t off, int64_t n, const uint64_t* words, T* values, int64_t* indices,
-                 const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
-  const size_t ndim = sizes.size();
+                 const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides, bool flat) {
+  const size_t ndim = flat ? 1 : sizes.size();
   const bool small = off + n <= int64_t{UINT32_MAX};
   int64_t w = 0;
   for (int64_t k = 0; k * 64 < n; ++k) {
@@ -115,14 +117,24 @@ void mark_above_thresholds(const WorkTable& table, int64_t kind, at::ArrayRef<do
   });
 }
 
+// A view of `n` elements of `dtype` at byte `offset` of `storage` (aligned to the dtype).
+at::Tensor view_at(const at::Storage& storage, int64_t offset, int64_t n, at::ScalarType dtype) {
+  return at::empty({0}, at::TensorOptions().dtype(dtype)).set_(storage, offset / c10::elementSize(dtype), {n}, {1});
+}
+
 // The writing pass: values and row-major indices of the marked elements, per
 // tensor, each chunk's at its offset among its tensor's (torch.nonzero's order).
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> write_marked(const WorkTable& table,
-                                                                          at::TensorList model, const Marks& marks) {
+// flat (the compact wire's form): flat offsets, int64 [nnz], instead of
+// indices, and every tensor's values and offsets views of one buffer each, the
+// values one right after the other (padded only to a larger dtype's alignment),
+// as the wire concatenates them.
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> write_marked(const WorkTable& table, at::TensorList model,
+                                                                          const Marks& marks, bool flat = false) {
   const size_t n = table.entries.size();
   std::vector<at::Tensor> values(n), indices(n);
-  std::vector<int64_t> chunk_offset(marks.counts.size());
+  std::vector<int64_t> chunk_offset(marks.counts.size()), totals(n), value_at(n);
   std::vector<std::vector<int64_t>> sizes(n), strides(n);
+  int64_t value_bytes = 0, entries = 0;
   for (size_t t = 0; t < n; ++t) {
     int64_t total = 0;
     for (int64_t c = table.first_chunk[t]; c < table.first_chunk[t + 1]; ++c) {
@@ -134,16 +146,35 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> write_marked(const 
     strides[t].assign(sizes[t].size(), 1);
     for (int64_t dim = static_cast<int64_t>(sizes[t].size()) - 2; dim >= 0; --dim)
       strides[t][dim] = strides[t][dim + 1] * sizes[t][dim + 1];
-    values[t] = empty_cpu_output(total, x.scalar_type());
-    indices[t] = empty_cpu_output(total * x.dim(), at::kLong).view({total, x.dim()});
+    totals[t] = total;
+    if (flat) {
+      const int64_t size = static_cast<int64_t>(c10::elementSize(x.scalar_type()));
+      value_at[t] = (value_bytes + size - 1) / size * size;
+      value_bytes = value_at[t] + total * size;
+      entries += total;
+    } else {
+      values[t] = empty_cpu_output(total, x.scalar_type());
+      indices[t] = empty_cpu_output(total * x.dim(), at::kLong).view({total, x.dim()});
+    }
+  }
+  if (flat) {
+    const at::Storage value_storage = empty_cpu_output(value_bytes, at::kByte).storage();
+    const at::Storage offset_storage = empty_cpu_output(entries, at::kLong).storage();
+    int64_t at = 0;
+    for (size_t t = 0; t < n; ++t) {
+      values[t] = view_at(value_storage, value_at[t], totals[t], model[t].scalar_type());
+      indices[t] = view_at(offset_storage, at * 8, totals[t], at::kLong);
+      at += totals[t];
+    }
   }
   for_each_chunk(table, kCpuChunk, [&](const TensorEntry& e, int32_t t, int64_t c, int64_t off, int64_t len) {
     if (marks.counts[c] == 0) return;
     LS_SWITCH_DTYPE(e.dtype, T, {
       T* v = values[t].data_ptr<T>() + chunk_offset[c];
-      int64_t* ix = indices[t].data_ptr<int64_t>() + chunk_offset[c] * static_cast<int64_t>(sizes[t].size());
+      const int64_t row = flat ? 1 : static_cast<int64_t>(sizes[t].size());
+      int64_t* ix = indices[t].data_ptr<int64_t>() + chunk_offset[c] * row;
       write_chunk<T>(static_cast<const T*>(e.x) + off, off, len, marks.bits + marks.first_word[c], v, ix,
-                     sizes[t], strides[t]);
+                     sizes[t], strides[t], flat);
     });
   });
   return {values, indices};
@@ -168,9 +199,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_extract_cpu(
 // sample select's pass marks as it brackets (one read of the model instead of
 // two); else the k-th largest as kth_largest_score finds it (the sample select's
 // answer, when only the marks could not be completed) and the marking pass.
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_select_cpu(at::TensorList model,
-                                                                               at::TensorList initial, int64_t kind,
-                                                                               int64_t k, at::ScalarType score_dtype) {
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> select_marked(at::TensorList model,
+                                                                           at::TensorList initial, int64_t kind,
+                                                                           int64_t k, at::ScalarType score_dtype,
+                                                                           bool flat) {
   check_sparse_kind(kind, "sparse_select");
   const WorkTable table = build_work_table(model, initial, score_kind_uses_initial(kind), kCpuChunk, "sparse_select");
   check_rank(k, table.total_numel);
@@ -184,10 +216,26 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_select_cpu(a
       mark_above_thresholds(table, kind, thresholds, marks);
     }
   });
-  return write_marked(table, model, marks);
+  return write_marked(table, model, marks, flat);
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_select_cpu(at::TensorList model,
+                                                                               at::TensorList initial, int64_t kind,
+                                                                               int64_t k, at::ScalarType score_dtype) {
+  return select_marked(model, initial, kind, k, score_dtype, false);
 }
 
 }  // namespace
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> sparse_select_offsets(
+    const std::vector<at::Tensor>& model, const std::vector<at::Tensor>& initial, int64_t kind, int64_t k,
+    at::ScalarType score_dtype) {
+  for (const at::Tensor& x : model) {
+    TORCH_CHECK_VALUE(x.device().is_cpu(), "sparse_select_offsets: CPU tensors only, got one on ", x.device());
+  }
+  return select_marked(model, initial, kind, k, score_dtype, true);
+}
+
 }  // namespace layersel
 
 TORCH_LIBRARY_IMPL(layersel, CPU, m) {

@@ -1,6 +1,8 @@
 // The compact COO codec's torch wrapper: the checks a stream's meta gets here
 // too, the two passes of common/coo_codec.h on at::parallel_for, and the value
-// bytes copied in parallel.
+// bytes copied in parallel. Outputs come from the output block cache: a client
+// encodes and a server decodes every round, and fresh pages for a message of
+// hundreds of MB cost more in page faults than the codec itself.
 #include "wire_coo.h"
 
 #include <ATen/Parallel.h>
@@ -10,6 +12,7 @@
 #include <cstring>
 
 #include "../common/coo_codec.h"
+#include "output_block_cache.h"
 
 namespace layersel {
 namespace {
@@ -69,9 +72,17 @@ std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::
   for (size_t t = 0; t < indices.size(); ++t) {
     const at::Tensor& idx = indices[t];
     ts[t].dims = dims_of(shapes[t], t);
-    TORCH_CHECK_VALUE(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.dim() == 2 &&
-                          idx.size(1) == ts[t].dims.ndim && idx.is_contiguous(),
-                      "tensor #", t, ": indices must be a contiguous int64 [nnz, ", ts[t].dims.ndim, "] CPU tensor");
+    const bool flat = idx.dim() == 1;
+    TORCH_CHECK_VALUE(idx.device().is_cpu() && idx.scalar_type() == at::kLong && idx.is_contiguous() &&
+                          (flat || (idx.dim() == 2 && idx.size(1) == ts[t].dims.ndim)),
+                      "tensor #", t, ": indices must be a contiguous int64 [nnz, ", ts[t].dims.ndim,
+                      "] or [nnz] (flat offsets) CPU tensor");
+    if (flat) {
+      // Flat row-major offsets are the indices of the tensor seen as 1-D: the
+      // same payload, checked against numel, without a row per entry.
+      ts[t].dims.ndim = 1;
+      ts[t].dims.d[0] = static_cast<int64_t>(ts[t].dims.numel);
+    }
     ts[t].indices = idx.data_ptr<int64_t>();
     ts[t].nnz = nnz[t] = idx.size(0);
   }
@@ -87,16 +98,28 @@ std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::
       if (speculative) continue;
       return {plan.out_of_range, {}, {}, at::Tensor(), at::Tensor()};
     }
-    positions = at::empty({static_cast<int64_t>(plan.total)}, at::kByte);
+    positions = empty_cpu_output(static_cast<int64_t>(plan.total), at::kByte);
     if (coo::write_encoding(ts, ranges, plan, positions.data_ptr<uint8_t>(), on_threads())) break;
   }
 
   int64_t total = 0;
-  for (const at::Tensor& v : value_bytes) {
-    bytes_of(v, "value bytes");
+  bool consecutive = !value_bytes.empty();  // every tensor's bytes right after the one before, in one storage
+  for (size_t t = 0; t < value_bytes.size(); ++t) {
+    const at::Tensor& v = value_bytes[t];
+    const uint8_t* p = bytes_of(v, "value bytes");
+    if (t > 0) {
+      const at::Tensor& before = value_bytes[t - 1];
+      consecutive &= v.storage().is_alias_of(before.storage()) && p == before.data_ptr<uint8_t>() + before.numel();
+    }
     total += v.numel();
   }
-  at::Tensor values = at::empty({total}, at::kByte);
+  if (consecutive) {  // the values already lie as the stream has them (sparse_select_offsets' output): no copy
+    const at::Tensor& first = value_bytes.front();
+    at::Tensor values = at::empty({0}, at::kByte).set_(first.storage(), first.storage_offset(), {total}, {1});
+    return {-1, std::vector<int64_t>(plan.code.begin(), plan.code.end()),
+            std::vector<int64_t>(plan.bytes.begin(), plan.bytes.end()), positions, values};
+  }
+  at::Tensor values = empty_cpu_output(total, at::kByte);
   std::vector<std::tuple<const uint8_t*, uint8_t*, int64_t>> pieces;
   int64_t at = 0;
   for (const at::Tensor& v : value_bytes) {
@@ -147,10 +170,18 @@ std::tuple<int64_t, std::string, std::vector<at::Tensor>, at::Tensor, std::vecto
   coo::DecodePlan plan = coo::plan_decoding(ts, on_threads());
   if (plan.error.tensor >= 0) return {plan.error.tensor, plan.error.why, {}, at::Tensor(), {}};
 
+  // Every tensor's indices are views of one buffer: one block of the cache
+  // however many tensors (small ones alone would be fresh allocations).
+  int64_t rows = 0;
+  for (size_t t = 0; t < n; ++t) rows += nnz[t] * ts[t].dims.ndim;
+  const at::Storage storage = empty_cpu_output(rows, at::kLong).storage();
   std::vector<at::Tensor> indices;
+  rows = 0;
   for (size_t t = 0; t < n; ++t) {
-    indices.push_back(at::empty({nnz[t], ts[t].dims.ndim}, at::kLong));
+    const int64_t ndim = ts[t].dims.ndim;
+    indices.push_back(at::empty({0}, at::kLong).set_(storage, rows, {nnz[t], ndim}, {ndim, 1}));
     ts[t].indices = indices.back().data_ptr<int64_t>();
+    rows += nnz[t] * ndim;
   }
   coo::write_decoding(ts, plan, on_threads());
 
@@ -160,7 +191,7 @@ std::tuple<int64_t, std::string, std::vector<at::Tensor>, at::Tensor, std::vecto
     starts.push_back(total);
     total += (value_bytes[t] + 63) / 64 * 64;
   }
-  at::Tensor out = at::empty({total}, at::kByte);
+  at::Tensor out = empty_cpu_output(total, at::kByte);
   std::vector<std::tuple<const uint8_t*, uint8_t*, int64_t>> pieces;
   r = 0;
   for (size_t t = 0; t < n; ++t) {

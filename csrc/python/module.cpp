@@ -9,6 +9,7 @@
 #include <set>
 
 #include "common/dtypes.h"
+#include "cpu/sparse_select_offsets.h"
 #include "cpu/wire_coo.h"
 #include "cpu/wire_masks.h"
 #include "python/bindings.h"
@@ -72,6 +73,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("coo_encode", &layersel::coo_encode, "Compact COO positions and value bytes (cpu/wire_coo.h)",
         py::call_guard<py::gil_scoped_release>());
   m.def("coo_decode", &layersel::coo_decode, "fl4health's COO indices and value bytes from a compact stream",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sparse_select_offsets", &layersel::sparse_select_offsets,
+        "sparse_select's values and flat offsets, for coo_encode (cpu/sparse_select_offsets.h)",
         py::call_guard<py::gil_scoped_release>());
   // The coded FedPM mask codec (layersel_ext/wire_coded.py) and bitmap helpers, without the GIL.
   m.def("mask_prior", &layersel::mask_prior, "A layer's quantized prior from theta (cpu/wire_masks.h)",

@@ -5,8 +5,11 @@
 //   1. known bytes: one small payload per encoding, written out by hand;
 //   2. round trips of random tensors of every encoding, several ranges long, the
 //      ranges run in a scrambled order (no range may depend on another's timing);
-//   3. a seeded mutation fuzz of valid payloads: every accepted stream decodes
-//      into exactly sized outputs, every index inside its shape.
+//   3. a seeded mutation fuzz of valid payloads (kFuzzRounds of them, all run
+//      through the decoder): every accepted stream decodes into exactly sized
+//      outputs, every index inside its shape;
+//   4. flat offsets (the tensor seen as 1-D, as the client's selection hands
+//      them over) encode to the same bytes as the index rows.
 #include <cstdint>
 #include <cstdio>
 #include <functional>
@@ -164,10 +167,16 @@ static void test_dense_but_unordered_or_out_of_range() {
   LS_CHECK(encode(rows, d, 40).code == -1);
 }
 
+// Rows of 64 and 128 elements (every bitmap word inside one row), of 65 and 63
+// (words across rows), and 3-D with a last dimension of 64: both branches of
+// the bitmap decoder's word loop.
+static const std::vector<std::vector<int64_t>> kShapes = {
+    {300, 700}, {1 << 20, 1 << 12}, {7, 1, 5, 1, 3}, {131073},   {0},      {4, 0, 2},
+    {},         {1 << 30, 1 << 20}, {2000, 64},      {900, 128}, {999, 65}, {30, 50, 64}, {777, 63}};
+
 static void test_round_trips() {
   std::mt19937_64 rng(7);
-  const std::vector<std::vector<int64_t>> shapes = {{300, 700}, {1 << 20, 1 << 12}, {7, 1, 5, 1, 3}, {131073},
-                                                    {0},        {4, 0, 2},          {},              {1 << 30, 1 << 20}};
+  const std::vector<std::vector<int64_t>>& shapes = kShapes;
   for (const auto& shape : shapes) {
     const coo::Dims d = dims(shape);
     for (int pattern = 0; pattern < 5; ++pattern) {
@@ -182,12 +191,30 @@ static void test_round_trips() {
   }
 }
 
+static void test_flat_offsets_encode_as_rows() {
+  std::mt19937_64 rng(11);
+  for (const auto& shape : kShapes) {
+    const coo::Dims d = dims(shape);
+    coo::Dims flat = dims({static_cast<int64_t>(d.numel)});
+    for (int pattern = 0; pattern < 5; ++pattern) {
+      const std::vector<uint64_t> offsets = random_offsets(rng, d.numel, pattern, 20000);
+      const int64_t nnz = static_cast<int64_t>(offsets.size());
+      const std::vector<int64_t> as_offsets(offsets.begin(), offsets.end());
+      const Encoded rows = encode(rows_of(offsets, d), d, nnz), offs = encode(as_offsets, flat, nnz);
+      LS_CHECK(rows.code == offs.code && rows.payload == offs.payload);
+    }
+  }
+}
+
+constexpr int kFuzzRounds = 12000;
+
 static void test_mutated_payloads() {
   std::mt19937_64 rng(2027);
   int accepted = 0, refused = 0;
-  for (int round = 0; round < 4000; ++round) {
-    const std::vector<int64_t> shape = round % 3 == 0 ? std::vector<int64_t>{40, 40, 3}
-                                       : round % 3 == 1 ? std::vector<int64_t>{70000}
+  for (int round = 0; round < kFuzzRounds; ++round) {
+    const std::vector<int64_t> shape = round % 4 == 0   ? std::vector<int64_t>{40, 40, 3}
+                                       : round % 4 == 1 ? std::vector<int64_t>{70000}
+                                       : round % 4 == 2 ? std::vector<int64_t>{1100, 64}
                                                         : std::vector<int64_t>{1 << 16, 1 << 16};
     const coo::Dims d = dims(shape);
     const int64_t n = round % 25 == 0 ? 150000 : static_cast<int64_t>(rng() % 3000);  // every 25th: several ranges
@@ -227,8 +254,9 @@ static void test_mutated_payloads() {
       ++refused;
     }
   }
-  LS_CHECK(accepted > 100 && refused > 1000);
-  std::printf("fuzz: %d mutated payloads accepted (in range), %d refused\n", accepted, refused);
+  LS_CHECK(accepted > 100 && refused > 1000 && accepted + refused == kFuzzRounds);
+  std::printf("fuzz: %d mutated payloads decoded: %d accepted (in range), %d refused\n", accepted + refused,
+              accepted, refused);
 }
 
 // What a decoder computes before it allocates: exact for sane sizes, and never
@@ -256,6 +284,7 @@ int main() {
   test_known_bytes();
   test_dense_but_unordered_or_out_of_range();
   test_round_trips();
+  test_flat_offsets_encode_as_rows();
   test_mutated_payloads();
   return report("coo codec");
 }
