@@ -11,10 +11,11 @@ CONTRIBUTING.md or docs/*.md:
     <!-- tables:NAME:end -->
 
 NAME is a key of ``BLOCKS``. The numbers come from ``benchmarks/results/*/results.json`` (the
-benchmark runner's, one folder per machine), ``benchmarks/results/wire-cpu/wire.json``, ``mask_coding.json`` and
-``benchmarks/results/sharded-cpu/results.json``, and the cells are drawn by the same markdown
-functions that write each folder's ``results.md`` (``layersel_ext.bench.run.markdown``,
-``benchmarks.wire.markdown``, ``benchmarks.sharded.markdown``), so a table in the docs reads like
+benchmark runner's, one folder per machine), ``benchmarks/results/wire-cpu/wire.json``, ``mask_coding.json``,
+``benchmarks/results/sharded-cpu/results.json`` and the newest ``benchmarks/results/*/fedpm_wire.json``,
+and the cells are drawn by the same markdown functions that write each folder's ``results.md``
+(``layersel_ext.bench.run.markdown``, ``benchmarks.wire.markdown``, ``benchmarks.sharded.markdown``,
+``benchmarks.fedpm_wire.markdown``), so a table in the docs reads like
 the results file it came from. The captions name the machine from the results' own metadata and
 leave out dates and commits: the results files keep those, the prose does not.
 """
@@ -190,12 +191,47 @@ def sharded(doc_dir: Path) -> str:
     return head + table
 
 
+def fedpm_wire_results() -> tuple[Path, dict[str, Any]]:
+    """The newest ``benchmarks/results/*/fedpm_wire.json`` (benchmarks.fedpm_wire's)."""
+    found = [(path, load(path)) for path in sorted(RESULTS.glob("*/fedpm_wire.json"))]
+    if not found:
+        raise SystemExit("no benchmarks/results/*/fedpm_wire.json: run `python -m benchmarks.fedpm_wire`")
+    return max(found, key=lambda pd: str(pd[1]["meta"].get("when", "")))
+
+
+def fedpm_caption(path: Path, meta: dict[str, Any], doc_dir: Path) -> str:
+    return (
+        f"Machine: `{meta['machine']}`, {meta['cores']} cores (load average {meta['load_before'][0]} before, "
+        f"{meta['load_after'][0]} after); torch {meta['torch']}, flwr {meta['flwr']}, fl4health "
+        f"{meta['fl4health']}; {meta['rounds']} rounds; all the federations took {meta['seconds']:.0f} s "
+        f"([fedpm_wire.json]({link(path, doc_dir)}))."
+    )
+
+
+def fedpm_wire(doc_dir: Path) -> str:
+    """Every model and client count of the newest FedPM federation run, round by round and wire by wire."""
+    from benchmarks.fedpm_wire import markdown
+
+    path, data = fedpm_wire_results()
+    return fedpm_caption(path, data["meta"], doc_dir) + "\n\n" + markdown(data, title=False)
+
+
+def fedpm_wire_headline(doc_dir: Path) -> str:
+    """The most compact wire of the newest FedPM federation run, in rounds 1, 3 and the last."""
+    from benchmarks.fedpm_wire import headline as fedpm_headline
+
+    path, data = fedpm_wire_results()
+    return fedpm_headline(data) + "\n" + fedpm_caption(path, data["meta"], doc_dir) + "\n"
+
+
 BLOCKS: dict[str, Callable[[Path], str]] = {
     "headline": headline,
     "all-machines": all_machines,
     "wire": wire,
     "mask-coding": mask_coding,
     "sharded": sharded,
+    "fedpm_wire": fedpm_wire,
+    "fedpm_wire_headline": fedpm_wire_headline,
 }
 
 
