@@ -253,37 +253,53 @@ def _score_passes(kind: int, x: Tensor, y: Tensor | None, out: Tensor, scratch: 
         score_into(kind, x[lo:hi], y[lo:hi] if y is not None else None, out[lo:hi], tmp)
 
 
+def _foreach_scores(kind: int, xs: Sequence[Tensor], ys: Sequence[Tensor] | None) -> list[Tensor]:
+    """``score_into``'s formula for every tensor, each op once over the whole list: torch's foreach ops run
+    their per-tensor loop in C++, an output each, no copy into a batch (on 1,800 small tensors a third of
+    the time of concatenating them, scoring the batch and splitting it into views)."""
+    if kind in (ScoreKind.LARGEST_FINAL_MAGNITUDE, ScoreKind.SMALLEST_FINAL_MAGNITUDE):
+        out = torch._foreach_abs(xs)
+    elif kind in (ScoreKind.LARGEST_MAGNITUDE_CHANGE, ScoreKind.SMALLEST_MAGNITUDE_CHANGE):
+        assert ys is not None
+        out = torch._foreach_sub(xs, ys)
+        torch._foreach_abs_(out)
+    else:
+        assert ys is not None
+        out = torch._foreach_abs(xs)
+        torch._foreach_sub_(out, torch._foreach_abs(ys))
+    if kind in _NEGATED_KINDS:
+        torch._foreach_neg_(out)
+    return list(out)
+
+
 @torch.no_grad()
 def score_tensors(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int) -> list[Tensor]:
-    """``scores`` as one contiguous tensor per input tensor, shaped like it (what ``ops.scores`` returns).
+    """``scores`` as one tensor per input tensor, shaped like it (what ``ops.scores`` returns).
 
     A tensor of ``_CHUNK`` elements or more gets an output of its own, as fl4health's per-tensor ops
     do: the allocator hands a block of a model tensor's size back call after call, while one buffer
     of the whole model's size is a fresh mapping every call (above glibc's largest mmap threshold,
     32 MB), whose first touch faults every 4 KB page in, which takes longer than the scores
-    themselves. Consecutive small tensors of a dtype share one batch's output, each a view of it."""
+    themselves. The smaller tensors go through foreach ops (``_foreach_scores``)."""
     _checks.check_formula_kind("scores", kind, NUM_FORMULAS)
     needs_y = uses_initial(kind)
     _checks.check_tensors("scores", model, initial if needs_y else None)
     device = model[0].device if len(model) else torch.device("cpu")
     sizes = [t.numel() for t in model]
-    out: list[Tensor | None] = [None if size else t.new_empty(t.shape) for t, size in zip(model, sizes)]
+    small = [i for i, size in enumerate(sizes) if size < _CHUNK]
+    out: list[Tensor | None] = [None] * len(model)
+    if small:
+        ys = [initial[i] for i in small] if needs_y else None
+        for i, score in zip(small, _foreach_scores(kind, [model[i] for i in small], ys)):
+            out[i] = score
     scratch = _Scratch(device)
-    for batch in _batches(model, sizes, lambda i: sizes[i] > 0):
-        if len(batch) == 1:
-            i = batch[0]
+    for i, size in enumerate(sizes):
+        if size >= _CHUNK:
             x, y = _flat(model[i]), _flat(initial[i]) if needs_y else None
-        else:
-            x = _flatten([model[i] for i in batch])
-            y = _flatten([initial[i] for i in batch]) if needs_y else None
-        flat = _empty_output(x.numel(), x.dtype, device)
-        _score_passes(kind, x, y, flat, scratch)
-        if len(batch) == 1:
-            out[batch[0]] = flat.view(model[batch[0]].shape)
-        else:
-            for i, v in zip(batch, torch._C._nn.unflatten_dense_tensors(flat, [model[i] for i in batch])):
-                out[i] = v
-    return out  # type: ignore[return-value]  # every entry filled: empty tensors above, the rest in a batch
+            flat = _empty_output(size, x.dtype, device)
+            _score_passes(kind, x, y, flat, scratch)
+            out[i] = flat.view(model[i].shape)
+    return out  # type: ignore[return-value]  # every entry filled: the small ones, then the large ones
 
 
 def views_like(buffers: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
