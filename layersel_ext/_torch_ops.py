@@ -116,13 +116,15 @@ class _Scratch:
 def _squares_into(x: Tensor, y: Tensor, out: Tensor, scratch: _Scratch) -> None:
     """``out`` (float64) = float((x - y).float() ** 2) for flat x, y: the difference in their dtype, converted
     to float32, squared in float32 (torch computes a binary op in its inputs' dtype and converts the result
-    to ``out``'s), then widened exactly to float64."""
-    if x.dtype == torch.float32:
-        torch._C._nn.mse_loss(x, y, 0, out=out)  # reduction none: (x - y) * (x - y) in float32, one pass
-        return
+    to ``out``'s), then widened exactly to float64. The squares go to a float32 buffer first: given a
+    float64 ``out``, torch would compute into a fresh float32 temporary and copy that, an allocation a pass."""
     d = scratch.get("d", torch.float32, x.numel())
-    torch.sub(x, y, out=d)  # in x's dtype (integers wrap), then to float32
-    torch.mul(d, d, out=out)
+    if x.dtype == torch.float32:
+        torch._C._nn.mse_loss(x, y, 0, out=d)  # reduction none: (x - y) * (x - y) in float32, one pass
+    else:
+        torch.sub(x, y, out=d)  # in x's dtype (integers wrap), then to float32
+        d.mul_(d)
+    out.copy_(d)
 
 
 @torch.no_grad()
