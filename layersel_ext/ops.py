@@ -128,7 +128,9 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
 def scores(model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int) -> list[Tensor]:
     """Score formula ``kind`` (a ``ScoreKind`` below GIVEN, fl4health's order) of every tensor, shaped like it.
 
-    The results are views into one buffer per dtype (one allocation per dtype, not per tensor).
+    The compiled kernels' results are views into one buffer per dtype (one allocation per dtype, not
+    per tensor, its pages from the kernels' output cache); the torch backend's are a tensor per large
+    tensor and views into one buffer per batch of small ones (``_torch_ops.score_tensors``).
     """
     if not len(model):
         return []
@@ -136,8 +138,10 @@ def scores(model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int)
     with torch.no_grad():
         if _use_compiled("scores", _device(model)):
             buffers = _call("scores", _arg(model), ys, kind)
-        else:
+        elif torch.compiler.is_compiling():  # dynamo cannot trace the C++ views of ``score_tensors``
             buffers = _torch_ops.scores(model, ys, kind)
+        else:
+            return _torch_ops.score_tensors(model, ys, kind)
     return split_grouped(buffers, model)
 
 
