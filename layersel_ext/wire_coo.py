@@ -44,6 +44,7 @@ dimensions: a 64-dimension tensor of 2**20 one-byte entries (a 1.1 MB stream tha
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -462,12 +463,16 @@ def unpack_coo(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None)
 def _value_views(entries: list[_Entry], raw: np.ndarray) -> list[np.ndarray] | None:
     """Every tensor's values as views of the stream's value bytes (no copy: fl4health's own packer
     returns its input's arrays too), or None when one would not be aligned for its dtype (values of
-    dtypes of several sizes): then the codecs copy them."""
+    dtypes of several sizes) or the host is big-endian (the stream's values are little-endian): then
+    the codecs copy them. The views have the native dtype, as fl4health's arrays (not an explicit
+    ``<f4``, which numpy prints and hashes differently)."""
+    if sys.byteorder != "little":
+        return None
     views, r = [], 0
     for dtype, _, nnz, _, _ in entries:
         if (raw.ctypes.data + r) % dtype.itemsize:
             return None
-        views.append(raw[r : r + nnz * dtype.itemsize].view(dtype.newbyteorder("<")))
+        views.append(raw[r : r + nnz * dtype.itemsize].view(dtype))
         r += nnz * dtype.itemsize
     return views
 
