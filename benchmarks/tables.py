@@ -143,34 +143,32 @@ def all_machines(doc_dir: Path) -> str:
     return "\n".join(parts)
 
 
-def wire(doc_dir: Path) -> str:
-    """The bytes-on-the-wire table and its note (benchmarks.wire's rendering without its dated title)."""
-    from benchmarks.wire import markdown
-
-    path = RESULTS / "wire-cpu" / "wire.json"
+def _wire_table(doc_dir: Path, stem: str, markdown: Callable[[list[dict[str, Any]], dict[str, Any]], str]) -> str:
+    """A wire benchmark's table and its note from ``wire-cpu/<stem>.json``: its own rendering without
+    the dated title, under a caption naming the machine and the file."""
+    path = RESULTS / "wire-cpu" / f"{stem}.json"
     data = load(path)
     meta = data["meta"]
     body = markdown(data["rows"], meta).split("\n", 2)[2]  # drop the title line and the blank after it
     head = (
         f"Machine: {meta['machine']}, {meta['threads']} threads, torch {meta['torch']} "
-        f"([wire.json]({link(path, doc_dir)})).\n\n"
+        f"([{stem}.json]({link(path, doc_dir)})).\n\n"
     )
     return head + body
+
+
+def wire(doc_dir: Path) -> str:
+    """The bytes-on-the-wire table (benchmarks.wire)."""
+    from benchmarks.wire import markdown
+
+    return _wire_table(doc_dir, "wire", markdown)
 
 
 def mask_coding(doc_dir: Path) -> str:
-    """The coded-mask speed and size table (benchmarks.mask_coding's rendering without its dated title)."""
+    """The coded-mask speed and size table (benchmarks.mask_coding)."""
     from benchmarks.mask_coding import markdown
 
-    path = RESULTS / "wire-cpu" / "mask_coding.json"
-    data = load(path)
-    meta = data["meta"]
-    body = markdown(data["rows"], meta).split("\n", 2)[2]
-    head = (
-        f"Machine: {meta['machine']}, {meta['threads']} threads, torch {meta['torch']} "
-        f"([mask_coding.json]({link(path, doc_dir)})).\n\n"
-    )
-    return head + body
+    return _wire_table(doc_dir, "mask_coding", markdown)
 
 
 def sharded(doc_dir: Path) -> str:
