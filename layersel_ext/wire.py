@@ -302,6 +302,25 @@ def _read_meta(
     return out
 
 
+def _check_bitmap(bits: np.ndarray, total: int) -> None:
+    """A bitmap of exactly ``total`` elements: 1-D uint8, ``ceil(total / 8)`` bytes, zero padding bits."""
+    if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-total // 8):
+        raise _fail(f"{total} mask elements need {-(-total // 8)} bitmap bytes, got {bits.dtype} {bits.shape}")
+    if total % 8 and bits[-1] >> (total % 8):
+        raise _fail("padding bits after the last element are not zero")
+
+
+def _check_numpy_sizes(entries: list[tuple[np.dtype, tuple[int, ...], list[int]]]) -> None:
+    """Every entry's array can exist: numpy sizes an array by its non-empty dimensions, even when
+    another one is 0, and refuses 2**63 bytes or more."""
+    for i, (dtype, shape, _) in enumerate(entries):
+        if math.prod(d for d in shape if d) * dtype.itemsize >= 2**63:
+            raise _fail(
+                f"entry #{i}: bad shape {shape} for {dtype}: its non-empty sizes times {dtype.itemsize} bytes "
+                "reach 2**63, numpy's limit for an array"
+            )
+
+
 def unpack(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None) -> tuple[list[np.ndarray], list[str]]:
     """The arrays and layer names of a compact stream (``ValueError`` naming what is wrong otherwise,
     or when decoding would allocate more than ``limits`` allow: default ``DecodeLimits()``)."""
@@ -329,17 +348,8 @@ def unpack(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None) -> 
     need = _measure_names(packed[-2], packed[-1], n, "arrays")
     entries = _read_meta(packed[1])
     total = sum(math.prod(shape) for _, shape, _ in entries)
-    if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-total // 8):
-        raise _fail(f"{total} mask elements need {-(-total // 8)} bitmap bytes, got {bits.dtype} {bits.shape}")
-    if total % 8 and bits[-1] >> (total % 8):
-        raise _fail("padding bits after the last element are not zero")
-    for i, (dtype, shape, _) in enumerate(entries):
-        # numpy sizes an array by its non-empty dimensions, even when another one is 0
-        if math.prod(d for d in shape if d) * dtype.itemsize >= 2**63:
-            raise _fail(
-                f"entry #{i}: bad shape {shape} for {dtype}: its non-empty sizes times {dtype.itemsize} bytes "
-                "reach 2**63, numpy's limit for an array"
-            )
+    _check_bitmap(bits, total)
+    _check_numpy_sizes(entries)
     masks = sum(math.prod(shape) * dtype.itemsize for dtype, shape, _ in entries)
     limits.check(packed, masks + total + n * TENSOR_OVERHEAD_BYTES + need, masks, "mask arrays")
     flat = np.unpackbits(bits, count=total, bitorder="little")

@@ -64,6 +64,8 @@ from .wire import (
     FORM_PLAIN,
     TENSOR_OVERHEAD_BYTES,
     DecodeLimits,
+    _check_bitmap,
+    _check_numpy_sizes,
     _fail,
     _header,
     _is_mask,
@@ -158,9 +160,9 @@ def encode_bits(
     coding = np.asarray([block_elems, *sizes], dtype=np.int64)
     if not ok or payload.numel() + coding.nbytes >= -(-total_coded // 8):
         return bitmap_form
-    in_bits = [i for i in range(len(shapes)) if i not in set(coded)]
-    plain = COMPILED.bits_gather(bits_t, [offsets[i] for i in in_bits], [numels[i] for i in in_bits]).numpy()
     fingerprints = dict(zip(coded, (p.fingerprint for p in ps)))
+    in_bits = [i for i in range(len(shapes)) if i not in fingerprints]
+    plain = COMPILED.bits_gather(bits_t, [offsets[i] for i in in_bits], [numels[i] for i in in_bits]).numpy()
     meta = [len(shapes)]
     for i, s in enumerate(shapes):
         method = METHOD_CODED if i in fingerprints else METHOD_BITS
@@ -191,9 +193,8 @@ def decode(
     need_names = _measure_names(packed[-2], packed[-1], n, "arrays")
     entries = _read_meta(meta, trailing=2)
     names = _split_names(packed[-2])
-    for what, a in (("bits", bits), ("payload", payload)):
-        if a.dtype != np.uint8 or a.ndim != 1:
-            raise _fail(f"the {what} must be a 1-D uint8 array, got {a.dtype} {a.shape}")
+    if payload.dtype != np.uint8 or payload.ndim != 1:
+        raise _fail(f"the payload must be a 1-D uint8 array, got {payload.dtype} {payload.shape}")
     if coding.dtype != np.int64 or coding.ndim != 1 or coding.size < 1:
         raise _fail(f"the coding array must be a 1-D int64 array, got {coding.dtype} {coding.shape}")
     coded, in_bits = [], []
@@ -217,11 +218,7 @@ def decode(
             )
         coded.append(i)
     numels = [math.prod(shape) for _, shape, _ in entries]
-    total_bits = sum(numels[i] for i in in_bits)
-    if bits.size != -(-total_bits // 8):
-        raise _fail(f"{total_bits} bitmap elements need {-(-total_bits // 8)} bytes, got {bits.size}")
-    if total_bits % 8 and bits[-1] >> (total_bits % 8):
-        raise _fail("padding bits after the last bitmap element are not zero")
+    _check_bitmap(bits, sum(numels[i] for i in in_bits))
     total_coded = sum(numels[i] for i in coded)
     block_elems = int(coding[0])
     if not 64 <= block_elems <= _MAX_BLOCK_ELEMS or block_elems % 64:
@@ -239,9 +236,7 @@ def decode(
             f"{total_coded} coded elements in blocks of {block_elems} need {blocks} block sizes (even, at least 4, "
             f"adding up to the payload's {payload.size} bytes), got {sizes.size}"
         )
-    for i, (dtype, shape, _) in enumerate(entries):
-        if math.prod(d for d in shape if d) * dtype.itemsize >= 2**63:
-            raise _fail(f"entry #{i}: bad shape {shape} for {dtype}")
+    _check_numpy_sizes(entries)
     masks = sum(numels[i] * dtype.itemsize for i, (dtype, _, _) in enumerate(entries))
     decoded_bits = 8 * -(-total_coded // 64)
     need = masks + decoded_bits + n * TENSOR_OVERHEAD_BYTES + need_names
