@@ -2,6 +2,8 @@
 // walk over a work table's chunks. (Output allocation: output_block_cache.h.)
 #pragma once
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <atomic>
@@ -31,6 +33,13 @@
 #define LS_CPU_INLINE inline __attribute__((always_inline))
 
 namespace layersel {
+
+// The bytes of a wire codec's input (a contiguous 1-D uint8 CPU tensor, or a ValueError naming `what`).
+inline const uint8_t* bytes_of(const at::Tensor& t, const char* what) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kByte && t.dim() == 1 && t.is_contiguous(), what,
+                    " must be a contiguous 1-D uint8 CPU tensor");
+  return t.data_ptr<uint8_t>();
+}
 
 // Eight 0/1 bytes as the eight bits of one byte (byte k -> bit k): byte k of
 // the word lands on bit 56 + k of the product, and no two terms meet, so

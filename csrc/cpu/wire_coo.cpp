@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "../common/coo_codec.h"
+#include "cpu_kernel_utils.h"
 #include "output_block_cache.h"
 
 namespace layersel {
@@ -43,12 +44,6 @@ coo::Dims dims_of(const std::vector<int64_t>& shape, size_t t) {
   }
   if (empty) d.numel = 0;
   return d;
-}
-
-const uint8_t* bytes_of(const at::Tensor& t, const char* what) {
-  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kByte && t.dim() == 1 && t.is_contiguous(), what,
-                    " must be a contiguous 1-D uint8 CPU tensor");
-  return t.data_ptr<uint8_t>();
 }
 
 // Copies pieces[i] = (from, to, bytes), split into kCopyPiece parts, in parallel.

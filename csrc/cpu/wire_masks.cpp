@@ -20,12 +20,6 @@ namespace mc = maskcode;
 
 constexpr int64_t kWordsPerTask = int64_t{1} << 14;  // prior words (of 64 elements) per parallel task
 
-const uint8_t* bytes_of(const at::Tensor& t, const char* what) {
-  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kByte && t.dim() == 1 && t.is_contiguous(), what,
-                    " must be a contiguous 1-D uint8 CPU tensor");
-  return t.data_ptr<uint8_t>();
-}
-
 // The priors as the coder reads them, checked against each other.
 std::vector<mc::Prior> priors_of(const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& certain,
                                  const std::vector<at::Tensor>& expected) {
