@@ -113,7 +113,8 @@ class StateWalk {
     if (!torch_internals::is_tensor(value)) return false;
     names_.append(name);
     seen_.add(name);
-    held_.tensors.push_back(detached(torch_internals::unpack_tensor(value)));
+    at::Tensor scratch;
+    held_.tensors.push_back(detached(torch_internals::unpack_tensor(value, scratch)));
     all_plain_ = all_plain_ && plain(held_.tensors.back());
     return true;
   }

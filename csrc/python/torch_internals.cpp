@@ -38,7 +38,7 @@ namespace layersel::torch_internals {
 #if LAYERSEL_HAS_PYTHON_VARIABLE
 bool is_tensor(PyObject* obj) { return THPVariable_Check(obj); }
 
-at::Tensor unpack_tensor(PyObject* obj) { return THPVariable_Unpack(obj); }
+const at::Tensor& unpack_tensor(PyObject* obj, at::Tensor& /*scratch*/) { return THPVariable_Unpack(obj); }
 #else
 bool is_tensor(PyObject* obj) {
   static PyObject* const tensor_type = py::object(py::module_::import("torch").attr("Tensor")).release().ptr();
@@ -47,7 +47,10 @@ bool is_tensor(PyObject* obj) {
   return r != 0;
 }
 
-at::Tensor unpack_tensor(PyObject* obj) { return py::handle(obj).cast<at::Tensor>(); }
+const at::Tensor& unpack_tensor(PyObject* obj, at::Tensor& scratch) {
+  scratch = py::handle(obj).cast<at::Tensor>();
+  return scratch;
+}
 #endif
 
 #if LAYERSEL_HAS_PYBIND_UTILS

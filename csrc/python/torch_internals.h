@@ -29,7 +29,10 @@ namespace layersel::torch_internals {
 bool is_tensor(PyObject* obj);
 
 // THPVariable_Unpack: the at::Tensor of a torch.Tensor (is_tensor(obj) holds).
-at::Tensor unpack_tensor(PyObject* obj);
+// A reference to the tensor the object holds, so a walk over thousands of
+// tensors pays no reference-count traffic; the public fallback converts into
+// `scratch` and returns that.
+const at::Tensor& unpack_tensor(PyObject* obj, at::Tensor& scratch);
 
 // The schema's argument `index` from a Python object, as torch.ops converts it
 // (torch::jit::argumentToIValue); its error (RuntimeError) names the argument.
