@@ -3,9 +3,10 @@
     python -m benchmarks.mask_coding [--out DIR] [--quick]
 
 A 25.3M-element message shaped like BERT-base's large matrices, with θ (the server's Bernoulli
-parameters, the prior) in three regimes: "round 3" (90% of θ exactly 0 or 1, the rest 0.5: two
-clients that disagreed there), "all uncertain" (θ = 1/3 everywhere: about 0.92 bits an element, the
-coder's slowest case) and "all certain" (θ exactly 0 or 1). The scores are logit(θ), as the client
+parameters, the prior) in four regimes: "round 3" (90% of θ exactly 0 or 1, the rest 1/2: two
+clients that disagreed there, whose bits go as they are), "round 3, 4 clients" (58% certain, the rest
+1/4, 1/2 or 3/4, as in the 4-client federations), "all uncertain" (θ = 1/3 everywhere: about 0.92
+bits an element, the coder's slowest case) and "all certain" (θ exactly 0 or 1). The scores are logit(θ), as the client
 holds them after ``FedPmExchanger.pull_parameters``; the masks are sampled from them.
 
 Columns: sampling the masks into a bitmap (``ops.sample_mask_bits``, what the coded client does
@@ -31,12 +32,17 @@ from benchmarks.wire import median_ms, write_results
 
 SHAPES = [(3072, 768)] * 8 + [(768, 768)] * 8 + [(30522, 32)]  # 25.3M elements
 QUICK_SHAPES = [(300, 200)] * 4
-# name: (share of θ exactly 0 or 1, the value of the rest)
-REGIMES = {"round 3": (0.9, 0.5), "all uncertain": (0.0, 1 / 3), "all certain": (1.0, 0.5)}
+# name: (share of θ exactly 0 or 1, the values of the rest, drawn evenly)
+REGIMES = {
+    "round 3": (0.9, (0.5,)),
+    "round 3, 4 clients": (0.58, (0.25, 0.5, 0.75)),
+    "all uncertain": (0.0, (1 / 3,)),
+    "all certain": (1.0, (0.5,)),
+}
 
 
-def theta_for(rng: np.random.Generator, shape: tuple[int, ...], certain: float, rest: float) -> np.ndarray:
-    return np.where(rng.random(shape) < certain, (rng.random(shape) < 0.5).astype(np.float64), rest)
+def theta_for(rng: np.random.Generator, shape: tuple[int, ...], certain: float, rest: tuple[float, ...]) -> np.ndarray:
+    return np.where(rng.random(shape) < certain, (rng.random(shape) < 0.5).astype(np.float64), rng.choice(rest, shape))
 
 
 def ideal_bytes(theta: list[np.ndarray], bits: np.ndarray) -> float:
@@ -55,7 +61,9 @@ def mask_bytes(packed: list[np.ndarray]) -> int:
     )
 
 
-def row(regime: str, certain: float, rest: float, shapes: list[tuple[int, ...]], reps: int) -> dict[str, Any]:
+def row(
+    regime: str, certain: float, rest: tuple[float, ...], shapes: list[tuple[int, ...]], reps: int
+) -> dict[str, Any]:
     from layersel_ext import ops, wire_coded
     from layersel_ext.wire import _DTYPE_CODES
 
@@ -90,8 +98,7 @@ def row(regime: str, certain: float, rest: float, shapes: list[tuple[int, ...]],
         packed[2][1:].tolist(),
         int(packed[2][0]),
         [p.q for p in coded],
-        [p.certain for p in coded],
-        [p.expected for p in coded],
+        [p.words for p in coded],
     )
     for label, t in (("", threads), ("_1t", 1)):
         torch.set_num_threads(t)

@@ -15,9 +15,11 @@ packed; ``sample_masks_coded`` is the client's message straight from its scores.
 
 The prior. θ (float32 or float64, every element in [0, 1]) becomes ``q = floor(θ * 2**15 + 1/2)``,
 an integer in [0, 2**15] computed exactly in double arithmetic, the same on every machine. An element
-with ``0 < q < 2**15`` is one rANS symbol with P(1) = q / 2**15; one with q = 0 or 2**15 is expected
-to be 0 or 1, and a bit that contradicts it still codes (at about 15 bits; runs of expected bits cost
-about 1.44 bits per 2**15 elements). The coder: ``csrc/common/mask_coder.h``.
+with ``0 < q < 2**15`` is one rANS symbol with P(1) = q / 2**15, except q = 2**14 (θ = 1/2: with two
+clients, every element they disagreed on), whose bit goes as it is, in the block's raw bits: exactly
+the one bit it costs, without the coder's work. One with q = 0 or 2**15 is expected to be 0 or 1,
+and a bit that contradicts it still codes (at about 15 bits; runs of expected bits cost about 1.44
+bits per 2**15 elements). The coder: ``csrc/common/mask_coder.h``.
 
 Stream (``wire.py`` has the header, the names, the hint and ``DecodeLimits``), form 5:
 ``[header, meta, coding, bits, payload, names, hint]``:
@@ -28,7 +30,8 @@ Stream (``wire.py`` has the header, the names, the hint and ``DecodeLimits``), f
 - coding, int64: ``[block_elems, then the bytes of each block]``: the coded layers, concatenated in
   order, are cut into blocks of ``block_elems`` elements (a multiple of 64), each coded on its own.
 - bits, uint8: the method-0 layers' bits, concatenated, as ``wire.py``'s bitmap form has them.
-- payload, uint8: the blocks, concatenated.
+- payload, uint8: the blocks, concatenated; a block is its rANS words, then its raw bits (the θ = 1/2
+  elements' bits in order, in 16-bit words).
 
 A layer goes as bits when the sender has no prior for it: the first round, a θ of another shape,
 values that are not probabilities (initial parameters that are scores, say). When coding would not
@@ -91,8 +94,7 @@ class Prior:
 
     shape: tuple[int, ...]
     q: torch.Tensor
-    certain: torch.Tensor
-    expected: torch.Tensor
+    words: torch.Tensor  # int64 [3, ceil(n / 64)]: the certain, expected and half bits
     fingerprint: int
 
 
@@ -104,8 +106,8 @@ def prior_of(theta: np.ndarray) -> Prior | None:
     a = np.asarray(theta)
     if a.dtype not in (np.float32, np.float64):
         return None
-    ok, q, certain, expected, fingerprint = COMPILED.mask_prior(from_numpy(np.ascontiguousarray(a).reshape(-1)))
-    return Prior(tuple(a.shape), q, certain, expected, fingerprint) if ok else None
+    ok, q, words, fingerprint = COMPILED.mask_prior(from_numpy(np.ascontiguousarray(a).reshape(-1)))
+    return Prior(tuple(a.shape), q, words, fingerprint) if ok else None
 
 
 def priors_of(arrays: Sequence[np.ndarray], names: Sequence[str]) -> dict[str, Prior]:
@@ -153,8 +155,7 @@ def encode_bits(
         bits_t,
         [offsets[i] for i in coded],
         [p.q for p in ps],
-        [p.certain for p in ps],
-        [p.expected for p in ps],
+        [p.words for p in ps],
         block_elems,
     )
     coding = np.asarray([block_elems, *sizes], dtype=np.int64)
@@ -251,8 +252,7 @@ def decode(
         sizes.tolist(),
         block_elems,
         [p.q for p in ps],
-        [p.certain for p in ps],
-        [p.expected for p in ps],
+        [p.words for p in ps],
     )
     if bad >= 0:
         raise _fail(f"coded block #{bad} is corrupt: it does not decode exactly with the priors held")

@@ -16,7 +16,7 @@ from layersel_ext.wire_coded import CodedMaskPacker
 
 pytestmark = pytest.mark.skipif(wire_coded.COMPILED is None, reason="the coder is in the compiled module")
 
-SHAPES = [(30, 20), (), (0,), (7,), (64,), (65,), (4, 3, 3, 3), (129,), (2, 0, 3)]
+SHAPES = [(30, 20), (), (0,), (7,), (64,), (65,), (4, 3, 3, 3), (129,), (2, 0, 3), (40, 50)]
 
 
 def random_theta(rng: np.random.Generator, shape: tuple[int, ...], certain: float, dtype=np.float64) -> np.ndarray:
@@ -215,7 +215,7 @@ def _mutations(rng: np.random.Generator, packed: list[np.ndarray]):
 def test_fuzzed_streams_give_value_errors_never_anything_else():
     rng = np.random.default_rng(2027)
     cases = accepted = 0
-    for round_ in range(500):
+    for round_ in range(600):
         names = [f"n{i}" for i in range(1 + round_ % 4)]
         shapes = [SHAPES[(round_ + i) % len(SHAPES)] for i in range(len(names))]
         theta = [random_theta(rng, s, 0.7) for s in shapes]

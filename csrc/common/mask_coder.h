@@ -7,7 +7,11 @@
 // q = floor(theta * 2^15 + 1/2), exactly in double arithmetic (the product by a
 // power of two and the sum are exact for theta in [0, 1]), so every machine and
 // device gets the same integer in [0, 2^15].
-//   - 0 < q < 2^15 ("uncertain"): the bit is one rANS symbol with P(1) = q / 2^15.
+//   - 0 < q < 2^15, q != 2^14 ("uncertain"): the bit is one rANS symbol with
+//     P(1) = q / 2^15.
+//   - q = 2^14 ("half"): the bit costs exactly one bit under any coder, so it
+//     goes as it is, in the block's raw bits, without rANS's work. In FedPM
+//     with two clients, every element the clients disagreed on has theta 1/2.
 //   - q = 0 or q = 2^15 ("certain"): the bit is expected to be 0 or 1. A bit that
 //     contradicts it (an "exception") still codes: the certain elements are
 //     modelled as independent with P(exception) = 2^-15, and coded as gaps, the
@@ -31,8 +35,11 @@
 // it. A block's bytes: the encoder's final states (each a uint32 as two
 // little-endian uint16 words, low first; first the one the decoder's first
 // symbol uses), then the renormalisation words in the order the decoder reads
-// them. A valid block ends with both decoder states back at 2^16 and every word
-// read; anything else is a corrupt stream.
+// them, then the raw bits: the half elements' bits in element order, 16 to a
+// little-endian uint16 word from its lowest bit, the last word zero-padded
+// (the prior says how many there are). A valid block ends with both decoder
+// states back at 2^16, every word read and the padding zero; anything else is
+// a corrupt stream.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -49,6 +56,7 @@ namespace layersel::maskcode {
 
 constexpr int kProbBits = 15;
 constexpr uint32_t kScale = 1u << kProbBits;
+constexpr uint32_t kHalf = kScale / 2;  // q of a bit that costs exactly one bit: sent as it is
 constexpr uint32_t kLow = 1u << 16;     // the rANS state interval is [kLow, 2^32)
 constexpr uint64_t kChunk = 1u << 15;   // matching certain elements per continue bit
 constexpr uint32_t kContinueOne = 12054;  // round(2^15 * a^(2^15)), a = 1 - 2^-15
@@ -95,12 +103,13 @@ LS_HD uint32_t divide(uint32_t x, uint32_t f, const uint64_t* rcp) {
 }
 
 // One layer's quantized prior: q per element, and per 64 elements a word of
-// "certain" bits (q is 0 or 2^15) and of "expected" bits (q is 2^15); bits past
-// n are zero.
+// "certain" bits (q is 0 or 2^15), of "expected" bits (q is 2^15) and of "half"
+// bits (q is 2^14); bits past n are zero.
 struct Prior {
   const uint16_t* q;
   const uint64_t* certain;
   const uint64_t* expected;
+  const uint64_t* half;
   int64_t n;
 };
 
@@ -109,7 +118,7 @@ struct Prior {
 // the fingerprint to *fp. Two passes a word, the first one vectorisable.
 template <typename T>
 bool prepare_prior(const T* theta, int64_t n, int64_t w0, int64_t w1, uint16_t* q, uint64_t* certain,
-                   uint64_t* expected, uint64_t* fp) {
+                   uint64_t* expected, uint64_t* half, uint64_t* fp) {
   uint64_t sum = 0;
   bool ok = true;
   for (int64_t w = w0; w < w1; ++w) {
@@ -122,15 +131,17 @@ bool prepare_prior(const T* theta, int64_t n, int64_t w0, int64_t w1, uint16_t* 
       ok &= good;
       qw[i] = quantize(good ? v : 0.0);
     }
-    uint64_t c = 0, e = 0, word_sum = 0;
+    uint64_t c = 0, e = 0, h = 0, word_sum = 0;
     for (int64_t i = 0; i < count; ++i) {
       const uint32_t v = qw[i];
       c |= static_cast<uint64_t>(v == 0 || v == kScale) << i;
       e |= static_cast<uint64_t>(v == kScale) << i;
+      h |= static_cast<uint64_t>(v == kHalf) << i;
       word_sum += (static_cast<uint64_t>(v) + 1) * fingerprint_weight_lo(static_cast<int>(i));
     }
     certain[w] = c;
     expected[w] = e;
+    half[w] = h;
     sum += word_sum * (2 * static_cast<uint64_t>(w) + 1);
   }
   *fp += sum;
@@ -175,6 +186,20 @@ LS_HD uint64_t load_word_bits(const uint64_t* words, int64_t nwords, int64_t pos
 
 inline int64_t prior_words(int64_t n) { return (n + 63) / 64; }
 
+// The bits of v at the set bits of mask, packed from bit 0 (x86's pext), and
+// the inverse (pdep): loops over the mask's set bits, since the baseline
+// x86-64 build has neither instruction.
+LS_HD uint64_t extract_bits(uint64_t v, uint64_t mask) {
+  uint64_t r = 0;
+  for (int k = 0; mask; mask &= mask - 1, ++k) r |= ((v >> __builtin_ctzll(mask)) & 1) << k;
+  return r;
+}
+LS_HD uint64_t deposit_bits(uint64_t v, uint64_t mask) {
+  uint64_t r = 0;
+  for (; mask; mask &= mask - 1, v >>= 1) r |= (v & 1) << __builtin_ctzll(mask);
+  return r;
+}
+
 // A piece of a block: `len` elements of one layer, from element `elem` of its
 // prior; on the encoding side its mask bits start at bit `bit_pos` of the
 // caller's bitmap.
@@ -183,6 +208,92 @@ struct Segment {
   int64_t elem;
   int64_t len;
   uint64_t bit_pos;
+};
+
+// Set bits of one of the priors' word arrays (Prior::certain, ::half) over a
+// block's segments.
+LS_HD uint64_t count_in(const Segment* segs, int nsegs, const uint64_t* Prior::*words) {
+  uint64_t n = 0;
+  for (int s = 0; s < nsegs; ++s) {
+    const Prior& p = *segs[s].prior;
+    const int64_t nw = prior_words(p.n);
+    for (int64_t t = 0; t < segs[s].len; t += 64) {
+      const int count = static_cast<int>(segs[s].len - t < 64 ? segs[s].len - t : 64);
+      n += static_cast<uint64_t>(popcount(load_word_bits(p.*words, nw, segs[s].elem + t, count)));
+    }
+  }
+  return n;
+}
+
+// 16-bit words of a block's raw bits (its half elements' bits, as they are).
+LS_HD int64_t raw_words(uint64_t half) { return static_cast<int64_t>((half + 15) / 16); }
+
+// Appends bits to 16-bit little-endian words (any alignment): whole words as
+// they fill, the last one, zero-padded, at flush.
+class RawWriter {
+ public:
+  explicit RawWriter(uint16_t* out) : out_(out) {}
+  // `count` (0..64) bits, those of v above them zero.
+  LS_HD void put(uint64_t v, int count) {
+    if (count == 0) return;
+    acc_ |= v << fill_;
+    fill_ += count;
+    if (fill_ >= 64) {
+      std::memcpy(out_, &acc_, 8);
+      out_ += 4;
+      fill_ -= 64;
+      acc_ = fill_ ? v >> (count - fill_) : 0;
+    }
+  }
+  void flush() {
+    for (int k = 0; k < fill_; k += 16) *out_++ = static_cast<uint16_t>(acc_ >> k);
+  }
+
+ private:
+  uint16_t* out_;
+  uint64_t acc_ = 0;
+  int fill_ = 0;
+};
+
+// Reads what RawWriter wrote: `words` 16-bit words at `in` (any alignment).
+class RawReader {
+ public:
+  RawReader(const uint8_t* in, int64_t words) : in_(in), left_(words) {}
+  // The next `count` (0..64) bits.
+  LS_HD uint64_t take(int count) {
+    if (count <= avail_) {
+      const uint64_t r = buf_ & low_bits(count);
+      buf_ = count < 64 ? buf_ >> count : 0;
+      avail_ -= count;
+      return r;
+    }
+    const int need = count - avail_;  // 1..64
+    const int64_t n = left_ < 4 ? left_ : 4;
+    uint64_t fresh = 0;
+    std::memcpy(&fresh, in_, static_cast<size_t>(2 * n));
+    in_ += 2 * n;
+    left_ -= n;
+    const int got = static_cast<int>(16 * n);
+    if (got < need) {
+      bad_ = true;
+      buf_ = 0;
+      avail_ = 0;
+      return 0;
+    }
+    const uint64_t r = buf_ | (fresh & low_bits(need)) << avail_;
+    buf_ = need < 64 ? fresh >> need : 0;
+    avail_ = got - need;
+    return r;
+  }
+  // Whether every word was read and the padding bits are zero.
+  bool ok() const { return !bad_ && left_ == 0 && avail_ < 16 && buf_ == 0; }
+
+ private:
+  const uint8_t* in_;
+  int64_t left_;
+  uint64_t buf_ = 0;
+  int avail_ = 0;
+  bool bad_ = false;
 };
 
 // ---------------------------------------------------------------- encoding
@@ -253,7 +364,22 @@ class Encoder {
 // block takes more than the words in [begin, end).
 LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
                               uint16_t* end) {
-  Encoder enc(begin, end);
+  const int64_t raw = raw_words(count_in(segs, nsegs, &Prior::half));
+  if (end - begin < raw + 4) return nullptr;
+  if (raw) {  // the half elements' bits, as they are, after the rANS words
+    RawWriter w(end - raw);
+    for (int s = 0; s < nsegs; ++s) {
+      const Segment& seg = segs[s];
+      const int64_t nw = prior_words(seg.prior->n);
+      for (int64_t t = 0; t < seg.len; t += 64) {
+        const int count = static_cast<int>(seg.len - t < 64 ? seg.len - t : 64);
+        const uint64_t h = load_word_bits(seg.prior->half, nw, seg.elem + t, count);
+        if (h) w.put(extract_bits(load_bits(bits, bytes, seg.bit_pos + static_cast<uint64_t>(t), count), h), popcount(h));
+      }
+    }
+    w.flush();
+  }
+  Encoder enc(begin, end - raw);
   uint64_t cnt = 0, after = 0;  // matches before the next exception / certain elements after this point
   for (int s = nsegs - 1; s >= 0; --s) {
     const Segment& seg = segs[s];
@@ -264,9 +390,11 @@ LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits
       const uint64_t m = load_bits(bits, bytes, seg.bit_pos + static_cast<uint64_t>(t), count);
       const uint64_t c = load_word_bits(p.certain, nw, seg.elem + t, count);
       const uint64_t e = load_word_bits(p.expected, nw, seg.elem + t, count);
-      const uint64_t u = ~c & low_bits(count), x = (m ^ e) & c, matches = c & ~x;
-      if ((u | x) == 0) {
-        const uint64_t k = static_cast<uint64_t>(count);
+      const uint64_t all = low_bits(count), x = (m ^ e) & c, matches = c & ~x;
+      const uint64_t h = c == all ? 0 : load_word_bits(p.half, nw, seg.elem + t, count);
+      const uint64_t u = ~(c | h) & all;
+      if ((u | x) == 0) {  // only matching certain elements and half ones
+        const uint64_t k = h ? static_cast<uint64_t>(popcount(c)) : static_cast<uint64_t>(count);
         cnt += k;
         after += k;
         continue;
@@ -402,26 +530,15 @@ class BitWriter {
   int fill_ = 0;
 };
 
-// Certain elements in a block's segments.
-LS_HD uint64_t certain_count(const Segment* segs, int nsegs) {
-  uint64_t n = 0;
-  for (int s = 0; s < nsegs; ++s) {
-    const Prior& p = *segs[s].prior;
-    const int64_t nw = prior_words(p.n);
-    for (int64_t t = 0; t < segs[s].len; t += 64) {
-      const int count = static_cast<int>(segs[s].len - t < 64 ? segs[s].len - t : 64);
-      n += static_cast<uint64_t>(popcount(load_word_bits(p.certain, nw, segs[s].elem + t, count)));
-    }
-  }
-  return n;
-}
-
 // Decodes one block into `out` (the block's bits, from a word boundary);
 // false when the block is not exactly a valid stream for these segments.
 LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64_t words, uint64_t* out) {
-  Decoder dec(in, words);
+  const int64_t raw_len = raw_words(count_in(segs, nsegs, &Prior::half));
+  if (words - raw_len < 4) return false;
+  Decoder dec(in, words - raw_len);
+  RawReader raw(in + 2 * (words - raw_len), raw_len);
   BitWriter w(out);
-  uint64_t left = certain_count(segs, nsegs);
+  uint64_t left = count_in(segs, nsegs, &Prior::certain);
   uint64_t run = dec.gap(left);  // matching certain elements before the next exception
   for (int s = 0; s < nsegs; ++s) {
     const Segment& seg = segs[s];
@@ -431,10 +548,13 @@ LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64
       const int count = static_cast<int>(seg.len - t < 64 ? seg.len - t : 64);
       const uint64_t c = load_word_bits(p.certain, nw, seg.elem + t, count);
       const uint64_t e = load_word_bits(p.expected, nw, seg.elem + t, count);
-      const uint64_t u = ~c & low_bits(count);
+      const uint64_t all = low_bits(count);
+      const uint64_t h = c == all ? 0 : load_word_bits(p.half, nw, seg.elem + t, count);
+      const uint64_t u = ~(c | h) & all;
       const uint64_t nc = static_cast<uint64_t>(popcount(c));
       const uint16_t* q = p.q + seg.elem + t;
-      uint64_t v = e;
+      const uint64_t hv = h ? deposit_bits(raw.take(popcount(h)), h) : 0;
+      uint64_t v = e | hv;
       if (run >= nc) {  // no exception in this word
         for (uint64_t rest = u; rest; rest &= rest - 1) {
           const int b = __builtin_ctzll(rest);
@@ -443,10 +563,12 @@ LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64
         run -= nc;
         left -= nc;
       } else {
-        v = 0;
+        v = hv;
         for (int b = 0; b < count; ++b) {
           if ((u >> b) & 1) {
             v |= static_cast<uint64_t>(dec.bit(q[b])) << b;
+          } else if (!((c >> b) & 1)) {
+            continue;  // a half element: its bit came with the raw bits
           } else if (run > 0) {
             v |= ((e >> b) & 1) << b;
             --run;
@@ -462,7 +584,7 @@ LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64
     }
   }
   w.flush();
-  return dec.ok();
+  return dec.ok() && raw.ok();
 }
 
 }  // namespace layersel::maskcode

@@ -21,23 +21,19 @@ namespace mc = maskcode;
 constexpr int64_t kWordsPerTask = int64_t{1} << 14;  // prior words (of 64 elements) per parallel task
 
 // The priors as the coder reads them, checked against each other.
-std::vector<mc::Prior> priors_of(const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& certain,
-                                 const std::vector<at::Tensor>& expected) {
-  TORCH_CHECK_VALUE(q.size() == certain.size() && q.size() == expected.size(), "mask priors: ", q.size(), " q, ",
-                    certain.size(), " certain, ", expected.size(), " expected");
+std::vector<mc::Prior> priors_of(const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& words) {
+  TORCH_CHECK_VALUE(q.size() == words.size(), "mask priors: ", q.size(), " q, ", words.size(), " bit words");
   std::vector<mc::Prior> out(q.size());
   for (size_t i = 0; i < q.size(); ++i) {
     const int64_t n = q[i].numel(), nw = mc::prior_words(n);
     TORCH_CHECK_VALUE(q[i].device().is_cpu() && q[i].scalar_type() == at::kShort && q[i].is_contiguous(), "prior #", i,
                       ": q must be a contiguous int16 CPU tensor");
-    for (const at::Tensor* w : {&certain[i], &expected[i]}) {
-      TORCH_CHECK_VALUE(w->device().is_cpu() && w->scalar_type() == at::kLong && w->is_contiguous() &&
-                            w->numel() == nw,
-                        "prior #", i, ": its bit words must be a contiguous int64 CPU tensor of ", nw, " words");
-    }
-    out[i] = {reinterpret_cast<const uint16_t*>(q[i].data_ptr<int16_t>()),
-              reinterpret_cast<const uint64_t*>(certain[i].data_ptr<int64_t>()),
-              reinterpret_cast<const uint64_t*>(expected[i].data_ptr<int64_t>()), n};
+    const at::Tensor& w = words[i];
+    TORCH_CHECK_VALUE(w.device().is_cpu() && w.scalar_type() == at::kLong && w.is_contiguous() && w.dim() == 2 &&
+                          w.size(0) == 3 && w.size(1) == nw,
+                      "prior #", i, ": its bit words must be a contiguous int64 CPU tensor [3, ", nw, "]");
+    const auto* rows = reinterpret_cast<const uint64_t*>(w.data_ptr<int64_t>());
+    out[i] = {reinterpret_cast<const uint16_t*>(q[i].data_ptr<int16_t>()), rows, rows + nw, rows + 2 * nw, n};
   }
   return out;
 }
@@ -117,38 +113,36 @@ void expand_as(const uint8_t* bits, uint64_t bytes, int64_t bit_offset, T* out, 
 
 }  // namespace
 
-std::tuple<bool, at::Tensor, at::Tensor, at::Tensor, int64_t> mask_prior(const at::Tensor& theta) {
+std::tuple<bool, at::Tensor, at::Tensor, int64_t> mask_prior(const at::Tensor& theta) {
   TORCH_CHECK_VALUE(theta.device().is_cpu() && theta.is_contiguous() &&
                         (theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble),
                     "mask_prior: theta must be a contiguous float32 or float64 CPU tensor, got ", theta.scalar_type());
   const int64_t n = theta.numel(), nw = mc::prior_words(n);
-  at::Tensor q = at::empty({n}, at::kShort), certain = at::empty({nw}, at::kLong),
-             expected = at::empty({nw}, at::kLong);
+  at::Tensor q = at::empty({n}, at::kShort), words = at::empty({3, nw}, at::kLong);
   auto* qp = reinterpret_cast<uint16_t*>(q.data_ptr<int16_t>());
-  auto* cp = reinterpret_cast<uint64_t*>(certain.data_ptr<int64_t>());
-  auto* ep = reinterpret_cast<uint64_t*>(expected.data_ptr<int64_t>());
+  auto* cp = reinterpret_cast<uint64_t*>(words.data_ptr<int64_t>());
+  uint64_t *ep = cp + nw, *hp = cp + 2 * nw;
   std::atomic<uint64_t> sum{0};
   std::atomic<bool> ok{true};
   at::parallel_for(0, nw, kWordsPerTask, [&](int64_t w0, int64_t w1) {
     uint64_t part = 0;
     const bool good = theta.scalar_type() == at::kFloat
-                          ? mc::prepare_prior(theta.data_ptr<float>(), n, w0, w1, qp, cp, ep, &part)
-                          : mc::prepare_prior(theta.data_ptr<double>(), n, w0, w1, qp, cp, ep, &part);
+                          ? mc::prepare_prior(theta.data_ptr<float>(), n, w0, w1, qp, cp, ep, hp, &part)
+                          : mc::prepare_prior(theta.data_ptr<double>(), n, w0, w1, qp, cp, ep, hp, &part);
     if (!good) ok = false;
     sum += part;
   });
-  return {ok.load(), q, certain, expected, mc::finish_fingerprint(sum.load(), n)};
+  return {ok.load(), q, words, mc::finish_fingerprint(sum.load(), n)};
 }
 
 std::tuple<bool, std::vector<int64_t>, at::Tensor> mask_encode(const at::Tensor& bits,
                                                               const std::vector<int64_t>& bit_offsets,
                                                               const std::vector<at::Tensor>& q,
-                                                              const std::vector<at::Tensor>& certain,
-                                                              const std::vector<at::Tensor>& expected,
+                                                              const std::vector<at::Tensor>& words,
                                                               int64_t block_elems) {
   const uint8_t* src = bytes_of(bits, "bits");
   const uint64_t bytes = static_cast<uint64_t>(bits.numel());
-  const std::vector<mc::Prior> priors = priors_of(q, certain, expected);
+  const std::vector<mc::Prior> priors = priors_of(q, words);
   TORCH_CHECK_VALUE(bit_offsets.size() == priors.size(), "mask_encode: ", bit_offsets.size(), " bit offsets for ",
                     priors.size(), " priors");
   for (size_t i = 0; i < priors.size(); ++i) {
@@ -184,10 +178,9 @@ std::tuple<bool, std::vector<int64_t>, at::Tensor> mask_encode(const at::Tensor&
 
 std::tuple<int64_t, at::Tensor> mask_decode(const at::Tensor& payload, const std::vector<int64_t>& block_bytes,
                                             int64_t block_elems, const std::vector<at::Tensor>& q,
-                                            const std::vector<at::Tensor>& certain,
-                                            const std::vector<at::Tensor>& expected) {
+                                            const std::vector<at::Tensor>& words) {
   const uint8_t* src = bytes_of(payload, "payload");
-  const std::vector<mc::Prior> priors = priors_of(q, certain, expected);
+  const std::vector<mc::Prior> priors = priors_of(q, words);
   const Blocks blocks(priors, {}, block_elems);
   const int64_t nb = blocks.count();
   TORCH_CHECK_VALUE(static_cast<int64_t>(block_bytes.size()) == nb, "coded masks: ", block_bytes.size(),
@@ -202,12 +195,12 @@ std::tuple<int64_t, at::Tensor> mask_decode(const at::Tensor& payload, const std
                     payload.numel());
   // Blocks start at multiples of block_elems (a multiple of 64): each writes whole words of its own.
   at::Tensor out = at::zeros({8 * mc::prior_words(blocks.total)}, at::kByte);
-  auto* words = reinterpret_cast<uint64_t*>(out.data_ptr<uint8_t>());
+  auto* out_words = reinterpret_cast<uint64_t*>(out.data_ptr<uint8_t>());
   std::atomic<int64_t> bad{nb};
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       if (!decode_cloned(blocks.of(b), blocks.size(b), src + start[b], block_bytes[b] / 2,
-                            words + b * (block_elems / 64))) {
+                            out_words + b * (block_elems / 64))) {
         int64_t seen = bad.load();
         while (b < seen && !bad.compare_exchange_weak(seen, b)) {
         }

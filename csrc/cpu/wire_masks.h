@@ -11,21 +11,20 @@
 namespace layersel {
 
 // A layer's prior from theta (float32/float64, contiguous): (whether every
-// element is a probability, q as int16 holding uint16 [n], "certain" and
-// "expected" bit words as int64 [ceil(n / 64)], the prior's fingerprint).
-// When not every element is a probability only the first is meaningful.
-std::tuple<bool, at::Tensor, at::Tensor, at::Tensor, int64_t> mask_prior(const at::Tensor& theta);
+// element is a probability, q as int16 holding uint16 [n], its bit words as
+// int64 [3, ceil(n / 64)]: the "certain", "expected" and "half" rows of
+// common/mask_coder.h's Prior, the prior's fingerprint). When not every
+// element is a probability only the first is meaningful.
+std::tuple<bool, at::Tensor, at::Tensor, int64_t> mask_prior(const at::Tensor& theta);
 
-// Codes the layers whose priors are given (q, certain, expected: mask_prior's
-// tensors), whose bits start at bit_offsets[i] of `bits` (uint8, little bit
+// Codes the layers whose priors are given (q, words: mask_prior's tensors), whose bits start at bit_offsets[i] of `bits` (uint8, little bit
 // order), concatenated and cut into blocks of block_elems elements. Returns
 // (false, ...) when a block takes more words than its bitmap would, else
 // (true, every block's bytes, the blocks concatenated).
 std::tuple<bool, std::vector<int64_t>, at::Tensor> mask_encode(const at::Tensor& bits,
                                                               const std::vector<int64_t>& bit_offsets,
                                                               const std::vector<at::Tensor>& q,
-                                                              const std::vector<at::Tensor>& certain,
-                                                              const std::vector<at::Tensor>& expected,
+                                                              const std::vector<at::Tensor>& words,
                                                               int64_t block_elems);
 
 // The inverse: the layers' bits, concatenated, as uint8 [8 * ceil(total / 64)]
@@ -34,8 +33,7 @@ std::tuple<bool, std::vector<int64_t>, at::Tensor> mask_encode(const at::Tensor&
 // do not fit the payload.
 std::tuple<int64_t, at::Tensor> mask_decode(const at::Tensor& payload, const std::vector<int64_t>& block_bytes,
                                             int64_t block_elems, const std::vector<at::Tensor>& q,
-                                            const std::vector<at::Tensor>& certain,
-                                            const std::vector<at::Tensor>& expected);
+                                            const std::vector<at::Tensor>& words);
 
 // out[i] = bit (bit_offset + i) of `bits`, for a contiguous CPU tensor of
 // integers or bools (0 or 1 of its dtype), on all threads.
