@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -53,19 +55,97 @@ _FRESH_MAPPING_BYTES = 32 << 20
 _HUGE_PAGE = 2 << 20
 
 
-def _empty_output(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.empty(n)``; on Linux a CPU one of ``_FRESH_MAPPING_BYTES`` or more asks for transparent huge
-    pages (MADV_HUGEPAGE over its whole 2 MB pages, before anything touches it), so its first touch faults
-    once per 2 MB: the price of a fresh output is then about that of zeroing it. Advice only: where the
-    kernel refuses it (THP off, another OS), the pages are the usual ones."""
-    out = torch.empty(n, dtype=dtype, device=device)
-    nbytes = n * out.element_size()
-    if _MADVISE is not None and device.type == "cpu" and nbytes >= _FRESH_MAPPING_BYTES:
-        lo = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        hi = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+def _advise_huge_pages(t: Tensor) -> None:
+    """On Linux, ask for transparent huge pages over a fresh CPU buffer of ``_FRESH_MAPPING_BYTES`` or more
+    (MADV_HUGEPAGE over its whole 2 MB pages, before anything touches it), so its first touch faults once
+    per 2 MB: the price of fresh memory is then about that of zeroing it. Advice only: where the kernel
+    refuses it (THP off, another OS), the pages are the usual ones."""
+    nbytes = t.numel() * t.element_size()
+    if _MADVISE is not None and t.device.type == "cpu" and nbytes >= _FRESH_MAPPING_BYTES:
+        lo = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        hi = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
         if hi > lo:
             _MADVISE(lo, hi - lo, mmap.MADV_HUGEPAGE)
-    return out
+
+
+def _cache_limit() -> int:
+    """``LAYERSEL_OUTPUT_CACHE_MB`` in bytes, read as the compiled cache reads it (unset: 1024; not a
+    number: 0, the cache off)."""
+    raw = os.environ.get("LAYERSEL_OUTPUT_CACHE_MB")
+    if raw is None:
+        return 1024 << 20
+    digits = raw.strip()
+    digits = digits[: len(digits) - len(digits.lstrip("0123456789"))] if digits else ""
+    return int(digits or 0) << 20
+
+
+class _OutputBlocks:
+    """The torch twin of ``csrc/cpu/output_block_cache.h``: large CPU outputs served from blocks that
+    earlier outputs used, so a client that scores every round writes into pages that are already
+    mapped (a fresh output of a model's size is a fresh mapping each call, and its first-touch page
+    faults cost more than the scores; how much more depends on the machine and varies call to call).
+
+    A block is idle when nothing but this cache holds its storage (no tensor, view or numpy array of
+    an earlier output is alive): torch counts a storage's owners, so idleness is read at allocation
+    time, with no hook on release. An output of ``_BLOCK_MIN_BYTES`` or more takes the smallest idle
+    block that fits it and is at most twice its size, else a fresh block, which the cache keeps while
+    all its blocks, in use or idle, total at most ``LAYERSEL_OUTPUT_CACHE_MB`` (the oldest idle blocks
+    are dropped to make room): the memory it holds beyond what a caller holds is bounded by that.
+    Outputs are resizable, as ``torch.empty``'s are."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.blocks: list[torch.UntypedStorage] = []  # oldest first
+
+    @staticmethod
+    def _idle(block: torch.UntypedStorage) -> bool:
+        return torch._C._storage_Use_Count(block._cdata) == 1  # only the cache's own reference
+
+    def empty(self, requests: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
+        """A flat CPU tensor for each (numel, dtype), contents undefined."""
+        limit = _cache_limit()
+        if limit <= 0:
+            return [self._fresh(n, dt) for n, dt in requests]
+        out = []
+        with self.lock:
+            idle = [b for b in self.blocks if self._idle(b)]
+            for n, dt in requests:
+                nbytes = n * dt.itemsize
+                fits = [b for b in idle if nbytes <= b.nbytes() <= 2 * nbytes] if nbytes >= _BLOCK_MIN_BYTES else []
+                if fits:
+                    block = min(fits, key=lambda b: b.nbytes())
+                    idle.remove(block)
+                    out.append(torch.empty(0, dtype=dt).set_(block, 0, (n,), (1,)))
+                    continue
+                t = self._fresh(n, dt)
+                if nbytes >= _BLOCK_MIN_BYTES and nbytes <= limit:
+                    held = sum(b.nbytes() for b in self.blocks)
+                    while idle and held + nbytes > limit:  # evict the oldest idle blocks
+                        held -= idle[0].nbytes()
+                        self.blocks.remove(idle.pop(0))
+                    if held + nbytes <= limit:
+                        self.blocks.append(t.untyped_storage())
+                out.append(t)
+        return out
+
+    @staticmethod
+    def _fresh(n: int, dtype: torch.dtype) -> Tensor:
+        t = torch.empty(n, dtype=dtype)
+        _advise_huge_pages(t)
+        return t
+
+
+_OUTPUT_BLOCKS = _OutputBlocks()
+# Outputs below this go to torch's allocator: glibc serves them from memory it keeps between calls.
+_BLOCK_MIN_BYTES = 8 << 20
+
+
+def _empty_outputs(sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device) -> list[Tensor]:
+    """``torch.empty(n, dtype=dt)`` for each size and dtype; on the CPU the large ones come from the
+    output cache (``_OutputBlocks``), fresh ones with transparent huge pages asked for."""
+    if device.type != "cpu":
+        return [torch.empty(n, dtype=dt, device=device) for n, dt in zip(sizes, dtypes)]
+    return _OUTPUT_BLOCKS.empty(list(zip(sizes, dtypes)))
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -279,10 +359,11 @@ def score_tensors(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int)
     """``scores`` as one tensor per input tensor, shaped like it (what ``ops.scores`` returns).
 
     A tensor of ``_CHUNK`` elements or more gets an output of its own, as fl4health's per-tensor ops
-    do: the allocator hands a block of a model tensor's size back call after call, while one buffer
-    of the whole model's size is a fresh mapping every call (above glibc's largest mmap threshold,
-    32 MB), whose first touch faults every 4 KB page in, which takes longer than the scores
-    themselves. The smaller tensors go through foreach ops (``_foreach_scores``)."""
+    do (one buffer of the whole model's size would be a fresh mapping every call, above glibc's
+    largest mmap threshold, 32 MB), the large ones from the output cache (``_empty_outputs``): memory
+    that glibc hands back to the system between calls is first touched again, page by page, which
+    takes longer than the scores themselves. The smaller tensors go through foreach ops
+    (``_foreach_scores``)."""
     _checks.check_formula_kind("scores", kind, NUM_FORMULAS)
     needs_y = uses_initial(kind)
     _checks.check_tensors("scores", model, initial if needs_y else None)
@@ -295,12 +376,10 @@ def score_tensors(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int)
         for i, score in zip(small, _foreach_scores(kind, [model[i] for i in small], ys)):
             out[i] = score
     scratch = _Scratch(device)
-    for i, size in enumerate(sizes):
-        if size >= _CHUNK:
-            x, y = _flat(model[i]), _flat(initial[i]) if needs_y else None
-            flat = _empty_output(size, x.dtype, device)
-            _score_passes(kind, x, y, flat, scratch)
-            out[i] = flat.view(model[i].shape)
+    large = [i for i, size in enumerate(sizes) if size >= _CHUNK]
+    for i, flat in zip(large, _empty_outputs([sizes[i] for i in large], [model[i].dtype for i in large], device)):
+        _score_passes(kind, _flat(model[i]), _flat(initial[i]) if needs_y else None, flat, scratch)
+        out[i] = flat.view(model[i].shape)
     return out  # type: ignore[return-value]  # every entry filled: the small ones, then the large ones
 
 
