@@ -217,6 +217,9 @@ def _squares_into(x: Tensor, y: Tensor, out: Tensor, scratch: _Scratch) -> None:
 # any order, is within gamma(m - 1) = (m - 1) u / (1 - (m - 1) u), u = 2**-24, of the exact sum (Higham,
 # Accuracy and Stability of Numerical Algorithms, 4.2); 1,024 terms: within 6.1e-5, a drift within 3.1e-5.
 _BOUND_ROW = 1 << 10
+# The smallest tensor that ``drift_sq_bounds`` sums in rows: below it, the exact sums of tensors batched
+# together cost less than a few ops per tensor.
+_BOUND_MIN = 1 << 15
 _F32_UNIT = 2.0**-24
 _F64_UNIT = 2.0**-53
 
@@ -239,16 +242,17 @@ def drift_sq_bounds(model: Sequence[Tensor], initial: Sequence[Tensor]) -> tuple
     """``drift_sq_norms`` to within a known error, for a selection that only compares drifts: (estimate,
     relative error), float64 [n] each; ``drift_sq_norms`` lies in estimate * (1 -+ error).
 
-    A tensor of ``_CHUNK`` elements or more is squared exactly as ``drift_sq_norms`` squares it, but the
-    squares are summed in float32, in rows of ``_BOUND_ROW`` (one pass over a float32 buffer in cache),
-    and only the row sums in float64: widening every square to float64 and summing that is most of
-    ``drift_sq_norms``' time on a large model. Its error is the rows' float32 bound plus a float64
-    term for both sums' own rounding. Smaller tensors are ``drift_sq_norms``' own numbers (error 0)."""
+    A tensor of ``_BOUND_MIN`` elements or more is squared exactly as ``drift_sq_norms`` squares it (in
+    passes of ``_CHUNK``, no concatenation), but the squares are summed in float32, in rows of
+    ``_BOUND_ROW`` (one pass over a float32 buffer in cache), and only the row sums in float64:
+    widening every square to float64 and summing that is most of ``drift_sq_norms``' time on a large
+    model. Its error is the rows' float32 bound plus a float64 term for both sums' own rounding.
+    Smaller tensors are ``drift_sq_norms``' own numbers (error 0)."""
     _checks.check_tensors("drift_sq_norms", model, initial)
     est = _drift_sums(model, initial, bounded=True)
     rows = _BOUND_ROW - 1
     row_error = rows * _F32_UNIT / (1 - rows * _F32_UNIT) * (1 + 2.0**-20)
-    errors = [row_error + 4 * t.numel() * _F64_UNIT if t.numel() >= _CHUNK else 0.0 for t in model]
+    errors = [row_error + 4 * t.numel() * _F64_UNIT if t.numel() >= _BOUND_MIN else 0.0 for t in model]
     return est, torch.tensor(errors, dtype=torch.float64, device=est.device)
 
 
@@ -263,24 +267,26 @@ def _drift_sums(model: Sequence[Tensor], initial: Sequence[Tensor], bounded: boo
     sums: list[Tensor] = []  # float64 partial sums ...
     owners: list[int] = []  # ... and the tensor each one belongs to
     alike: dict[tuple[torch.dtype, int], list[int]] = {}
-    large = [i for i, size in enumerate(sizes) if size >= _CHUNK]
+    large = [i for i, size in enumerate(sizes) if size >= (_BOUND_MIN if bounded else _CHUNK)]
     if bounded and large:
         # Each large tensor's row sums, one after the other in one float32 buffer (a tensor's last row
         # may be short: _CHUNK is a multiple of the row length, so only its last pass has one).
         counts = [-(-sizes[i] // _BOUND_ROW) for i in large]
         partial = torch.empty(sum(counts), dtype=torch.float32, device=device)
+        buffer = scratch.get("d", torch.float32, min(_CHUNK, max(sizes[i] for i in large)))
         at = 0
         for i in large:
             x, y = _flat(model[i]), _flat(initial[i])
-            for lo in range(0, sizes[i], _CHUNK):
-                xa, ya = x[lo : lo + _CHUNK], y[lo : lo + _CHUNK]
-                d = scratch.get("d", torch.float32, xa.numel())
+            passes = ((x, y),) if sizes[i] <= _CHUNK else zip(x.split(_CHUNK), y.split(_CHUNK))
+            for xa, ya in passes:
+                m = xa.numel()
+                d = buffer if m == buffer.numel() else buffer[:m]
                 _squares_f32(xa, ya, d)
-                full = d.numel() // _BOUND_ROW
-                torch.sum(d[: full * _BOUND_ROW].view(full, _BOUND_ROW), 1, out=partial[at : at + full])
-                at += full
-                if d.numel() > full * _BOUND_ROW:
-                    torch.sum(d[full * _BOUND_ROW :], 0, keepdim=True, out=partial[at : at + 1])
+                rows = m // _BOUND_ROW
+                torch.sum(d[: rows * _BOUND_ROW].view(rows, _BOUND_ROW), 1, out=partial[at : at + rows])
+                at += rows
+                if m > rows * _BOUND_ROW:
+                    torch.sum(d[rows * _BOUND_ROW :], 0, keepdim=True, out=partial[at : at + 1])
                     at += 1
         sums.append(partial.double())
         owners_of_rows = torch.repeat_interleave(torch.tensor(large), torch.tensor(counts)).to(device)
@@ -294,8 +300,9 @@ def _drift_sums(model: Sequence[Tensor], initial: Sequence[Tensor], bounded: boo
                 _squares_into(xa, ya, sq, scratch)
                 sums.append(sq.sum(0, keepdim=True))
                 owners.append(i)
+    large_set = set(large)
     for i, (t, size) in enumerate(zip(model, sizes)):
-        if 1 < size < _CHUNK:
+        if size > 1 and i not in large_set:
             alike.setdefault((t.dtype, size), []).append(i)
     for (_, size), members in alike.items():
         step = max(1, _CHUNK // size)

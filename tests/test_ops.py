@@ -64,8 +64,8 @@ def test_drift_sq_norms_non_contiguous(backend):
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_drift_sq_bounds_hold_the_exact_sums(dtype):
     # Large tensors: float32 row sums, within the stated error of drift_sq_norms; small ones: its numbers.
-    big = _torch_ops._CHUNK
-    sizes = [1, 555, big - 1, big, big + 1, 2 * big + _torch_ops._BOUND_ROW + 3]
+    big, chunk = _torch_ops._BOUND_MIN, _torch_ops._CHUNK
+    sizes = [1, 555, big - 1, big, big + 1, chunk, 2 * chunk + _torch_ops._BOUND_ROW + 3]
     xs, ys = lists(sizes, [dtype] * len(sizes), seed=5)
     if dtype.is_floating_point:  # magnitudes over many decades, their squares finite in float32
         decades = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max) ** 0.25
@@ -87,7 +87,7 @@ def test_torch_selection_from_bounds_equals_the_exact_one(monkeypatch):
     import layersel_ext as L
 
     g = torch.Generator().manual_seed(2)
-    big = _torch_ops._CHUNK + 100
+    big = _torch_ops._CHUNK + 100  # more than one pass, a short last row
     model, initial = nn.Module(), nn.Module()
     for name, scale in (("a", 1e-3), ("b", 1e-3), ("c", 2e-3), ("frozen", 0.0), ("d", 1e-3)):
         start = torch.randn(big, generator=g)
