@@ -8,6 +8,7 @@ the op's exact signature and output. ``sample_masks`` reproduces the compiled ke
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import os
@@ -108,21 +109,29 @@ class _OutputBlocks:
             return [self._fresh(n, dt) for n, dt in requests]
         out = []
         with self.lock:
-            idle = [b for b in self.blocks if self._idle(b)]
+            # idle blocks by size, the oldest first among equal sizes (a stable sort of the age order)
+            idle = sorted((b for b in self.blocks if self._idle(b)), key=lambda b: b.nbytes())
+            sizes = [b.nbytes() for b in idle]
             for n, dt in requests:
                 nbytes = n * dt.itemsize
-                fits = [b for b in idle if nbytes <= b.nbytes() <= 2 * nbytes] if nbytes >= _BLOCK_MIN_BYTES else []
-                if fits:
-                    block = min(fits, key=lambda b: b.nbytes())
-                    idle.remove(block)
-                    out.append(torch.empty(0, dtype=dt).set_(block, 0, (n,), (1,)))
+                at = bisect.bisect_left(sizes, nbytes) if nbytes >= _BLOCK_MIN_BYTES else len(sizes)
+                if at < len(sizes) and sizes[at] <= 2 * nbytes:  # the smallest idle block that fits
+                    sizes.pop(at)
+                    out.append(torch.empty(0, dtype=dt).set_(idle.pop(at), 0, (n,), (1,)))
                     continue
                 t = self._fresh(n, dt)
-                if nbytes >= _BLOCK_MIN_BYTES and nbytes <= limit:
+                if _BLOCK_MIN_BYTES <= nbytes <= limit:
                     held = sum(b.nbytes() for b in self.blocks)
-                    while idle and held + nbytes > limit:  # evict the oldest idle blocks
-                        held -= idle[0].nbytes()
-                        self.blocks.remove(idle.pop(0))
+                    if held + nbytes > limit:  # evict the oldest idle blocks
+                        spare = {id(b) for b in idle}
+                        for block in [b for b in self.blocks if id(b) in spare]:
+                            if held + nbytes <= limit:
+                                break
+                            held -= block.nbytes()
+                            self.blocks.remove(block)
+                            at = next(k for k, b in enumerate(idle) if b is block)
+                            idle.pop(at)
+                            sizes.pop(at)
                     if held + nbytes <= limit:
                         self.blocks.append(t.untyped_storage())
                 out.append(t)
@@ -136,8 +145,9 @@ class _OutputBlocks:
 
 
 _OUTPUT_BLOCKS = _OutputBlocks()
-# Outputs below this go to torch's allocator: glibc serves them from memory it keeps between calls.
-_BLOCK_MIN_BYTES = 8 << 20
+# The smallest output the cache serves: a large tensor's (``_CHUNK`` float32 elements). glibc maps an
+# allocation of a few MB afresh or hands it back to the system often enough that its pages fault again.
+_BLOCK_MIN_BYTES = 1 << 20
 
 
 def _empty_outputs(sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device) -> list[Tensor]:
