@@ -100,12 +100,12 @@ class _OutputBlocks:
 
     @staticmethod
     def _idle(block: torch.UntypedStorage) -> bool:
-        return torch._C._storage_Use_Count(block._cdata) == 1  # only the cache's own reference
+        return _USE_COUNT(block._cdata) == 1  # only the cache's own reference
 
     def empty(self, requests: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
         """A flat CPU tensor for each (numel, dtype), contents undefined."""
         limit = _cache_limit()
-        if limit <= 0:
+        if limit <= 0 or _USE_COUNT is None:
             return [self._fresh(n, dt) for n, dt in requests]
         out = []
         with self.lock:
@@ -144,6 +144,8 @@ class _OutputBlocks:
         return t
 
 
+# How many owners a storage has (torch's own count; a torch without it runs with the cache off).
+_USE_COUNT: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
 _OUTPUT_BLOCKS = _OutputBlocks()
 # The smallest output the cache serves: a large tensor's (``_CHUNK`` float32 elements). glibc maps an
 # allocation of a few MB afresh or hands it back to the system often enough that its pages fault again.
