@@ -8,7 +8,7 @@ layers to the host together (sharded ones gathered in one collective first, ``_c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from torch import Tensor
@@ -45,17 +45,80 @@ def drift_norms(
         except (RuntimeError, ValueError, TypeError) as exc:
             explain_failure(exc, names, xs, ys, what)
     numel = np.array(ops.numels(xs), dtype=np.float32)
+    return _norms(sq, numel, normalize, xs[0].device.type == "cuda").tolist()
+
+
+def _norms(sq: np.ndarray, numel: np.ndarray, normalize: bool, cuda: bool) -> np.ndarray:
+    """The drifts (float64, the float32 values as Python floats hold them) of float64 squared sums."""
     with np.errstate(over="ignore"):
         norms = np.sqrt(sq.astype(np.float32))
     single = numel == 1  # torch's norm of one element is |d|: the root of the op's exact square
     norms[single] = np.sqrt(sq[single]).astype(np.float32)
     if normalize:
         with np.errstate(divide="ignore", invalid="ignore"):
-            if xs[0].device.type == "cuda":
+            if cuda:
                 norms = norms * (np.float32(1.0) / numel)
             else:
                 norms = norms / numel
-    return norms.astype(np.float64).tolist()
+    return norms.astype(np.float64)
+
+
+Unsure = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+
+
+def selection_drifts(
+    names: list[str],
+    xs: Sequence[Tensor],
+    ys: Sequence[Tensor],
+    normalize: bool,
+    what: str,
+    sharded: ShardedState | None,
+    unsure: Unsure,
+) -> list[float]:
+    """Drifts for a selection, which compares them and returns none: ``drift_norms``' values, or where
+    the torch backend bounds the squared sums (``ops.drift_sq_bounds``, large CPU tensors) values
+    that the selection's comparisons treat exactly as those. ``unsure(lo, hi, estimated)`` marks the
+    estimated entries whose drift bounds [lo, hi] do not settle what the selection asks of them; they
+    get their exact drifts (one more op, on them alone). The drift function is monotone in the
+    squared sum, so bounds on the sum bound the drift."""
+    bounds = None
+    if sharded is None:
+        try:
+            bounds = ops.drift_sq_bounds(xs, ys)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            explain_failure(exc, names, xs, ys, what)
+    if bounds is None:
+        return drift_norms(names, xs, ys, normalize, what, sharded)
+    est, err = (b.cpu().numpy() for b in bounds)
+    numel = np.array(ops.numels(xs), dtype=np.float32)
+    drifts = _norms(est, numel, normalize, False)
+    with np.errstate(invalid="ignore"):
+        lo = _norms(est * (1 - err), numel, normalize, False)
+        hi = _norms(est * (1 + err), numel, normalize, False)
+    estimated = (err > 0) & (lo != hi)  # bounds that meet are the exact drift (a frozen layer's 0, say)
+    redo = np.flatnonzero(estimated & (~np.isfinite(est) | unsure(lo, hi, estimated)))
+    if redo.size:
+        exact = ops.drift_sq_norms(ops.take(xs, redo), ops.take(ys, redo)).cpu().numpy()
+        drifts[redo] = _norms(exact, numel[redo], normalize, False)
+    return drifts.tolist()
+
+
+def unsure_against(threshold: float) -> Unsure:
+    """Entries whose bounds lie on both sides of ``threshold`` (``drift > threshold`` is the question)."""
+    return lambda lo, hi, estimated: (lo > threshold) != (hi > threshold)
+
+
+def unsure_in_order(lo: np.ndarray, hi: np.ndarray, estimated: np.ndarray) -> np.ndarray:
+    """Estimated entries whose bounds meet another entry's: the others' order is settled by the bounds
+    (an estimate, or an exact drift, lies inside its own), and equal drifts, ties kept in state_dict
+    order, are exact values on both sides."""
+    out = np.zeros(len(lo), dtype=bool)
+    idx = np.flatnonzero(estimated)
+    if idx.size:
+        meets = (lo[idx, None] <= hi[None, :]) & (lo[None, :] <= hi[idx, None])
+        meets[np.arange(idx.size), idx] = False
+        out[idx] = meets.any(axis=1)
+    return out
 
 
 def selected_to_numpy(

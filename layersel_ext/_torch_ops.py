@@ -8,9 +8,12 @@ the op's exact signature and output. ``sample_masks`` reproduces the compiled ke
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
+import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -53,19 +56,108 @@ _FRESH_MAPPING_BYTES = 32 << 20
 _HUGE_PAGE = 2 << 20
 
 
-def _empty_output(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.empty(n)``; on Linux a CPU one of ``_FRESH_MAPPING_BYTES`` or more asks for transparent huge
-    pages (MADV_HUGEPAGE over its whole 2 MB pages, before anything touches it), so its first touch faults
-    once per 2 MB: the price of a fresh output is then about that of zeroing it. Advice only: where the
-    kernel refuses it (THP off, another OS), the pages are the usual ones."""
-    out = torch.empty(n, dtype=dtype, device=device)
-    nbytes = n * out.element_size()
-    if _MADVISE is not None and device.type == "cpu" and nbytes >= _FRESH_MAPPING_BYTES:
-        lo = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        hi = (out.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+def _advise_huge_pages(t: Tensor) -> None:
+    """On Linux, ask for transparent huge pages over a fresh CPU buffer of ``_FRESH_MAPPING_BYTES`` or more
+    (MADV_HUGEPAGE over its whole 2 MB pages, before anything touches it), so its first touch faults once
+    per 2 MB: the price of fresh memory is then about that of zeroing it. Advice only: where the kernel
+    refuses it (THP off, another OS), the pages are the usual ones."""
+    nbytes = t.numel() * t.element_size()
+    if _MADVISE is not None and t.device.type == "cpu" and nbytes >= _FRESH_MAPPING_BYTES:
+        lo = -(-t.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        hi = (t.data_ptr() + nbytes) // _HUGE_PAGE * _HUGE_PAGE
         if hi > lo:
             _MADVISE(lo, hi - lo, mmap.MADV_HUGEPAGE)
-    return out
+
+
+def _cache_limit() -> int:
+    """``LAYERSEL_OUTPUT_CACHE_MB`` in bytes, read as the compiled cache reads it (unset: 1024; not a
+    number: 0, the cache off)."""
+    raw = os.environ.get("LAYERSEL_OUTPUT_CACHE_MB")
+    if raw is None:
+        return 1024 << 20
+    digits = raw.strip()
+    digits = digits[: len(digits) - len(digits.lstrip("0123456789"))] if digits else ""
+    return int(digits or 0) << 20
+
+
+class _OutputBlocks:
+    """The torch twin of ``csrc/cpu/output_block_cache.h``: large CPU outputs served from blocks that
+    earlier outputs used, so a client that scores every round writes into pages that are already
+    mapped (a fresh output of a model's size is a fresh mapping each call, and its first-touch page
+    faults cost more than the scores; how much more depends on the machine and varies call to call).
+
+    A block is idle when nothing but this cache holds its storage (no tensor, view or numpy array of
+    an earlier output is alive): torch counts a storage's owners, so idleness is read at allocation
+    time, with no hook on release. An output of ``_BLOCK_MIN_BYTES`` or more takes the smallest idle
+    block that fits it and is at most twice its size, else a fresh block, which the cache keeps while
+    all its blocks, in use or idle, total at most ``LAYERSEL_OUTPUT_CACHE_MB`` (the oldest idle blocks
+    are dropped to make room): the memory it holds beyond what a caller holds is bounded by that.
+    Outputs are resizable, as ``torch.empty``'s are."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.blocks: list[torch.UntypedStorage] = []  # oldest first
+
+    @staticmethod
+    def _idle(block: torch.UntypedStorage) -> bool:
+        return _USE_COUNT(block._cdata) == 1  # only the cache's own reference
+
+    def empty(self, requests: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
+        """A flat CPU tensor for each (numel, dtype), contents undefined."""
+        limit = _cache_limit()
+        if limit <= 0 or _USE_COUNT is None:
+            return [self._fresh(n, dt) for n, dt in requests]
+        out = []
+        with self.lock:
+            # idle blocks by size, the oldest first among equal sizes (a stable sort of the age order)
+            idle = sorted((b for b in self.blocks if self._idle(b)), key=lambda b: b.nbytes())
+            sizes = [b.nbytes() for b in idle]
+            for n, dt in requests:
+                nbytes = n * dt.itemsize
+                at = bisect.bisect_left(sizes, nbytes) if nbytes >= _BLOCK_MIN_BYTES else len(sizes)
+                if at < len(sizes) and sizes[at] <= 2 * nbytes:  # the smallest idle block that fits
+                    sizes.pop(at)
+                    out.append(torch.empty(0, dtype=dt).set_(idle.pop(at), 0, (n,), (1,)))
+                    continue
+                t = self._fresh(n, dt)
+                if _BLOCK_MIN_BYTES <= nbytes <= limit:
+                    held = sum(b.nbytes() for b in self.blocks)
+                    if held + nbytes > limit:  # evict the oldest idle blocks
+                        spare = {id(b) for b in idle}
+                        for block in [b for b in self.blocks if id(b) in spare]:
+                            if held + nbytes <= limit:
+                                break
+                            held -= block.nbytes()
+                            self.blocks.remove(block)
+                            at = next(k for k, b in enumerate(idle) if b is block)
+                            idle.pop(at)
+                            sizes.pop(at)
+                    if held + nbytes <= limit:
+                        self.blocks.append(t.untyped_storage())
+                out.append(t)
+        return out
+
+    @staticmethod
+    def _fresh(n: int, dtype: torch.dtype) -> Tensor:
+        t = torch.empty(n, dtype=dtype)
+        _advise_huge_pages(t)
+        return t
+
+
+# How many owners a storage has (torch's own count; a torch without it runs with the cache off).
+_USE_COUNT: Callable[[int], int] | None = getattr(torch._C, "_storage_Use_Count", None)
+_OUTPUT_BLOCKS = _OutputBlocks()
+# The smallest output the cache serves: a large tensor's (``_CHUNK`` float32 elements). glibc maps an
+# allocation of a few MB afresh or hands it back to the system often enough that its pages fault again.
+_BLOCK_MIN_BYTES = 1 << 20
+
+
+def _empty_outputs(sizes: Sequence[int], dtypes: Sequence[torch.dtype], device: torch.device) -> list[Tensor]:
+    """``torch.empty(n, dtype=dt)`` for each size and dtype; on the CPU the large ones come from the
+    output cache (``_OutputBlocks``), fresh ones with transparent huge pages asked for."""
+    if device.type != "cpu":
+        return [torch.empty(n, dtype=dt, device=device) for n, dt in zip(sizes, dtypes)]
+    return _OUTPUT_BLOCKS.empty(list(zip(sizes, dtypes)))
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -113,18 +205,35 @@ class _Scratch:
         return buf[:n]
 
 
-def _squares_into(x: Tensor, y: Tensor, out: Tensor, scratch: _Scratch) -> None:
-    """``out`` (float64) = float((x - y).float() ** 2) for flat x, y: the difference in their dtype, converted
-    to float32, squared in float32 (torch computes a binary op in its inputs' dtype and converts the result
-    to ``out``'s), then widened exactly to float64. The squares go to a float32 buffer first: given a
-    float64 ``out``, torch would compute into a fresh float32 temporary and copy that, an allocation a pass."""
-    d = scratch.get("d", torch.float32, x.numel())
+def _squares_f32(x: Tensor, y: Tensor, d: Tensor) -> None:
+    """``d`` (float32) = float(x - y) ** 2 for flat x, y: the difference in their dtype (integers wrap),
+    converted to float32, squared in float32 (torch computes a binary op in its inputs' dtype and
+    converts the result to ``out``'s)."""
     if x.dtype == torch.float32:
         torch._C._nn.mse_loss(x, y, 0, out=d)  # reduction none: (x - y) * (x - y) in float32, one pass
     else:
-        torch.sub(x, y, out=d)  # in x's dtype (integers wrap), then to float32
+        torch.sub(x, y, out=d)
         d.mul_(d)
+
+
+def _squares_into(x: Tensor, y: Tensor, out: Tensor, scratch: _Scratch) -> None:
+    """``out`` (float64) = ``_squares_f32`` widened exactly. The squares go to a float32 buffer first:
+    given a float64 ``out``, torch would compute into a fresh float32 temporary and copy that, an
+    allocation a pass."""
+    d = scratch.get("d", torch.float32, x.numel())
+    _squares_f32(x, y, d)
     out.copy_(d)
+
+
+# Row length of the float32 partial sums of ``drift_sq_bounds``: a sum of m non-negative float32 terms, in
+# any order, is within gamma(m - 1) = (m - 1) u / (1 - (m - 1) u), u = 2**-24, of the exact sum (Higham,
+# Accuracy and Stability of Numerical Algorithms, 4.2); 1,024 terms: within 6.1e-5, a drift within 3.1e-5.
+_BOUND_ROW = 1 << 10
+# The smallest tensor that ``drift_sq_bounds`` sums in rows: below it, the exact sums of tensors batched
+# together cost less than a few ops per tensor.
+_BOUND_MIN = 1 << 15
+_F32_UNIT = 2.0**-24
+_F64_UNIT = 2.0**-53
 
 
 @torch.no_grad()
@@ -137,6 +246,30 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
     concatenated up to ``_CHUNK`` elements and summed as the rows of a matrix. The temporaries are
     chunk-sized and reused, and the sums come back as one tensor, with no host sync in between."""
     _checks.check_tensors("drift_sq_norms", model, initial)
+    return _drift_sums(model, initial, bounded=False)
+
+
+@torch.no_grad()
+def drift_sq_bounds(model: Sequence[Tensor], initial: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """``drift_sq_norms`` to within a known error, for a selection that only compares drifts: (estimate,
+    relative error), float64 [n] each; ``drift_sq_norms`` lies in estimate * (1 -+ error).
+
+    A tensor of ``_BOUND_MIN`` elements or more is squared exactly as ``drift_sq_norms`` squares it (in
+    passes of ``_CHUNK``, no concatenation), but the squares are summed in float32, in rows of
+    ``_BOUND_ROW`` (one pass over a float32 buffer in cache), and only the row sums in float64:
+    widening every square to float64 and summing that is most of ``drift_sq_norms``' time on a large
+    model. Its error is the rows' float32 bound plus a float64 term for both sums' own rounding.
+    Smaller tensors are ``drift_sq_norms``' own numbers (error 0)."""
+    _checks.check_tensors("drift_sq_norms", model, initial)
+    est = _drift_sums(model, initial, bounded=True)
+    rows = _BOUND_ROW - 1
+    row_error = rows * _F32_UNIT / (1 - rows * _F32_UNIT) * (1 + 2.0**-20)
+    errors = [row_error + 4 * t.numel() * _F64_UNIT if t.numel() >= _BOUND_MIN else 0.0 for t in model]
+    return est, torch.tensor(errors, dtype=torch.float64, device=est.device)
+
+
+def _drift_sums(model: Sequence[Tensor], initial: Sequence[Tensor], bounded: bool) -> Tensor:
+    """``drift_sq_norms``; with ``bounded``, ``drift_sq_bounds``' estimate for the large tensors."""
     device = model[0].device if len(model) else torch.device("cpu")
     n = len(model)
     if not n:
@@ -146,16 +279,42 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
     sums: list[Tensor] = []  # float64 partial sums ...
     owners: list[int] = []  # ... and the tensor each one belongs to
     alike: dict[tuple[torch.dtype, int], list[int]] = {}
-    for i, (t, size) in enumerate(zip(model, sizes)):
-        if size >= _CHUNK:
-            x, y = _flat(t), _flat(initial[i])
-            for lo in range(0, size, _CHUNK):
+    large = [i for i, size in enumerate(sizes) if size >= (_BOUND_MIN if bounded else _CHUNK)]
+    if bounded and large:
+        # Each large tensor's row sums, one after the other in one float32 buffer (a tensor's last row
+        # may be short: _CHUNK is a multiple of the row length, so only its last pass has one).
+        counts = [-(-sizes[i] // _BOUND_ROW) for i in large]
+        partial = torch.empty(sum(counts), dtype=torch.float32, device=device)
+        buffer = scratch.get("d", torch.float32, min(_CHUNK, max(sizes[i] for i in large)))
+        at = 0
+        for i in large:
+            x, y = _flat(model[i]), _flat(initial[i])
+            passes = ((x, y),) if sizes[i] <= _CHUNK else zip(x.split(_CHUNK), y.split(_CHUNK))
+            for xa, ya in passes:
+                m = xa.numel()
+                d = buffer if m == buffer.numel() else buffer[:m]
+                _squares_f32(xa, ya, d)
+                rows = m // _BOUND_ROW
+                torch.sum(d[: rows * _BOUND_ROW].view(rows, _BOUND_ROW), 1, out=partial[at : at + rows])
+                at += rows
+                if m > rows * _BOUND_ROW:
+                    torch.sum(d[rows * _BOUND_ROW :], 0, keepdim=True, out=partial[at : at + 1])
+                    at += 1
+        sums.append(partial.double())
+        owners_of_rows = torch.repeat_interleave(torch.tensor(large), torch.tensor(counts)).to(device)
+    else:
+        owners_of_rows = None
+        for i in large:
+            x, y = _flat(model[i]), _flat(initial[i])
+            for lo in range(0, sizes[i], _CHUNK):
                 xa, ya = x[lo : lo + _CHUNK], y[lo : lo + _CHUNK]
                 sq = scratch.get("sq", torch.float64, xa.numel())
                 _squares_into(xa, ya, sq, scratch)
                 sums.append(sq.sum(0, keepdim=True))
                 owners.append(i)
-        elif size > 1:
+    large_set = set(large)
+    for i, (t, size) in enumerate(zip(model, sizes)):
+        if size > 1 and i not in large_set:
             alike.setdefault((t.dtype, size), []).append(i)
     for (_, size), members in alike.items():
         step = max(1, _CHUNK // size)
@@ -175,7 +334,10 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
         owners.extend(group)
     out = torch.zeros(n, dtype=torch.float64, device=device)
     if sums:
-        out.index_add_(0, torch.tensor(owners, device=device), torch.cat(sums))
+        index = torch.tensor(owners, dtype=torch.int64, device=device)
+        if owners_of_rows is not None:
+            index = torch.cat([owners_of_rows, index])
+        out.index_add_(0, index, torch.cat(sums))
     return out
 
 
@@ -279,10 +441,11 @@ def score_tensors(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int)
     """``scores`` as one tensor per input tensor, shaped like it (what ``ops.scores`` returns).
 
     A tensor of ``_CHUNK`` elements or more gets an output of its own, as fl4health's per-tensor ops
-    do: the allocator hands a block of a model tensor's size back call after call, while one buffer
-    of the whole model's size is a fresh mapping every call (above glibc's largest mmap threshold,
-    32 MB), whose first touch faults every 4 KB page in, which takes longer than the scores
-    themselves. The smaller tensors go through foreach ops (``_foreach_scores``)."""
+    do (one buffer of the whole model's size would be a fresh mapping every call, above glibc's
+    largest mmap threshold, 32 MB), the large ones from the output cache (``_empty_outputs``): memory
+    that glibc hands back to the system between calls is first touched again, page by page, which
+    takes longer than the scores themselves. The smaller tensors go through foreach ops
+    (``_foreach_scores``)."""
     _checks.check_formula_kind("scores", kind, NUM_FORMULAS)
     needs_y = uses_initial(kind)
     _checks.check_tensors("scores", model, initial if needs_y else None)
@@ -295,12 +458,10 @@ def score_tensors(model: Sequence[Tensor], initial: Sequence[Tensor], kind: int)
         for i, score in zip(small, _foreach_scores(kind, [model[i] for i in small], ys)):
             out[i] = score
     scratch = _Scratch(device)
-    for i, size in enumerate(sizes):
-        if size >= _CHUNK:
-            x, y = _flat(model[i]), _flat(initial[i]) if needs_y else None
-            flat = _empty_output(size, x.dtype, device)
-            _score_passes(kind, x, y, flat, scratch)
-            out[i] = flat.view(model[i].shape)
+    large = [i for i, size in enumerate(sizes) if size >= _CHUNK]
+    for i, flat in zip(large, _empty_outputs([sizes[i] for i in large], [model[i].dtype for i in large], device)):
+        _score_passes(kind, _flat(model[i]), _flat(initial[i]) if needs_y else None, flat, scratch)
+        out[i] = flat.view(model[i].shape)
     return out  # type: ignore[return-value]  # every entry filled: the small ones, then the large ones
 
 

@@ -125,6 +125,16 @@ def drift_sq_norms(model: Sequence[Tensor], initial: Sequence[Tensor]) -> Tensor
         return _torch_ops.drift_sq_norms(model, initial)
 
 
+def drift_sq_bounds(model: Sequence[Tensor], initial: Sequence[Tensor]) -> tuple[Tensor, Tensor] | None:
+    """``drift_sq_norms`` to within a known relative error, for a selection that only compares drifts:
+    (estimate, error), float64 [n] each (``_torch_ops.drift_sq_bounds``). None where the exact op
+    costs no more: the compiled kernels (one fused pass already) and devices other than the CPU."""
+    if not len(model) or _device(model).type != "cpu" or _use_compiled("drift_sq_norms", _device(model)):
+        return None
+    with torch.no_grad():
+        return _torch_ops.drift_sq_bounds(model, initial)
+
+
 def scores(model: Sequence[Tensor], initial: Sequence[Tensor] | None, kind: int) -> list[Tensor]:
     """Score formula ``kind`` (a ``ScoreKind`` below GIVEN, fl4health's order) of every tensor, shaped like it.
 

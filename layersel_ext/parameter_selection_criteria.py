@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import ops
 from ._checks import explain_failure
-from ._drift import drift_norms, selected_to_numpy
+from ._drift import drift_norms, selected_to_numpy, selection_drifts, unsure_against, unsure_in_order
 from ._masks import MaskDtype, mask_arrays, sample_flat_masks
 from ._model_state import paired_state, single_state
 from ._score_kinds import ScoreKind, uses_initial
@@ -140,7 +140,7 @@ def select_layers_by_threshold(
     names, xs, ys = paired_state(model, initial_model, what)
     arguments = [("threshold", threshold), ("normalize", normalize), ("select_drift_more", select_drift_more)]
     sharded = sharded_state(names, xs, ys, what, arguments)
-    drifts = drift_norms(names, xs, ys, normalize, what, sharded)
+    drifts = selection_drifts(names, xs, ys, normalize, what, sharded, unsure_against(threshold))
     if select_drift_more:
         keep = [i for i, d in enumerate(drifts) if d > threshold]
     else:
@@ -168,7 +168,7 @@ def select_layers_by_percentage(
     arguments = [("exchange_percentage", exchange_percentage), ("normalize", normalize),
                  ("select_drift_more", select_drift_more)]  # fmt: skip
     sharded = sharded_state(names, xs, ys, what, arguments)
-    drifts = drift_norms(names, xs, ys, normalize, what, sharded)
+    drifts = selection_drifts(names, xs, ys, normalize, what, sharded, unsure_in_order)
     count = math.ceil(len(names) * exchange_percentage)
     order = sorted(range(len(names)), key=lambda i: drifts[i], reverse=select_drift_more)[:count]
     return selected_to_numpy(names, xs, order, sharded)

@@ -460,6 +460,32 @@ def test_score_outputs_can_be_resized_like_fl4health(backend):
             assert torch.equal(got, want[:3])
 
 
+def test_torch_backend_reuses_only_released_output_blocks(monkeypatch):
+    # The torch twin of the compiled output cache: an output block comes back once nothing holds it
+    # (no tensor, view or numpy array of it), and never while a caller still holds any of those.
+    monkeypatch.delenv("LAYERSEL_OUTPUT_CACHE_MB", raising=False)
+    monkeypatch.setattr(_torch_ops, "_OUTPUT_BLOCKS", _torch_ops._OutputBlocks())  # no blocks of other tests
+    m = nn.Linear(1000, 3000)  # 12 MB of weights: above the cache's smallest block
+    monkeypatch.setattr(ops, "_backend", "torch")
+    first = L.largest_final_magnitude_scores(m, None)["weight"]
+    held = first.numpy()  # a numpy array of the output keeps its block in use
+    want = held.copy()
+    address = first.data_ptr()
+    del first
+    second = L.largest_final_magnitude_scores(m, None)["weight"]
+    assert second.data_ptr() != address
+    second.fill_(-1.0)
+    np.testing.assert_array_equal(held, want)
+    del held, second
+    third = L.largest_final_magnitude_scores(m, None)["weight"]
+    assert third.data_ptr() == address  # the smallest idle block that fits: the first one
+    assert torch.equal(third, m.weight.detach().abs())
+    monkeypatch.setenv("LAYERSEL_OUTPUT_CACHE_MB", "0")  # the cache off: fresh memory, same answer
+    del third
+    off = L.largest_final_magnitude_scores(m, None)["weight"]
+    assert off.data_ptr() != address and torch.equal(off, m.weight.detach().abs())
+
+
 # ------------------------------------------------------------------------------ torch.compile
 
 

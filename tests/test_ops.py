@@ -61,6 +61,66 @@ def test_drift_sq_norms_non_contiguous(backend):
     assert got.tolist() == pytest.approx([float64_drift(x, y), float64_drift(x[::2], y[::2])], rel=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_drift_sq_bounds_hold_the_exact_sums(dtype):
+    # Large tensors: float32 row sums, within the stated error of drift_sq_norms; small ones: its numbers.
+    big, chunk = _torch_ops._BOUND_MIN, _torch_ops._CHUNK
+    sizes = [1, 555, big - 1, big, big + 1, chunk, 2 * chunk + _torch_ops._BOUND_ROW + 3]
+    xs, ys = lists(sizes, [dtype] * len(sizes), seed=5)
+    if dtype.is_floating_point:  # magnitudes over many decades, their squares finite in float32
+        decades = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max) ** 0.25
+        xs[-1] = xs[-1] * torch.logspace(-1, 1, xs[-1].numel(), base=decades).to(dtype)
+    exact = _torch_ops.drift_sq_norms(xs, ys)
+    est, err = _torch_ops.drift_sq_bounds(xs, ys)
+    for e, g, r, n in zip(exact.tolist(), est.tolist(), err.tolist(), sizes):
+        if n < big:
+            assert r == 0.0 and g == e
+        else:
+            assert 0 < r < 1e-4 and abs(g - e) <= r * e
+
+
+def test_torch_selection_from_bounds_equals_the_exact_one(monkeypatch):
+    # Thresholds on and beside every drift, and equal drifts of large tensors: the bounds leave these
+    # unsettled, and the exact drifts of those entries decide, as they do without bounds.
+    from torch import nn
+
+    import layersel_ext as L
+
+    g = torch.Generator().manual_seed(2)
+    big = _torch_ops._CHUNK + 100  # more than one pass, a short last row
+    model, initial = nn.Module(), nn.Module()
+    for name, scale in (("a", 1e-3), ("b", 1e-3), ("c", 2e-3), ("frozen", 0.0), ("d", 1e-3)):
+        start = torch.randn(big, generator=g)
+        initial.register_buffer(name, start)
+        model.register_buffer(name, start + scale * torch.randn(big, generator=g))
+    model.b.copy_(model.a - initial.a + initial.b)  # b drifts as a (up to float32 rounding)
+    model.d.copy_(initial.d + (model.a - initial.a))  # d drifts exactly as a: a tie
+    model.register_buffer("small", torch.ones(7))
+    initial.register_buffer("small", torch.zeros(7))
+    monkeypatch.setattr(ops, "_backend", "torch")
+
+    def both(select, *args):
+        got = select(*args, model, initial)
+        with monkeypatch.context() as m:
+            m.setattr(ops, "drift_sq_bounds", lambda xs, ys: None)  # the exact drifts throughout
+            want = select(*args, model, initial)
+        assert got[1] == want[1]
+        for a, b in zip(got[0], want[0]):
+            np.testing.assert_array_equal(a, b)
+
+    assert ops.drift_sq_bounds([model.a], [initial.a]) is not None
+    for normalize in (True, False):
+        drifts = L.layer_drift_norms(model, initial, normalize).values()
+        for d in sorted(drifts):
+            for t in (d, np.nextafter(d, 0.0), np.nextafter(d, 1.0), d * (1 + 1e-5), d * (1 - 1e-5)):
+                if t > 0:
+                    for more in (True, False):
+                        both(L.select_layers_by_threshold, float(t), normalize, more)
+        for p in (0.2, 0.4, 0.6, 0.8, 1.0):
+            for more in (True, False):
+                both(L.select_layers_by_percentage, p, normalize, more)
+
+
 @compiled_only
 def test_drift_precision_over_many_terms():
     # 2**24 terms of 1.0 (16.7M): a float32 accumulator stalls at 2**24; ours is exact.
