@@ -172,6 +172,22 @@ def test_scores_against_torch(kind, dtype, backend):
         assert torch.equal(g, want)
 
 
+@pytest.mark.parametrize("kind", [2, 3])
+def test_torch_magnitude_change_is_minus_then_abs_bit_for_bit(kind):
+    """The torch backend's one-pass |x - y| (smooth L1 with beta 0) is torch's (x - y).abs() in float32, on
+    NaN, infinities, signed zeros, subnormals and overflowing differences too."""
+    special = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38, 1.0, -2.5]
+    x = torch.tensor([a for a in special for _ in special], dtype=torch.float32)
+    y = torch.tensor([b for _ in special for b in special], dtype=torch.float32)
+    x, y = torch.cat([x, torch.randn(70_000)]), torch.cat([y, torch.randn(70_000)])
+    got = torch.empty_like(x)
+    _torch_ops.score_into(kind, x, y, got)
+    want = (x - y).abs()
+    if kind == 3:
+        want = -want
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 @compiled_only
 @pytest.mark.parametrize("kind", range(6))
 def test_scores_mixed_dtypes_one_buffer_per_dtype(kind):
