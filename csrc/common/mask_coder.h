@@ -228,11 +228,12 @@ LS_HD uint64_t count_in(const Segment* segs, int nsegs, const uint64_t* Prior::*
 // 16-bit words of a block's raw bits (its half elements' bits, as they are).
 LS_HD int64_t raw_words(uint64_t half) { return static_cast<int64_t>((half + 15) / 16); }
 
-// Appends bits to 16-bit little-endian words (any alignment): whole words as
-// they fill, the last one, zero-padded, at flush.
-class RawWriter {
+// Appends runs of bits to little-endian memory (any alignment): whole 64-bit
+// words as they fill, and at flush the 16-bit words that hold the rest, the
+// last one zero-padded.
+class BitWriter {
  public:
-  explicit RawWriter(uint16_t* out) : out_(out) {}
+  explicit BitWriter(void* out) : out_(static_cast<uint8_t*>(out)) {}
   // `count` (0..64) bits, those of v above them zero.
   LS_HD void put(uint64_t v, int count) {
     if (count == 0) return;
@@ -240,22 +241,26 @@ class RawWriter {
     fill_ += count;
     if (fill_ >= 64) {
       std::memcpy(out_, &acc_, 8);
-      out_ += 4;
+      out_ += 8;
       fill_ -= 64;
       acc_ = fill_ ? v >> (count - fill_) : 0;
     }
   }
   void flush() {
-    for (int k = 0; k < fill_; k += 16) *out_++ = static_cast<uint16_t>(acc_ >> k);
+    for (int k = 0; k < fill_; k += 16) {
+      const auto w = static_cast<uint16_t>(acc_ >> k);
+      std::memcpy(out_, &w, 2);
+      out_ += 2;
+    }
   }
 
  private:
-  uint16_t* out_;
+  uint8_t* out_;
   uint64_t acc_ = 0;
   int fill_ = 0;
 };
 
-// Reads what RawWriter wrote: `words` 16-bit words at `in` (any alignment).
+// Reads what BitWriter wrote as a block's raw bits: `words` 16-bit words at `in` (any alignment).
 class RawReader {
  public:
   RawReader(const uint8_t* in, int64_t words) : in_(in), left_(words) {}
@@ -367,7 +372,7 @@ LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits
   const int64_t raw = raw_words(count_in(segs, nsegs, &Prior::half));
   if (end - begin < raw + 4) return nullptr;
   if (raw) {  // the half elements' bits, as they are, after the rANS words
-    RawWriter w(end - raw);
+    BitWriter w(end - raw);
     for (int s = 0; s < nsegs; ++s) {
       const Segment& seg = segs[s];
       const int64_t nw = prior_words(seg.prior->n);
@@ -505,29 +510,6 @@ class Decoder {
   int64_t left_;
   uint32_t cur_ = kLow, other_ = kLow;
   bool bad_ = false;
-};
-
-// Appends runs of bits to a word array that starts word-aligned.
-class BitWriter {
- public:
-  explicit BitWriter(uint64_t* out) : out_(out) {}
-  LS_HD void put(uint64_t v, int count) {
-    acc_ |= v << fill_;
-    fill_ += count;
-    if (fill_ >= 64) {
-      *out_++ = acc_;
-      fill_ -= 64;
-      acc_ = fill_ ? v >> (count - fill_) : 0;
-    }
-  }
-  void flush() {
-    if (fill_) *out_++ = acc_;
-  }
-
- private:
-  uint64_t* out_;
-  uint64_t acc_ = 0;
-  int fill_ = 0;
 };
 
 // Decodes one block into `out` (the block's bits, from a word boundary);

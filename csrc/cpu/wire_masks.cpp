@@ -243,7 +243,7 @@ at::Tensor bits_gather(const at::Tensor& bits, const std::vector<int64_t>& offse
     total += lengths[i];
   }
   at::Tensor words = at::empty({mc::prior_words(total) + 1}, at::kLong);
-  mc::BitWriter w(reinterpret_cast<uint64_t*>(words.data_ptr<int64_t>()));
+  mc::BitWriter w(words.data_ptr<int64_t>());
   for (size_t i = 0; i < offsets.size(); ++i) {
     for (int64_t t = 0; t < lengths[i]; t += 64) {
       const int count = static_cast<int>(std::min<int64_t>(64, lengths[i] - t));
