@@ -17,7 +17,7 @@ fedpm_mlp (WIRE_MODES: a masked CNN and a masked MLP of 0.6M and 1.9M scores, tr
 epoch a round on a task they can learn).
 Server and clients are separate processes on 127.0.0.1; synthetic data. Each client seeds itself
 as fl4health's examples do (set_all_random_seeds(42), the same on every client). The clients start
-once the server accepts connections on a fresh port; every federation is bounded in time, and the
+with the server and connect once it accepts connections on a fresh port; every federation is bounded in time, and the
 full server and client logs of a failed one are printed (run_federation, explain).
 What reached the server each round is recorded by the server process into a JSON file: names,
 dtypes, shapes and a hash of every client's arrays; for FedPM also how often the clients' mask
@@ -132,7 +132,18 @@ def make_loaders(index: int, mode: str) -> tuple[Any, Any]:
 # ------------------------------------------------------------------------------------------ client
 
 
-def run_client(mode: str, index: int, port: int) -> None:
+def wait_for_port(port_file: Path, wait_s: float) -> int:
+    """The server's port, once the harness has written it to ``port_file`` (it does when the server
+    listens): a client imports and builds everything while the server starts, then connects."""
+    deadline = time.monotonic() + wait_s
+    while not port_file.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no server port in {port_file} after {wait_s:.0f} s")
+        time.sleep(0.05)
+    return int(port_file.read_text())
+
+
+def run_client(mode: str, index: int, port: int, port_file: Path | None = None, wait_s: float = 0.0) -> None:
     import flwr as fl
     import torch
     from fl4health.clients.fedpm_client import FedPmClient
@@ -191,6 +202,8 @@ def run_client(mode: str, index: int, port: int) -> None:
         client: Any = PmClient(Path("."), [], device, client_name=f"client{index}")
     else:
         client = PartialClient(Path("."), [], device, client_name=f"client{index}", store_initial_model=True)
+    if port_file is not None:
+        port = wait_for_port(port_file, wait_s)
     fl.client.start_client(server_address=f"127.0.0.1:{port}", client=client.to_client())
     client.shutdown()
 
@@ -468,9 +481,11 @@ def run_federation(
     server received each round ('record'), the processes' exit codes (server, client0, ...), their
     full logs, what the harness had to kill and why ('killed', 'error'), and the wall time.
 
-    Bounded in time, never by a fixed sleep: the clients start once the server listens on its port
-    and accepts connections (polled; flwr's client does not retry a refused connection); it fails at
-    once if the server exits first, or after `connect_timeout` seconds. The whole federation has
+    Bounded in time, never by a fixed sleep: the clients start with the server (their imports and
+    set-up overlap its own) and connect once the server listens on its port and accepts connections
+    (polled by the harness, which then hands them the port in a file; flwr's client does not retry a
+    refused connection); it fails at once if the server exits first, or after `connect_timeout`
+    seconds. The whole federation has
     `timeout` seconds; once the clients have all exited the server gets `grace` seconds to finish,
     none when a client failed (it cannot finish without it), and the other way round (a server that
     fails waits forever for clients, clients that lose their server may too); then whatever still
@@ -487,14 +502,18 @@ def run_federation(
     names = ["server", *(f"client{i}" for i in range(clients))]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "record.json"
-        procs: list[subprocess.Popen] = []
+        port_file = Path(tmp) / "port"
+        procs: list[subprocess.Popen] = []  # in the order of names
         logs: list[Any] = []
 
-        def start(role_args: list[str]) -> subprocess.Popen:
-            log = open(Path(tmp) / f"{names[len(procs)]}.log", "w+")  # noqa: SIM115
-            logs.append(log)
+        def start(i: int, role_args: list[str]) -> subprocess.Popen:
+            log = open(Path(tmp) / f"{names[i]}.log", "w+")  # noqa: SIM115
             p = subprocess.Popen([*cmd, *role_args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            procs.append(p)
+            if i < len(procs):  # a server started again on another port
+                procs[i], logs[i] = p, log
+            else:
+                procs.append(p)
+                logs.append(log)
             return p
 
         def read_log(i: int) -> str:
@@ -510,16 +529,18 @@ def run_federation(
 
         try:
             # The server, on a fresh port; retried on another port if that one was taken after all.
+            connect_deadline = min(deadline, time.monotonic() + connect_timeout)
             for attempt in range(3):
-                for p, log in zip(procs, logs):
-                    p.wait()
-                    log.close()
-                procs.clear()
-                logs.clear()
+                if procs:
+                    procs[0].wait()
+                    logs[0].close()
                 port = free_port()
-                server = start(["--role", "server", "--mode", mode, "--port", str(port), "--rounds", str(rounds),
-                                "--out", str(out), "--clients", str(clients)])  # fmt: skip
-                connect_deadline = min(deadline, time.monotonic() + connect_timeout)
+                server = start(0, ["--role", "server", "--mode", mode, "--port", str(port), "--rounds", str(rounds),
+                                   "--out", str(out), "--clients", str(clients)])  # fmt: skip
+                for i in range(1, 1 + clients):
+                    if i == len(procs):
+                        start(i, ["--role", "client", "--mode", mode, "--index", str(i - 1), "--port-file",
+                                  str(port_file), "--wait", str(connect_timeout)])  # fmt: skip
                 while server.poll() is None and time.monotonic() < connect_deadline:
                     if server_listens(server, port):
                         break
@@ -534,8 +555,12 @@ def run_federation(
                 kill(0, f"the server did not listen on port {port} within {connect_deadline - t_start:.0f} s")
             else:
                 res["server_ready_s"] = round(time.monotonic() - t_start, 1)
-                for i in range(clients):
-                    start(["--role", "client", "--mode", mode, "--port", str(port), "--index", str(i)])
+                written = port_file.with_suffix(".tmp")
+                written.write_text(str(port))
+                written.replace(port_file)  # whole, or not there at all, when a client looks
+            if "server_ready_s" not in res:  # the clients would wait for a port that never comes
+                for i in range(1, len(procs)):
+                    kill(i, res["error"] or "the server did not start")
 
             done_at: dict[str, float] = {}
             while any(p.poll() is None for p in procs):
@@ -707,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", choices=("server", "client"), default=None)
     p.add_argument("--mode", choices=MODES, default=None)
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--port-file", type=Path, default=None, help="a client: wait for the server's port in this file")
+    p.add_argument("--wait", type=float, default=180.0, help="a client: seconds to wait for --port-file")
     p.add_argument("--index", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=2, help="clients per federation (the server waits for all)")
@@ -730,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.role == "server":
             run_server(args.mode, args.port, args.rounds, args.out, args.clients)
         else:
-            run_client(args.mode, args.index, args.port)
+            run_client(args.mode, args.index, args.port, args.port_file, args.wait)
         return 0
     if args.compare_wires:
         failed = 0

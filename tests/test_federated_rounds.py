@@ -1,7 +1,7 @@
 """Real rounds: a Flower server (fl4health strategies) and two fl4health clients on 127.0.0.1, with
 fl4health's own functions and with layersel_ext patched in (examples/federated_rounds.py).
 
-Each federation is bounded in time (examples.federated_rounds.run_federation: the clients start once
+Each federation is bounded in time (examples.federated_rounds.run_federation: the clients connect once
 the server accepts connections, several minutes per federation at most, whatever still runs after
 that is killed); every assertion message carries the full server and client logs."""
 
