@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "../common/work_table.h"
 #include "output_block_cache.h"
@@ -33,6 +35,24 @@
 #define LS_CPU_INLINE inline __attribute__((always_inline))
 
 namespace layersel {
+
+// The SIMD level of the kernels written for AVX2 and AVX-512 (the mask kernel,
+// the coded wire's prior): 2: AVX-512 (F, BW, DQ, VL), 1: AVX2, 0: portable.
+// LAYERSEL_CPU_ISA=avx2|portable caps it (the tests run every level and
+// compare the bits).
+inline int cpu_simd_level() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  const char* env = std::getenv("LAYERSEL_CPU_ISA");
+  const std::string cap = env ? env : "";
+  if (cap == "portable") return 0;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+  if (avx512 && cap != "avx2") return 2;
+  return __builtin_cpu_supports("avx2") ? 1 : 0;
+#else
+  return 0;
+#endif
+}
 
 // The bytes of a wire codec's input (a contiguous 1-D uint8 CPU tensor, or a ValueError naming `what`).
 inline const uint8_t* bytes_of(const at::Tensor& t, const char* what) {

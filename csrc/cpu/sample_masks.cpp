@@ -125,22 +125,10 @@ LS_SAMPLE_CHUNK_SIMD(avx512, "avx512f,avx512dq,avx512bw,avx512vl")
 #undef LS_SAMPLE_CHUNK_SIMD
 #endif
 
-// 2: AVX-512, 1: AVX2, 0: portable. LAYERSEL_CPU_ISA=avx2|portable caps it
-// (the tests run every level and compare the bits).
-inline int simd_level() {
-  const char* env = std::getenv("LAYERSEL_CPU_ISA");
-  const std::string cap = env ? env : "";
-  if (cap == "portable") return 0;
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  if (avx512 && cap != "avx2") return 2;
-  return __builtin_cpu_supports("avx2") ? 1 : 0;
-}
-
 template <typename T, typename M>
 void sample_chunk(PhiloxStream stream, uint64_t g, const T* x, M* out, int64_t n) {
 #ifdef LS_HAVE_SIMD_PATH
-  static const int isa = simd_level();
+  static const int isa = cpu_simd_level();
   if (isa == 2) return sample_chunk_avx512(stream, g, x, out, n);
   if (isa == 1) return sample_chunk_avx2(stream, g, x, out, n);
 #endif
@@ -151,7 +139,7 @@ void sample_chunk(PhiloxStream stream, uint64_t g, const T* x, M* out, int64_t n
 template <typename T>
 void sample_bits_chunk(PhiloxStream stream, uint64_t g, const T* x, int64_t n, uint8_t* bits) {
 #ifdef LS_HAVE_SIMD_PATH
-  static const int isa = simd_level();
+  static const int isa = cpu_simd_level();
   if (isa == 2) return sample_bits_chunk_avx512(stream, g, x, n, bits);
   if (isa == 1) return sample_bits_chunk_avx2(stream, g, x, n, bits);
 #endif
