@@ -11,7 +11,9 @@
 // Policy: at most LAYERSEL_OUTPUT_CACHE_MB of idle blocks (default 1024; 0
 // turns the cache off: every output is a fresh allocation); the oldest idle
 // block is freed first when the limit would be passed. Outputs below 8 MiB are
-// plain allocations. The storage is resizable as torch.empty's is.
+// plain allocations, unless the caller names a smaller minimum (the coded
+// wire's prior: a layer's few MB of quantized theta every round; such blocks
+// serve only outputs as small). The storage is resizable as torch.empty's is.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -34,11 +36,14 @@ class OutputBlockCache {
     return *cache;
   }
 
-  at::Tensor empty(int64_t n, at::ScalarType dtype) {
+  static constexpr size_t kMinBytes = size_t{8} << 20;
+
+  at::Tensor empty(int64_t n, at::ScalarType dtype, size_t min_bytes = kMinBytes) {
     const size_t bytes = std::max<size_t>(1, static_cast<size_t>(n) * c10::elementSize(dtype));
+    const bool cached = bytes >= min_bytes;
     void* p = nullptr;
     size_t capacity = bytes;
-    if (bytes >= kMinBytes && limit_ > 0) {
+    if (cached && limit_ > 0) {
       std::lock_guard<std::mutex> lock(mu_);
       // Best fit among idle blocks no more than twice the size asked for.
       size_t best = idle_.size();
@@ -57,7 +62,7 @@ class OutputBlockCache {
     // A resizable storage, as torch.empty's: a caller may resize_ the output (fl4health's
     // outputs allow it); growing it moves the data to memory from the CPU allocator and
     // gives this block back.
-    c10::DataPtr data(p, new Block{p, capacity}, &release, c10::Device(c10::kCPU));
+    c10::DataPtr data(p, new Block{p, capacity, cached}, &release, c10::Device(c10::kCPU));
     c10::Storage storage(c10::Storage::use_byte_size_t(), static_cast<size_t>(n) * c10::elementSize(dtype),
                          std::move(data), c10::GetCPUAllocator(), /*resizable=*/true);
     at::Tensor out = at::empty({0}, at::TensorOptions().dtype(dtype));
@@ -69,23 +74,22 @@ class OutputBlockCache {
   struct Block {
     void* p;
     size_t capacity;
+    bool cached;  // kept when idle
   };
   static void release(void* ctx) {
     const Block* block = static_cast<const Block*>(ctx);
-    instance().give_back(block->p, block->capacity);
+    instance().give_back(block->p, block->capacity, block->cached);
     delete block;
   }
 
  private:
-  static constexpr size_t kMinBytes = size_t{8} << 20;
-
   OutputBlockCache() {
     const char* env = std::getenv("LAYERSEL_OUTPUT_CACHE_MB");
     limit_ = (env ? static_cast<size_t>(std::strtoull(env, nullptr, 10)) : size_t{1024}) << 20;
   }
 
-  void give_back(void* p, size_t capacity) {
-    if (capacity >= kMinBytes && capacity <= limit_) {
+  void give_back(void* p, size_t capacity, bool cached) {
+    if (cached && capacity <= limit_) {
       std::lock_guard<std::mutex> lock(mu_);
       while (!idle_.empty() && idle_bytes_ + capacity > limit_) {  // evict the oldest
         std::free(idle_.front().first);
@@ -107,6 +111,11 @@ class OutputBlockCache {
 
 inline at::Tensor empty_cpu_output(int64_t n, at::ScalarType dtype) {
   return OutputBlockCache::instance().empty(n, dtype);
+}
+
+// An output that the cache keeps and serves from min_bytes up (not only from 8 MiB).
+inline at::Tensor empty_cpu_output_from(int64_t n, at::ScalarType dtype, size_t min_bytes) {
+  return OutputBlockCache::instance().empty(n, dtype, min_bytes);
 }
 
 }  // namespace layersel
