@@ -65,6 +65,7 @@ TIERS: dict[str, str] = {
     "test_wire.py::test_sample_mask_bits_are_the_packed_masks[torch": "full",
     "test_wire_coo.py": "fast",
     "test_wire_coded.py": "fast",
+    "test_wire_coded.py::test_the_prior_is_the_same_on_every_cpu_isa": "full",  # a subprocess per ISA
     "test_wire_coo.py::test_fuzzed_streams": "full",  # thousands of mutated streams
 }
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -176,6 +176,106 @@ def test_quantization_is_the_documented_integer_rule():
     assert wire_coded.prior_of(t32).fingerprint == wire_coded.prior_of(t32.astype(np.float64)).fingerprint
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def reference_prior(theta: np.ndarray) -> tuple[bool, np.ndarray, np.ndarray, int]:
+    """``_C.mask_prior`` by its definition (csrc/common/mask_coder.h, fingerprint.h), in numpy: q, the
+    certain/expected/half bit words and the fingerprint; elements that are not probabilities count as 0."""
+    t = np.asarray(theta).reshape(-1).astype(np.float64)  # exact for float32
+    n, nw = t.size, -(-t.size // 64)
+    good = (t >= 0) & (t <= 1)
+    q = np.floor(np.where(good, t, 0.0) * 2**15 + 0.5).astype(np.int64)
+    padded = np.full(nw * 64, -1, np.int64)
+    padded[:n] = q
+    rows = [(padded == 0) | (padded == 2**15), padded == 2**15, padded == 2**14]
+    words = np.stack([np.packbits(r.reshape(nw, 64), axis=1, bitorder="little").view("<u8").reshape(nw) for r in rows])
+    g = np.arange(n, dtype=np.uint64)
+    lane_weights = ((((g % 64) * np.uint64(0x9E3779B9)) & np.uint64(0xFFFFFFFF)) ^ np.uint64(0x85EBCA6B)) | np.uint64(1)
+    terms = (q.astype(np.uint64) + np.uint64(1)) * lane_weights * (np.uint64(2) * (g // np.uint64(64)) + np.uint64(1))
+    f = int(terms.sum(dtype=np.uint64)) ^ ((n * 0x9E3779B97F4A7C15) & _MASK64)
+    f ^= f >> 31
+    f = (f * 0xBF58476D1CE4E5B9) & _MASK64
+    f ^= f >> 29
+    return bool(good.all()), q.astype(np.uint16), words.view(np.int64), f - (1 << 64) if f >> 63 else f
+
+
+def prior_cases() -> list[np.ndarray]:
+    """θ of both dtypes and awkward lengths: probabilities with runs of 0, 1 and 1/2 and the
+    quantization's ties, then the same with NaN, ±inf, negatives, -0.0, subnormals and values above 1."""
+    rng = np.random.default_rng(21)
+    cases = []
+    for dtype in (np.float32, np.float64):
+        info = np.finfo(dtype)
+        ks = np.arange(2**15, dtype=np.float64)
+        ties = ((ks + 0.5) / 2**15).astype(dtype)
+        special = np.array(
+            [np.nan, np.inf, -np.inf, -1.0, -0.0, 1.5, 2.0, info.max, info.tiny, info.smallest_subnormal, -info.tiny],
+            dtype,
+        )
+        special = np.concatenate([special, np.nextafter(ties[:4], dtype(2)), np.nextafter(np.ones(1, dtype), 2)])
+        for n in (0, 1, 63, 64, 65, 1000, 64 * 256 + 1, 70001):
+            t = rng.random(n).astype(dtype)
+            u = rng.random(n)
+            t[u < 0.3] = 0.0
+            t[(u >= 0.3) & (u < 0.45)] = 1.0
+            t[(u >= 0.45) & (u < 0.5)] = 0.5
+            tie = (u >= 0.5) & (u < 0.6)
+            t[tie] = rng.choice(np.concatenate([ties, np.nextafter(ties, dtype(0))]), int(tie.sum()))
+            cases.append(t.copy())
+            bad = rng.random(n) < 0.05
+            t[bad] = rng.choice(special, int(bad.sum()))
+            cases.append(t)
+    return cases
+
+
+def assert_prior_is_the_reference(theta: np.ndarray, got: tuple) -> None:
+    ok, q, words, fingerprint = reference_prior(theta)
+    got_ok, got_q, got_words, got_fingerprint = got
+    assert got_ok == ok
+    assert np.array_equal(np.asarray(got_q).view(np.uint16), q)
+    assert np.array_equal(np.asarray(got_words), words)
+    assert got_fingerprint == fingerprint
+
+
+def test_the_prior_is_its_definition_bit_for_bit():
+    """q, the three bit words, the fingerprint and the verdict of ``_C.mask_prior`` (its SIMD path where
+    the CPU has one) against the numpy definition, for float32 and float64 θ with every special value."""
+    for theta in prior_cases():
+        ok, q, words, fingerprint = wire_coded.COMPILED.mask_prior(torch.from_numpy(theta))
+        assert_prior_is_the_reference(theta, (ok, q.numpy(), words.numpy(), fingerprint))
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_the_prior_is_the_same_on_every_cpu_isa(isa, tmp_path):
+    """The portable and AVX2 prior loops (LAYERSEL_CPU_ISA caps the level) give the definition's bits."""
+    import os
+    import subprocess
+    import sys
+
+    cases = prior_cases()
+    np.savez(tmp_path / "theta.npz", *cases)
+    code = (
+        "import sys, numpy as np, torch\n"
+        "from layersel_ext import wire_coded\n"
+        "cases = np.load(sys.argv[1])\n"
+        "out = {}\n"
+        "for k in cases.files:\n"
+        "    ok, q, words, fp = wire_coded.COMPILED.mask_prior(torch.from_numpy(cases[k]))\n"
+        "    out[k + '_q'], out[k + '_words'], out[k + '_meta'] = q.numpy(), words.numpy(), np.array([ok, fp])\n"
+        "np.savez(sys.argv[2], **out)\n"
+    )
+    env = {**os.environ, "LAYERSEL_CPU_ISA": isa}
+    args = [sys.executable, "-c", code, str(tmp_path / "theta.npz"), str(tmp_path / "prior.npz")]
+    r = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "prior.npz")
+    for i, theta in enumerate(cases):
+        k = f"arr_{i}"
+        ok, fp = got[k + "_meta"].tolist()
+        assert_prior_is_the_reference(theta, (bool(ok), got[k + "_q"], got[k + "_words"], fp))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_coding_equals_coding_the_reference_masks(device):
     model = masked_model(device)

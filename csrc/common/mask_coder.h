@@ -115,7 +115,9 @@ struct Prior {
 
 // Fills words [w0, w1) of a prior from theta (n elements; T = float or double);
 // returns false when an element is not a probability. Adds the words' share of
-// the fingerprint to *fp. Two passes a word, the first one vectorisable.
+// the fingerprint to *fp. The scalar definition: the torch wrapper runs the
+// AVX2 / AVX-512 forms (cpu/mask_prior_simd.h, the same bits) where the CPU
+// has them, and this loop for a layer's last partial word.
 template <typename T>
 bool prepare_prior(const T* theta, int64_t n, int64_t w0, int64_t w1, uint16_t* q, uint64_t* certain,
                    uint64_t* expected, uint64_t* half, uint64_t* fp) {

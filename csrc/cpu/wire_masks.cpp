@@ -12,6 +12,7 @@
 
 #include "../common/mask_coder.h"
 #include "cpu_kernel_utils.h"
+#include "mask_prior_simd.h"
 
 namespace layersel {
 namespace {
@@ -19,6 +20,7 @@ namespace {
 namespace mc = maskcode;
 
 constexpr int64_t kWordsPerTask = int64_t{1} << 14;  // prior words (of 64 elements) per parallel task
+constexpr size_t kPriorCacheMinBytes = size_t{256} << 10;  // a prior's outputs from the output cache
 
 // The priors as the coder reads them, checked against each other.
 std::vector<mc::Prior> priors_of(const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& words) {
@@ -118,17 +120,21 @@ std::tuple<bool, at::Tensor, at::Tensor, int64_t> mask_prior(const at::Tensor& t
                         (theta.scalar_type() == at::kFloat || theta.scalar_type() == at::kDouble),
                     "mask_prior: theta must be a contiguous float32 or float64 CPU tensor, got ", theta.scalar_type());
   const int64_t n = theta.numel(), nw = mc::prior_words(n);
-  at::Tensor q = at::empty({n}, at::kShort), words = at::empty({3, nw}, at::kLong);
+  // From the output cache, down to a small layer's: each round quantizes every layer of theta, and
+  // fresh pages cost more in first-touch faults than the SIMD loop that fills them.
+  at::Tensor q = empty_cpu_output_from(n, at::kShort, kPriorCacheMinBytes);
+  at::Tensor words = empty_cpu_output_from(3 * nw, at::kLong, kPriorCacheMinBytes).view({3, nw});
   auto* qp = reinterpret_cast<uint16_t*>(q.data_ptr<int16_t>());
   auto* cp = reinterpret_cast<uint64_t*>(words.data_ptr<int64_t>());
   uint64_t *ep = cp + nw, *hp = cp + 2 * nw;
+  static const int level = std::min(cpu_simd_level(), mc::prior_simd_supported());
   std::atomic<uint64_t> sum{0};
   std::atomic<bool> ok{true};
   at::parallel_for(0, nw, kWordsPerTask, [&](int64_t w0, int64_t w1) {
     uint64_t part = 0;
     const bool good = theta.scalar_type() == at::kFloat
-                          ? mc::prepare_prior(theta.data_ptr<float>(), n, w0, w1, qp, cp, ep, hp, &part)
-                          : mc::prepare_prior(theta.data_ptr<double>(), n, w0, w1, qp, cp, ep, hp, &part);
+                          ? mc::prepare_prior_at(level, theta.data_ptr<float>(), n, w0, w1, qp, cp, ep, hp, &part)
+                          : mc::prepare_prior_at(level, theta.data_ptr<double>(), n, w0, w1, qp, cp, ep, hp, &part);
     if (!good) ok = false;
     sum += part;
   });

@@ -7,15 +7,25 @@
 //      last renormalisation word, the raw bits' padding);
 //   3. a seeded mutation fuzz of valid blocks (flipped bits, truncations, extra
 //      words, random bytes): decoding never reads or writes out of bounds
-//      (run under ASan + UBSan by the _sanitized target) and never loops.
+//      (run under ASan + UBSan by the _sanitized target) and never loops;
+//   4. the SIMD priors (cpu/mask_prior_simd.h) at every level this CPU runs
+//      equal the scalar prepare_prior bit for bit (q, the three bit words, the
+//      fingerprint, the verdict): float and double theta with NaN, infinities,
+//      negatives, -0.0, subnormals, values above 1, exactly 0, 1/2 and 1 and the
+//      quantization's ties, layers of 0 to several blocks' elements, split at
+//      odd words as the threads split them; and float32 bit patterns from 0 to
+//      1 (every one near a quantization step or tie, a stride of the rest).
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <vector>
 
 #include "check.h"
 #include "common/mask_coder.h"
+#include "cpu/mask_prior_simd.h"
 
 namespace mc = layersel::maskcode;
 
@@ -283,6 +293,128 @@ void fuzz() {
   LS_CHECK(streams >= 10000);
 }
 
+// A prior's outputs, the words [w0, w1) filled by one call.
+struct PriorOut {
+  std::vector<uint16_t> q;
+  std::vector<uint64_t> words;  // certain, expected, half
+  uint64_t fp = 0;
+  bool ok = true;
+  bool operator==(const PriorOut& o) const { return q == o.q && words == o.words && fp == o.fp && ok == o.ok; }
+};
+
+// The prior of theta at `level` (-1: the scalar prepare_prior), its words in the given ranges.
+template <typename T>
+PriorOut prior_at(int level, const std::vector<T>& theta, const std::vector<int64_t>& cuts) {
+  const int64_t n = static_cast<int64_t>(theta.size()), nw = mc::prior_words(n);
+  PriorOut o;
+  o.q.assign(n, 0xDEAD);
+  o.words.assign(3 * nw, 0x5555);
+  for (size_t k = 0; k + 1 < cuts.size(); ++k) {
+    uint16_t* q = o.q.data();
+    uint64_t *c = o.words.data(), *e = c + nw, *h = c + 2 * nw;
+    const bool good = level < 0 ? mc::prepare_prior(theta.data(), n, cuts[k], cuts[k + 1], q, c, e, h, &o.fp)
+                                : mc::prepare_prior_at(level, theta.data(), n, cuts[k], cuts[k + 1], q, c, e, h, &o.fp);
+    o.ok = o.ok && good;
+  }
+  return o;
+}
+
+template <typename T>
+std::vector<T> special_values() {
+  using L = std::numeric_limits<T>;
+  std::vector<T> v = {L::quiet_NaN(), -L::quiet_NaN(), L::infinity(), -L::infinity(), T(-1), T(-0.0), T(0), T(0.5),
+                      T(1), T(1.5), T(2), L::max(), -L::max(), L::min(), L::denorm_min(), -L::denorm_min(),
+                      L::min() / 4, std::nextafter(T(1), T(2)), std::nextafter(T(1), T(0)),
+                      std::nextafter(T(0.5), T(0)), std::nextafter(T(0.5), T(1)), std::nextafter(T(0), T(-1))};
+  for (int k : {0, 1, 2, 16383, 16384, 16385, 32766, 32767}) {  // ties of the quantization and their neighbours
+    const T tie = static_cast<T>((k + 0.5) / mc::kScale);
+    v.insert(v.end(), {tie, std::nextafter(tie, T(0)), std::nextafter(tie, T(1))});
+  }
+  return v;
+}
+
+template <typename T>
+void simd_priors_equal_the_scalar_one(int level) {
+  std::mt19937_64 rng(11 + level);
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  const std::vector<T> special = special_values<T>();
+  const int64_t sizes[] = {0, 1, 2, 63, 64, 65, 127, 128, 1000, 64 * mc::kSimdBlockWords - 1,
+                           64 * mc::kSimdBlockWords, 64 * mc::kSimdBlockWords + 1, 3 * 64 * mc::kSimdBlockWords + 17};
+  int compared = 0;
+  for (const int64_t n : sizes) {
+    for (int mix = 0; mix < 3; ++mix) {  // probabilities only, a few specials, mostly specials
+      std::vector<T> theta(n);
+      for (auto& t : theta) {
+        const double r = u(rng);
+        const double p_special = mix == 0 ? 0.0 : mix == 1 ? 0.02 : 0.7;
+        const double tie = (static_cast<double>(rng() % mc::kScale) + 0.5) / mc::kScale;
+        t = r < p_special          ? special[rng() % special.size()]
+            : r < p_special + 0.2  ? T(0)
+            : r < p_special + 0.35 ? T(1)
+            : r < p_special + 0.45 ? T(0.5)
+            : r < p_special + 0.5  ? static_cast<T>(tie)
+                                   : static_cast<T>(u(rng));
+      }
+      const int64_t nw = mc::prior_words(n);
+      const PriorOut ref = prior_at(-1, theta, {0, nw});
+      LS_CHECK(ref.ok == std::all_of(theta.begin(), theta.end(), [](T t) { return t >= T(0) && t <= T(1); }));
+      for (const std::vector<int64_t>& cuts :
+           {std::vector<int64_t>{0, nw}, {0, nw / 3, std::min(nw, nw / 3 + 1), nw}, {0, nw / 2, nw}}) {
+        LS_CHECK(prior_at(level, theta, cuts) == ref);
+        ++compared;
+      }
+    }
+  }
+  LS_CHECK(compared == 3 * 3 * static_cast<int>(sizeof(sizes) / sizeof(sizes[0])));
+}
+
+// Float32 bit patterns in [0, 1] (0 .. 0x3F800000): every one within `near`
+// ulps of a multiple of 2^-16 (the quantization's steps and ties) and every
+// `stride`-th of the rest, compared a run of patterns at a time.
+void float32_patterns_equal_the_scalar_prior(int level, uint32_t near, uint32_t stride) {
+  constexpr uint32_t kOne = 0x3F800000u;
+  std::vector<float> run;
+  int64_t compared = 0;
+  bool same = true;
+  auto flush = [&] {
+    const int64_t nw = mc::prior_words(static_cast<int64_t>(run.size()));
+    same = same && prior_at(level, run, {0, nw}) == prior_at(-1, run, {0, nw});
+    compared += static_cast<int64_t>(run.size());
+    run.clear();
+  };
+  auto add = [&](uint32_t bits) {
+    float f;
+    std::memcpy(&f, &bits, 4);
+    run.push_back(f);
+    if (run.size() == 1u << 16) flush();
+  };
+  for (uint32_t bits = 0; bits <= kOne; bits += stride) add(bits);
+  for (uint32_t k = 1; k <= 1u << 16; ++k) {
+    const float step = static_cast<float>(k) / 65536.0f;  // exact
+    uint32_t b;
+    std::memcpy(&b, &step, 4);
+    for (uint32_t d = b - near; d <= b + near && d <= kOne; ++d) add(d);
+  }
+  flush();
+  LS_CHECK(same);
+  LS_CHECK(compared > (int64_t{1} << 16) * (2 * near + 1) - near);
+}
+
+void simd_priors() {
+  const int best = mc::prior_simd_supported();
+  std::printf("simd priors: levels 1 .. %d run here\n", best);
+#if defined(__SANITIZE_ADDRESS__)
+  const uint32_t near = 2, stride = 65521;  // a prime: about 16k patterns spread over [0, 1]
+#else
+  const uint32_t near = 64, stride = 251;
+#endif
+  for (int level = mc::kPriorAvx2; level <= best; ++level) {
+    simd_priors_equal_the_scalar_one<float>(level);
+    simd_priors_equal_the_scalar_one<double>(level);
+    float32_patterns_equal_the_scalar_prior(level, near, stride);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -290,5 +422,6 @@ int main() {
   long_certain_runs();
   all_half();
   fuzz();
+  simd_priors();
   return report("mask_coder");
 }
