@@ -7,11 +7,18 @@
 // and the scalar loop (a double conversion, three variable shifts and a 64-bit
 // multiply an element) cost more than sampling and coding the masks together.
 //
-// Quantization: the same IEEE operations as maskcode::quantize (theta, float
-// converted exactly to double, times 2^15, plus 1/2, truncated), eight doubles
-// a vector, so the bits are those of the scalar code. The bit words are
-// comparisons of the 16-bit q (16 or 32 lanes a vector) packed into masks
-// (movemask, AVX-512's mask registers). The fingerprint
+// Quantization. Double theta: the same IEEE operations as maskcode::quantize
+// (times 2^15, plus 1/2, truncated), so the bits are the scalar code's. Float
+// theta, in float: y = theta * 2^15 is exact (a power of two, no overflow),
+// w = trunc(y) and y - w are exact (w <= y < w + 1), so w + (y - w >= 1/2) is
+// floor(y + 1/2) exactly; and so is the scalar code's double y + 1/2 then
+// truncated: for y >= 2^-30 the sum is exact (y's 24 significant bits end no
+// lower than the sum's 53 do), and below it any rounding stays in [1/2, 1).
+// The C++ test compares the two on every float32 pattern near a step or tie
+// (all 2^32 patterns agree, an exhaustive run too long for the test).
+//
+// The bit words are comparisons of the 16-bit q (16 or 32 lanes a vector)
+// packed into masks (movemask, AVX-512's mask registers). The fingerprint
 // (common/fingerprint.h) of words [b, b + m),
 //   sum_j (2(b + j) + 1) sum_i (q[j][i] + 1) W[i]   (mod 2^64),
 // is a sum over lanes i of W[i] times per-lane sums over the words, so the loop
@@ -63,6 +70,8 @@ template <typename T>
 LS_AVX512 bool prior_words_avx512(const T* theta, int64_t w0, int64_t w1, uint16_t* q, uint64_t* certain,
                                   uint64_t* expected, uint64_t* half, uint64_t* fp) {
   const __m512d scale = _mm512_set1_pd(static_cast<double>(kScale)), rounding = _mm512_set1_pd(0.5);
+  const __m512 scale_f = _mm512_set1_ps(static_cast<float>(kScale)), half_f = _mm512_set1_ps(0.5f);
+  const __m512i minus_one = _mm512_set1_epi32(-1);
   const __m512i low15 = _mm512_set1_epi16(0x7FFF);
   const __m512i one_q = _mm512_set1_epi16(static_cast<int16_t>(kScale)), half_q = _mm512_set1_epi16(kHalf);
   uint32_t good_all = 0xFFFF;
@@ -75,28 +84,28 @@ LS_AVX512 bool prior_words_avx512(const T* theta, int64_t w0, int64_t w1, uint16
       const T* t = theta + 64 * w;
       __m256i q16[4];
       for (int g = 0; g < 4; ++g) {
-        __m512d lo, hi;
+        __m512i q32;
         if constexpr (sizeof(T) == 4) {
-          __m512 x = _mm512_loadu_ps(t + 16 * g);
+          const __m512 x = _mm512_loadu_ps(t + 16 * g);
           const __mmask16 good = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), x,
                                                          _mm512_set1_ps(1.0f), _CMP_LE_OQ);
           good_all &= good;
-          x = _mm512_maskz_mov_ps(good, x);  // not a probability: quantized as 0
-          lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
-          hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1));
+          const __m512 y = _mm512_maskz_mul_ps(good, x, scale_f);  // not a probability: quantized as 0
+          const __m512i whole = _mm512_cvttps_epi32(y);
+          const __m512 frac = _mm512_sub_ps(y, _mm512_cvtepi32_ps(whole));
+          q32 = _mm512_mask_sub_epi32(whole, _mm512_cmp_ps_mask(frac, half_f, _CMP_GE_OQ), whole, minus_one);
         } else {
-          lo = _mm512_loadu_pd(t + 16 * g);
-          hi = _mm512_loadu_pd(t + 16 * g + 8);
+          __m512d lo = _mm512_loadu_pd(t + 16 * g), hi = _mm512_loadu_pd(t + 16 * g + 8);
           const __m512d one = _mm512_set1_pd(1.0), zero = _mm512_setzero_pd();
           const __mmask8 glo = _mm512_mask_cmp_pd_mask(_mm512_cmp_pd_mask(lo, zero, _CMP_GE_OQ), lo, one, _CMP_LE_OQ);
           const __mmask8 ghi = _mm512_mask_cmp_pd_mask(_mm512_cmp_pd_mask(hi, zero, _CMP_GE_OQ), hi, one, _CMP_LE_OQ);
           good_all &= static_cast<uint32_t>(glo) | static_cast<uint32_t>(ghi) << 8;
           lo = _mm512_maskz_mov_pd(glo, lo);
           hi = _mm512_maskz_mov_pd(ghi, hi);
+          const __m256i a = _mm512_cvttpd_epi32(_mm512_add_pd(_mm512_mul_pd(lo, scale), rounding));
+          const __m256i c = _mm512_cvttpd_epi32(_mm512_add_pd(_mm512_mul_pd(hi, scale), rounding));
+          q32 = _mm512_inserti64x4(_mm512_castsi256_si512(a), c, 1);
         }
-        const __m256i a = _mm512_cvttpd_epi32(_mm512_add_pd(_mm512_mul_pd(lo, scale), rounding));
-        const __m256i c = _mm512_cvttpd_epi32(_mm512_add_pd(_mm512_mul_pd(hi, scale), rounding));
-        const __m512i q32 = _mm512_inserti64x4(_mm512_castsi256_si512(a), c, 1);
         s[g] = _mm512_add_epi32(s[g], q32);
         p[g] = _mm512_add_epi32(p[g], s[g]);
         q16[g] = _mm512_cvtepi32_epi16(q32);
@@ -138,6 +147,7 @@ template <typename T>
 LS_AVX2 bool prior_words_avx2(const T* theta, int64_t w0, int64_t w1, uint16_t* q, uint64_t* certain,
                               uint64_t* expected, uint64_t* half, uint64_t* fp) {
   const __m256d scale = _mm256_set1_pd(static_cast<double>(kScale)), rounding = _mm256_set1_pd(0.5);
+  const __m256 scale_f = _mm256_set1_ps(static_cast<float>(kScale)), half_f = _mm256_set1_ps(0.5f);
   const __m256i low15 = _mm256_set1_epi16(0x7FFF), zero16 = _mm256_setzero_si256();
   const __m256i one_q = _mm256_set1_epi16(static_cast<int16_t>(kScale)), half_q = _mm256_set1_epi16(kHalf);
   int good_all = 0xFF;
@@ -150,30 +160,32 @@ LS_AVX2 bool prior_words_avx2(const T* theta, int64_t w0, int64_t w1, uint16_t* 
       const T* t = theta + 64 * w;
       __m128i q16[8];
       for (int g = 0; g < 8; ++g) {
-        __m256d lo, hi;
+        __m256i q32;
         if constexpr (sizeof(T) == 4) {
-          __m256 x = _mm256_loadu_ps(t + 8 * g);
+          const __m256 x = _mm256_loadu_ps(t + 8 * g);
           const __m256 good = _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ),
                                             _mm256_cmp_ps(x, _mm256_set1_ps(1.0f), _CMP_LE_OQ));
           good_all &= _mm256_movemask_ps(good);
-          x = _mm256_and_ps(x, good);  // not a probability: quantized as 0
-          lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
-          hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+          const __m256 y = _mm256_and_ps(_mm256_mul_ps(x, scale_f), good);  // not a probability: quantized as 0
+          const __m256i whole = _mm256_cvttps_epi32(y);
+          const __m256 frac = _mm256_sub_ps(y, _mm256_cvtepi32_ps(whole));
+          q32 = _mm256_sub_epi32(whole, _mm256_castps_si256(_mm256_cmp_ps(frac, half_f, _CMP_GE_OQ)));  // + 1
         } else {
-          lo = _mm256_loadu_pd(t + 8 * g);
-          hi = _mm256_loadu_pd(t + 8 * g + 4);
+          __m256d lo = _mm256_loadu_pd(t + 8 * g), hi = _mm256_loadu_pd(t + 8 * g + 4);
           const __m256d one = _mm256_set1_pd(1.0), zero = _mm256_setzero_pd();
           const __m256d glo = _mm256_and_pd(_mm256_cmp_pd(lo, zero, _CMP_GE_OQ), _mm256_cmp_pd(lo, one, _CMP_LE_OQ));
           const __m256d ghi = _mm256_and_pd(_mm256_cmp_pd(hi, zero, _CMP_GE_OQ), _mm256_cmp_pd(hi, one, _CMP_LE_OQ));
           good_all &= _mm256_movemask_pd(glo) | _mm256_movemask_pd(ghi) << 4;
           lo = _mm256_and_pd(lo, glo);
           hi = _mm256_and_pd(hi, ghi);
+          const __m128i a = _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(lo, scale), rounding));
+          const __m128i c = _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(hi, scale), rounding));
+          q32 = _mm256_inserti128_si256(_mm256_castsi128_si256(a), c, 1);
         }
-        const __m128i a = _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(lo, scale), rounding));
-        const __m128i c = _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(hi, scale), rounding));
-        s[g] = _mm256_add_epi32(s[g], _mm256_inserti128_si256(_mm256_castsi128_si256(a), c, 1));
+        s[g] = _mm256_add_epi32(s[g], q32);
         p[g] = _mm256_add_epi32(p[g], s[g]);
-        q16[g] = _mm_packus_epi32(a, c);  // 0 <= q <= 2^15: no saturation
+        // 0 <= q <= 2^15: no saturation.
+        q16[g] = _mm_packus_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
       }
       __m256i v[4];  // elements 16k .. 16k + 15
       for (int k = 0; k < 4; ++k) {
