@@ -21,6 +21,7 @@ usage: ./dev.sh VERB [args]
                                  Python 3.10 + `pip install fl4health==0.4.2` (torch 2.6, numpy 1.26),
                                  CPU kernels unless CUDA can work (venv: ~/.cache/layersel_ext/venv-fl4health)
   fl4health-venv                 only create that environment's packages (CI, while the main stack builds)
+  fl4health-build                that environment, and the extension built for it when out of date (CI)
   help                           this text
 
 The dev venv (~/.cache/layersel_ext/venv, LAYERSEL_VENV to move it; ~6 GB) has torch 2.14.1 and the
@@ -37,7 +38,7 @@ cmd="${1:-test}"
 shift || true
 case "$cmd" in
   -h | --help | help) usage; exit 0 ;;
-  bench | test | build | ctest | shell | test-fl4health-stack | fl4health-venv) ;;
+  bench | test | build | ctest | shell | test-fl4health-stack | fl4health-venv | fl4health-build) ;;
   *) usage >&2; exit 2 ;;
 esac
 
@@ -208,6 +209,7 @@ case "$cmd" in
   ctest) ensure_venv; run_ctest ;;
   shell) ensure_venv; ensure_built; exec "$VENV/bin/python" "$@" ;;
   fl4health-venv) make_fl4health_venv ;;
+  fl4health-build) ensure_fl4health_venv; ensure_built ;;
   test-fl4health-stack)
     ensure_fl4health_venv; ensure_built
     export LAYERSEL_REQUIRE_COMPILED="${LAYERSEL_REQUIRE_COMPILED:-1}" LAYERSEL_REQUIRE_ORACLE="${LAYERSEL_REQUIRE_ORACLE:-1}"
