@@ -13,6 +13,7 @@
 #include <string>
 
 #include "../common/work_table.h"
+#include "cpu_features.h"
 #include "output_block_cache.h"
 
 // The hot loops are compiled three times, for x86-64-v4 (AVX-512), for AVX2
@@ -37,21 +38,14 @@
 namespace layersel {
 
 // The SIMD level of the kernels written for AVX2 and AVX-512 (the mask kernel,
-// the coded wire's prior): 2: AVX-512 (F, BW, DQ, VL), 1: AVX2, 0: portable.
-// LAYERSEL_CPU_ISA=avx2|portable caps it (the tests run every level and
-// compare the bits).
+// the coded wire's prior): cpu_simd_support(), which LAYERSEL_CPU_ISA=avx2|portable
+// caps (the tests run every level and compare the bits).
 inline int cpu_simd_level() {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   const char* env = std::getenv("LAYERSEL_CPU_ISA");
   const std::string cap = env ? env : "";
+  const int best = cpu_simd_support();
   if (cap == "portable") return 0;
-  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  if (avx512 && cap != "avx2") return 2;
-  return __builtin_cpu_supports("avx2") ? 1 : 0;
-#else
-  return 0;
-#endif
+  return cap == "avx2" ? std::min(best, 1) : best;
 }
 
 // The bytes of a wire codec's input (a contiguous 1-D uint8 CPU tensor, or a ValueError naming `what`).

@@ -31,6 +31,7 @@
 
 #include "../common/fingerprint.h"
 #include "../common/mask_coder.h"
+#include "cpu_features.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
 #define LS_HAVE_PRIOR_SIMD 1
@@ -39,8 +40,8 @@
 
 namespace layersel::maskcode {
 
-// 2: AVX-512 (F, BW, DQ, VL), 1: AVX2, 0: the scalar loop.
-constexpr int kPriorPortable = 0, kPriorAvx2 = 1, kPriorAvx512 = 2;
+// The levels of cpu_simd_support() (cpu_features.h); 0: the scalar loop.
+constexpr int kPriorAvx2 = 1, kPriorAvx512 = 2;
 
 // Words a block of the SIMD loops: s[i] <= m 2^15 and p[i] <= m (m + 1) / 2 * 2^15 < 2^32.
 constexpr int64_t kSimdBlockWords = 256;
@@ -215,19 +216,9 @@ LS_AVX2 bool prior_words_avx2(const T* theta, int64_t w0, int64_t w1, uint16_t* 
 
 #undef LS_AVX512
 #undef LS_AVX2
-
-// The best level this CPU runs.
-inline int prior_simd_supported() {
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-    return kPriorAvx512;
-  return __builtin_cpu_supports("avx2") ? kPriorAvx2 : kPriorPortable;
-}
-#else
-inline int prior_simd_supported() { return kPriorPortable; }
 #endif
 
-// prepare_prior at a SIMD level (at most prior_simd_supported()): the whole
+// prepare_prior at a SIMD level (at most cpu_simd_support()): the whole
 // words in the vector loop, a layer's last partial word in the scalar one.
 template <typename T>
 bool prepare_prior_at(int level, const T* theta, int64_t n, int64_t w0, int64_t w1, uint16_t* q, uint64_t* certain,

@@ -127,7 +127,7 @@ std::tuple<bool, at::Tensor, at::Tensor, int64_t> mask_prior(const at::Tensor& t
   auto* qp = reinterpret_cast<uint16_t*>(q.data_ptr<int16_t>());
   auto* cp = reinterpret_cast<uint64_t*>(words.data_ptr<int64_t>());
   uint64_t *ep = cp + nw, *hp = cp + 2 * nw;
-  static const int level = std::min(cpu_simd_level(), mc::prior_simd_supported());
+  static const int level = cpu_simd_level();
   std::atomic<uint64_t> sum{0};
   std::atomic<bool> ok{true};
   at::parallel_for(0, nw, kWordsPerTask, [&](int64_t w0, int64_t w1) {

@@ -401,7 +401,7 @@ void float32_patterns_equal_the_scalar_prior(int level, uint32_t near, uint32_t 
 }
 
 void simd_priors() {
-  const int best = mc::prior_simd_supported();
+  const int best = layersel::cpu_simd_support();
   std::printf("simd priors: levels 1 .. %d run here\n", best);
 #if defined(__SANITIZE_ADDRESS__)
   const uint32_t near = 2, stride = 65521;  // a prime: about 16k patterns spread over [0, 1]
