@@ -338,6 +338,44 @@ def test_compiled_decoder_refuses_what_the_numpy_decoder_refuses():
         assert all(o == outcomes[0] for o in outcomes), outcomes
 
 
+def test_decoders_refuse_two_byte_varints_past_a_small_tensor():
+    """Varints of at most two bytes (the compiled decoder's vectorised first pass) in a tensor of
+    10,000 elements: a gap past it, and gaps whose sum runs past it, are refused by both codecs with
+    the same words; a stream that fits decodes."""
+    rng = np.random.default_rng(14)
+    good = (np.flatnonzero(rng.random(200_000) < 0.3), (200_000,))
+    message = message_of_offsets(rng, [good, (np.arange(0, 10_000, 3000), (100, 100)), good])
+    valid = CompactCooPacker().pack_parameters(*message)
+    entries = wire_coo._read_coo_meta(valid[1])
+    start = entries[0][4]
+    end = start + entries[1][4]
+
+    def with_varints(payload: list[int]) -> list[np.ndarray]:  # four gaps, as the 4 entries' values need
+        m = valid[1].copy()
+        base = 1 + 5 + 1 + 2  # tensor #1's code and bytes, after tensor #0's entry and its own shape
+        m[base + 3], m[base + 4] = wire_coo.POS_VARINT, len(payload)
+        positions = np.concatenate([valid[2][:start], np.array(payload, np.uint8), valid[2][end:]])
+        return [valid[0], m, positions, *valid[3:]]
+
+    # 12,000 = 0x2EE0: bytes 0xE0, 0x5D; 9,000 = 0x2328: 0xA8, 0x46; 1,500 = 0x5DC: 0xDC, 0x0B
+    cases = {
+        "a gap is past": with_varints([5, 0xE0, 0x5D, 0, 0]),
+        "the gaps run past": with_varints([0xA8, 0x46, 0xDC, 0x0B, 0, 0]),
+        "ok": with_varints([0xA8, 0x46, 0x7F, 0, 0]),
+    }
+    for want, stream in cases.items():
+        outcomes = [_unpack_with(codec, stream) for codec in _codecs()]
+        if want == "ok":
+            assert outcomes[0][0] == "ok", outcomes[0]
+            for _, got in outcomes:
+                assert got[1][0][1].tolist() == [[90, 0], [91, 28], [91, 29], [91, 30]]
+        else:
+            assert outcomes[0][0] == "error" and want in outcomes[0][1], outcomes[0]
+        assert all(o[0] == outcomes[0][0] for o in outcomes), outcomes
+        if want != "ok":
+            assert all(o == outcomes[0] for o in outcomes), outcomes
+
+
 def test_patch_compact_wire_installs_the_coo_packers_and_unpatch_restores():
     fl4health_strategies()
     from fl4health.parameter_exchange.parameter_packer import SparseCooParameterPacker

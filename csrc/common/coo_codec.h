@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "chunks.h"
+#include "macros.h"
 
 namespace layersel::coo {
 
@@ -117,9 +118,6 @@ template <class T>
 inline void store_le(uint8_t* p, T v) {
   std::memcpy(p, &v, sizeof(T));
 }
-inline uint64_t load_gap(const uint8_t* p, int64_t code) {
-  return code == kGap8 ? p[0] : code == kGap16 ? load_le<uint16_t>(p) : load_le<uint32_t>(p);
-}
 
 // Ranges of several tensors as one flat list: tensor t's items[t] items cut
 // into ranges of `per` (the last one shorter); its ranges are [first[t], first[t + 1]).
@@ -196,8 +194,38 @@ inline uint64_t bitmap_bytes(uint64_t numel) { return (numel + 7) / 8; }
 inline bool bitmap_wins(uint64_t nnz, uint64_t numel) { return bitmap_bytes(numel) < nnz; }
 inline bool bitmap_wins(const EncodeTensor& t) { return bitmap_wins(static_cast<uint64_t>(t.nnz), t.dims.numel); }
 
-inline EncodeStats encode_stats(const EncodeTensor& t, int64_t begin, int64_t end) {
+// encode_stats_nd<1, true> for flat offsets (what the compact client sends),
+// written with each entry compared to the one before it in memory rather than
+// to a carried value: no dependency from one iteration to the next, so the loop
+// vectorises in the ISA clones of csrc/cpu/wire_coo.cpp. An entry at 2**64 - 1
+// (-1) differs from encode_stats_nd in `increasing` only: it is outside the
+// shape, which the caller reports first either way.
+LS_HD EncodeStats encode_stats_flat(const int64_t* x, uint64_t numel, int64_t begin, int64_t end) {
   EncodeStats st;
+  if (begin == end) return st;
+  const uint64_t first = static_cast<uint64_t>(x[begin]);
+  const uint64_t next = begin == 0 ? 0 : static_cast<uint64_t>(x[begin - 1]) + 1;
+  uint64_t outside = first >= numel, unordered = first < next, max_gap = first - next;
+  uint64_t varint_bytes = varint_length(first - next);
+  for (int64_t i = begin + 1; i < end; ++i) {
+    const uint64_t off = static_cast<uint64_t>(x[i]), gap = off - static_cast<uint64_t>(x[i - 1]) - 1;
+    outside |= off >= numel;
+    unordered |= off <= static_cast<uint64_t>(x[i - 1]);
+    max_gap = max_gap > gap ? max_gap : gap;
+    uint64_t length = 1;  // varint_length without a count of leading zeros (AVX2 has none)
+    for (int k = 7; k < 64; k += 7) length += (gap >> k) != 0;
+    varint_bytes += length;
+  }
+  st.in_range = !outside;
+  st.increasing = !unordered;
+  st.max_gap = max_gap;
+  st.varint_bytes = varint_bytes;
+  return st;
+}
+
+LS_HD EncodeStats encode_stats(const EncodeTensor& t, int64_t begin, int64_t end) {
+  EncodeStats st;
+  if (t.dims.ndim == 1 && !bitmap_wins(t)) return encode_stats_flat(t.indices, t.dims.numel, begin, end);
   with_ndim(t.dims, [&](auto nd) {
     constexpr int ND = decltype(nd)::value;
     st = bitmap_wins(t) ? encode_stats_nd<ND, false>(t, begin, end) : encode_stats_nd<ND, true>(t, begin, end);
@@ -346,13 +374,14 @@ struct EncodePlan {
 // speculative: a tensor where bitmap_wins is planned as a bitmap without this
 // pass (its entries are read once, by the write, which checks them); when
 // write_encoding then reports a bad one, plan again without speculation.
-template <class ParallelFor>
+// stats: encode_stats, or a caller's copy of it compiled for its CPU.
+template <class ParallelFor, class Stats = EncodeStats (*)(const EncodeTensor&, int64_t, int64_t)>
 EncodePlan plan_encoding(const std::vector<EncodeTensor>& ts, const Ranges& ranges, ParallelFor&& parallel_for,
-                         bool speculative = true) {
+                         bool speculative = true, Stats stats = encode_stats) {
   std::vector<EncodeStats> st(static_cast<size_t>(ranges.total()));
   ranges.each(parallel_for, [&](int32_t t, int64_t r, int64_t begin, int64_t end) {
     if (speculative && bitmap_wins(ts[t])) return;  // stats left as "inside, increasing"
-    st[r] = encode_stats(ts[t], begin, end);
+    st[r] = stats(ts[t], begin, end);
   });
   EncodePlan plan;
   plan.speculative = speculative;
@@ -464,7 +493,64 @@ inline int64_t first_varint_at(const uint8_t* payload, int64_t begin, int64_t en
   return p;
 }
 
-inline DecodeStats decode_stats(const DecodeTensor& t, int64_t begin, int64_t end) {
+// Adds the varints starting in [begin, end) to *st (begin: a varint's first
+// byte) and returns where the byte after the last one is, when none of them is
+// longer than two bytes (almost all: gaps below 2**14), without the general
+// loop's branch per varint: each byte below 0x80 ends a varint, whose value
+// comes from it and the byte before, so the loop vectorises (in the ISA clones
+// of csrc/cpu/wire_coo.cpp). Returns -1, *st untouched, when one is longer.
+LS_HD int64_t add_short_varints(const uint8_t* x, uint64_t numel, int64_t begin, int64_t end, DecodeStats* st) {
+  if (begin >= end) return begin;
+  // The last varint starting before `end` ends at `stop` - 1: the payload's
+  // last byte ends a varint (precheck), so x[end] exists when x[end - 1] continues.
+  const int64_t stop = end + (x[end - 1] >> 7);
+  uint32_t longer = 0, count = x[begin] < 0x80, max_gap = x[begin] < 0x80 ? x[begin] : 0;
+  uint64_t sum = count ? x[begin] + 1u : 0;
+  for (int64_t p = begin + 1; p < stop; ++p) {
+    const uint32_t prev = x[p - 1], cur = x[p], ends = cur < 0x80, second = prev >> 7;
+    longer |= second & (cur >> 7);  // a third byte at least
+    const uint32_t gap = second ? (prev & 0x7Fu) | (cur << 7) : cur;
+    count += ends;
+    sum += ends ? gap + 1 : 0;
+    max_gap = ends && gap > max_gap ? gap : max_gap;
+  }
+  if (longer) return -1;
+  st->count += count;
+  st->sum += sum;  // below 2**30 per range: no saturation
+  st->gap_past |= max_gap >= numel;
+  return stop;
+}
+
+// The fixed-width gaps [begin, end) into *st. A range's sum of (gap + 1) is
+// below kRange * 2**32 = 2**48, so it needs no saturation, and the loop
+// carries only a sum and a maximum: it vectorises.
+template <class G>
+LS_HD void add_gaps(const uint8_t* payload, uint64_t numel, int64_t begin, int64_t end, DecodeStats* st) {
+  static_assert(kRange <= (int64_t{1} << 16) && sizeof(G) <= 4, "a range's sum must stay far below kSaturated");
+  uint64_t sum = 0;
+  G max_gap = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    const G gap = load_le<G>(payload + sizeof(G) * i);
+    sum += gap;
+    max_gap = gap > max_gap ? gap : max_gap;
+  }
+  st->count = static_cast<uint64_t>(end - begin);
+  st->sum = sum + st->count;
+  st->gap_past = end > begin && max_gap >= numel;
+}
+
+// One varint at p, the general way, into *st; returns the byte after it.
+inline int64_t add_varint(const uint8_t* x, uint64_t numel, int64_t p, DecodeStats* st) {
+  uint64_t length = 0;
+  const uint64_t gap = read_varint(x + p, &length, &st->huge_varint);
+  st->long_varint |= length > 10;
+  st->gap_past |= gap >= numel;
+  st->sum = saturating_add(st->sum, gap + 1);
+  ++st->count;
+  return p + static_cast<int64_t>(length);
+}
+
+LS_HD DecodeStats decode_stats(const DecodeTensor& t, int64_t begin, int64_t end) {
   DecodeStats st;
   const uint64_t numel = t.dims.numel;
   switch (t.code) {
@@ -477,26 +563,25 @@ inline DecodeStats decode_stats(const DecodeTensor& t, int64_t begin, int64_t en
       st.count = static_cast<uint64_t>(end - begin);
       break;
     case kGap8:
-    case kGap16:
-    case kGap32: {
-      const uint64_t w = gap_width(t.code);
-      for (int64_t i = begin; i < end; ++i) {
-        const uint64_t gap = load_gap(t.payload + w * i, t.code);
-        st.gap_past |= gap >= numel;
-        st.sum = saturating_add(st.sum, gap + 1);
-      }
-      st.count = static_cast<uint64_t>(end - begin);
+      add_gaps<uint8_t>(t.payload, numel, begin, end, &st);
       break;
-    }
+    case kGap16:
+      add_gaps<uint16_t>(t.payload, numel, begin, end, &st);
+      break;
+    case kGap32:
+      add_gaps<uint32_t>(t.payload, numel, begin, end, &st);
+      break;
     case kVarint:
-      for (int64_t p = first_varint_at(t.payload, begin, end); p < end;) {  // the varints starting here
-        uint64_t length = 0;
-        const uint64_t gap = read_varint(t.payload + p, &length, &st.huge_varint);
-        st.long_varint |= length > 10;
-        st.gap_past |= gap >= numel;
-        st.sum = saturating_add(st.sum, gap + 1);
-        ++st.count;
-        p += static_cast<int64_t>(length);
+      // The varints starting here, 256 bytes at a time: a piece with a long
+      // varint goes one varint at a time, up to the first that starts after it.
+      for (int64_t p = first_varint_at(t.payload, begin, end); p < end;) {
+        const int64_t piece_end = std::min<int64_t>(p + 256, end);
+        const int64_t next = add_short_varints(t.payload, numel, p, piece_end, &st);
+        if (next >= 0) {
+          p = next;
+          continue;
+        }
+        while (p < piece_end) p = add_varint(t.payload, numel, p, &st);
       }
       break;
     default:  // kBitmap
@@ -579,8 +664,10 @@ inline std::string postcheck(const DecodeTensor& t, const DecodeStats& all) {
 }
 
 // First pass: checks every tensor in order and stops at the first bad one.
-template <class ParallelFor>
-DecodePlan plan_decoding(const std::vector<DecodeTensor>& ts, ParallelFor&& parallel_for) {
+// stats: decode_stats, or a caller's copy of it compiled for its CPU.
+template <class ParallelFor, class Stats = DecodeStats (*)(const DecodeTensor&, int64_t, int64_t)>
+DecodePlan plan_decoding(const std::vector<DecodeTensor>& ts, ParallelFor&& parallel_for,
+                         Stats stats = decode_stats) {
   DecodePlan plan;
   size_t good = 0;  // tensors before the first that fails its precheck
   std::string first_why;
@@ -594,7 +681,7 @@ DecodePlan plan_decoding(const std::vector<DecodeTensor>& ts, ParallelFor&& para
   const Ranges& ranges = plan.ranges;
   std::vector<DecodeStats> st(static_cast<size_t>(ranges.total()));
   ranges.each(parallel_for, [&](int32_t t, int64_t r, int64_t begin, int64_t end) {
-    st[r] = decode_stats(ts[t], begin, end);
+    st[r] = stats(ts[t], begin, end);
   });
   plan.entry_at.resize(st.size());
   plan.sum_at.resize(st.size());

@@ -46,6 +46,17 @@ coo::Dims dims_of(const std::vector<int64_t>& shape, size_t t) {
   return d;
 }
 
+// The encoder's first pass, compiled per ISA: its loop over flat offsets
+// vectorises (the compact client's whole encode is mostly this and the write).
+LS_CPU_CLONES coo::EncodeStats encode_stats_cloned(const coo::EncodeTensor& t, int64_t begin, int64_t end) {
+  return coo::encode_stats(t, begin, end);
+}
+
+// The decoder's first pass, compiled per ISA (its loop over short varints vectorises).
+LS_CPU_CLONES coo::DecodeStats decode_stats_cloned(const coo::DecodeTensor& t, int64_t begin, int64_t end) {
+  return coo::decode_stats(t, begin, end);
+}
+
 // Copies pieces[i] = (from, to, bytes), split into kCopyPiece parts, in parallel.
 void copy_all(const std::vector<std::tuple<const uint8_t*, uint8_t*, int64_t>>& pieces) {
   std::vector<int64_t> sizes;
@@ -88,7 +99,7 @@ std::tuple<int64_t, std::vector<int64_t>, std::vector<int64_t>, at::Tensor, at::
   coo::EncodePlan plan;
   at::Tensor positions;
   for (bool speculative : {true, false}) {
-    plan = coo::plan_encoding(ts, ranges, on_threads(), speculative);
+    plan = coo::plan_encoding(ts, ranges, on_threads(), speculative, encode_stats_cloned);
     if (plan.out_of_range >= 0) {
       if (speculative) continue;
       return {plan.out_of_range, {}, {}, at::Tensor(), at::Tensor()};
@@ -162,7 +173,7 @@ std::tuple<int64_t, std::string, std::vector<at::Tensor>, at::Tensor, std::vecto
   }
   TORCH_CHECK_VALUE(max_bytes >= 0 && need <= static_cast<uint64_t>(max_bytes), "decoding needs ", need,
                     " bytes, more than the ", max_bytes, " allowed");
-  coo::DecodePlan plan = coo::plan_decoding(ts, on_threads());
+  coo::DecodePlan plan = coo::plan_decoding(ts, on_threads(), decode_stats_cloned);
   if (plan.error.tensor >= 0) return {plan.error.tensor, plan.error.why, {}, at::Tensor(), {}};
 
   // Every tensor's indices are views of one buffer: one block of the cache
