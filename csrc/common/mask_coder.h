@@ -327,10 +327,13 @@ class Encoder {
     cur_ = other_;
     other_ = (d << kProbBits) + (x - d * freq) + start;
   }
-  // One bit with P(1) = one / 2^15, 0 < one < 2^15.
+  // One bit (0 or 1) with P(1) = one / 2^15, 0 < one < 2^15. The symbol is
+  // picked with a mask, not a conditional a compiler may turn into a branch:
+  // the bits are random, and a mispredicted branch a symbol costs more than
+  // the whole step.
   LS_HD void bit(uint32_t b, uint32_t one) {
-    const uint32_t zero = kScale - one;
-    put(b ? zero : 0, b ? one : zero);
+    const uint32_t zero = kScale - one, pick = 0u - b;
+    put(zero & pick, zero ^ ((zero ^ one) & pick));
   }
   // A gap: G matching certain elements, then an exception (G < R), or no
   // exception in the R certain elements left (G == R). The decoder reads the
@@ -461,11 +464,12 @@ class Decoder {
     if (cur_ < kLow || other_ < kLow) bad_ = true;
   }
 
+  // As Encoder::bit, the symbol's start and frequency come from a mask.
   LS_HD uint32_t bit(uint32_t one) {
     const uint32_t x = cur_;
     const uint32_t slot = x & (kScale - 1), zero = kScale - one;
-    const uint32_t b = slot >= zero;
-    const uint32_t start = b ? zero : 0, freq = b ? one : zero;
+    const uint32_t b = slot >= zero, pick = 0u - b;
+    const uint32_t start = zero & pick, freq = zero ^ ((zero ^ one) & pick);
     uint32_t next = freq * (x >> kProbBits) + slot - start;
     if (next < kLow) next = (next << 16) | word();
     cur_ = other_;

@@ -4,7 +4,6 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include <atomic>
@@ -20,7 +19,11 @@ namespace {
 namespace mc = maskcode;
 
 constexpr int64_t kWordsPerTask = int64_t{1} << 14;  // prior words (of 64 elements) per parallel task
-constexpr size_t kPriorCacheMinBytes = size_t{256} << 10;  // a prior's outputs from the output cache
+// A prior's outputs, the encoder's scratch and output and the decoder's output
+// come from the output cache from this size up: a client and its server code
+// every round, and fresh pages of a few MB cost them more in first-touch faults
+// than their loops.
+constexpr size_t kCacheMinBytes = size_t{256} << 10;
 
 // The priors as the coder reads them, checked against each other.
 std::vector<mc::Prior> priors_of(const std::vector<at::Tensor>& q, const std::vector<at::Tensor>& words) {
@@ -122,8 +125,8 @@ std::tuple<bool, at::Tensor, at::Tensor, int64_t> mask_prior(const at::Tensor& t
   const int64_t n = theta.numel(), nw = mc::prior_words(n);
   // From the output cache, down to a small layer's: each round quantizes every layer of theta, and
   // fresh pages cost more in first-touch faults than the SIMD loop that fills them.
-  at::Tensor q = empty_cpu_output_from(n, at::kShort, kPriorCacheMinBytes);
-  at::Tensor words = empty_cpu_output_from(3 * nw, at::kLong, kPriorCacheMinBytes).view({3, nw});
+  at::Tensor q = empty_cpu_output_from(n, at::kShort, kCacheMinBytes);
+  at::Tensor words = empty_cpu_output_from(3 * nw, at::kLong, kCacheMinBytes).view({3, nw});
   auto* qp = reinterpret_cast<uint16_t*>(q.data_ptr<int16_t>());
   auto* cp = reinterpret_cast<uint64_t*>(words.data_ptr<int64_t>());
   uint64_t *ep = cp + nw, *hp = cp + 2 * nw;
@@ -160,21 +163,22 @@ std::tuple<bool, std::vector<int64_t>, at::Tensor> mask_encode(const at::Tensor&
   // Each block may take as many words as its bitmap, plus the state.
   std::vector<int64_t> cap_start(nb + 1, 0);
   for (int64_t b = 0; b < nb; ++b) cap_start[b + 1] = cap_start[b] + (blocks.elems[b] + 15) / 16 + 2;
-  std::vector<uint16_t> scratch(static_cast<size_t>(cap_start[nb]));
+  const at::Tensor scratch_block = empty_cpu_output_from(cap_start[nb], at::kShort, kCacheMinBytes);
+  uint16_t* scratch = reinterpret_cast<uint16_t*>(scratch_block.data_ptr<int16_t>());
   std::vector<const uint16_t*> head(nb, nullptr);
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      head[b] = encode_cloned(blocks.of(b), blocks.size(b), src, bytes, scratch.data() + cap_start[b],
-                                 scratch.data() + cap_start[b + 1]);
+      head[b] = encode_cloned(blocks.of(b), blocks.size(b), src, bytes, scratch + cap_start[b],
+                              scratch + cap_start[b + 1]);
     }
   });
   std::vector<int64_t> sizes(nb), start(nb + 1, 0);
   for (int64_t b = 0; b < nb; ++b) {
     if (head[b] == nullptr) return {false, {}, at::Tensor()};
-    sizes[b] = 2 * (scratch.data() + cap_start[b + 1] - head[b]);
+    sizes[b] = 2 * (scratch + cap_start[b + 1] - head[b]);
     start[b + 1] = start[b] + sizes[b];
   }
-  at::Tensor payload = at::empty({start[nb]}, at::kByte);
+  at::Tensor payload = empty_cpu_output_from(start[nb], at::kByte, kCacheMinBytes);
   uint8_t* dst = payload.data_ptr<uint8_t>();
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) std::memcpy(dst + start[b], head[b], static_cast<size_t>(sizes[b]));
@@ -199,9 +203,13 @@ std::tuple<int64_t, at::Tensor> mask_decode(const at::Tensor& payload, const std
   }
   TORCH_CHECK_VALUE(start[nb] == payload.numel(), "coded masks: the blocks take ", start[nb], " bytes, the payload has ",
                     payload.numel());
-  // Blocks start at multiples of block_elems (a multiple of 64): each writes whole words of its own.
-  at::Tensor out = at::zeros({8 * mc::prior_words(blocks.total)}, at::kByte);
+  // Blocks start at multiples of block_elems (a multiple of 64): each writes
+  // whole words of its own, but the last block's last word only as far as its
+  // last 16-bit piece, so that word starts zeroed (bits past the end are zero).
+  const int64_t out_words_n = mc::prior_words(blocks.total);
+  at::Tensor out = empty_cpu_output_from(8 * out_words_n, at::kByte, kCacheMinBytes);
   auto* out_words = reinterpret_cast<uint64_t*>(out.data_ptr<uint8_t>());
+  if (out_words_n > 0) out_words[out_words_n - 1] = 0;
   std::atomic<int64_t> bad{nb};
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
