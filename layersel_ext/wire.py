@@ -310,6 +310,30 @@ def _check_bitmap(bits: np.ndarray, total: int) -> None:
         raise _fail("padding bits after the last element are not zero")
 
 
+def expand_bits(
+    entries: Sequence[tuple[np.dtype, tuple[int, ...], object]], source: Sequence[tuple[Tensor, int]]
+) -> list[np.ndarray]:
+    """The mask arrays of ``entries`` (dtype, shape, ...), entry ``i`` from bit ``source[i][1]`` of the
+    bitmap tensor ``source[i][0]`` (uint8), as 0/1 of its dtype. Compiled: on all threads, into
+    buffers from the output cache (a server expands every client's masks every round, and fresh
+    pages cost it more than the writing); numpy without the compiled module, or for a dtype that is
+    not an integer or bool one."""
+    from .ops import COMPILED
+
+    if COMPILED is not None and hasattr(COMPILED, "bits_expand") and all(d.kind in "iub" for d, _, _ in entries):
+        return [
+            COMPILED.bits_expand(src, offset, math.prod(shape), dtype.itemsize).numpy().view(dtype).reshape(shape)
+            for (dtype, shape, _), (src, offset) in zip(entries, source)
+        ]
+    flat: dict[int, np.ndarray] = {}
+    arrays = []
+    for (dtype, shape, _), (src, offset) in zip(entries, source):
+        if id(src) not in flat:
+            flat[id(src)] = np.unpackbits(src.numpy(), bitorder="little")
+        arrays.append(flat[id(src)][offset : offset + math.prod(shape)].astype(dtype).reshape(shape))
+    return arrays
+
+
 def _check_numpy_sizes(entries: list[tuple[np.dtype, tuple[int, ...], list[int]]]) -> None:
     """Every entry's array can exist: numpy sizes an array by its non-empty dimensions, even when
     another one is 0, and refuses 2**63 bytes or more."""
@@ -352,13 +376,10 @@ def unpack(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None) -> 
     _check_numpy_sizes(entries)
     masks = sum(math.prod(shape) * dtype.itemsize for dtype, shape, _ in entries)
     limits.check(packed, masks + total + n * TENSOR_OVERHEAD_BYTES + need, masks, "mask arrays")
-    flat = np.unpackbits(bits, count=total, bitorder="little")
-    arrays, start = [], 0
-    for dtype, shape, _ in entries:
-        size = math.prod(shape)
-        arrays.append(flat[start : start + size].astype(dtype).reshape(shape))
-        start += size
-    return arrays, _split_names(packed[-2])
+    from ._host import from_numpy
+
+    bits_t, starts = from_numpy(bits), np.cumsum([0] + [math.prod(shape) for _, shape, _ in entries]).tolist()
+    return expand_bits(entries, [(bits_t, start) for start in starts[:-1]]), _split_names(packed[-2])
 
 
 def sample_masks_packed(

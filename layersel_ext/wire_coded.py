@@ -79,6 +79,7 @@ from .wire import (
     _read_meta,
     _split_names,
     _trailer,
+    expand_bits,
     pack_bits,
     unpack,
 )
@@ -265,13 +266,7 @@ def decode(
     for i in in_bits:
         source[i] = (bits_t, at)
         at += numels[i]
-    arrays = []
-    for i, (dtype, shape, _) in enumerate(entries):
-        out = np.empty(shape, dtype=dtype)
-        src, offset = source[i]
-        COMPILED.bits_expand(src, offset, torch.from_numpy(out.reshape(-1).view(f"i{dtype.itemsize}")))
-        arrays.append(out)
-    return arrays, names
+    return expand_bits(entries, [source[i] for i in range(len(entries))]), names
 
 
 class CodedMaskPacker:

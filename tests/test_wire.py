@@ -58,6 +58,32 @@ def test_masks_round_trip_as_one_bitmap(dtype):
     assert_same_arrays(arrays, masks)
 
 
+@pytest.mark.parametrize("dtype", [np.int64, np.uint8, np.bool_])
+def test_masks_unpack_the_same_without_the_compiled_module(monkeypatch, dtype):
+    """The numpy expansion (no compiled module) gives what the compiled one gives."""
+    rng = np.random.default_rng(1)
+    masks = random_masks(rng, dtype)
+    packed = wire.CompactMaskPacker().pack_parameters(masks, [f"m{i}" for i in range(len(masks))])
+    compiled, _ = wire.CompactMaskPacker().unpack_parameters(packed)
+    monkeypatch.setattr(ops, "COMPILED", None)
+    plain, _ = wire.CompactMaskPacker().unpack_parameters(packed)
+    assert_same_arrays(compiled, masks)
+    assert_same_arrays(plain, masks)
+
+
+def test_unpacked_masks_survive_later_unpacks():
+    """Masks large enough to come from the output cache stay as decoded while the caller holds them,
+    however many messages are decoded after them (the cache serves only buffers nobody holds)."""
+    rng = np.random.default_rng(2)
+    messages = [[rng.integers(0, 2, size=(600, 700)).astype(np.int64) for _ in range(3)] for _ in range(4)]
+    packer = wire.CompactMaskPacker()
+    held = [packer.unpack_parameters(packer.pack_parameters(m, ["a", "b", "c"]))[0] for m in messages]
+    for _ in range(3):  # more decodes, whose results are dropped at once
+        packer.unpack_parameters(packer.pack_parameters(messages[0][::-1], ["a", "b", "c"]))
+    for got, want in zip(held, messages):
+        assert_same_arrays(got, want)
+
+
 def test_other_arrays_round_trip_plainly():
     rng = np.random.default_rng(1)
     arrays = [rng.random((3, 4)), rng.random(5).astype(np.float32), np.array(2.5), np.array([0, 1, 2], np.int64)]

@@ -225,23 +225,28 @@ std::tuple<int64_t, at::Tensor> mask_decode(const at::Tensor& payload, const std
   return {first_bad == nb ? -1 : first_bad, out};
 }
 
-void bits_expand(const at::Tensor& bits, int64_t bit_offset, const at::Tensor& out) {
+at::Tensor bits_expand(const at::Tensor& bits, int64_t bit_offset, int64_t n, int64_t element_size) {
   const uint8_t* src = bytes_of(bits, "bits");
-  const int64_t n = out.numel();
-  TORCH_CHECK_VALUE(out.device().is_cpu() && out.is_contiguous() &&
-                        (at::isIntegralType(out.scalar_type(), /*includeBool=*/true)),
-                    "bits_expand: out must be a contiguous integer or bool CPU tensor");
-  TORCH_CHECK_VALUE(bit_offset >= 0 && bit_offset + n <= 8 * bits.numel(), "bits_expand: ", n,
+  TORCH_CHECK_VALUE(n >= 0 && bit_offset >= 0 && bit_offset <= 8 * bits.numel() - n, "bits_expand: ", n,
                     " bits from bit ", bit_offset, " run past a bitmap of ", bits.numel(), " bytes");
-  if (n == 0) return;
+  const at::ScalarType dtype = element_size == 1   ? at::kChar
+                               : element_size == 2 ? at::kShort
+                               : element_size == 4 ? at::kInt
+                               : element_size == 8 ? at::kLong
+                                                   : at::ScalarType::Undefined;
+  TORCH_CHECK_VALUE(dtype != at::ScalarType::Undefined, "bits_expand: elements of 1, 2, 4 or 8 bytes, not ",
+                    element_size);
+  at::Tensor out = empty_cpu_output_from(n, dtype, kCacheMinBytes);
+  if (n == 0) return out;
   const uint64_t bytes = static_cast<uint64_t>(bits.numel());
   void* p = out.data_ptr();
-  switch (out.element_size()) {
+  switch (element_size) {
     case 1: expand_as(src, bytes, bit_offset, static_cast<uint8_t*>(p), n); break;
     case 2: expand_as(src, bytes, bit_offset, static_cast<uint16_t*>(p), n); break;
     case 4: expand_as(src, bytes, bit_offset, static_cast<uint32_t*>(p), n); break;
     default: expand_as(src, bytes, bit_offset, static_cast<uint64_t*>(p), n); break;
   }
+  return out;
 }
 
 at::Tensor bits_gather(const at::Tensor& bits, const std::vector<int64_t>& offsets,

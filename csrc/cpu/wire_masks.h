@@ -35,9 +35,11 @@ std::tuple<int64_t, at::Tensor> mask_decode(const at::Tensor& payload, const std
                                             int64_t block_elems, const std::vector<at::Tensor>& q,
                                             const std::vector<at::Tensor>& words);
 
-// out[i] = bit (bit_offset + i) of `bits`, for a contiguous CPU tensor of
-// integers or bools (0 or 1 of its dtype), on all threads.
-void bits_expand(const at::Tensor& bits, int64_t bit_offset, const at::Tensor& out);
+// Bits [bit_offset, bit_offset + n) of `bits` as 0/1 integers of element_size
+// bytes (1, 2, 4 or 8: int8 .. int64, which the caller views as the mask's own
+// dtype), written on all threads into a new tensor from the output cache: a
+// server expands every client's masks every round.
+at::Tensor bits_expand(const at::Tensor& bits, int64_t bit_offset, int64_t n, int64_t element_size);
 
 // The ranges [offsets[i], offsets[i] + lengths[i]) of `bits`, concatenated
 // into a new bitmap (uint8 [ceil(sum / 8)], the padding bits zero).

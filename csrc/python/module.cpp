@@ -84,7 +84,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("mask_decode", &layersel::mask_decode, "A bitmap from coded masks and the layers' priors",
         py::call_guard<py::gil_scoped_release>());
-  m.def("bits_expand", &layersel::bits_expand, "A bitmap's bits as 0/1 integers, written into a tensor",
+  m.def("bits_expand", &layersel::bits_expand, "A bitmap's bits as 0/1 integers, in a new tensor",
         py::call_guard<py::gil_scoped_release>());
   m.def("bits_gather", &layersel::bits_gather, "Ranges of a bitmap, concatenated",
         py::call_guard<py::gil_scoped_release>());
