@@ -188,7 +188,7 @@ run_ctest() {
   local args=()
   mapfile -t args < <("$VENV/bin/python" build_tools/cuda_decision.py cmake-args)
   [ "${#args[@]}" -gt 0 ] || { echo "[dev.sh] error: no CMake arguments from build_tools/cuda_decision.py" >&2; return 1; }
-  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" cmake -S . -B cmake-build "${args[@]}" >/dev/null
+  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" cmake -S . -B cmake-build "${args[@]}" -DLAYERSEL_OPS_UNOPTIMISED=ON >/dev/null
   cmake --build cmake-build -j"${MAX_JOBS:-2}"
   ctest --test-dir cmake-build --output-on-failure
 }
