@@ -516,7 +516,9 @@ LS_HD int64_t add_short_varints(const uint8_t* x, uint64_t numel, int64_t begin,
   }
   if (longer) return -1;
   st->count += count;
-  st->sum += sum;  // below 2**30 per range: no saturation
+  // The piece's own sum is below 2**30; the range's may already be saturated by
+  // a long varint before it, and must stay as the general loop leaves it.
+  st->sum = saturating_add(st->sum, sum);
   st->gap_past |= max_gap >= numel;
   return stop;
 }

@@ -279,8 +279,33 @@ static void test_decoded_bytes() {
   LS_CHECK(need == coo::kSaturated);
 }
 
+// A range's sum of (gap + 1) that long varints saturate stays saturated through
+// the short varints after them (a piece's own sum is added saturating), and a
+// later huge gap cannot wrap it back to a small number.
+static void test_saturated_varint_sum() {
+  std::vector<uint8_t> v;
+  auto put = [&](uint64_t g) {
+    for (; g >= 0x80; g >>= 7) v.push_back(static_cast<uint8_t>(g | 0x80));
+    v.push_back(static_cast<uint8_t>(g));
+  };
+  for (int k = 0; k < 3; ++k) put((uint64_t{1} << 62) - 2);  // the sum passes 2**63: saturated
+  while (v.size() < 256) put(5);                             // the rest of that piece
+  for (int k = 0; k < 256; ++k) put(100);                    // short varints only
+  put((uint64_t{1} << 63) - 2);                              // gap + 1 = 2**63 - 1
+  while (v.size() % 256) put(5);
+  coo::DecodeTensor t;
+  t.code = coo::kVarint;
+  t.payload = v.data();
+  t.size = v.size();
+  t.dims = dims({(int64_t{1} << 62) - 1});
+  const coo::DecodeStats st = coo::decode_stats(t, 0, static_cast<int64_t>(v.size()));
+  LS_CHECK(st.sum == coo::kSaturated);
+  LS_CHECK(st.gap_past);
+}
+
 int main() {
   test_decoded_bytes();
+  test_saturated_varint_sum();
   test_known_bytes();
   test_dense_but_unordered_or_out_of_range();
   test_round_trips();
