@@ -378,7 +378,8 @@ def unpack(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None) -> 
     limits.check(packed, masks + total + n * TENSOR_OVERHEAD_BYTES + need, masks, "mask arrays")
     from ._host import from_numpy
 
-    bits_t, starts = from_numpy(bits), np.cumsum([0] + [math.prod(shape) for _, shape, _ in entries]).tolist()
+    bits_t = from_numpy(np.ascontiguousarray(bits))  # the compiled expansion reads contiguous bytes
+    starts = np.cumsum([0] + [math.prod(shape) for _, shape, _ in entries]).tolist()
     return expand_bits(entries, [(bits_t, start) for start in starts[:-1]]), _split_names(packed[-2])
 
 

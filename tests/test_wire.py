@@ -71,6 +71,17 @@ def test_masks_unpack_the_same_without_the_compiled_module(monkeypatch, dtype):
     assert_same_arrays(plain, masks)
 
 
+def test_masks_unpack_from_a_strided_bitmap():
+    """A bitmap handed over as a strided view (not off the wire, but a caller's array) decodes as its
+    contiguous copy does."""
+    masks = random_masks(np.random.default_rng(3), np.int64)
+    packed = wire.CompactMaskPacker().pack_parameters(masks, [f"m{i}" for i in range(len(masks))])
+    spread = np.zeros(2 * packed[2].size, np.uint8)
+    spread[::2] = packed[2]
+    arrays, _ = wire.CompactMaskPacker().unpack_parameters([*packed[:2], spread[::2], *packed[3:]])
+    assert_same_arrays(arrays, masks)
+
+
 def test_unpacked_masks_survive_later_unpacks():
     """Masks large enough to come from the output cache stay as decoded while the caller holds them,
     however many messages are decoded after them (the cache serves only buffers nobody holds)."""
