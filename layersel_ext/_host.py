@@ -98,3 +98,9 @@ def from_numpy(a: np.ndarray) -> Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         return torch.from_numpy(a)
+
+
+def contiguous_tensor(a: np.ndarray) -> Tensor:
+    """``from_numpy`` of the array, copied first only when it is not contiguous: the compiled codecs
+    read contiguous memory, and a caller's array may be a strided view."""
+    return from_numpy(np.ascontiguousarray(a))

@@ -376,9 +376,9 @@ def unpack(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None) -> 
     _check_numpy_sizes(entries)
     masks = sum(math.prod(shape) * dtype.itemsize for dtype, shape, _ in entries)
     limits.check(packed, masks + total + n * TENSOR_OVERHEAD_BYTES + need, masks, "mask arrays")
-    from ._host import from_numpy
+    from ._host import contiguous_tensor
 
-    bits_t = from_numpy(np.ascontiguousarray(bits))  # the compiled expansion reads contiguous bytes
+    bits_t = contiguous_tensor(bits)
     starts = np.cumsum([0] + [math.prod(shape) for _, shape, _ in entries]).tolist()
     return expand_bits(entries, [(bits_t, start) for start in starts[:-1]]), _split_names(packed[-2])
 

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._host import from_numpy
+from ._host import contiguous_tensor, from_numpy
 from .ops import COMPILED
 from .wire import (
     _DTYPE_CODES,
@@ -127,10 +127,6 @@ def block_elems_for(total: int) -> int:
     return max(MIN_BLOCK_ELEMS, -(-per // 64) * 64)
 
 
-def _as_tensor(a: np.ndarray) -> torch.Tensor:
-    return from_numpy(np.ascontiguousarray(a))
-
-
 def encode_bits(
     bits: np.ndarray,
     names: Sequence[str],
@@ -148,7 +144,7 @@ def encode_bits(
     bitmap_form = [_header(FORM_BITMAP), meta_all, bits, *_trailer(names)]
     if not coded or COMPILED is None or not hasattr(COMPILED, "mask_encode"):
         return bitmap_form
-    bits_t = _as_tensor(bits)
+    bits_t = contiguous_tensor(bits)
     ps = [priors[names[i]] for i in coded]
     total_coded = sum(numels[i] for i in coded)
     block_elems = block_elems_for(total_coded)
@@ -249,7 +245,7 @@ def decode(
     limits.check(packed, need, allowance, "mask arrays (the bitmap's, and the coded layers', shaped as θ)")
     ps = [priors[names[i]] for i in coded]
     bad, decoded = COMPILED.mask_decode(
-        _as_tensor(payload),
+        contiguous_tensor(payload),
         sizes.tolist(),
         block_elems,
         [p.q for p in ps],
@@ -262,7 +258,7 @@ def decode(
     for i in coded:
         source[i] = (decoded, at)
         at += numels[i]
-    at, bits_t = 0, _as_tensor(bits)
+    at, bits_t = 0, contiguous_tensor(bits)
     for i in in_bits:
         source[i] = (bits_t, at)
         at += numels[i]
