@@ -70,7 +70,8 @@ FORM_BITMAP = 1
 FORM_PLAIN = 2
 FORM_COO = 3  # wire_coo.py
 FORM_COO_PLAIN = 4
-FORM_CODED = 5  # wire_coded.py
+FORM_CODED = 6  # wire_coded.py
+_FORM_CODED_BEFORE_LANES = 5  # its block layout before lanes: refused by name
 # What an fl4health packer sees as the first layer name of a compact stream.
 FOREIGN_PEER_HINT = (
     "<layersel_ext compact wire format v1: this peer must also call layersel_ext.fl4health.patch(wire='compact')>"
@@ -221,6 +222,11 @@ def _read_header(packed: Sequence[np.ndarray]) -> int:
     if int(h[4]) != FORMAT_VERSION:
         raise _fail(f"version {int(h[4])} is not supported (this layersel_ext reads version {FORMAT_VERSION})")
     form = int(h[5])
+    if form == _FORM_CODED_BEFORE_LANES:
+        raise _fail(
+            f"coded masks in form {form}, which an older layersel_ext writes (this one writes form {FORM_CODED}): "
+            "client and server must run the same layersel_ext version"
+        )
     if form not in (FORM_BITMAP, FORM_PLAIN, FORM_COO, FORM_COO_PLAIN, FORM_CODED) or h[6] or h[7]:
         raise _fail(f"unknown form {form} (header bytes {h.tolist()})")
     return form
@@ -352,7 +358,7 @@ def unpack(packed: Sequence[np.ndarray], limits: DecodeLimits | None = None) -> 
     form = _read_header(packed)
     if form == FORM_CODED:
         raise _fail(
-            "coded masks (form 5) need the prior the server sent: this peer must use "
+            f"coded masks (form {FORM_CODED}) need the prior the server sent: this peer must use "
             "layersel_ext.fl4health.patch(wire='coded') too (or decode with wire_coded.CodedMaskPacker)"
         )
     if form not in (FORM_BITMAP, FORM_PLAIN):

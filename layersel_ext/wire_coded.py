@@ -21,7 +21,7 @@ the one bit it costs, without the coder's work. One with q = 0 or 2**15 is expec
 and a bit that contradicts it still codes (at about 15 bits; runs of expected bits cost about 1.44
 bits per 2**15 elements). The coder: ``csrc/common/mask_coder.h``.
 
-Stream (``wire.py`` has the header, the names, the hint and ``DecodeLimits``), form 5:
+Stream (``wire.py`` has the header, the names, the hint and ``DecodeLimits``), form 6:
 ``[header, meta, coding, bits, payload, names, hint]``:
 
 - meta, int64: ``[n, then per layer: dtype code, ndim, *shape, method, fingerprint]``; method 0: the
@@ -31,7 +31,9 @@ Stream (``wire.py`` has the header, the names, the hint and ``DecodeLimits``), f
   order, are cut into blocks of ``block_elems`` elements (a multiple of 64), each coded on its own.
 - bits, uint8: the method-0 layers' bits, concatenated, as ``wire.py``'s bitmap form has them.
 - payload, uint8: the blocks, concatenated; a block is its rANS words, then its raw bits (the θ = 1/2
-  elements' bits in order, in 16-bit words).
+  elements' bits in order, in 16-bit words). A block with at least 2**16 uncertain elements codes
+  them in 16 rANS states side by side (one SIMD vector) and puts that stream, with its length,
+  first.
 
 A layer goes as bits when the sender has no prior for it: the first round, a θ of another shape,
 values that are not probabilities (initial parameters that are scores, say). When coding would not

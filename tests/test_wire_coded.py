@@ -333,7 +333,93 @@ def test_fuzzed_streams_give_value_errors_never_anything_else():
             accepted += 1
             assert got == names and [a.shape for a in arrays] == [m.shape for m in masks]
             assert all(set(np.unique(a)) <= {0, 1} for a in arrays)
-    assert cases >= 800, cases
+    names, _, masks, server, client = lane_message(33)  # a block with lanes
+    valid = client.pack_parameters(masks, names)
+    for _ in range(40):
+        for stream in _mutations(rng, valid):
+            cases += 1
+            try:
+                arrays, got = server.unpack_parameters(stream)
+            except ValueError:
+                continue
+            assert got == names and [a.shape for a in arrays] == [m.shape for m in masks]
+    assert cases >= 900, cases
+
+
+def lane_message(seed: int = 31):
+    """A block with enough uncertain elements (and information in them) to code them in lanes, a
+    layer boundary inside it, and exceptions."""
+    rng = np.random.default_rng(seed)
+    names = ["big", "tail"]
+    values = [0.25, 1 / 3, 0.75, 0.9, 0.0, 1.0, 0.5]
+    theta = [rng.choice(values, (700, 1001)), rng.choice([0.3, 0.0, 0.5], (12345,)).astype(np.float32)]
+    server, client = send_theta(theta, names)
+    masks = sampled(rng, theta, flip=0.001)
+    return names, theta, masks, server, client
+
+
+def test_blocks_with_many_uncertain_elements_code_them_in_lanes():
+    """A block with enough uncertain elements codes them in 64 rANS lanes (the AVX-512 loops where
+    the CPU has them): lossless, near the ideal, and a corrupt lane stream is refused."""
+    names, theta, masks, server, client = lane_message()
+    packed = client.pack_parameters(masks, names)
+    assert packed[0][5] == wire.FORM_CODED
+    assert packed[2].tolist()[0] >= 713_045  # one block
+    assert packed[4][:2].tolist() == [1, 0]  # its first word: it has lanes
+    assert_same_arrays(server.unpack_parameters(packed)[0], masks)
+    assert coded_bytes(packed) <= 1.01 * ideal_bytes(theta, masks) + 64
+    # the word saying lanes, the lane word count, lane states, lane words (a flipped raw bit at the
+    # end would be a valid stream: those bits go as they are)
+    for at in (0, 1, 2, 9, 10, 200, 1000, packed[4].size // 2):
+        bad = packed[4].copy()
+        bad[at] ^= np.uint8(0x10)
+        with pytest.raises(ValueError, match="corrupt|coded masks"):
+            server.unpack_parameters(packed[:4] + [bad] + packed[5:])
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_lane_blocks_are_the_same_bytes_on_every_cpu_isa(isa, tmp_path):
+    """The scalar lane loops (LAYERSEL_CPU_ISA caps the AVX-512 ones) write the same stream and
+    decode this process's."""
+    import os
+    import subprocess
+    import sys
+
+    names, theta, masks, _, client = lane_message(32)
+    packed = client.pack_parameters(masks, names)
+    np.savez(tmp_path / "in.npz", *theta, *masks, *packed[:-1])
+    code = (
+        "import sys, numpy as np\n"
+        "from layersel_ext.wire_coded import CodedMaskPacker\n"
+        "z = np.load(sys.argv[1]); a = [z[f'arr_{i}'] for i in range(len(z.files))]\n"
+        "theta, masks, packed = a[:2], a[2:4], a[4:]\n"
+        "names = ['big', 'tail']\n"
+        "server, client = CodedMaskPacker('server'), CodedMaskPacker('client')\n"
+        "client.unpack_parameters(server.pack_parameters(theta, names))\n"
+        "mine = client.pack_parameters(masks, names)\n"
+        "hint = mine[-1]\n"
+        "got, _ = server.unpack_parameters(packed + [hint])\n"
+        "assert all(np.array_equal(g, m) for g, m in zip(got, masks))\n"
+        "np.savez(sys.argv[2], *mine)\n"
+    )
+    env = {**os.environ, "LAYERSEL_CPU_ISA": isa}
+    args = [sys.executable, "-c", code, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
+    r = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = np.load(tmp_path / "out.npz")
+    assert_same_arrays([got[f"arr_{i}"] for i in range(len(got.files))], packed)
+
+
+def test_coded_masks_of_the_form_before_lanes_are_refused_by_name():
+    rng = np.random.default_rng(12)
+    names = ["w"]
+    theta = [random_theta(rng, (4000,), 0.9)]
+    server, client = send_theta(theta, names)
+    packed = client.pack_parameters(sampled(rng, theta), names)
+    old = [packed[0].copy(), *packed[1:]]
+    old[0][5] = 5
+    with pytest.raises(ValueError, match="form 5, which an older layersel_ext writes.*same layersel_ext version"):
+        server.unpack_parameters(old)
 
 
 def test_a_short_message_cannot_make_the_server_allocate_more_than_its_model():

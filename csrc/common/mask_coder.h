@@ -40,6 +40,25 @@
 // (the prior says how many there are). A valid block ends with both decoder
 // states back at 2^16, every word read and the padding zero; anything else is
 // a corrupt stream.
+//
+// Lanes. A block may code its uncertain elements apart, in 64 rANS states
+// side by side (the "lanes", four SIMD vectors: cpu/mask_lanes_simd.h), and
+// only the gaps in the two-state stream. The block's pieces (a segment's
+// elements 64 at a time, in order) take their uncertain elements' symbols in
+// order, element k of a piece on lane k; so a SIMD step codes up to 16 of a
+// piece's elements where they lie, with no gathering and no scattering. The
+// lanes share one word stream, in the decoder's order: by piece, in lane
+// order within one. The encoder uses lanes when the block has at least
+// kLaneMin uncertain elements and the lanes' words are at least 100 times
+// their fixed words (their states and count), so that these cost at most 1%
+// of the block.
+//
+// A block's bytes start with a word saying which: 0, none; 1, lanes, and then
+// the number of lane words (a uint64 as four little-endian words, low first),
+// the lanes' final states (lane 0's first, each as two words, low first) and
+// their renormalisation words; then the two-state stream and the raw bits as
+// above. A valid lane block also ends with every lane back at 2^16 and every
+// lane word read.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -59,6 +78,11 @@ constexpr uint32_t kScale = 1u << kProbBits;
 constexpr uint32_t kHalf = kScale / 2;  // q of a bit that costs exactly one bit: sent as it is
 constexpr uint32_t kLow = 1u << 16;     // the rANS state interval is [kLow, 2^32)
 constexpr uint64_t kChunk = 1u << 15;   // matching certain elements per continue bit
+constexpr int kLanes = 64;                         // rANS states of a block's lane stream: one a piece's element
+constexpr int64_t kLaneFixedWords = 4 + 2 * kLanes;  // a lane stream's count and states
+constexpr uint64_t kLaneMin = uint64_t{1} << 16;   // uncertain elements from which the encoder tries lanes
+constexpr int64_t kLaneWordsMin = 100 * (1 + kLaneFixedWords);  // and lane words from which it keeps them
+constexpr int64_t kLanePieces = 256;               // pieces the lane loops take at a time
 constexpr uint32_t kContinueOne = 12054;  // round(2^15 * a^(2^15)), a = 1 - 2^-15
 // round(2^15 * a^(2^k) / (1 + a^(2^k))) for remainder bit k.
 constexpr uint32_t kRemainderOne[15] = {16384, 16383, 16383, 16382, 16380, 16376, 16368, 16352,
@@ -303,6 +327,183 @@ class RawReader {
   bool bad_ = false;
 };
 
+// ---------------------------------------------------------------- symbols
+
+// A bit's rANS symbol with P(1) = one / 2^15, 0 < one < 2^15: its start and
+// frequency. Picked with a mask, not a conditional a compiler may turn into a
+// branch: the bits are random, and a mispredicted branch a symbol costs more
+// than the whole step.
+struct Symbol {
+  uint32_t start, freq;
+};
+LS_HD Symbol symbol(uint32_t b, uint32_t one) {
+  const uint32_t zero = kScale - one, pick = 0u - b;
+  return {zero & pick, zero ^ ((zero ^ one) & pick)};
+}
+
+// Encodes a symbol into state x, first writing its low word below *out (never
+// below `begin`: *overflow instead) when x is too large for it; returns the state.
+LS_HD uint32_t encode_step(uint32_t x, Symbol sym, const uint64_t* rcp, uint16_t* begin, uint16_t** out,
+                           bool* overflow) {
+  if (x >= (sym.freq << 17)) {  // renormalise: after it, (x / freq) << 15 < 2^32
+    if (*out > begin) {
+      *--*out = static_cast<uint16_t>(x);
+    } else {
+      *overflow = true;
+    }
+    x >>= 16;
+  }
+  const uint32_t d = divide(x, sym.freq, rcp);
+  return (d << kProbBits) + (x - d * sym.freq) + sym.start;
+}
+
+// Decodes a bit with P(1) = one / 2^15 from state x: the bit, and in *next the
+// state before renormalisation.
+LS_HD uint32_t decode_step(uint32_t x, uint32_t one, uint32_t* next) {
+  const uint32_t slot = x & (kScale - 1);
+  const uint32_t b = slot >= kScale - one;
+  const Symbol sym = symbol(b, one);
+  *next = sym.freq * (x >> kProbBits) + slot - sym.start;
+  return b;
+}
+
+// ---------------------------------------------------------------- pieces
+
+// At most 64 elements of a segment: the unit of the block loops, with its
+// prior's bit words (u: the uncertain elements).
+struct Piece {
+  const Prior* prior;
+  int64_t elem;  // in the prior
+  uint64_t bit_pos;
+  int count;
+  uint64_t c, e, h, u;
+};
+
+// A block's pieces in order: each segment's from its first element, 64 at a time.
+class Pieces {
+ public:
+  Pieces(const Segment* segs, int nsegs) : segs_(segs), nsegs_(nsegs) {}
+  static LS_HD int64_t count(const Segment* segs, int nsegs) {
+    int64_t n = 0;
+    for (int s = 0; s < nsegs; ++s) n += (segs[s].len + 63) / 64;
+    return n;
+  }
+  // Makes piece `index` the next one.
+  LS_HD void seek(int64_t index) {
+    for (s_ = 0, t_ = 0; s_ < nsegs_; ++s_) {
+      const int64_t k = (segs_[s_].len + 63) / 64;
+      if (index < k) {
+        t_ = 64 * index;
+        return;
+      }
+      index -= k;
+    }
+  }
+  LS_HD bool next(Piece* p) {
+    while (s_ < nsegs_ && t_ >= segs_[s_].len) {
+      ++s_;
+      t_ = 0;
+    }
+    if (s_ >= nsegs_) return false;
+    const Segment& seg = segs_[s_];
+    const Prior& pr = *seg.prior;
+    const int64_t nw = prior_words(pr.n);
+    const int count = static_cast<int>(seg.len - t_ < 64 ? seg.len - t_ : 64);
+    const uint64_t all = low_bits(count);
+    p->prior = &pr;
+    p->elem = seg.elem + t_;
+    p->bit_pos = seg.bit_pos + static_cast<uint64_t>(t_);
+    p->count = count;
+    p->c = load_word_bits(pr.certain, nw, p->elem, count);
+    p->e = load_word_bits(pr.expected, nw, p->elem, count);
+    p->h = p->c == all ? 0 : load_word_bits(pr.half, nw, p->elem, count);
+    p->u = ~(p->c | p->h) & all;
+    t_ += 64;
+    return true;
+  }
+
+ private:
+  const Segment* segs_;
+  int nsegs_;
+  int s_ = 0;
+  int64_t t_ = 0;
+};
+
+// Whether the encoder tries lanes for a block (see the top).
+LS_HD bool tries_lanes(const Segment* segs, int nsegs, uint64_t certain, uint64_t half, uint64_t lane_min) {
+  uint64_t elems = 0;
+  for (int s = 0; s < nsegs; ++s) elems += static_cast<uint64_t>(segs[s].len);
+  const uint64_t uncertain = elems - certain - half;
+  return uncertain > 0 && uncertain >= lane_min;
+}
+
+// ---------------------------------------------------------------- lanes
+
+// The lanes' decoding side: their states and what is left of their words.
+struct LaneStream {
+  uint32_t x[kLanes];
+  const uint8_t* in;
+  int64_t left;
+  bool bad;
+  bool ok() const {
+    bool done = !bad && left == 0;
+    for (uint32_t v : x) done &= v == kLow;
+    return done;
+  }
+};
+
+// A piece as the lane loops see it: its probabilities, its uncertain
+// elements, and (encoding) its mask bits.
+struct LanePiece {
+  const uint16_t* q;
+  uint64_t u, m;
+};
+
+// The lane loops, one element at a time: the definition. cpu/mask_lanes_simd.h
+// has them in AVX-512 (the same bytes); a block function takes either as `Lanes`.
+struct ScalarLanes {
+  static LS_HD uint64_t extract(uint64_t v, uint64_t mask) { return extract_bits(v, mask); }
+  static LS_HD uint64_t deposit(uint64_t v, uint64_t mask) { return deposit_bits(v, mask); }
+  // Decodes n pieces' uncertain elements: bits[i], piece i's bits at its u.
+  static LS_HD void decode(LaneStream& ls, const LanePiece* p, int64_t n, uint64_t* bits) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint64_t v = 0;
+      for (uint64_t rest = p[i].u; rest; rest &= rest - 1) {
+        const int l = __builtin_ctzll(rest);
+        uint32_t next;
+        v |= static_cast<uint64_t>(decode_step(ls.x[l], p[i].q[l], &next)) << l;
+        if (next < kLow) {
+          uint16_t w = 0;
+          if (ls.left > 0) {
+            std::memcpy(&w, ls.in, 2);
+            ls.in += 2;
+            --ls.left;
+          } else {
+            ls.bad = true;
+          }
+          next = (next << 16) | w;
+        }
+        ls.x[l] = next;
+      }
+      bits[i] = v;
+    }
+  }
+  // Encodes n pieces' uncertain elements into states x, the last piece's
+  // first, writing words below *out (never below `begin`).
+  static LS_HD void encode(uint32_t* x, const LanePiece* p, int64_t n, uint16_t* begin, uint16_t** out,
+                           bool* overflow) {
+    const uint64_t* rcp = reciprocals();
+    for (int64_t i = n - 1; i >= 0; --i) {
+      for (uint64_t rest = p[i].u; rest;) {  // the decoder reads lane 0's word first
+        const int l = 63 - __builtin_clzll(rest);
+        rest &= ~(uint64_t{1} << l);
+        const uint32_t b = static_cast<uint32_t>(p[i].m >> l) & 1u;
+        x[l] = encode_step(x[l], symbol(b, p[i].q[l]), rcp, begin, out, overflow);
+      }
+    }
+  }
+};
+
 // ---------------------------------------------------------------- encoding
 
 // Two rANS states share one word stream and take the symbols in turn (the
@@ -313,27 +514,11 @@ class Encoder {
   // Writes words downwards from `end` and never below `begin`.
   Encoder(uint16_t* begin, uint16_t* end) : begin_(begin), out_(end), rcp_(reciprocals()) {}
 
-  LS_HD void put(uint32_t start, uint32_t freq) {
-    uint32_t x = cur_;
-    if (x >= (freq << 17)) {  // renormalise: after it, (x / freq) << 15 < 2^32
-      if (out_ > begin_) {
-        *--out_ = static_cast<uint16_t>(x);
-      } else {
-        overflow_ = true;
-      }
-      x >>= 16;
-    }
-    const uint32_t d = divide(x, freq, rcp_);
-    cur_ = other_;
-    other_ = (d << kProbBits) + (x - d * freq) + start;
-  }
-  // One bit (0 or 1) with P(1) = one / 2^15, 0 < one < 2^15. The symbol is
-  // picked with a mask, not a conditional a compiler may turn into a branch:
-  // the bits are random, and a mispredicted branch a symbol costs more than
-  // the whole step.
+  // One bit (0 or 1) with P(1) = one / 2^15, 0 < one < 2^15.
   LS_HD void bit(uint32_t b, uint32_t one) {
-    const uint32_t zero = kScale - one, pick = 0u - b;
-    put(zero & pick, zero ^ ((zero ^ one) & pick));
+    const uint32_t next = encode_step(cur_, symbol(b, one), rcp_, begin_, &out_, &overflow_);
+    cur_ = other_;
+    other_ = next;
   }
   // A gap: G matching certain elements, then an exception (G < R), or no
   // exception in the R certain elements left (G == R). The decoder reads the
@@ -369,27 +554,42 @@ class Encoder {
   bool overflow_ = false;
 };
 
-// Codes one block (its segments, in order) from a bitmap of `bytes` bytes.
-// Returns the block's first word (its bytes run to `end`), or nullptr when the
-// block takes more than the words in [begin, end).
-LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
-                              uint16_t* end) {
-  const int64_t raw = raw_words(count_in(segs, nsegs, &Prior::half));
-  if (end - begin < raw + 4) return nullptr;
-  if (raw) {  // the half elements' bits, as they are, after the rANS words
-    BitWriter w(end - raw);
-    for (int s = 0; s < nsegs; ++s) {
-      const Segment& seg = segs[s];
-      const int64_t nw = prior_words(seg.prior->n);
-      for (int64_t t = 0; t < seg.len; t += 64) {
-        const int count = static_cast<int>(seg.len - t < 64 ? seg.len - t : 64);
-        const uint64_t h = load_word_bits(seg.prior->half, nw, seg.elem + t, count);
-        if (h) w.put(extract_bits(load_bits(bits, bytes, seg.bit_pos + static_cast<uint64_t>(t), count), h), popcount(h));
-      }
+// A lane block's lane stream, in front of its two-state stream at `head`:
+// its chunks from the last, then the lanes' states and the word count.
+// Returns its first word, or nullptr when it does not fit above `begin`.
+template <class Lanes>
+LS_HD uint16_t* encode_lanes(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
+                             uint16_t* head) {
+  LanePiece lp[kLanePieces];
+  uint32_t x[kLanes];
+  for (uint32_t& v : x) v = kLow;
+  uint16_t* out = head;
+  bool overflow = false;
+  Pieces pieces(segs, nsegs);
+  for (int64_t c0 = (Pieces::count(segs, nsegs) - 1) / kLanePieces * kLanePieces; c0 >= 0; c0 -= kLanePieces) {
+    pieces.seek(c0);
+    int64_t n = 0;
+    Piece p;
+    for (; n < kLanePieces && pieces.next(&p); ++n) {
+      lp[n] = {p.prior->q + p.elem, p.u, p.u ? load_bits(bits, bytes, p.bit_pos, p.count) : 0};
     }
-    w.flush();
+    Lanes::encode(x, lp, n, begin, &out, &overflow);
   }
-  Encoder enc(begin, end - raw);
+  if (overflow || out - begin < kLaneFixedWords) return nullptr;
+  for (int l = kLanes - 1; l >= 0; --l) {
+    *--out = static_cast<uint16_t>(x[l] >> 16);
+    *--out = static_cast<uint16_t>(x[l]);
+  }
+  const auto words = static_cast<uint64_t>(head - out);
+  for (int k = 3; k >= 0; --k) *--out = static_cast<uint16_t>(words >> (16 * k));
+  return out;
+}
+
+// A block's two-state stream, below `end`: every gap, and its uncertain
+// elements unless they go in lanes. Returns its first word, or nullptr.
+LS_HD uint16_t* encode_states(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
+                              uint16_t* end, bool lanes) {
+  Encoder enc(begin, end);
   uint64_t cnt = 0, after = 0;  // matches before the next exception / certain elements after this point
   for (int s = nsegs - 1; s >= 0; --s) {
     const Segment& seg = segs[s];
@@ -402,9 +602,9 @@ LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits
       const uint64_t e = load_word_bits(p.expected, nw, seg.elem + t, count);
       const uint64_t all = low_bits(count), x = (m ^ e) & c, matches = c & ~x;
       const uint64_t h = c == all ? 0 : load_word_bits(p.half, nw, seg.elem + t, count);
-      const uint64_t u = ~(c | h) & all;
-      if ((u | x) == 0) {  // only matching certain elements and half ones
-        const uint64_t k = h ? static_cast<uint64_t>(popcount(c)) : static_cast<uint64_t>(count);
+      const uint64_t u = lanes ? 0 : ~(c | h) & all;
+      if ((u | x) == 0) {  // no exception, and no uncertain element for this stream
+        const uint64_t k = c == all ? static_cast<uint64_t>(count) : static_cast<uint64_t>(popcount(c));
         cnt += k;
         after += k;
         continue;
@@ -447,6 +647,43 @@ LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits
   return enc.finish();
 }
 
+// Codes one block (its segments, in order) from a bitmap of `bytes` bytes.
+// Returns the block's first word (its bytes run to `end`), or nullptr when the
+// block takes more than the words in [begin, end). lane_min and
+// lane_words_min: the constants but in tests.
+template <class Lanes = ScalarLanes>
+LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
+                              uint16_t* end, uint64_t lane_min = kLaneMin, int64_t lane_words_min = kLaneWordsMin) {
+  const uint64_t half = count_in(segs, nsegs, &Prior::half);
+  const int64_t raw = raw_words(half);
+  if (end - begin < raw + 5) return nullptr;
+  if (raw) {  // the half elements' bits, as they are, after the rANS words
+    BitWriter w(end - raw);
+    for (int s = 0; s < nsegs; ++s) {
+      const Segment& seg = segs[s];
+      const int64_t nw = prior_words(seg.prior->n);
+      for (int64_t t = 0; t < seg.len; t += 64) {
+        const int count = static_cast<int>(seg.len - t < 64 ? seg.len - t : 64);
+        const uint64_t h = load_word_bits(seg.prior->half, nw, seg.elem + t, count);
+        if (h) w.put(Lanes::extract(load_bits(bits, bytes, seg.bit_pos + static_cast<uint64_t>(t), count), h), popcount(h));
+      }
+    }
+    w.flush();
+  }
+  if (tries_lanes(segs, nsegs, count_in(segs, nsegs, &Prior::certain), half, lane_min)) {
+    uint16_t* head = encode_states(segs, nsegs, bits, bytes, begin, end - raw, true);
+    uint16_t* first = head ? encode_lanes<Lanes>(segs, nsegs, bits, bytes, begin, head) : nullptr;
+    if (first && first > begin && head - first - kLaneFixedWords >= lane_words_min) {
+      *--first = 1;
+      return first;
+    }
+  }
+  uint16_t* head = encode_states(segs, nsegs, bits, bytes, begin, end - raw, false);
+  if (head == nullptr || head == begin) return nullptr;
+  *--head = 0;
+  return head;
+}
+
 // ---------------------------------------------------------------- decoding
 
 class Decoder {
@@ -464,13 +701,9 @@ class Decoder {
     if (cur_ < kLow || other_ < kLow) bad_ = true;
   }
 
-  // As Encoder::bit, the symbol's start and frequency come from a mask.
   LS_HD uint32_t bit(uint32_t one) {
-    const uint32_t x = cur_;
-    const uint32_t slot = x & (kScale - 1), zero = kScale - one;
-    const uint32_t b = slot >= zero, pick = 0u - b;
-    const uint32_t start = zero & pick, freq = zero ^ ((zero ^ one) & pick);
-    uint32_t next = freq * (x >> kProbBits) + slot - start;
+    uint32_t next;
+    const uint32_t b = decode_step(cur_, one, &next);
     if (next < kLow) next = (next << 16) | word();
     cur_ = other_;
     other_ = next;
@@ -518,21 +751,56 @@ class Decoder {
   bool bad_ = false;
 };
 
+// An integer from `count` (at most 4) little-endian 16-bit words at `in`.
+LS_HD uint64_t load_words(const uint8_t* in, int count) {
+  uint64_t v = 0;
+  for (int k = 0; k < count; ++k) {
+    uint16_t w;
+    std::memcpy(&w, in + 2 * k, 2);
+    v |= static_cast<uint64_t>(w) << (16 * k);
+  }
+  return v;
+}
+
 // Decodes one block into `out` (the block's bits, from a word boundary);
 // false when the block is not exactly a valid stream for these segments.
+template <class Lanes = ScalarLanes>
 LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64_t words, uint64_t* out) {
-  const int64_t raw_len = raw_words(count_in(segs, nsegs, &Prior::half));
-  if (words - raw_len < 4) return false;
-  Decoder dec(in, words - raw_len);
-  RawReader raw(in + 2 * (words - raw_len), raw_len);
-  BitWriter w(out);
+  const uint64_t half = count_in(segs, nsegs, &Prior::half);
   uint64_t left = count_in(segs, nsegs, &Prior::certain);
+  const int64_t raw_len = raw_words(half);
+  const int64_t body = words - raw_len;  // the rANS words
+  if (body < 5) return false;
+  const uint64_t which = load_words(in, 1);
+  if (which > 1) return false;
+  const bool lanes = which == 1;
+  LaneStream ls{};
+  int64_t lane_words = 1;  // with the word saying which, and the count
+  if (lanes) {
+    if (body < 1 + kLaneFixedWords + 4) return false;
+    const uint64_t n = load_words(in + 2, 4);
+    if (n < 2 * kLanes || n > static_cast<uint64_t>(body - 9)) return false;
+    lane_words = 5 + static_cast<int64_t>(n);
+    for (int l = 0; l < kLanes; ++l) {
+      ls.x[l] = static_cast<uint32_t>(load_words(in + 10 + 4 * l, 2));
+      ls.bad |= ls.x[l] < kLow;
+    }
+    ls.in = in + 10 + 4 * kLanes;
+    ls.left = static_cast<int64_t>(n) - 2 * kLanes;
+  }
+  Decoder dec(in + 2 * lane_words, body - lane_words);
+  RawReader raw(in + 2 * body, raw_len);
+  BitWriter w(out);
+  LanePiece lp[kLanePieces];  // with lanes, the next pieces' and their bits
+  uint64_t lane_bits[kLanePieces];
+  Pieces ahead(segs, nsegs);
+  int64_t piece = 0;
   uint64_t run = dec.gap(left);  // matching certain elements before the next exception
   for (int s = 0; s < nsegs; ++s) {
     const Segment& seg = segs[s];
     const Prior& p = *seg.prior;
     const int64_t nw = prior_words(p.n);
-    for (int64_t t = 0; t < seg.len; t += 64) {
+    for (int64_t t = 0; t < seg.len; t += 64, ++piece) {
       const int count = static_cast<int>(seg.len - t < 64 ? seg.len - t : 64);
       const uint64_t c = load_word_bits(p.certain, nw, seg.elem + t, count);
       const uint64_t e = load_word_bits(p.expected, nw, seg.elem + t, count);
@@ -540,21 +808,33 @@ LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64
       const uint64_t h = c == all ? 0 : load_word_bits(p.half, nw, seg.elem + t, count);
       const uint64_t u = ~(c | h) & all;
       const uint64_t nc = static_cast<uint64_t>(popcount(c));
-      const uint16_t* q = p.q + seg.elem + t;
-      const uint64_t hv = h ? deposit_bits(raw.take(popcount(h)), h) : 0;
-      uint64_t v = e | hv;
+      const uint16_t* qp = p.q + seg.elem + t;
+      const uint64_t hv = h ? Lanes::deposit(raw.take(popcount(h)), h) : 0;
+      uint64_t lv = 0;  // with lanes, the uncertain elements' bits
+      if (lanes) {
+        if (piece % kLanePieces == 0) {
+          int64_t n = 0;
+          Piece next;
+          for (; n < kLanePieces && ahead.next(&next); ++n) lp[n] = {next.prior->q + next.elem, next.u, 0};
+          Lanes::decode(ls, lp, n, lane_bits);
+        }
+        lv = lane_bits[piece % kLanePieces];
+      }
+      uint64_t v = e | hv | lv;
       if (run >= nc) {  // no exception in this word
-        for (uint64_t rest = u; rest; rest &= rest - 1) {
-          const int b = __builtin_ctzll(rest);
-          v |= static_cast<uint64_t>(dec.bit(q[b])) << b;
+        if (!lanes) {
+          for (uint64_t rest = u; rest; rest &= rest - 1) {
+            const int b = __builtin_ctzll(rest);
+            v |= static_cast<uint64_t>(dec.bit(qp[b])) << b;
+          }
         }
         run -= nc;
         left -= nc;
       } else {
-        v = hv;
+        v = hv | lv;
         for (int b = 0; b < count; ++b) {
           if ((u >> b) & 1) {
-            v |= static_cast<uint64_t>(dec.bit(q[b])) << b;
+            if (!lanes) v |= static_cast<uint64_t>(dec.bit(qp[b])) << b;
           } else if (!((c >> b) & 1)) {
             continue;  // a half element: its bit came with the raw bits
           } else if (run > 0) {
@@ -572,7 +852,7 @@ LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64
     }
   }
   w.flush();
-  return dec.ok() && raw.ok();
+  return dec.ok() && raw.ok() && (!lanes || ls.ok());
 }
 
 }  // namespace layersel::maskcode

@@ -38,7 +38,7 @@
 namespace layersel {
 
 // The SIMD level of the kernels written for AVX2 and AVX-512 (the mask kernel,
-// the coded wire's prior): cpu_simd_support(), which LAYERSEL_CPU_ISA=avx2|portable
+// the coded wire's prior and lanes): cpu_simd_support(), which LAYERSEL_CPU_ISA=avx2|portable
 // caps (the tests run every level and compare the bits).
 inline int cpu_simd_level() {
   const char* env = std::getenv("LAYERSEL_CPU_ISA");

@@ -2,12 +2,18 @@
 //   1. round trips of random layers (empty, 1, 63, 64, 65 elements and larger,
 //      at odd bit offsets), priors mixing certain and uncertain elements, masks
 //      drawn from them with exceptions, blocks of several sizes;
+//      with and without lanes (the lane threshold lowered so that small blocks
+//      use them), the AVX-512 lane loops (cpu/mask_lanes_simd.h) writing the
+//      scalar loops' bytes and decoding either's streams;
 //   2. the size: every coded message within 1% of the ideal sum of -log2 q(bit)
-//      under the coder's model, plus 12 bytes a block (the two states, the
-//      last renormalisation word, the raw bits' padding);
+//      under the coder's model, plus 14 bytes a block (the word saying whether
+//      it has lanes, the two states, the last renormalisation word, the raw
+//      bits' padding) and 136 more a lane block (the lanes' states and word
+//      count), which blocks the format's threshold chooses do not need;
 //   3. a seeded mutation fuzz of valid blocks (flipped bits, truncations, extra
-//      words, random bytes): decoding never reads or writes out of bounds
-//      (run under ASan + UBSan by the _sanitized target) and never loops;
+//      words, random bytes), with and without lanes: decoding never reads or
+//      writes out of bounds (run under ASan + UBSan by the _sanitized target)
+//      and never loops, and both lane loops give the same verdict and bits;
 //   4. the SIMD priors (cpu/mask_prior_simd.h) at every level this CPU runs
 //      equal the scalar prepare_prior bit for bit (q, the three bit words, the
 //      fingerprint, the verdict): float and double theta with NaN, infinities,
@@ -25,6 +31,7 @@
 
 #include "check.h"
 #include "common/mask_coder.h"
+#include "cpu/mask_lanes_simd.h"
 #include "cpu/mask_prior_simd.h"
 
 namespace mc = layersel::maskcode;
@@ -134,6 +141,30 @@ std::vector<std::vector<mc::Segment>> cut(const std::vector<mc::Prior>& priors, 
 bool bit_at(const std::vector<uint8_t>& bits, uint64_t at) { return (bits[at >> 3] >> (at & 7)) & 1; }
 bool word_bit(const std::vector<uint64_t>& w, int64_t at) { return (w[at >> 6] >> (at & 63)) & 1; }
 
+// The lane loops a test runs: 0 the scalar ones, 1 AVX-512 where this CPU has it.
+int lane_impls() { return mc::lanes_avx512_supported() ? 2 : 1; }
+
+// lane_min: as encode_block's; below the format's, lanes however few their words.
+uint16_t* encode_with(int impl, const std::vector<mc::Segment>& segs, const Message& m, uint16_t* begin, uint16_t* end,
+                      uint64_t lane_min) {
+  const int n = static_cast<int>(segs.size());
+  const int64_t words_min = lane_min < mc::kLaneMin ? 0 : mc::kLaneWordsMin;
+#ifdef LS_HAVE_LANES_SIMD
+  if (impl == 1) {
+    return mc::encode_block_avx512(segs.data(), n, m.bits.data(), m.bits.size(), begin, end, lane_min, words_min);
+  }
+#endif
+  return mc::encode_block(segs.data(), n, m.bits.data(), m.bits.size(), begin, end, lane_min, words_min);
+}
+
+bool decode_with(int impl, const std::vector<mc::Segment>& segs, const uint8_t* in, int64_t words, uint64_t* out) {
+  const int n = static_cast<int>(segs.size());
+#ifdef LS_HAVE_LANES_SIMD
+  if (impl == 1) return mc::decode_block_avx512(segs.data(), n, in, words, out);
+#endif
+  return mc::decode_block(segs.data(), n, in, words, out);
+}
+
 double ideal_bits(const Message& m) {
   double sum = 0;
   const double eps = 1.0 / mc::kScale;
@@ -154,45 +185,154 @@ double ideal_bits(const Message& m) {
 
 void round_trips() {
   std::mt19937_64 rng(1);
-  int messages = 0;
-  for (double flip : {0.0, 1e-4, 0.01, 0.5}) {
-    for (int64_t block : {int64_t{64}, int64_t{128}, int64_t{4096}, int64_t{1} << 20}) {
-      for (int rep = 0; rep < 25; ++rep) {
-        const Message m = make_message(rng, flip);
-        std::vector<mc::Prior> priors;
-        for (const Layer& l : m.layers) priors.push_back(l.prior());
-        std::vector<int64_t> elems;
-        const auto blocks = cut(priors, m.offsets, m.total, block, &elems);
-        size_t coded = 0;
-        std::vector<uint64_t> out(mc::prior_words(m.total) + 1, 0);
-        for (size_t b = 0; b < blocks.size(); ++b) {
-          // Room for 3 bytes an element: a flip rate of one half exceeds the bitmap.
-          std::vector<uint16_t> buf(static_cast<size_t>(elems[b]) * 2 + 16);
-          uint16_t* head = mc::encode_block(blocks[b].data(), static_cast<int>(blocks[b].size()), m.bits.data(),
-                                            m.bits.size(), buf.data(), buf.data() + buf.size());
-          LS_CHECK(head != nullptr);
-          if (!head) continue;
-          const int64_t words = buf.data() + buf.size() - head;
-          coded += 2 * static_cast<size_t>(words);
-          LS_CHECK(mc::decode_block(blocks[b].data(), static_cast<int>(blocks[b].size()),
-                                    reinterpret_cast<const uint8_t*>(head), words, out.data() + b * (block / 64)));
+  int messages = 0, lane_blocks = 0;
+  for (uint64_t lane_min : {mc::kLaneMin, uint64_t{1}, uint64_t{300}}) {
+    for (double flip : {0.0, 1e-4, 0.01, 0.5}) {
+      for (int64_t block : {int64_t{64}, int64_t{128}, int64_t{4096}, int64_t{1} << 20}) {
+        for (int rep = 0; rep < 25; ++rep) {
+          const Message m = make_message(rng, flip);
+          std::vector<mc::Prior> priors;
+          for (const Layer& l : m.layers) priors.push_back(l.prior());
+          std::vector<int64_t> elems;
+          const auto blocks = cut(priors, m.offsets, m.total, block, &elems);
+          size_t coded = 0;
+          double allowance = 0;
+          std::vector<std::vector<uint64_t>> outs(lane_impls(), std::vector<uint64_t>(mc::prior_words(m.total) + 1, 0));
+          for (size_t b = 0; b < blocks.size(); ++b) {
+            const auto& segs = blocks[b];
+            // Room for 3 bytes an element: a flip rate of one half exceeds the bitmap.
+            std::vector<uint16_t> ref;
+            for (int impl = 0; impl < lane_impls(); ++impl) {
+              std::vector<uint16_t> buf(static_cast<size_t>(elems[b]) * 2 + 64);
+              uint16_t* head = encode_with(impl, segs, m, buf.data(), buf.data() + buf.size(), lane_min);
+              LS_CHECK(head != nullptr);
+              if (!head) continue;
+              const std::vector<uint16_t> bytes(head, buf.data() + buf.size());
+              if (impl == 0) {
+                ref = bytes;
+                coded += 2 * bytes.size();
+                lane_blocks += bytes[0] == 1;  // the word saying whether the block has lanes
+                allowance += bytes[0] == 1 ? 14.0 + 2 * mc::kLaneFixedWords : 14.0;
+              } else {
+                LS_CHECK(bytes == ref);  // the AVX-512 lanes write the scalar ones' bytes
+              }
+              for (int dimpl = 0; dimpl < lane_impls(); ++dimpl) {  // and each decodes the other's
+                LS_CHECK(decode_with(dimpl, segs, reinterpret_cast<const uint8_t*>(bytes.data()),
+                                     static_cast<int64_t>(bytes.size()), outs[dimpl].data() + b * (block / 64)));
+              }
+            }
+          }
+          for (const auto& out : outs) {
+            int64_t at = 0;
+            bool same = true;
+            for (size_t i = 0; i < m.layers.size(); ++i) {
+              for (size_t k = 0; k < m.layers[i].q.size(); ++k, ++at) {
+                same &= word_bit(out, at) == bit_at(m.bits, m.offsets[i] + k);
+              }
+            }
+            LS_CHECK(same);
+          }
+          const double ideal = ideal_bits(m) / 8;
+          const bool small = coded <= 1.01 * ideal + allowance;
+          if (!small) std::fprintf(stderr, "coded %zu bytes, ideal %.1f, %zu blocks\n", coded, ideal, blocks.size());
+          LS_CHECK(small);
+          ++messages;
         }
-        int64_t at = 0;
-        bool same = true;
-        for (size_t i = 0; i < m.layers.size(); ++i) {
-          for (size_t k = 0; k < m.layers[i].q.size(); ++k, ++at) same &= word_bit(out, at) == bit_at(m.bits, m.offsets[i] + k);
-        }
-        LS_CHECK(same);
-        const double ideal = ideal_bits(m) / 8;
-        const bool small = coded <= 1.01 * ideal + 12.0 * static_cast<double>(blocks.size());
-        if (!small) std::fprintf(stderr, "coded %zu bytes, ideal %.1f, %zu blocks\n", coded, ideal, blocks.size());
-        LS_CHECK(small);
-        ++messages;
       }
     }
   }
-  std::printf("round trips: %d messages\n", messages);
+  std::printf("round trips: %d messages, %d lane blocks, lane loops: %d\n", messages, lane_blocks, lane_impls());
+  LS_CHECK(lane_blocks > 500);
 }
+
+// Blocks about the lane thresholds, as the wire codes them: lanes over
+// several runs of the lane loops where they pay, and the same bytes from both lane loops.
+void lane_blocks_at_the_threshold() {
+  std::mt19937_64 rng(4);
+  // Uncertain elements: about 900k, 430k, 190k (too few words for lanes), 48k (too few elements).
+  for (double p_certain : {0.0, 0.5, 0.75, 0.9}) {
+    Message m;
+    const int64_t n = (int64_t{1} << 20) - 1000;
+    m.layers.push_back(make_layer(rng, n, p_certain, 0.05));
+    m.offsets.push_back(5);
+    m.total = n;
+    m.bits.assign(static_cast<size_t>((n + 5 + 7) / 8), 0);
+    std::uniform_real_distribution<double> u(0.0, 1.0);
+    for (int64_t k = 0; k < n; ++k) {
+      const uint32_t q = m.layers[0].q[k];
+      const bool b = q == 0 || q == mc::kScale ? (q == mc::kScale) != (u(rng) < 1e-3) : u(rng) * mc::kScale < q;
+      m.bits[(k + 5) >> 3] |= static_cast<uint8_t>(b) << ((k + 5) & 7);
+    }
+    std::vector<mc::Prior> priors{m.layers[0].prior()};
+    std::vector<int64_t> elems;
+    const auto blocks = cut(priors, m.offsets, n, int64_t{1} << 30, &elems);
+    std::vector<uint16_t> ref;
+    for (int impl = 0; impl < lane_impls(); ++impl) {
+      std::vector<uint16_t> buf(static_cast<size_t>(n / 16 + 64));
+      uint16_t* head = encode_with(impl, blocks[0], m, buf.data(), buf.data() + buf.size(), mc::kLaneMin);
+      LS_CHECK(head != nullptr);
+      if (!head) continue;
+      const std::vector<uint16_t> bytes(head, buf.data() + buf.size());
+      if (impl == 0) ref = bytes;
+      LS_CHECK(bytes == ref);
+      LS_CHECK((bytes[0] == 1) == (p_certain < 0.75));  // lanes where they pay
+      LS_CHECK(2 * bytes.size() <= 1.01 * ideal_bits(m) / 8 + 14);
+      for (int dimpl = 0; dimpl < lane_impls(); ++dimpl) {
+        std::vector<uint64_t> out(static_cast<size_t>(mc::prior_words(n)), 0);
+        LS_CHECK(decode_with(dimpl, blocks[0], reinterpret_cast<const uint8_t*>(bytes.data()),
+                             static_cast<int64_t>(bytes.size()), out.data()));
+        bool same = true;
+        for (int64_t k = 0; k < n; ++k) same &= word_bit(out, k) == bit_at(m.bits, 5 + static_cast<uint64_t>(k));
+        LS_CHECK(same);
+      }
+    }
+  }
+}
+
+#ifdef LS_HAVE_LANES_SIMD
+// The AVX-512 encoder's division (float, then corrected) against the exact
+// one for every frequency, at every multiple-of-f boundary it can meet near
+// the ends of its range and a stride of the rest, and at random states.
+LS_LANES512 void divide16(const uint32_t* ys, const uint32_t* fs, uint32_t* ds, uint32_t* rs) {
+  __m512i rem;
+  _mm512_storeu_si512(ds, mc::Avx512Lanes::divide(_mm512_loadu_si512(ys), _mm512_loadu_si512(fs), &rem));
+  _mm512_storeu_si512(rs, rem);
+}
+
+void lane_division_is_exact() {
+  std::mt19937_64 rng(5);
+  int64_t compared = 0, wrong = 0;
+  uint32_t ys[16], fs[16], ds[16], rs[16];
+  int fill = 0;
+  auto check = [&] {
+    divide16(ys, fs, ds, rs);
+    for (int k = 0; k < fill; ++k) wrong += ds[k] != ys[k] / fs[k] || rs[k] != ys[k] % fs[k];
+    compared += fill;
+    fill = 0;
+  };
+  auto add = [&](uint64_t y, uint32_t f) {
+    ys[fill] = static_cast<uint32_t>(y);
+    fs[fill] = f;
+    if (++fill == 16) check();
+  };
+  for (uint32_t f = 1; f < mc::kScale; ++f) {
+    const uint64_t top = uint64_t{f} << 17;  // states below it only reach the division
+    for (uint64_t k : {uint64_t{0}, uint64_t{1}, uint64_t{2}, uint64_t{1} << 16, (uint64_t{1} << 17) - 2,
+                       (uint64_t{1} << 17) - 1}) {
+      for (int64_t dy : {-1, 0, 1}) {
+        const int64_t y = static_cast<int64_t>(k * f) + dy;
+        if (y >= 0 && static_cast<uint64_t>(y) < top) add(static_cast<uint64_t>(y), f);
+      }
+    }
+    for (int j = 0; j < 8; ++j) add(rng() % top, f);
+    add(top - 1, f);
+  }
+  for (; fill < 16 && fill > 0;) add(0, 1);
+  std::printf("lane division: %lld quotients, %lld wrong\n", static_cast<long long>(compared),
+              static_cast<long long>(wrong));
+  LS_CHECK(wrong == 0 && compared > 32767 * 20);
+}
+#endif
 
 // A whole-run check the round trips above cannot make with small layers: a
 // million certain elements and a few exceptions cost a few bytes, not a bitmap.
@@ -221,7 +361,7 @@ void long_certain_runs() {
   const int64_t words = buf.data() + buf.size() - head;
   std::printf("1M certain elements, 3 exceptions: %lld bytes (ideal %.1f)\n", static_cast<long long>(2 * words),
               ideal_bits(m) / 8);
-  LS_CHECK(2 * words <= 1.01 * ideal_bits(m) / 8 + 10);
+  LS_CHECK(2 * words <= 1.01 * ideal_bits(m) / 8 + 12);
   std::vector<uint64_t> out(n / 64, 0);
   LS_CHECK(mc::decode_block(blocks[0].data(), 1, reinterpret_cast<const uint8_t*>(head), words, out.data()));
   LS_CHECK(std::memcmp(out.data(), m.bits.data(), n / 8) == 0);
@@ -242,7 +382,7 @@ void all_half() {
     LS_CHECK(head != nullptr);
     if (!head) continue;
     const int64_t words = buf.data() + buf.size() - head;
-    LS_CHECK(words == 4 + (n + 15) / 16);
+    LS_CHECK(words == 5 + (n + 15) / 16);
     std::vector<uint64_t> out(static_cast<size_t>(mc::prior_words(n)), 0);
     LS_CHECK(mc::decode_block(&seg, 1, reinterpret_cast<const uint8_t*>(head), words, out.data()));
     bool same = true;
@@ -258,19 +398,21 @@ void all_half() {
 
 void fuzz() {
   std::mt19937_64 rng(3);
-  int streams = 0, accepted = 0;
+  int streams = 0, accepted = 0, lane_streams = 0;
   while (streams < 12000) {
     const Message m = make_message(rng, (rng() % 3) * 0.01);
+    const uint64_t lane_min = rng() % 2 ? mc::kLaneMin : 1 + rng() % 200;
     std::vector<mc::Prior> priors;
     for (const Layer& l : m.layers) priors.push_back(l.prior());
     std::vector<int64_t> elems;
     const auto blocks = cut(priors, m.offsets, m.total, 4096, &elems);
     for (size_t b = 0; b < blocks.size(); ++b) {
-      std::vector<uint16_t> buf(static_cast<size_t>(elems[b]) * 2 + 16);
-      uint16_t* head = mc::encode_block(blocks[b].data(), static_cast<int>(blocks[b].size()), m.bits.data(),
-                                        m.bits.size(), buf.data(), buf.data() + buf.size());
+      const auto& segs = blocks[b];
+      std::vector<uint16_t> buf(static_cast<size_t>(elems[b]) * 2 + 64);
+      uint16_t* head = encode_with(0, segs, m, buf.data(), buf.data() + buf.size(), lane_min);
       if (!head) continue;
       std::vector<uint8_t> bytes(reinterpret_cast<uint8_t*>(head), reinterpret_cast<uint8_t*>(buf.data() + buf.size()));
+      const bool lanes = bytes[0] == 1;
       for (int k = 0; k < 4; ++k) {
         std::vector<uint8_t> bad = bytes;
         switch (rng() % 4) {
@@ -282,15 +424,23 @@ void fuzz() {
         }
         // An exact-size copy, so ASan sees any read past the block.
         std::vector<uint8_t> exact(bad);
-        std::vector<uint64_t> out(static_cast<size_t>(mc::prior_words(elems[b])), 0);
-        accepted += mc::decode_block(blocks[b].data(), static_cast<int>(blocks[b].size()), exact.data(),
-                                     static_cast<int64_t>(exact.size() / 2), out.data());
+        std::vector<std::vector<uint64_t>> outs(lane_impls(), std::vector<uint64_t>(mc::prior_words(elems[b]), 0));
+        bool verdict[2] = {false, false};
+        for (int impl = 0; impl < lane_impls(); ++impl) {
+          verdict[impl] = decode_with(impl, segs, exact.data(), static_cast<int64_t>(exact.size() / 2),
+                                      outs[impl].data());
+        }
+        if (lane_impls() == 2) LS_CHECK(verdict[0] == verdict[1] && (!verdict[0] || outs[0] == outs[1]));
+        accepted += verdict[0];
+        lane_streams += lanes;
         ++streams;
       }
     }
   }
-  std::printf("fuzz: %d mutated blocks decoded, %d of them read as valid streams\n", streams, accepted);
+  std::printf("fuzz: %d mutated blocks decoded (%d with lanes), %d of them read as valid streams\n", streams,
+              lane_streams, accepted);
   LS_CHECK(streams >= 10000);
+  LS_CHECK(lane_streams >= 3000);
 }
 
 // A prior's outputs, the words [w0, w1) filled by one call.
@@ -419,6 +569,10 @@ void simd_priors() {
 
 int main() {
   round_trips();
+#ifdef LS_HAVE_LANES_SIMD
+  if (mc::lanes_avx512_supported()) lane_division_is_exact();
+#endif
+  lane_blocks_at_the_threshold();
   long_certain_runs();
   all_half();
   fuzz();

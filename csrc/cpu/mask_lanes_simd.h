@@ -1,0 +1,181 @@
+// The coded wire's lane loops (maskcode::ScalarLanes, common/mask_coder.h) in
+// AVX-512: four vectors of 16 rANS states, one for each 16 elements of a
+// piece, the same bytes. No torch here: the C++ test compares the two on
+// every stream it makes (csrc/tests/test_mask_coder.cpp).
+//
+// Why: one rANS state codes a symbol in about 25 instructions (finding the
+// element, loading its q, the step, the renormalisation branch); a vector
+// step codes up to 16 in about as many, and the four vectors of a piece are
+// four independent dependency chains.
+//
+// Decoding: the step in 32-bit lanes; the lanes whose state fell below 2^16
+// take the next words in lane order (expanded from one load). Encoding: the
+// lanes that must renormalise write their low words, in lane order, below the
+// stream (compressed, one masked store); then the division, in float with an
+// exact correction (divide()).
+#pragma once
+#include <cstdint>
+
+#include "../common/mask_coder.h"
+#include "cpu_features.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define LS_HAVE_LANES_SIMD 1
+#include <immintrin.h>
+#endif
+
+namespace layersel::maskcode {
+
+#ifdef LS_HAVE_LANES_SIMD
+
+#define LS_LANES512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,bmi,bmi2,popcnt,lzcnt")))
+#define LS_LANES512_INLINE LS_LANES512 inline
+#define LS_LANES512_ALWAYS LS_LANES512 inline __attribute__((always_inline))
+
+// Whether this CPU runs the loops below.
+inline bool lanes_avx512_supported() {
+  static const bool yes = cpu_simd_support() >= 2 && __builtin_cpu_supports("bmi2");
+  return yes;
+}
+
+struct Avx512Lanes {
+  static LS_LANES512_INLINE uint64_t extract(uint64_t v, uint64_t mask) { return _pext_u64(v, mask); }
+  static LS_LANES512_INLINE uint64_t deposit(uint64_t v, uint64_t mask) { return _pdep_u64(v, mask); }
+
+  // Vector k holds lanes 16k .. 16k + 15: a piece's elements 16k .. 16k + 15,
+  // act the uncertain ones (only those are loaded).
+  static LS_LANES512_ALWAYS __m512i load_q(const uint16_t* q, int k, __mmask16 act) {
+    return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(act, q + 16 * k));
+  }
+
+  // One vector's decoding step: the bits, and in *next the states before renormalisation.
+  static LS_LANES512_ALWAYS __mmask16 decode_step(__m512i x, __mmask16 act, __m512i one, __m512i* next) {
+    const __m512i zero = _mm512_sub_epi32(_mm512_set1_epi32(static_cast<int>(kScale)), one);
+    const __m512i slot = _mm512_and_si512(x, _mm512_set1_epi32(kScale - 1));
+    const __mmask16 b = _mm512_mask_cmpge_epu32_mask(act, slot, zero);
+    const __m512i start = _mm512_maskz_mov_epi32(b, zero), freq = _mm512_mask_blend_epi32(b, zero, one);
+    *next = _mm512_sub_epi32(_mm512_add_epi32(_mm512_mullo_epi32(freq, _mm512_srli_epi32(x, kProbBits)), slot), start);
+    return b;
+  }
+  // The renormalisation of a vector's lanes `act` in lane order from the words at *in.
+  static LS_LANES512_ALWAYS void refill(__m512i& x, __mmask16 act, __m512i next, const uint8_t** in, int64_t* left,
+                                        bool* bad) {
+    const __mmask16 renorm = _mm512_mask_cmplt_epu32_mask(act, next, _mm512_set1_epi32(static_cast<int>(kLow)));
+    const int64_t need = _mm_popcnt_u32(renorm);
+    const __mmask16 avail = *left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << *left) - 1);  // past the end: 0
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(avail, *in));
+    next = _mm512_mask_or_epi32(next, renorm, _mm512_slli_epi32(next, 16), _mm512_maskz_expand_epi32(renorm, w));
+    const int64_t took = need < *left ? need : *left;
+    *bad |= need > *left;
+    *in += 2 * took;
+    *left -= took;
+    x = _mm512_mask_mov_epi32(x, act, next);
+  }
+
+  static LS_LANES512 inline void decode(LaneStream& ls, const LanePiece* p, int64_t n, uint64_t* bits) {
+    __m512i x[4];
+    for (int k = 0; k < 4; ++k) x[k] = _mm512_loadu_si512(ls.x + 16 * k);
+    const uint8_t* in = ls.in;
+    int64_t left = ls.left;
+    bool bad = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t u = p[i].u;
+      uint64_t v = 0;
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) {
+        const auto act = static_cast<__mmask16>(u >> (16 * k));
+        if (!act) continue;
+        __m512i next;
+        const __mmask16 b = decode_step(x[k], act, load_q(p[i].q, k, act), &next);
+        refill(x[k], act, next, &in, &left, &bad);
+        v |= static_cast<uint64_t>(b) << (16 * k);
+      }
+      bits[i] = v;
+    }
+    for (int k = 0; k < 4; ++k) _mm512_storeu_si512(ls.x + 16 * k, x[k]);
+    ls.in = in;
+    ls.left = left;
+    ls.bad |= bad;
+  }
+
+  // floor(y / f) and y mod f (y < 2^32, 0 < f < 2^15, so y / f < 2^17), in
+  // float, then corrected exactly. With r0 = (1 + e) / f from the 14-bit
+  // estimate (|e| < 2^-14), the Newton step r0 + r0 (1 - 2^-19 - f r0) gives
+  // r = (1 - 2^-19 - e^2 - 2^-19 e) / f, plus a rounding below 2^-24: below
+  // 1 / f by between 2^-19.2 and 2^-18.9 relatively. y rounded to float times
+  // r, rounded, is so below y / f by a relative 2^-19.3 to 2^-18.8, under 0.29
+  // for a quotient below 2^17: its integer part is the floor or one less, which
+  // the remainder (exact in 32-bit lanes, in [0, 2f)) says and corrects.
+  static LS_LANES512_ALWAYS __m512i divide(__m512i y, __m512i f, __m512i* rem) {
+    const __m512 ff = _mm512_cvtepu32_ps(f);
+    __m512 r = _mm512_rcp14_ps(ff);
+    r = _mm512_fmadd_ps(r, _mm512_fnmadd_ps(ff, r, _mm512_set1_ps(1.0f - 0x1p-19f)), r);
+    __m512i d = _mm512_cvttps_epu32(_mm512_mul_ps(_mm512_cvtepu32_ps(y), r));
+    const __m512i m = _mm512_sub_epi32(y, _mm512_mullo_epi32(d, f));
+    const __mmask16 under = _mm512_cmpge_epu32_mask(m, f);
+    d = _mm512_mask_add_epi32(d, under, d, _mm512_set1_epi32(1));
+    *rem = _mm512_mask_sub_epi32(m, under, m, f);
+    return d;
+  }
+
+  // One vector's encoding step for the bits b of its active lanes: their
+  // renormalisation words below *out, in lane order, then the division.
+  static LS_LANES512_ALWAYS void encode_step(__m512i& x, __mmask16 act, __mmask16 b, __m512i one, uint16_t* begin,
+                                             uint16_t** out, bool* overflow) {
+    const __m512i zero = _mm512_sub_epi32(_mm512_set1_epi32(static_cast<int>(kScale)), one);  // inactive: 2^15
+    const __m512i start = _mm512_maskz_mov_epi32(b, zero), freq = _mm512_mask_blend_epi32(b, zero, one);
+    const __mmask16 renorm = _mm512_mask_cmpge_epu32_mask(act, x, _mm512_slli_epi32(freq, 17));
+    const int need = _mm_popcnt_u32(renorm);
+    if (*out - begin >= need) {
+      *out -= need;
+      _mm256_mask_storeu_epi16(*out, static_cast<__mmask16>((1u << need) - 1),
+                               _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(renorm, x)));
+    } else {
+      *overflow = true;
+    }
+    const __m512i y = _mm512_mask_srli_epi32(x, renorm, x, 16);
+    __m512i rem;
+    const __m512i d = divide(y, freq, &rem);
+    const __m512i next = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(d, kProbBits), rem), start);
+    x = _mm512_mask_mov_epi32(x, act, next);
+  }
+
+  static LS_LANES512 inline void encode(uint32_t* xs, const LanePiece* p, int64_t n, uint16_t* begin, uint16_t** out,
+                                        bool* overflow) {
+    __m512i x[4];
+    for (int k = 0; k < 4; ++k) x[k] = _mm512_loadu_si512(xs + 16 * k);
+    uint16_t* o = *out;
+    bool over = false;
+    for (int64_t i = n - 1; i >= 0; --i) {
+      const uint64_t u = p[i].u, m = p[i].m;
+#pragma GCC unroll 4
+      for (int k = 3; k >= 0; --k) {  // the decoder reads vector 0's words first: they go lowest
+        const auto act = static_cast<__mmask16>(u >> (16 * k));
+        if (!act) continue;
+        encode_step(x[k], act, static_cast<__mmask16>(m >> (16 * k)) & act, load_q(p[i].q, k, act), begin, &o, &over);
+      }
+    }
+    for (int k = 0; k < 4; ++k) _mm512_storeu_si512(xs + 16 * k, x[k]);
+    *out = o;
+    *overflow |= over;
+  }
+};
+
+// The block functions with these loops (the rest of them compiled for the same CPU).
+LS_LANES512 inline uint16_t* encode_block_avx512(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes,
+                                                 uint16_t* begin, uint16_t* end, uint64_t lane_min = kLaneMin,
+                                                 int64_t lane_words_min = kLaneWordsMin) {
+  return encode_block<Avx512Lanes>(segs, nsegs, bits, bytes, begin, end, lane_min, lane_words_min);
+}
+LS_LANES512 inline bool decode_block_avx512(const Segment* segs, int nsegs, const uint8_t* in, int64_t words,
+                                            uint64_t* out) {
+  return decode_block<Avx512Lanes>(segs, nsegs, in, words, out);
+}
+
+#else
+
+inline bool lanes_avx512_supported() { return false; }
+
+#endif
+
+}  // namespace layersel::maskcode
