@@ -791,35 +791,27 @@ LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64
   Decoder dec(in + 2 * lane_words, body - lane_words);
   RawReader raw(in + 2 * body, raw_len);
   BitWriter w(out);
-  LanePiece lp[kLanePieces];  // with lanes, the next pieces' and their bits
+  Piece chunk[kLanePieces];  // the pieces, a run at a time: with lanes, the lane loops' run
+  LanePiece lp[kLanePieces];
   uint64_t lane_bits[kLanePieces];
-  Pieces ahead(segs, nsegs);
-  int64_t piece = 0;
+  Pieces pieces(segs, nsegs);
   uint64_t run = dec.gap(left);  // matching certain elements before the next exception
-  for (int s = 0; s < nsegs; ++s) {
-    const Segment& seg = segs[s];
-    const Prior& p = *seg.prior;
-    const int64_t nw = prior_words(p.n);
-    for (int64_t t = 0; t < seg.len; t += 64, ++piece) {
-      const int count = static_cast<int>(seg.len - t < 64 ? seg.len - t : 64);
-      const uint64_t c = load_word_bits(p.certain, nw, seg.elem + t, count);
-      const uint64_t e = load_word_bits(p.expected, nw, seg.elem + t, count);
-      const uint64_t all = low_bits(count);
-      const uint64_t h = c == all ? 0 : load_word_bits(p.half, nw, seg.elem + t, count);
-      const uint64_t u = ~(c | h) & all;
+  for (;;) {
+    int64_t n = 0;
+    while (n < kLanePieces && pieces.next(&chunk[n])) ++n;
+    if (n == 0) break;
+    if (lanes) {
+      for (int64_t i = 0; i < n; ++i) lp[i] = {chunk[i].prior->q + chunk[i].elem, chunk[i].u, 0};
+      Lanes::decode(ls, lp, n, lane_bits);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const Piece& p = chunk[i];
+      const int count = p.count;
+      const uint64_t c = p.c, e = p.e, h = p.h, u = p.u;
       const uint64_t nc = static_cast<uint64_t>(popcount(c));
-      const uint16_t* qp = p.q + seg.elem + t;
+      const uint16_t* qp = p.prior->q + p.elem;
       const uint64_t hv = h ? Lanes::deposit(raw.take(popcount(h)), h) : 0;
-      uint64_t lv = 0;  // with lanes, the uncertain elements' bits
-      if (lanes) {
-        if (piece % kLanePieces == 0) {
-          int64_t n = 0;
-          Piece next;
-          for (; n < kLanePieces && ahead.next(&next); ++n) lp[n] = {next.prior->q + next.elem, next.u, 0};
-          Lanes::decode(ls, lp, n, lane_bits);
-        }
-        lv = lane_bits[piece % kLanePieces];
-      }
+      const uint64_t lv = lanes ? lane_bits[i] : 0;  // with lanes, the uncertain elements' bits
       uint64_t v = e | hv | lv;
       if (run >= nc) {  // no exception in this word
         if (!lanes) {
