@@ -63,6 +63,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "fingerprint.h"
 #include "macros.h"
@@ -554,41 +555,45 @@ class Encoder {
   bool overflow_ = false;
 };
 
-// A lane block's lane stream, in front of its two-state stream at `head`:
-// its chunks from the last, then the lanes' states and the word count.
-// Returns its first word, or nullptr when it does not fit above `begin`.
+// A lane stream as the encoder writes it, below `top` in a scratch buffer
+// (the two-state stream being written at the same time): its pieces go to
+// the lane loops a run at a time, the last piece first.
 template <class Lanes>
-LS_HD uint16_t* encode_lanes(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
-                             uint16_t* head) {
-  LanePiece lp[kLanePieces];
-  uint32_t x[kLanes];
-  for (uint32_t& v : x) v = kLow;
-  uint16_t* out = head;
-  bool overflow = false;
-  Pieces pieces(segs, nsegs);
-  for (int64_t c0 = (Pieces::count(segs, nsegs) - 1) / kLanePieces * kLanePieces; c0 >= 0; c0 -= kLanePieces) {
-    pieces.seek(c0);
-    int64_t n = 0;
-    Piece p;
-    for (; n < kLanePieces && pieces.next(&p); ++n) {
-      lp[n] = {p.prior->q + p.elem, p.u, p.u ? load_bits(bits, bytes, p.bit_pos, p.count) : 0};
-    }
-    Lanes::encode(x, lp, n, begin, &out, &overflow);
+class LaneSink {
+ public:
+  LaneSink(uint16_t* begin, uint16_t* top) : begin_(begin), top_(top), out_(top) {
+    for (uint32_t& v : x_) v = kLow;
   }
-  if (overflow || out - begin < kLaneFixedWords) return nullptr;
-  for (int l = kLanes - 1; l >= 0; --l) {
-    *--out = static_cast<uint16_t>(x[l] >> 16);
-    *--out = static_cast<uint16_t>(x[l]);
+  // The piece before the last one added.
+  LS_HD void add(const uint16_t* q, uint64_t u, uint64_t m) {
+    lp_[kLanePieces - 1 - n_] = {q, u, m};
+    if (++n_ == kLanePieces) flush();
   }
-  const auto words = static_cast<uint64_t>(head - out);
-  for (int k = 3; k >= 0; --k) *--out = static_cast<uint16_t>(words >> (16 * k));
-  return out;
-}
+  LS_HD void flush() {
+    Lanes::encode(x_, lp_ + (kLanePieces - n_), n_, begin_, &out_, &overflow_);
+    n_ = 0;
+  }
+  // After flush(): the lane words (below top) and the final states.
+  const uint16_t* words() const { return out_; }
+  int64_t size() const { return top_ - out_; }
+  bool overflow() const { return overflow_; }
+  const uint32_t* states() const { return x_; }
+
+ private:
+  LanePiece lp_[kLanePieces];
+  uint32_t x_[kLanes];
+  uint16_t* begin_;
+  uint16_t* top_;
+  uint16_t* out_;
+  int64_t n_ = 0;
+  bool overflow_ = false;
+};
 
 // A block's two-state stream, below `end`: every gap, and its uncertain
-// elements unless they go in lanes. Returns its first word, or nullptr.
+// elements unless a lane sink takes them. Returns its first word, or nullptr.
+template <class Lanes>
 LS_HD uint16_t* encode_states(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
-                              uint16_t* end, bool lanes) {
+                              uint16_t* end, LaneSink<Lanes>* lanes) {
   Encoder enc(begin, end);
   uint64_t cnt = 0, after = 0;  // matches before the next exception / certain elements after this point
   for (int s = nsegs - 1; s >= 0; --s) {
@@ -602,14 +607,18 @@ LS_HD uint16_t* encode_states(const Segment* segs, int nsegs, const uint8_t* bit
       const uint64_t e = load_word_bits(p.expected, nw, seg.elem + t, count);
       const uint64_t all = low_bits(count), x = (m ^ e) & c, matches = c & ~x;
       const uint64_t h = c == all ? 0 : load_word_bits(p.half, nw, seg.elem + t, count);
-      const uint64_t u = lanes ? 0 : ~(c | h) & all;
+      const uint16_t* q = p.q + seg.elem + t;
+      uint64_t u = ~(c | h) & all;
+      if (lanes) {
+        if (u) lanes->add(q, u, m);
+        u = 0;
+      }
       if ((u | x) == 0) {  // no exception, and no uncertain element for this stream
         const uint64_t k = c == all ? static_cast<uint64_t>(count) : static_cast<uint64_t>(popcount(c));
         cnt += k;
         after += k;
         continue;
       }
-      const uint16_t* q = p.q + seg.elem + t;
       if (x == 0) {  // no exception: the certain elements only add to the counts, in any order
         const uint64_t k = static_cast<uint64_t>(popcount(matches));
         cnt += k;
@@ -644,7 +653,15 @@ LS_HD uint16_t* encode_states(const Segment* segs, int nsegs, const uint8_t* bit
     }
   }
   enc.gap(cnt, after);
+  if (lanes) lanes->flush();
   return enc.finish();
+}
+
+// The words a lane stream may take: scratch of each thread's own, reused.
+inline uint16_t* lane_scratch(int64_t words) {
+  static thread_local std::vector<uint16_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < words) scratch.resize(static_cast<size_t>(words));
+  return scratch.data();
 }
 
 // Codes one block (its segments, in order) from a bitmap of `bytes` bytes.
@@ -671,14 +688,25 @@ LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits
     w.flush();
   }
   if (tries_lanes(segs, nsegs, count_in(segs, nsegs, &Prior::certain), half, lane_min)) {
-    uint16_t* head = encode_states(segs, nsegs, bits, bytes, begin, end - raw, true);
-    uint16_t* first = head ? encode_lanes<Lanes>(segs, nsegs, bits, bytes, begin, head) : nullptr;
-    if (first && first > begin && head - first - kLaneFixedWords >= lane_words_min) {
+    const int64_t room = end - raw - begin;
+    uint16_t* scratch = lane_scratch(room);
+    LaneSink<Lanes> sink(scratch, scratch + room);
+    uint16_t* head = encode_states(segs, nsegs, bits, bytes, begin, end - raw, &sink);
+    const int64_t lane_words = sink.size();
+    if (head && !sink.overflow() && lane_words >= lane_words_min && head - begin >= lane_words + kLaneFixedWords + 1) {
+      uint16_t* first = head - lane_words;
+      std::memmove(first, sink.words(), static_cast<size_t>(2 * lane_words));
+      for (int l = kLanes - 1; l >= 0; --l) {
+        *--first = static_cast<uint16_t>(sink.states()[l] >> 16);
+        *--first = static_cast<uint16_t>(sink.states()[l]);
+      }
+      const auto n = static_cast<uint64_t>(lane_words + 2 * kLanes);
+      for (int k = 3; k >= 0; --k) *--first = static_cast<uint16_t>(n >> (16 * k));
       *--first = 1;
       return first;
     }
   }
-  uint16_t* head = encode_states(segs, nsegs, bits, bytes, begin, end - raw, false);
+  uint16_t* head = encode_states<Lanes>(segs, nsegs, bits, bytes, begin, end - raw, nullptr);
   if (head == nullptr || head == begin) return nullptr;
   *--head = 0;
   return head;
