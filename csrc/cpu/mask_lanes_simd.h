@@ -69,7 +69,7 @@ struct Avx512Lanes {
     *bad |= need > *left;
     *in += 2 * took;
     *left -= took;
-    x = _mm512_mask_mov_epi32(x, act, next);
+    x = next;  // an inactive lane's step (q = 0: frequency 2^15, no renormalisation) leaves it as it was
   }
 
   static LS_LANES512 inline void decode(LaneStream& ls, const LanePiece* p, int64_t n, uint64_t* bits) {
@@ -98,7 +98,7 @@ struct Avx512Lanes {
     ls.bad |= bad;
   }
 
-  // floor(y / f) and y mod f (y < 2^32, 0 < f < 2^15, so y / f < 2^17), in
+  // floor(y / f) and y mod f (y < 2^32, 0 < f <= 2^15, y / f < 2^17), in
   // float, then corrected exactly. With r0 = (1 + e) / f from the 14-bit
   // estimate (|e| < 2^-14), the Newton step r0 + r0 (1 - 2^-19 - f r0) gives
   // r = (1 - 2^-19 - e^2 - 2^-19 e) / f, plus a rounding below 2^-24: below
@@ -136,8 +136,8 @@ struct Avx512Lanes {
     const __m512i y = _mm512_mask_srli_epi32(x, renorm, x, 16);
     __m512i rem;
     const __m512i d = divide(y, freq, &rem);
-    const __m512i next = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(d, kProbBits), rem), start);
-    x = _mm512_mask_mov_epi32(x, act, next);
+    // An inactive lane (q = 0: frequency 2^15, start 0, no renormalisation) steps to itself.
+    x = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(d, kProbBits), rem), start);
   }
 
   static LS_LANES512 inline void encode(uint32_t* xs, const LanePiece* p, int64_t n, uint16_t* begin, uint16_t** out,
