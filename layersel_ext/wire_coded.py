@@ -31,9 +31,10 @@ Stream (``wire.py`` has the header, the names, the hint and ``DecodeLimits``), f
   order, are cut into blocks of ``block_elems`` elements (a multiple of 64), each coded on its own.
 - bits, uint8: the method-0 layers' bits, concatenated, as ``wire.py``'s bitmap form has them.
 - payload, uint8: the blocks, concatenated; a block is its rANS words, then its raw bits (the θ = 1/2
-  elements' bits in order, in 16-bit words). A block with at least 2**16 uncertain elements codes
-  them in 16 rANS states side by side (one SIMD vector) and puts that stream, with its length,
-  first.
+  elements' bits in order, in 16-bit words). Its first word says whether it has lanes: then it codes
+  its uncertain elements in 64 more rANS states side by side (element k of each 64 on lane k: four
+  SIMD vectors), whose stream, with its length, comes before the rest (the layout:
+  ``csrc/common/mask_coder.h``).
 
 A layer goes as bits when the sender has no prior for it: the first round, a θ of another shape,
 values that are not probabilities (initial parameters that are scores, say). When coding would not
