@@ -6,7 +6,7 @@ A 25.3M-element message shaped like BERT-base's large matrices, with θ (the ser
 parameters, the prior) in four regimes: "round 3" (90% of θ exactly 0 or 1, the rest 1/2: two
 clients that disagreed there, whose bits go as they are), "round 3, 4 clients" (58% certain, the rest
 1/4, 1/2 or 3/4, as in the 4-client federations), "all uncertain" (θ = 1/3 everywhere: about 0.92
-bits an element, the coder's slowest case) and "all certain" (θ exactly 0 or 1). The scores are logit(θ), as the client
+bits an element, every one a symbol) and "all certain" (θ exactly 0 or 1). The scores are logit(θ), as the client
 holds them after ``FedPmExchanger.pull_parameters``; the masks are sampled from them.
 
 Columns: sampling the masks into a bitmap (``ops.sample_mask_bits``, what the coded client does

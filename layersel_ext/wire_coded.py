@@ -88,6 +88,7 @@ from .wire import (
 )
 
 METHOD_BITS, METHOD_CODED = 0, 1
+_MIN_BLOCK_BYTES = 10  # the word saying whether it has lanes and the two states
 MIN_BLOCK_ELEMS = 2**20  # below this a block's fixed cost (about 18 bytes) outweighs its thread
 _MAX_BLOCK_ELEMS = 2**62
 
@@ -228,14 +229,14 @@ def decode(
     sizes = coding[1:]
     if (
         sizes.size != blocks
-        or (sizes < 4).any()
+        or (sizes < _MIN_BLOCK_BYTES).any()
         or (sizes > payload.size).any()  # so that their sum cannot wrap
         or (sizes % 2).any()
         or int(sizes.sum()) != payload.size
     ):
         raise _fail(
-            f"{total_coded} coded elements in blocks of {block_elems} need {blocks} block sizes (even, at least 4, "
-            f"adding up to the payload's {payload.size} bytes), got {sizes.size}"
+            f"{total_coded} coded elements in blocks of {block_elems} need {blocks} block sizes (even, at least "
+            f"{_MIN_BLOCK_BYTES}, adding up to the payload's {payload.size} bytes), got {sizes.size}"
         )
     _check_numpy_sizes(entries)
     masks = sum(numels[i] * dtype.itemsize for i, (dtype, _, _) in enumerate(entries))

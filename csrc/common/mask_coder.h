@@ -456,8 +456,9 @@ struct LaneStream {
 // A piece as the lane loops see it: its probabilities, its uncertain
 // elements, and (encoding) its mask bits.
 struct LanePiece {
-  const uint16_t* q;
+  const uint16_t* q;  // count of them
   uint64_t u, m;
+  int count;
 };
 
 // The lane loops, one element at a time: the definition. cpu/mask_lanes_simd.h
@@ -565,8 +566,8 @@ class LaneSink {
     for (uint32_t& v : x_) v = kLow;
   }
   // The piece before the last one added.
-  LS_HD void add(const uint16_t* q, uint64_t u, uint64_t m) {
-    lp_[kLanePieces - 1 - n_] = {q, u, m};
+  LS_HD void add(const uint16_t* q, uint64_t u, uint64_t m, int count) {
+    lp_[kLanePieces - 1 - n_] = {q, u, m, count};
     if (++n_ == kLanePieces) flush();
   }
   LS_HD void flush() {
@@ -610,7 +611,7 @@ LS_HD uint16_t* encode_states(const Segment* segs, int nsegs, const uint8_t* bit
       const uint16_t* q = p.q + seg.elem + t;
       uint64_t u = ~(c | h) & all;
       if (lanes) {
-        if (u) lanes->add(q, u, m);
+        if (u) lanes->add(q, u, m, count);
         u = 0;
       }
       if ((u | x) == 0) {  // no exception, and no uncertain element for this stream
@@ -829,7 +830,7 @@ LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64
     while (n < kLanePieces && pieces.next(&chunk[n])) ++n;
     if (n == 0) break;
     if (lanes) {
-      for (int64_t i = 0; i < n; ++i) lp[i] = {chunk[i].prior->q + chunk[i].elem, chunk[i].u, 0};
+      for (int64_t i = 0; i < n; ++i) lp[i] = {chunk[i].prior->q + chunk[i].elem, chunk[i].u, 0, chunk[i].count};
       Lanes::decode(ls, lp, n, lane_bits);
     }
     for (int64_t i = 0; i < n; ++i) {

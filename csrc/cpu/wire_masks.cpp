@@ -94,8 +94,8 @@ struct ByteElements {
 };
 
 // The coder's loops, compiled per ISA (BMI and wider multiplies make encoding
-// about 40% faster on an AVX2 machine), and with the AVX-512 lane loops where
-// the CPU has them.
+// about 40% faster on an AVX2 machine), and with the AVX-512 or AVX2 lane
+// loops where the CPU has them.
 LS_CPU_CLONES uint16_t* encode_cloned(const mc::Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes,
                                      uint16_t* begin, uint16_t* end) {
   return mc::encode_block(segs, nsegs, bits, bytes, begin, end);
@@ -103,21 +103,27 @@ LS_CPU_CLONES uint16_t* encode_cloned(const mc::Segment* segs, int nsegs, const 
 LS_CPU_CLONES bool decode_cloned(const mc::Segment* segs, int nsegs, const uint8_t* in, int64_t words, uint64_t* out) {
   return mc::decode_block(segs, nsegs, in, words, out);
 }
-// Whether the AVX-512 lane loops run (LAYERSEL_CPU_ISA caps them too).
-bool lanes_avx512() {
-  static const bool yes = cpu_simd_level() >= 2 && mc::lanes_avx512_supported();
-  return yes;
+// Which lane loops run: 2 AVX-512, 1 AVX2, 0 the scalar ones (LAYERSEL_CPU_ISA caps them too).
+int lane_level() {
+  static const int level = [] {
+    const int cap = cpu_simd_level();
+    if (cap >= 2 && mc::lanes_avx512_supported()) return 2;
+    return cap >= 1 && mc::lanes_avx2_supported() ? 1 : 0;
+  }();
+  return level;
 }
 uint16_t* encode_any(const mc::Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
                      uint16_t* end) {
 #ifdef LS_HAVE_LANES_SIMD
-  if (lanes_avx512()) return mc::encode_block_avx512(segs, nsegs, bits, bytes, begin, end);
+  if (lane_level() == 2) return mc::encode_block_avx512(segs, nsegs, bits, bytes, begin, end);
+  if (lane_level() == 1) return mc::encode_block_avx2(segs, nsegs, bits, bytes, begin, end);
 #endif
   return encode_cloned(segs, nsegs, bits, bytes, begin, end);
 }
 bool decode_any(const mc::Segment* segs, int nsegs, const uint8_t* in, int64_t words, uint64_t* out) {
 #ifdef LS_HAVE_LANES_SIMD
-  if (lanes_avx512()) return mc::decode_block_avx512(segs, nsegs, in, words, out);
+  if (lane_level() == 2) return mc::decode_block_avx512(segs, nsegs, in, words, out);
+  if (lane_level() == 1) return mc::decode_block_avx2(segs, nsegs, in, words, out);
 #endif
   return decode_cloned(segs, nsegs, in, words, out);
 }
@@ -217,8 +223,8 @@ std::tuple<int64_t, at::Tensor> mask_decode(const at::Tensor& payload, const std
                     " block sizes for ", nb, " blocks of ", block_elems, " elements");
   std::vector<int64_t> start(nb + 1, 0);
   for (int64_t b = 0; b < nb; ++b) {
-    TORCH_CHECK_VALUE(block_bytes[b] >= 4 && block_bytes[b] % 2 == 0 && block_bytes[b] <= payload.numel(),
-                      "coded masks: block #", b, " has ", block_bytes[b], " bytes (an even number, at least 4)");
+    TORCH_CHECK_VALUE(block_bytes[b] >= 10 && block_bytes[b] % 2 == 0 && block_bytes[b] <= payload.numel(),
+                      "coded masks: block #", b, " has ", block_bytes[b], " bytes (an even number, at least 10)");
     start[b + 1] = start[b] + block_bytes[b];
   }
   TORCH_CHECK_VALUE(start[nb] == payload.numel(), "coded masks: the blocks take ", start[nb], " bytes, the payload has ",

@@ -13,7 +13,7 @@
 //   3. a seeded mutation fuzz of valid blocks (flipped bits, truncations, extra
 //      words, random bytes), with and without lanes: decoding never reads or
 //      writes out of bounds (run under ASan + UBSan by the _sanitized target)
-//      and never loops, and both lane loops give the same verdict and bits;
+//      and never loops, and every lane loop gives the same verdict and bits;
 //   4. the SIMD priors (cpu/mask_prior_simd.h) at every level this CPU runs
 //      equal the scalar prepare_prior bit for bit (q, the three bit words, the
 //      fingerprint, the verdict): float and double theta with NaN, infinities,
@@ -141,8 +141,11 @@ std::vector<std::vector<mc::Segment>> cut(const std::vector<mc::Prior>& priors, 
 bool bit_at(const std::vector<uint8_t>& bits, uint64_t at) { return (bits[at >> 3] >> (at & 7)) & 1; }
 bool word_bit(const std::vector<uint64_t>& w, int64_t at) { return (w[at >> 6] >> (at & 63)) & 1; }
 
-// The lane loops a test runs: 0 the scalar ones, 1 AVX-512 where this CPU has it.
-int lane_impls() { return mc::lanes_avx512_supported() ? 2 : 1; }
+// The lane loops a test runs: 0 the scalar ones, 1 AVX-512 and 2 AVX2 where this CPU has them.
+int lane_impls() { return 3; }
+bool runs(int impl) {
+  return impl == 0 || (impl == 1 && mc::lanes_avx512_supported()) || (impl == 2 && mc::lanes_avx2_supported());
+}
 
 // lane_min: as encode_block's; below the format's, lanes however few their words.
 uint16_t* encode_with(int impl, const std::vector<mc::Segment>& segs, const Message& m, uint16_t* begin, uint16_t* end,
@@ -153,6 +156,9 @@ uint16_t* encode_with(int impl, const std::vector<mc::Segment>& segs, const Mess
   if (impl == 1) {
     return mc::encode_block_avx512(segs.data(), n, m.bits.data(), m.bits.size(), begin, end, lane_min, words_min);
   }
+  if (impl == 2) {
+    return mc::encode_block_avx2(segs.data(), n, m.bits.data(), m.bits.size(), begin, end, lane_min, words_min);
+  }
 #endif
   return mc::encode_block(segs.data(), n, m.bits.data(), m.bits.size(), begin, end, lane_min, words_min);
 }
@@ -161,6 +167,7 @@ bool decode_with(int impl, const std::vector<mc::Segment>& segs, const uint8_t* 
   const int n = static_cast<int>(segs.size());
 #ifdef LS_HAVE_LANES_SIMD
   if (impl == 1) return mc::decode_block_avx512(segs.data(), n, in, words, out);
+  if (impl == 2) return mc::decode_block_avx2(segs.data(), n, in, words, out);
 #endif
   return mc::decode_block(segs.data(), n, in, words, out);
 }
@@ -203,6 +210,7 @@ void round_trips() {
             // Room for 3 bytes an element: a flip rate of one half exceeds the bitmap.
             std::vector<uint16_t> ref;
             for (int impl = 0; impl < lane_impls(); ++impl) {
+              if (!runs(impl)) continue;
               std::vector<uint16_t> buf(static_cast<size_t>(elems[b]) * 2 + 64);
               uint16_t* head = encode_with(impl, segs, m, buf.data(), buf.data() + buf.size(), lane_min);
               LS_CHECK(head != nullptr);
@@ -216,13 +224,15 @@ void round_trips() {
               } else {
                 LS_CHECK(bytes == ref);  // the AVX-512 lanes write the scalar ones' bytes
               }
-              for (int dimpl = 0; dimpl < lane_impls(); ++dimpl) {  // and each decodes the other's
-                LS_CHECK(decode_with(dimpl, segs, reinterpret_cast<const uint8_t*>(bytes.data()),
+              for (int dimpl = 0; dimpl < lane_impls(); ++dimpl) {  // and each decodes the others'
+                if (runs(dimpl)) LS_CHECK(decode_with(dimpl, segs, reinterpret_cast<const uint8_t*>(bytes.data()),
                                      static_cast<int64_t>(bytes.size()), outs[dimpl].data() + b * (block / 64)));
               }
             }
           }
-          for (const auto& out : outs) {
+          for (int impl = 0; impl < lane_impls(); ++impl) {
+            if (!runs(impl)) continue;
+            const auto& out = outs[impl];
             int64_t at = 0;
             bool same = true;
             for (size_t i = 0; i < m.layers.size(); ++i) {
@@ -241,7 +251,8 @@ void round_trips() {
       }
     }
   }
-  std::printf("round trips: %d messages, %d lane blocks, lane loops: %d\n", messages, lane_blocks, lane_impls());
+  std::printf("round trips: %d messages, %d lane blocks, lane loops: scalar%s%s\n", messages, lane_blocks,
+              runs(1) ? ", AVX-512" : "", runs(2) ? ", AVX2" : "");
   LS_CHECK(lane_blocks > 500);
 }
 
@@ -268,6 +279,7 @@ void lane_blocks_at_the_threshold() {
     const auto blocks = cut(priors, m.offsets, n, int64_t{1} << 30, &elems);
     std::vector<uint16_t> ref;
     for (int impl = 0; impl < lane_impls(); ++impl) {
+      if (!runs(impl)) continue;
       std::vector<uint16_t> buf(static_cast<size_t>(n / 16 + 64));
       uint16_t* head = encode_with(impl, blocks[0], m, buf.data(), buf.data() + buf.size(), mc::kLaneMin);
       LS_CHECK(head != nullptr);
@@ -278,6 +290,7 @@ void lane_blocks_at_the_threshold() {
       LS_CHECK((bytes[0] == 1) == (p_certain < 0.75));  // lanes where they pay
       LS_CHECK(2 * bytes.size() <= 1.01 * ideal_bits(m) / 8 + 14);
       for (int dimpl = 0; dimpl < lane_impls(); ++dimpl) {
+        if (!runs(dimpl)) continue;
         std::vector<uint64_t> out(static_cast<size_t>(mc::prior_words(n)), 0);
         LS_CHECK(decode_with(dimpl, blocks[0], reinterpret_cast<const uint8_t*>(bytes.data()),
                              static_cast<int64_t>(bytes.size()), out.data()));
@@ -290,16 +303,26 @@ void lane_blocks_at_the_threshold() {
 }
 
 #ifdef LS_HAVE_LANES_SIMD
-// The AVX-512 encoder's division (float, then corrected) against the exact
+// The SIMD encoders' division (float, then corrected) against the exact
 // one for every frequency, at every multiple-of-f boundary it can meet near
 // the ends of its range and a stride of the rest, and at random states.
-LS_LANES512 void divide16(const uint32_t* ys, const uint32_t* fs, uint32_t* ds, uint32_t* rs) {
+LS_LANES512 void divide16_avx512(const uint32_t* ys, const uint32_t* fs, uint32_t* ds, uint32_t* rs) {
   __m512i rem;
   _mm512_storeu_si512(ds, mc::Avx512Lanes::divide(_mm512_loadu_si512(ys), _mm512_loadu_si512(fs), &rem));
   _mm512_storeu_si512(rs, rem);
 }
+LS_LANES256 void divide16_avx2(const uint32_t* ys, const uint32_t* fs, uint32_t* ds, uint32_t* rs) {
+  for (int h = 0; h < 16; h += 8) {
+    __m256i rem;
+    const __m256i d = mc::Avx2Lanes::divide(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ys + h)),
+                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(fs + h)), &rem);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ds + h), d);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(rs + h), rem);
+  }
+}
 
-void lane_division_is_exact() {
+void lane_division_is_exact(int impl) {
+  auto divide16 = impl == 1 ? divide16_avx512 : divide16_avx2;
   std::mt19937_64 rng(5);
   int64_t compared = 0, wrong = 0;
   uint32_t ys[16], fs[16], ds[16], rs[16];
@@ -328,7 +351,8 @@ void lane_division_is_exact() {
     add(top - 1, f);
   }
   for (; fill < 16 && fill > 0;) add(0, 1);
-  std::printf("lane division: %lld quotients, %lld wrong\n", static_cast<long long>(compared),
+  std::printf("lane division (%s): %lld quotients, %lld wrong\n", impl == 1 ? "AVX-512" : "AVX2",
+              static_cast<long long>(compared),
               static_cast<long long>(wrong));
   LS_CHECK(wrong == 0 && compared > 32768 * 20);
 }
@@ -425,12 +449,13 @@ void fuzz() {
         // An exact-size copy, so ASan sees any read past the block.
         std::vector<uint8_t> exact(bad);
         std::vector<std::vector<uint64_t>> outs(lane_impls(), std::vector<uint64_t>(mc::prior_words(elems[b]), 0));
-        bool verdict[2] = {false, false};
+        bool verdict[3] = {false, false, false};
         for (int impl = 0; impl < lane_impls(); ++impl) {
+          if (!runs(impl)) continue;
           verdict[impl] = decode_with(impl, segs, exact.data(), static_cast<int64_t>(exact.size() / 2),
                                       outs[impl].data());
+          LS_CHECK(verdict[impl] == verdict[0] && outs[impl] == outs[0]);
         }
-        if (lane_impls() == 2) LS_CHECK(verdict[0] == verdict[1] && (!verdict[0] || outs[0] == outs[1]));
         accepted += verdict[0];
         lane_streams += lanes;
         ++streams;
@@ -570,7 +595,9 @@ void simd_priors() {
 int main() {
   round_trips();
 #ifdef LS_HAVE_LANES_SIMD
-  if (mc::lanes_avx512_supported()) lane_division_is_exact();
+  for (int impl : {1, 2}) {
+    if (runs(impl)) lane_division_is_exact(impl);
+  }
 #endif
   lane_blocks_at_the_threshold();
   long_certain_runs();
