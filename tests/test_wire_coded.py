@@ -3,6 +3,11 @@ size, refuse a prior the server does not hold, and survive hostile streams."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -246,13 +251,18 @@ def test_the_prior_is_its_definition_bit_for_bit():
         assert_prior_is_the_reference(theta, (ok, q.numpy(), words.numpy(), fingerprint))
 
 
+def run_at_isa(isa: str, code: str, *args: Path) -> None:
+    """Runs ``code`` with ``args`` in a fresh Python whose SIMD level LAYERSEL_CPU_ISA caps (each
+    process reads it once)."""
+    env = {**os.environ, "LAYERSEL_CPU_ISA": isa}
+    argv = [sys.executable, "-c", code, *map(str, args)]
+    r = subprocess.run(argv, check=False, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("isa", ["portable", "avx2"])
 def test_the_prior_is_the_same_on_every_cpu_isa(isa, tmp_path):
     """The portable and AVX2 prior loops (LAYERSEL_CPU_ISA caps the level) give the definition's bits."""
-    import os
-    import subprocess
-    import sys
-
     cases = prior_cases()
     np.savez(tmp_path / "theta.npz", *cases)
     code = (
@@ -265,10 +275,7 @@ def test_the_prior_is_the_same_on_every_cpu_isa(isa, tmp_path):
         "    out[k + '_q'], out[k + '_words'], out[k + '_meta'] = q.numpy(), words.numpy(), np.array([ok, fp])\n"
         "np.savez(sys.argv[2], **out)\n"
     )
-    env = {**os.environ, "LAYERSEL_CPU_ISA": isa}
-    args = [sys.executable, "-c", code, str(tmp_path / "theta.npz"), str(tmp_path / "prior.npz")]
-    r = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
+    run_at_isa(isa, code, tmp_path / "theta.npz", tmp_path / "prior.npz")
     got = np.load(tmp_path / "prior.npz")
     for i, theta in enumerate(cases):
         k = f"arr_{i}"
@@ -312,9 +319,24 @@ def _mutations(rng: np.random.Generator, packed: list[np.ndarray]):
         yield packed[:4] + [payload] + packed[5:]
 
 
+def _decode_mutations(rng: np.random.Generator, server: CodedMaskPacker, valid: list, names, masks) -> int:
+    """Mutations of a valid stream decode to ValueError or to masks of the right names, shapes and
+    values; returns how many were decoded."""
+    cases = 0
+    for stream in _mutations(rng, valid):
+        cases += 1
+        try:
+            arrays, got = server.unpack_parameters(stream)
+        except ValueError:
+            continue
+        assert got == names and [a.shape for a in arrays] == [m.shape for m in masks]
+        assert all(set(np.unique(a)) <= {0, 1} for a in arrays)
+    return cases
+
+
 def test_fuzzed_streams_give_value_errors_never_anything_else():
     rng = np.random.default_rng(2027)
-    cases = accepted = 0
+    cases = 0
     for round_ in range(600):
         names = [f"n{i}" for i in range(1 + round_ % 4)]
         shapes = [SHAPES[(round_ + i) % len(SHAPES)] for i in range(len(names))]
@@ -322,27 +344,12 @@ def test_fuzzed_streams_give_value_errors_never_anything_else():
         server, client = send_theta(theta, names)
         masks = sampled(rng, theta, flip=0.01)
         valid = client.pack_parameters(masks, names)
-        if valid[0][5] != wire.FORM_CODED:
-            continue
-        for stream in _mutations(rng, valid):
-            cases += 1
-            try:
-                arrays, got = server.unpack_parameters(stream)
-            except ValueError:
-                continue
-            accepted += 1
-            assert got == names and [a.shape for a in arrays] == [m.shape for m in masks]
-            assert all(set(np.unique(a)) <= {0, 1} for a in arrays)
+        if valid[0][5] == wire.FORM_CODED:
+            cases += _decode_mutations(rng, server, valid, names, masks)
     names, _, masks, server, client = lane_message(33)  # a block with lanes
     valid = client.pack_parameters(masks, names)
     for _ in range(40):
-        for stream in _mutations(rng, valid):
-            cases += 1
-            try:
-                arrays, got = server.unpack_parameters(stream)
-            except ValueError:
-                continue
-            assert got == names and [a.shape for a in arrays] == [m.shape for m in masks]
+        cases += _decode_mutations(rng, server, valid, names, masks)
     assert cases >= 900, cases
 
 
@@ -359,8 +366,8 @@ def lane_message(seed: int = 31):
 
 
 def test_blocks_with_many_uncertain_elements_code_them_in_lanes():
-    """A block with enough uncertain elements codes them in 64 rANS lanes (the AVX-512 loops where
-    the CPU has them): lossless, near the ideal, and a corrupt lane stream is refused."""
+    """A block with enough uncertain elements codes them in 64 rANS lanes (the SIMD loops where the
+    CPU has them): lossless, near the ideal, and a corrupt lane stream is refused."""
     names, theta, masks, server, client = lane_message()
     packed = client.pack_parameters(masks, names)
     assert packed[0][5] == wire.FORM_CODED
@@ -379,12 +386,8 @@ def test_blocks_with_many_uncertain_elements_code_them_in_lanes():
 
 @pytest.mark.parametrize("isa", ["portable", "avx2"])
 def test_lane_blocks_are_the_same_bytes_on_every_cpu_isa(isa, tmp_path):
-    """The scalar lane loops (LAYERSEL_CPU_ISA caps the AVX-512 ones) write the same stream and
-    decode this process's."""
-    import os
-    import subprocess
-    import sys
-
+    """The scalar and AVX2 lane loops (LAYERSEL_CPU_ISA caps the level) write this process's stream
+    (AVX-512's where the CPU has it) and decode it."""
     names, theta, masks, _, client = lane_message(32)
     packed = client.pack_parameters(masks, names)
     np.savez(tmp_path / "in.npz", *theta, *masks, *packed[:-1])
@@ -402,10 +405,7 @@ def test_lane_blocks_are_the_same_bytes_on_every_cpu_isa(isa, tmp_path):
         "assert all(np.array_equal(g, m) for g, m in zip(got, masks))\n"
         "np.savez(sys.argv[2], *mine)\n"
     )
-    env = {**os.environ, "LAYERSEL_CPU_ISA": isa}
-    args = [sys.executable, "-c", code, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
-    r = subprocess.run(args, check=False, capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
+    run_at_isa(isa, code, tmp_path / "in.npz", tmp_path / "out.npz")
     got = np.load(tmp_path / "out.npz")
     assert_same_arrays([got[f"arr_{i}"] for i in range(len(got.files))], packed)
 
