@@ -453,16 +453,17 @@ struct LaneStream {
   }
 };
 
-// A piece as the lane loops see it: its probabilities, its uncertain
-// elements, and (encoding) its mask bits.
+// A piece as the lane loops see it: its `count` elements' probabilities, its
+// uncertain elements, and (encoding) its mask bits.
 struct LanePiece {
-  const uint16_t* q;  // count of them
+  const uint16_t* q;
   uint64_t u, m;
   int count;
 };
 
 // The lane loops, one element at a time: the definition. cpu/mask_lanes_simd.h
-// has them in AVX-512 (the same bytes); a block function takes either as `Lanes`.
+// has them in AVX-512 and AVX2 (the same bytes); a block function takes any of
+// them as `Lanes`.
 struct ScalarLanes {
   static LS_HD uint64_t extract(uint64_t v, uint64_t mask) { return extract_bits(v, mask); }
   static LS_HD uint64_t deposit(uint64_t v, uint64_t mask) { return deposit_bits(v, mask); }
