@@ -375,7 +375,6 @@ LS_HD uint32_t decode_step(uint32_t x, uint32_t one, uint32_t* next) {
 struct Piece {
   const Prior* prior;
   int64_t elem;  // in the prior
-  uint64_t bit_pos;
   int count;
   uint64_t c, e, h, u;
 };
@@ -384,22 +383,6 @@ struct Piece {
 class Pieces {
  public:
   Pieces(const Segment* segs, int nsegs) : segs_(segs), nsegs_(nsegs) {}
-  static LS_HD int64_t count(const Segment* segs, int nsegs) {
-    int64_t n = 0;
-    for (int s = 0; s < nsegs; ++s) n += (segs[s].len + 63) / 64;
-    return n;
-  }
-  // Makes piece `index` the next one.
-  LS_HD void seek(int64_t index) {
-    for (s_ = 0, t_ = 0; s_ < nsegs_; ++s_) {
-      const int64_t k = (segs_[s_].len + 63) / 64;
-      if (index < k) {
-        t_ = 64 * index;
-        return;
-      }
-      index -= k;
-    }
-  }
   LS_HD bool next(Piece* p) {
     while (s_ < nsegs_ && t_ >= segs_[s_].len) {
       ++s_;
@@ -413,7 +396,6 @@ class Pieces {
     const uint64_t all = low_bits(count);
     p->prior = &pr;
     p->elem = seg.elem + t_;
-    p->bit_pos = seg.bit_pos + static_cast<uint64_t>(t_);
     p->count = count;
     p->c = load_word_bits(pr.certain, nw, p->elem, count);
     p->e = load_word_bits(pr.expected, nw, p->elem, count);
