@@ -79,6 +79,7 @@ constexpr uint32_t kScale = 1u << kProbBits;
 constexpr uint32_t kHalf = kScale / 2;  // q of a bit that costs exactly one bit: sent as it is
 constexpr uint32_t kLow = 1u << 16;     // the rANS state interval is [kLow, 2^32)
 constexpr uint64_t kChunk = 1u << 15;   // matching certain elements per continue bit
+constexpr int64_t kBlockMinWords = 5;  // a block's least: the word saying whether it has lanes, two states
 constexpr int kLanes = 64;                         // rANS states of a block's lane stream: one a piece's element
 constexpr int64_t kLaneFixedWords = 4 + 2 * kLanes;  // a lane stream's count and states
 constexpr uint64_t kLaneMin = uint64_t{1} << 16;   // uncertain elements from which the encoder tries lanes
@@ -657,7 +658,7 @@ LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits
                               uint16_t* end, uint64_t lane_min = kLaneMin, int64_t lane_words_min = kLaneWordsMin) {
   const uint64_t half = count_in(segs, nsegs, &Prior::half);
   const int64_t raw = raw_words(half);
-  if (end - begin < raw + 5) return nullptr;
+  if (end - begin < raw + kBlockMinWords) return nullptr;
   if (raw) {  // the half elements' bits, as they are, after the rANS words
     BitWriter w(end - raw);
     for (int s = 0; s < nsegs; ++s) {
@@ -782,7 +783,7 @@ LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64
   uint64_t left = count_in(segs, nsegs, &Prior::certain);
   const int64_t raw_len = raw_words(half);
   const int64_t body = words - raw_len;  // the rANS words
-  if (body < 5) return false;
+  if (body < kBlockMinWords) return false;
   const uint64_t which = load_words(in, 1);
   if (which > 1) return false;
   const bool lanes = which == 1;

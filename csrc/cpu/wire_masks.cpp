@@ -223,8 +223,10 @@ std::tuple<int64_t, at::Tensor> mask_decode(const at::Tensor& payload, const std
                     " block sizes for ", nb, " blocks of ", block_elems, " elements");
   std::vector<int64_t> start(nb + 1, 0);
   for (int64_t b = 0; b < nb; ++b) {
-    TORCH_CHECK_VALUE(block_bytes[b] >= 10 && block_bytes[b] % 2 == 0 && block_bytes[b] <= payload.numel(),
-                      "coded masks: block #", b, " has ", block_bytes[b], " bytes (an even number, at least 10)");
+    TORCH_CHECK_VALUE(block_bytes[b] >= 2 * mc::kBlockMinWords && block_bytes[b] % 2 == 0 &&
+                          block_bytes[b] <= payload.numel(),
+                      "coded masks: block #", b, " has ", block_bytes[b], " bytes (an even number, at least ",
+                      2 * mc::kBlockMinWords, ")");
     start[b + 1] = start[b] + block_bytes[b];
   }
   TORCH_CHECK_VALUE(start[nb] == payload.numel(), "coded masks: the blocks take ", start[nb], " bytes, the payload has ",
