@@ -206,13 +206,22 @@ LS_HD uint64_t load_bits(const uint8_t* bits, uint64_t bytes, uint64_t pos, int 
 // `count` bits of a word array from bit `pos` (bits past the array read as zero).
 LS_HD uint64_t load_word_bits(const uint64_t* words, int64_t nwords, int64_t pos, int count) {
   const int64_t w = pos >> 6;
+  if ((pos & 63) == 0) return words[w] & low_bits(count);  // as in a segment from a layer's start (most are)
   const int shift = static_cast<int>(pos & 63);
   uint64_t v = words[w] >> shift;
-  if (shift && shift + count > 64 && w + 1 < nwords) v |= words[w + 1] << (64 - shift);
+  if (shift + count > 64 && w + 1 < nwords) v |= words[w + 1] << (64 - shift);
   return v & low_bits(count);
 }
 
 inline int64_t prior_words(int64_t n) { return (n + 63) / 64; }
+
+// The certain, expected and half bits of `count` elements of a prior from
+// element `elem` (nw: its words).
+LS_HD void piece_words(const Prior& p, int64_t nw, int64_t elem, int count, uint64_t* c, uint64_t* e, uint64_t* h) {
+  *c = load_word_bits(p.certain, nw, elem, count);
+  *e = load_word_bits(p.expected, nw, elem, count);
+  *h = load_word_bits(p.half, nw, elem, count);
+}
 
 // The bits of v at the set bits of mask, packed from bit 0 (x86's pext), and
 // the inverse (pdep): loops over the mask's set bits, since the baseline
@@ -238,16 +247,35 @@ struct Segment {
   uint64_t bit_pos;
 };
 
-// Set bits of one of the priors' word arrays (Prior::certain, ::half) over a
-// block's segments.
-LS_HD uint64_t count_in(const Segment* segs, int nsegs, const uint64_t* Prior::*words) {
-  uint64_t n = 0;
+// A block's certain and half elements: the set bits of its priors' certain
+// and half words, in one pass over them.
+struct Counts {
+  uint64_t certain = 0, half = 0;
+};
+LS_HD Counts count_block(const Segment* segs, int nsegs) {
+  Counts n;
   for (int s = 0; s < nsegs; ++s) {
     const Prior& p = *segs[s].prior;
-    const int64_t nw = prior_words(p.n);
-    for (int64_t t = 0; t < segs[s].len; t += 64) {
-      const int count = static_cast<int>(segs[s].len - t < 64 ? segs[s].len - t : 64);
-      n += static_cast<uint64_t>(popcount(load_word_bits(p.*words, nw, segs[s].elem + t, count)));
+    const int64_t nw = prior_words(p.n), elem = segs[s].elem, len = segs[s].len;
+    if ((elem & 63) == 0) {  // whole words (one pass the compiler unrolls), then the last one's first bits
+      const uint64_t* c = p.certain + (elem >> 6);
+      const uint64_t* h = p.half + (elem >> 6);
+      const int64_t whole = len / 64;
+      for (int64_t j = 0; j < whole; ++j) {
+        n.certain += static_cast<uint64_t>(popcount(c[j]));
+        n.half += static_cast<uint64_t>(popcount(h[j]));
+      }
+      if (len % 64) {
+        const uint64_t rest = low_bits(static_cast<int>(len % 64));
+        n.certain += static_cast<uint64_t>(popcount(c[whole] & rest));
+        n.half += static_cast<uint64_t>(popcount(h[whole] & rest));
+      }
+      continue;
+    }
+    for (int64_t t = 0; t < len; t += 64) {
+      const int count = static_cast<int>(len - t < 64 ? len - t : 64);
+      n.certain += static_cast<uint64_t>(popcount(load_word_bits(p.certain, nw, elem + t, count)));
+      n.half += static_cast<uint64_t>(popcount(load_word_bits(p.half, nw, elem + t, count)));
     }
   }
   return n;
@@ -384,26 +412,33 @@ struct Piece {
 class Pieces {
  public:
   Pieces(const Segment* segs, int nsegs) : segs_(segs), nsegs_(nsegs) {}
-  LS_HD bool next(Piece* p) {
-    while (s_ < nsegs_ && t_ >= segs_[s_].len) {
-      ++s_;
-      t_ = 0;
+  // The next pieces, at most max: how many it wrote to out (0 at the end).
+  LS_HD int64_t run(Piece* out, int64_t max) {
+    int64_t n = 0;
+    while (n < max) {
+      while (s_ < nsegs_ && t_ >= segs_[s_].len) {
+        ++s_;
+        t_ = 0;
+      }
+      if (s_ >= nsegs_) break;
+      const Segment& seg = segs_[s_];
+      const Prior& pr = *seg.prior;
+      const int64_t elem = seg.elem + t_, left = seg.len - t_;
+      const int64_t take = (left + 63) / 64 < max - n ? (left + 63) / 64 : max - n;
+      const int64_t nw = prior_words(pr.n);
+      for (int64_t j = 0; j < take; ++j) {
+        const int count = left - 64 * j < 64 ? static_cast<int>(left - 64 * j) : 64;
+        Piece& p = out[n + j];
+        p.prior = &pr;
+        p.elem = elem + 64 * j;
+        p.count = count;
+        piece_words(pr, nw, p.elem, count, &p.c, &p.e, &p.h);
+        p.u = ~(p.c | p.h) & low_bits(count);
+      }
+      n += take;
+      t_ += 64 * take;
     }
-    if (s_ >= nsegs_) return false;
-    const Segment& seg = segs_[s_];
-    const Prior& pr = *seg.prior;
-    const int64_t nw = prior_words(pr.n);
-    const int count = static_cast<int>(seg.len - t_ < 64 ? seg.len - t_ : 64);
-    const uint64_t all = low_bits(count);
-    p->prior = &pr;
-    p->elem = seg.elem + t_;
-    p->count = count;
-    p->c = load_word_bits(pr.certain, nw, p->elem, count);
-    p->e = load_word_bits(pr.expected, nw, p->elem, count);
-    p->h = p->c == all ? 0 : load_word_bits(pr.half, nw, p->elem, count);
-    p->u = ~(p->c | p->h) & all;
-    t_ += 64;
-    return true;
+    return n;
   }
 
  private:
@@ -588,10 +623,9 @@ LS_HD uint16_t* encode_states(const Segment* segs, int nsegs, const uint8_t* bit
     for (int64_t t = (seg.len - 1) / 64 * 64; t >= 0; t -= 64) {
       const int count = static_cast<int>(seg.len - t < 64 ? seg.len - t : 64);
       const uint64_t m = load_bits(bits, bytes, seg.bit_pos + static_cast<uint64_t>(t), count);
-      const uint64_t c = load_word_bits(p.certain, nw, seg.elem + t, count);
-      const uint64_t e = load_word_bits(p.expected, nw, seg.elem + t, count);
+      uint64_t c, e, h;
+      piece_words(p, nw, seg.elem + t, count, &c, &e, &h);
       const uint64_t all = low_bits(count), x = (m ^ e) & c, matches = c & ~x;
-      const uint64_t h = c == all ? 0 : load_word_bits(p.half, nw, seg.elem + t, count);
       const uint16_t* q = p.q + seg.elem + t;
       uint64_t u = ~(c | h) & all;
       if (lanes) {
@@ -656,7 +690,8 @@ inline uint16_t* lane_scratch(int64_t words) {
 template <class Lanes = ScalarLanes>
 LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits, uint64_t bytes, uint16_t* begin,
                               uint16_t* end, uint64_t lane_min = kLaneMin, int64_t lane_words_min = kLaneWordsMin) {
-  const uint64_t half = count_in(segs, nsegs, &Prior::half);
+  const Counts counts = count_block(segs, nsegs);
+  const uint64_t half = counts.half;
   const int64_t raw = raw_words(half);
   if (end - begin < raw + kBlockMinWords) return nullptr;
   if (raw) {  // the half elements' bits, as they are, after the rANS words
@@ -672,7 +707,7 @@ LS_HD uint16_t* encode_block(const Segment* segs, int nsegs, const uint8_t* bits
     }
     w.flush();
   }
-  if (tries_lanes(segs, nsegs, count_in(segs, nsegs, &Prior::certain), half, lane_min)) {
+  if (tries_lanes(segs, nsegs, counts.certain, half, lane_min)) {
     const int64_t room = end - raw - begin;
     uint16_t* scratch = lane_scratch(room);
     LaneSink<Lanes> sink(scratch, scratch + room);
@@ -779,8 +814,9 @@ LS_HD uint64_t load_words(const uint8_t* in, int count) {
 // false when the block is not exactly a valid stream for these segments.
 template <class Lanes = ScalarLanes>
 LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64_t words, uint64_t* out) {
-  const uint64_t half = count_in(segs, nsegs, &Prior::half);
-  uint64_t left = count_in(segs, nsegs, &Prior::certain);
+  const Counts counts = count_block(segs, nsegs);
+  const uint64_t half = counts.half;
+  uint64_t left = counts.certain;
   const int64_t raw_len = raw_words(half);
   const int64_t body = words - raw_len;  // the rANS words
   if (body < kBlockMinWords) return false;
@@ -810,8 +846,7 @@ LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64
   Pieces pieces(segs, nsegs);
   uint64_t run = dec.gap(left);  // matching certain elements before the next exception
   for (;;) {
-    int64_t n = 0;
-    while (n < kLanePieces && pieces.next(&chunk[n])) ++n;
+    const int64_t n = pieces.run(chunk, kLanePieces);
     if (n == 0) break;
     if (lanes) {
       for (int64_t i = 0; i < n; ++i) lp[i] = {chunk[i].prior->q + chunk[i].elem, chunk[i].u, 0, chunk[i].count};

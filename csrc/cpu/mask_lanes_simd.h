@@ -57,22 +57,38 @@ struct Avx512Lanes {
     *next = _mm512_sub_epi32(_mm512_add_epi32(_mm512_mullo_epi32(freq, _mm512_srli_epi32(x, kProbBits)), slot), start);
     return b;
   }
-  // The renormalisation of a vector's lanes `act` in lane order from the words at *in.
+  // The renormalisation of a vector's lanes `act` in lane order from the words
+  // at *in. Unchecked: at least 16 words are left (decode's run check).
+  template <bool kChecked>
   static LS_LANES512_ALWAYS void refill(__m512i& x, __mmask16 act, __m512i next, const uint8_t** in, int64_t* left,
                                         bool* bad) {
     const __mmask16 renorm = _mm512_mask_cmplt_epu32_mask(act, next, _mm512_set1_epi32(static_cast<int>(kLow)));
     const int64_t need = _mm_popcnt_u32(renorm);
-    const __mmask16 avail = *left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << *left) - 1);  // past the end: 0
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(avail, *in));
+    __m512i w;
+    if (kChecked) {
+      const __mmask16 avail = *left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << *left) - 1);  // past the end: 0
+      w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(avail, *in));
+    } else {
+      w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(*in)));
+    }
     next = _mm512_mask_or_epi32(next, renorm, _mm512_slli_epi32(next, 16), _mm512_maskz_expand_epi32(renorm, w));
-    const int64_t took = need < *left ? need : *left;
-    *bad |= need > *left;
+    const int64_t took = !kChecked || need < *left ? need : *left;
+    if (kChecked) *bad |= need > *left;
     *in += 2 * took;
     *left -= took;
     x = next;  // an inactive lane's step (q = 0: frequency 2^15, no renormalisation) leaves it as it was
   }
 
+  // A piece's steps take at most 64 words: a run with 64 a piece left needs no bounds checks.
   static LS_LANES512 inline void decode(LaneStream& ls, const LanePiece* p, int64_t n, uint64_t* bits) {
+    if (ls.left >= kLanes * n) {
+      decode_run<false>(ls, p, n, bits);
+    } else {
+      decode_run<true>(ls, p, n, bits);
+    }
+  }
+  template <bool kChecked>
+  static LS_LANES512_INLINE void decode_run(LaneStream& ls, const LanePiece* p, int64_t n, uint64_t* bits) {
     __m512i x[4];
     for (int k = 0; k < 4; ++k) x[k] = _mm512_loadu_si512(ls.x + 16 * k);
     const uint8_t* in = ls.in;
@@ -87,7 +103,7 @@ struct Avx512Lanes {
         if (!act) continue;
         __m512i next;
         const __mmask16 b = decode_step(x[k], act, load_q(p[i].q, k, act), &next);
-        refill(x[k], act, next, &in, &left, &bad);
+        refill<kChecked>(x[k], act, next, &in, &left, &bad);
         v |= static_cast<uint64_t>(b) << (16 * k);
       }
       bits[i] = v;
@@ -120,13 +136,15 @@ struct Avx512Lanes {
 
   // One vector's encoding step for the bits b of its active lanes: their
   // renormalisation words below *out, in lane order, then the division.
+  // Unchecked: at least 16 words of room are left (encode's run check).
+  template <bool kChecked>
   static LS_LANES512_ALWAYS void encode_step(__m512i& x, __mmask16 act, __mmask16 b, __m512i one, uint16_t* begin,
                                              uint16_t** out, bool* overflow) {
     const __m512i zero = _mm512_sub_epi32(_mm512_set1_epi32(static_cast<int>(kScale)), one);  // inactive: 2^15
     const __m512i start = _mm512_maskz_mov_epi32(b, zero), freq = _mm512_mask_blend_epi32(b, zero, one);
     const __mmask16 renorm = _mm512_mask_cmpge_epu32_mask(act, x, _mm512_slli_epi32(freq, 17));
     const int need = _mm_popcnt_u32(renorm);
-    if (*out - begin >= need) {
+    if (!kChecked || *out - begin >= need) {
       *out -= need;
       _mm256_mask_storeu_epi16(*out, static_cast<__mmask16>((1u << need) - 1),
                                _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(renorm, x)));
@@ -140,8 +158,18 @@ struct Avx512Lanes {
     x = _mm512_add_epi32(_mm512_add_epi32(_mm512_slli_epi32(d, kProbBits), rem), start);
   }
 
+  // As decode: a run with room for 64 words a piece needs no bounds checks.
   static LS_LANES512 inline void encode(uint32_t* xs, const LanePiece* p, int64_t n, uint16_t* begin, uint16_t** out,
                                         bool* overflow) {
+    if (*out - begin >= kLanes * n) {
+      encode_run<false>(xs, p, n, begin, out, overflow);
+    } else {
+      encode_run<true>(xs, p, n, begin, out, overflow);
+    }
+  }
+  template <bool kChecked>
+  static LS_LANES512_INLINE void encode_run(uint32_t* xs, const LanePiece* p, int64_t n, uint16_t* begin,
+                                            uint16_t** out, bool* overflow) {
     __m512i x[4];
     for (int k = 0; k < 4; ++k) x[k] = _mm512_loadu_si512(xs + 16 * k);
     uint16_t* o = *out;
@@ -152,7 +180,8 @@ struct Avx512Lanes {
       for (int k = 3; k >= 0; --k) {  // the decoder reads vector 0's words first: they go lowest
         const auto act = static_cast<__mmask16>(u >> (16 * k));
         if (!act) continue;
-        encode_step(x[k], act, static_cast<__mmask16>(m >> (16 * k)) & act, load_q(p[i].q, k, act), begin, &o, &over);
+        encode_step<kChecked>(x[k], act, static_cast<__mmask16>(m >> (16 * k)) & act, load_q(p[i].q, k, act), begin,
+                              &o, &over);
       }
     }
     for (int k = 0; k < 4; ++k) _mm512_storeu_si512(xs + 16 * k, x[k]);
