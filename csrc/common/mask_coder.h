@@ -399,11 +399,18 @@ LS_HD uint32_t decode_step(uint32_t x, uint32_t one, uint32_t* next) {
 
 // ---------------------------------------------------------------- pieces
 
+// A piece as the lane loops see it: its `count` elements' probabilities, its
+// uncertain elements, and (encoding) its mask bits.
+struct LanePiece {
+  const uint16_t* q;
+  uint64_t u, m;
+  int count;
+};
+
 // At most 64 elements of a segment: the unit of the block loops, with its
 // prior's bit words (u: the uncertain elements).
 struct Piece {
-  const Prior* prior;
-  int64_t elem;  // in the prior
+  const uint16_t* q;  // its elements' probabilities
   int count;
   uint64_t c, e, h, u;
 };
@@ -412,8 +419,9 @@ struct Piece {
 class Pieces {
  public:
   Pieces(const Segment* segs, int nsegs) : segs_(segs), nsegs_(nsegs) {}
-  // The next pieces, at most max: how many it wrote to out (0 at the end).
-  LS_HD int64_t run(Piece* out, int64_t max) {
+  // The next pieces, at most max: how many it wrote to out (0 at the end),
+  // and to lanes (unless null) as the lane loops take them.
+  LS_HD int64_t run(Piece* out, LanePiece* lanes, int64_t max) {
     int64_t n = 0;
     while (n < max) {
       while (s_ < nsegs_ && t_ >= segs_[s_].len) {
@@ -429,11 +437,11 @@ class Pieces {
       for (int64_t j = 0; j < take; ++j) {
         const int count = left - 64 * j < 64 ? static_cast<int>(left - 64 * j) : 64;
         Piece& p = out[n + j];
-        p.prior = &pr;
-        p.elem = elem + 64 * j;
+        p.q = pr.q + elem + 64 * j;
         p.count = count;
-        piece_words(pr, nw, p.elem, count, &p.c, &p.e, &p.h);
+        piece_words(pr, nw, elem + 64 * j, count, &p.c, &p.e, &p.h);
         p.u = ~(p.c | p.h) & low_bits(count);
+        if (lanes) lanes[n + j] = {p.q, p.u, 0, count};
       }
       n += take;
       t_ += 64 * take;
@@ -471,13 +479,6 @@ struct LaneStream {
   }
 };
 
-// A piece as the lane loops see it: its `count` elements' probabilities, its
-// uncertain elements, and (encoding) its mask bits.
-struct LanePiece {
-  const uint16_t* q;
-  uint64_t u, m;
-  int count;
-};
 
 // The lane loops, one element at a time: the definition. cpu/mask_lanes_simd.h
 // has them in AVX-512 and AVX2 (the same bytes); a block function takes any of
@@ -846,18 +847,15 @@ LS_HD bool decode_block(const Segment* segs, int nsegs, const uint8_t* in, int64
   Pieces pieces(segs, nsegs);
   uint64_t run = dec.gap(left);  // matching certain elements before the next exception
   for (;;) {
-    const int64_t n = pieces.run(chunk, kLanePieces);
+    const int64_t n = pieces.run(chunk, lanes ? lp : nullptr, kLanePieces);
     if (n == 0) break;
-    if (lanes) {
-      for (int64_t i = 0; i < n; ++i) lp[i] = {chunk[i].prior->q + chunk[i].elem, chunk[i].u, 0, chunk[i].count};
-      Lanes::decode(ls, lp, n, lane_bits);
-    }
+    if (lanes) Lanes::decode(ls, lp, n, lane_bits);
     for (int64_t i = 0; i < n; ++i) {
       const Piece& p = chunk[i];
       const int count = p.count;
       const uint64_t c = p.c, e = p.e, h = p.h, u = p.u;
       const uint64_t nc = static_cast<uint64_t>(popcount(c));
-      const uint16_t* qp = p.prior->q + p.elem;
+      const uint16_t* qp = p.q;
       const uint64_t hv = h ? Lanes::deposit(raw.take(popcount(h)), h) : 0;
       const uint64_t lv = lanes ? lane_bits[i] : 0;  // with lanes, the uncertain elements' bits
       uint64_t v = e | hv | lv;
