@@ -14,13 +14,17 @@ anyway); the prior (quantizing θ, once per round on each side); encoding (``wir
 from the bitmap), decoding to the bitmap (``_C.mask_decode``) and the whole unpacking
 (``CodedMaskPacker.unpack_parameters``: to the int64 masks fl4health's strategy sums), each on all
 threads and on one (the per-core rates); the coded bytes against the ideal (the sum of -log2 q(bit)
-under the coder's model). Medians after a warm-up.
+under the coder's model). Medians after a warm-up; sampling, encoding and decoding are timed in
+turn, round after round, so that other jobs on the machine slow them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
+import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -85,7 +89,6 @@ def row(
         "elements": n,
         "certain": n_certain,
         "threads": threads,
-        "sample_ms": median_ms(ops.sample_mask_bits, scores, 7, reps=reps),
         "prior_ms": median_ms(wire_coded.priors_of, theta, names, reps=reps),
         "bitmap_bytes": bits.nbytes,
         "coded_bytes": mask_bytes(packed),
@@ -100,15 +103,33 @@ def row(
         [p.q for p in coded],
         [p.words for p in coded],
     )
-    for label, t in (("", threads), ("_1t", 1)):
-        torch.set_num_threads(t)
-        try:
-            out[f"encode_ms{label}"] = median_ms(encode, reps=reps)
-            out[f"decode_bits_ms{label}"] = median_ms(to_bits, reps=reps)
-            out[f"decode_ms{label}"] = median_ms(server.unpack_parameters, packed, reps=reps)
-        finally:
-            torch.set_num_threads(threads)
+    # The three the ratio compares are timed in turn; the unpacking (its fresh int64 arrays' page
+    # faults would slow whatever runs next) on its own.
+    sample = partial(ops.sample_mask_bits, scores, 7)
+    out.update(interleaved_ms({"sample_ms": sample, "encode_ms": encode, "decode_bits_ms": to_bits}, reps))
+    out["decode_ms"] = median_ms(server.unpack_parameters, packed, reps=reps)
+    torch.set_num_threads(1)
+    try:
+        timed = interleaved_ms({"encode_ms": encode, "decode_bits_ms": to_bits}, reps)
+        timed["decode_ms"] = median_ms(server.unpack_parameters, packed, reps=reps)
+    finally:
+        torch.set_num_threads(threads)
+    out.update({f"{key}_1t": ms for key, ms in timed.items()})
     return out
+
+
+def interleaved_ms(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, float]:
+    """Each function's median ms over ``reps`` rounds that call them all in turn, after a warm-up call
+    each: other jobs on the machine then slow them alike, and the ratios between them hold."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {key: [] for key in fns}
+    for _ in range(reps):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {key: 1e3 * statistics.median(t) for key, t in times.items()}
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -146,7 +167,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=9)
     p.add_argument("--quick", action="store_true", help="a small message, 2 repetitions (a smoke test)")
     args = p.parse_args(argv)
     shapes, reps = (QUICK_SHAPES, 2) if args.quick else (SHAPES, args.reps)
