@@ -336,7 +336,7 @@ struct Avx2Lanes {
     for (int k = 0; k < 8; ++k) x[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xs + 8 * k));
     uint16_t* o = *out;
     bool over = false;
-    const __m256i scale = _mm256_set1_epi32(static_cast<int>(kScale)), sign = _mm256_set1_epi32(INT32_MIN);
+    const __m256i scale = _mm256_set1_epi32(static_cast<int>(kScale));
     // The low 16 bits of each 32-bit lane, in order, in the low 128 bits.
     const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9,
                                           12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
@@ -350,27 +350,26 @@ struct Avx2Lanes {
         const __m256i one = _mm256_and_si256(load8(p[i].q + 8 * k, p[i].count - 8 * k), act);
         const __m256i zero = _mm256_sub_epi32(scale, one);  // inactive: 2^15, a step to the same state
         const __m256i start = _mm256_and_si256(b, zero), freq = _mm256_blendv_epi8(zero, one, b);
-        // x >= freq << 17, unsigned
-        const __m256i renorm = _mm256_andnot_si256(
-            _mm256_cmpgt_epi32(_mm256_xor_si256(_mm256_slli_epi32(freq, 17), sign), _mm256_xor_si256(x[k], sign)), act);
+        // x >= freq << 17 as (x >> 17) >= freq, in signed lanes: both are at most 2^15
+        const __m256i renorm = _mm256_andnot_si256(_mm256_cmpgt_epi32(freq, _mm256_srli_epi32(x[k], 17)), act);
         const uint32_t rm = bits_of(renorm);
         const int need = _mm_popcnt_u32(rm);
-        if (need) {
-          if (o - begin >= 8) {  // a whole vector of words, the needed ones at its top
-            const __m256i moved = _mm256_permutevar8x32_epi32(
-                x[k], _mm256_load_si256(reinterpret_cast<const __m256i*>(t.top[rm])));
-            const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(moved, pick), 0x08);
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(o - 8), _mm256_castsi256_si128(packed));
-            o -= need;
-          } else if (o - begin >= need) {
-            alignas(32) uint32_t lanes_x[8];
-            _mm256_store_si256(reinterpret_cast<__m256i*>(lanes_x), x[k]);
-            for (int l = 7; l >= 0; --l) {
-              if ((rm >> l) & 1) *--o = static_cast<uint16_t>(lanes_x[l]);
-            }
-          } else {
-            over = true;
+        // Whether any lane renormalises is a coin flip a step: the whole-vector store (its words at
+        // the top, none when need is 0) runs either way rather than after a branch on it.
+        if (o - begin >= 8) {
+          const __m256i moved = _mm256_permutevar8x32_epi32(
+              x[k], _mm256_load_si256(reinterpret_cast<const __m256i*>(t.top[rm])));
+          const __m256i packed = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(moved, pick), 0x08);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(o - 8), _mm256_castsi256_si128(packed));
+          o -= need;
+        } else if (o - begin >= need) {
+          alignas(32) uint32_t lanes_x[8];
+          _mm256_store_si256(reinterpret_cast<__m256i*>(lanes_x), x[k]);
+          for (int l = 7; l >= 0; --l) {
+            if ((rm >> l) & 1) *--o = static_cast<uint16_t>(lanes_x[l]);
           }
+        } else {
+          over = true;
         }
         const __m256i y = _mm256_blendv_epi8(x[k], _mm256_srli_epi32(x[k], 16), renorm);
         __m256i rem;
