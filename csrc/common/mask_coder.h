@@ -479,7 +479,6 @@ struct LaneStream {
   }
 };
 
-
 // The lane loops, one element at a time: the definition. cpu/mask_lanes_simd.h
 // has them in AVX-512 and AVX2 (the same bytes); a block function takes any of
 // them as `Lanes`.
