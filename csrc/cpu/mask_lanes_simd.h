@@ -246,10 +246,11 @@ struct Avx2Lanes {
   static LS_LANES256 inline uint64_t extract(uint64_t v, uint64_t mask) { return _pext_u64(v, mask); }
   static LS_LANES256 inline uint64_t deposit(uint64_t v, uint64_t mask) { return _pdep_u64(v, mask); }
 
-  // Lanes as a vector of all-ones / zero from 8 mask bits.
-  static LS_LANES256_ALWAYS __m256i lanes(uint32_t bits8) {
-    const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-    return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits8)), bit), bit);
+  // Vector k's lanes as all-ones / zero from the half of a piece's 64 mask
+  // bits that holds them, broadcast (once a piece, for the four vectors it covers).
+  static LS_LANES256_ALWAYS __m256i lane_bits(__m256i half, int k) {
+    const __m256i bit = _mm256_slli_epi32(_mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128), 8 * (k % 4));
+    return _mm256_cmpeq_epi32(_mm256_and_si256(half, bit), bit);
   }
   static LS_LANES256_ALWAYS uint32_t bits_of(__m256i v) {
     return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(v)));
@@ -273,12 +274,13 @@ struct Avx2Lanes {
     const __m256i zero_v = _mm256_setzero_si256();
     for (int64_t i = 0; i < n; ++i) {
       const uint64_t u = p[i].u;
+      const __m256i u_half[2] = {_mm256_set1_epi32(static_cast<int>(u)), _mm256_set1_epi32(static_cast<int>(u >> 32))};
       uint64_t v = 0;
 #pragma GCC unroll 8
       for (int k = 0; k < 8; ++k) {
         const auto act8 = static_cast<uint32_t>(u >> (8 * k)) & 0xFF;
         if (!act8) continue;
-        const __m256i act = lanes(act8);
+        const __m256i act = lane_bits(u_half[k / 4], k);
         // q = 0 off the active lanes: frequency 2^15, a step to the same state
         const __m256i one = _mm256_and_si256(load8(p[i].q + 8 * k, p[i].count - 8 * k), act);
         const __m256i zero = _mm256_sub_epi32(scale, one);
@@ -341,12 +343,14 @@ struct Avx2Lanes {
     const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1, 0, 1, 4, 5, 8, 9,
                                           12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
     for (int64_t i = n - 1; i >= 0; --i) {
-      const uint64_t u = p[i].u, m = p[i].m;
+      const uint64_t u = p[i].u, m = p[i].m & p[i].u;
+      const __m256i u_half[2] = {_mm256_set1_epi32(static_cast<int>(u)), _mm256_set1_epi32(static_cast<int>(u >> 32))};
+      const __m256i m_half[2] = {_mm256_set1_epi32(static_cast<int>(m)), _mm256_set1_epi32(static_cast<int>(m >> 32))};
 #pragma GCC unroll 8
       for (int k = 7; k >= 0; --k) {  // the decoder reads the lower lanes' words first: they go lowest
         const auto act8 = static_cast<uint32_t>(u >> (8 * k)) & 0xFF;
         if (!act8) continue;
-        const __m256i act = lanes(act8), b = lanes(static_cast<uint32_t>(m >> (8 * k)) & act8);
+        const __m256i act = lane_bits(u_half[k / 4], k), b = lane_bits(m_half[k / 4], k);
         const __m256i one = _mm256_and_si256(load8(p[i].q + 8 * k, p[i].count - 8 * k), act);
         const __m256i zero = _mm256_sub_epi32(scale, one);  // inactive: 2^15, a step to the same state
         const __m256i start = _mm256_and_si256(b, zero), freq = _mm256_blendv_epi8(zero, one, b);
