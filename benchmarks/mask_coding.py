@@ -2,7 +2,7 @@
 
     python -m benchmarks.mask_coding [--out DIR] [--quick]
 
-A 25.3M-element message shaped like BERT-base's large matrices, with θ (the server's Bernoulli
+A 24.6M-element message shaped like BERT-base's large matrices, with θ (the server's Bernoulli
 parameters, the prior) in four regimes: "round 3" (90% of θ exactly 0 or 1, the rest 1/2: two
 clients that disagreed there, whose bits go as they are), "round 3, 4 clients" (58% certain, the rest
 1/4, 1/2 or 3/4, as in the 4-client federations), "all uncertain" (θ = 1/3 everywhere: about 0.92
@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.wire import median_ms, write_results
 
-SHAPES = [(3072, 768)] * 8 + [(768, 768)] * 8 + [(30522, 32)]  # 25.3M elements
+SHAPES = [(3072, 768)] * 8 + [(768, 768)] * 8 + [(30522, 32)]  # 24.6M elements
 QUICK_SHAPES = [(300, 200)] * 4
 # name: (share of θ exactly 0 or 1, the values of the rest, drawn evenly)
 REGIMES = {
