@@ -14,7 +14,8 @@
 //      words, random bytes), with and without lanes: decoding never reads or
 //      writes out of bounds (run under ASan + UBSan by the _sanitized target)
 //      and never loops, and every lane loop gives the same verdict and bits;
-//   4. the SIMD priors (cpu/mask_prior_simd.h) at every level this CPU runs
+//   4. the SIMD lane loops' runs at their bounds checks (see lane_runs_at_their_bounds);
+//   5. the SIMD priors (cpu/mask_prior_simd.h) at every level this CPU runs
 //      equal the scalar prepare_prior bit for bit (q, the three bit words, the
 //      fingerprint, the verdict): float and double theta with NaN, infinities,
 //      negatives, -0.0, subnormals, values above 1, exactly 0, 1/2 and 1 and the
@@ -360,6 +361,73 @@ void lane_division_is_exact(int impl) {
 
 // A whole-run check the round trips above cannot make with small layers: a
 // million certain elements and a few exceptions cost a few bytes, not a bitmap.
+#ifdef LS_HAVE_LANES_SIMD
+// The SIMD lane loops check their word stream's bounds once a run of pieces
+// (64 words a piece decoding, 64 words of room encoding), not once a step.
+// Runs of pieces in buffers of exactly the words a run may take (and one word
+// fewer, the checked twin's case), on the heap, so that ASan (the _sanitized
+// target) sees a read or write past either end; every loop must agree with
+// the scalar one. Random pieces, states and words; and the worst case, where
+// every lane renormalises at every step: decoding, states and words all zero
+// (as a hostile stream may have them); encoding, every bit the rarest symbol
+// (q = 1) from the largest states.
+template <class Lanes>
+void lane_run(std::mt19937_64& rng, int64_t n, int64_t spare, const std::vector<mc::LanePiece>& pieces,
+              const uint32_t* decode_states, const uint32_t* encode_states, bool zero_words) {
+  std::vector<uint16_t> words(static_cast<size_t>(mc::kLanes * n + spare));
+  for (auto& w : words) w = zero_words ? 0 : static_cast<uint16_t>(rng());
+  mc::LaneStream simd{}, scalar{};
+  for (int l = 0; l < mc::kLanes; ++l) simd.x[l] = scalar.x[l] = decode_states[l];
+  simd.in = scalar.in = reinterpret_cast<const uint8_t*>(words.data());
+  simd.left = scalar.left = static_cast<int64_t>(words.size());
+  std::vector<uint64_t> got(static_cast<size_t>(n)), want(static_cast<size_t>(n));
+  Lanes::decode(simd, pieces.data(), n, got.data());
+  mc::ScalarLanes::decode(scalar, pieces.data(), n, want.data());
+  LS_CHECK(got == want && simd.left == scalar.left && simd.bad == scalar.bad);
+  for (int l = 0; l < mc::kLanes; ++l) LS_CHECK(simd.x[l] == scalar.x[l]);
+
+  std::vector<uint16_t> room(words.size()), room_scalar(words.size());
+  uint32_t xs[mc::kLanes], xs_scalar[mc::kLanes];
+  for (int l = 0; l < mc::kLanes; ++l) xs[l] = xs_scalar[l] = encode_states[l];
+  uint16_t* out = room.data() + room.size();
+  uint16_t* out_scalar = room_scalar.data() + room_scalar.size();
+  bool over = false, over_scalar = false;
+  Lanes::encode(xs, pieces.data(), n, room.data(), &out, &over);
+  mc::ScalarLanes::encode(xs_scalar, pieces.data(), n, room_scalar.data(), &out_scalar, &over_scalar);
+  LS_CHECK(over == over_scalar);
+  if (!over) {
+    LS_CHECK(out - room.data() == out_scalar - room_scalar.data());
+    LS_CHECK(std::equal(out, room.data() + room.size(), out_scalar));
+    for (int l = 0; l < mc::kLanes; ++l) LS_CHECK(xs[l] == xs_scalar[l]);
+  }
+}
+
+void lane_runs_at_their_bounds(int impl) {
+  std::mt19937_64 rng(29 + impl);
+  std::uniform_int_distribution<int> qd(1, mc::kScale - 1);
+  for (int trial = 0; trial < 300; ++trial) {
+    const bool worst = trial % 3 == 0;
+    const int64_t n = 1 + static_cast<int64_t>(rng() % 8);
+    std::vector<uint16_t> q(static_cast<size_t>(64 * n));
+    for (auto& v : q) v = static_cast<uint16_t>(worst ? 1 : qd(rng));
+    std::vector<mc::LanePiece> pieces(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      const uint64_t u = worst || trial % 2 ? ~uint64_t{0} : rng() | rng();
+      pieces[static_cast<size_t>(i)] = {q.data() + 64 * i, u, worst ? u : rng() & u, 64};
+    }
+    uint32_t decode_states[mc::kLanes], encode_states[mc::kLanes];
+    for (int l = 0; l < mc::kLanes; ++l) {
+      decode_states[l] = worst ? 0 : static_cast<uint32_t>(rng());
+      encode_states[l] = worst ? ~uint32_t{0} : static_cast<uint32_t>(rng()) | mc::kLow;
+    }
+    for (int64_t spare : {0, -1}) {
+      if (impl == 1) lane_run<mc::Avx512Lanes>(rng, n, spare, pieces, decode_states, encode_states, worst);
+      if (impl == 2) lane_run<mc::Avx2Lanes>(rng, n, spare, pieces, decode_states, encode_states, worst);
+    }
+  }
+}
+#endif
+
 void long_certain_runs() {
   std::mt19937_64 rng(2);
   const int64_t n = 1 << 20;
@@ -596,7 +664,10 @@ int main() {
   round_trips();
 #ifdef LS_HAVE_LANES_SIMD
   for (int impl : {1, 2}) {
-    if (runs(impl)) lane_division_is_exact(impl);
+    if (runs(impl)) {
+      lane_division_is_exact(impl);
+      lane_runs_at_their_bounds(impl);
+    }
   }
 #endif
   lane_blocks_at_the_threshold();
